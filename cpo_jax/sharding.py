@@ -1,0 +1,83 @@
+"""Device mesh and logical-axis sharding (DESIGN.md, Scale).
+
+Parameters carry logical axis names ('embed', 'mlp', ...) as Flax variable metadata; a
+rules table maps each name to a mesh axis. A dimension that the mesh axis does not divide
+stays replicated, so a tiny model runs unchanged on a large simulated mesh.
+"""
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+# Logical name -> mesh axis (or tuple of axes, or None = replicated).
+DEFAULT_RULES = (
+        ('batch', ('data', 'fsdp')),
+        ('embed', 'fsdp'),
+        ('vision_embed', 'fsdp'),
+        ('vocab', 'tensor'),
+        ('mlp', 'tensor'),
+        ('vision_mlp', 'tensor'),
+        ('heads', 'tensor'),
+        ('kv_heads', 'tensor'),
+        ('vision_heads', 'tensor'),
+        ('head_dim', None),
+        ('patch', None),
+        ('norm', None),
+        ('layers', None),
+        ('lora_rank', None),
+)
+
+
+def make_mesh(shape, devices=None):
+    """Builds a ('data', 'fsdp', 'tensor') mesh from a {axis: size} mapping; -1 = the rest."""
+    devices = np.asarray(devices if devices is not None else jax.devices())
+    sizes = [int(shape[a]) for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f'At most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}.')
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if devices.size % known:
+            raise ValueError(f'{devices.size} devices do not split into mesh {dict(zip(MESH_AXES, sizes))}.')
+        sizes[sizes.index(-1)] = devices.size // known
+    if math.prod(sizes) != devices.size:
+        raise ValueError(f'Mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, '
+                                          f'{devices.size} are available.')
+    return Mesh(devices.reshape(sizes), MESH_AXES)
+
+
+def logical_to_spec(names, shape, mesh, rules=DEFAULT_RULES):
+    """Maps logical axis names of an array of `shape` to a PartitionSpec on `mesh`."""
+    table = dict(rules)
+    used, spec = set(), []
+    for name, dim in zip(names or (), shape):
+        axes = table.get(name) if name is not None else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        # Each mesh axis shards at most one dimension, and only one it divides.
+        axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+        if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0:
+            used.update(axes)
+            spec.append(axes[0] if len(axes) == 1 else axes)
+        else:
+            spec.append(None)
+    return P(*spec)
+
+
+def state_shardings(state, mesh, rules=DEFAULT_RULES):
+    """NamedShardings for an nnx.State (or any pytree of nnx.Variable) from its metadata."""
+    def one(var):
+        names = var.get_metadata().get('out_sharding') or var.get_metadata().get('sharding_names')
+        return NamedSharding(mesh, logical_to_spec(names, var.get_value().shape, mesh, rules))
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh):
+    """Leading (batch) dimension over the data-parallel axes, the rest replicated."""
+    return NamedSharding(mesh, P(('data', 'fsdp')))
+
+
+def replicated(mesh):
+    return NamedSharding(mesh, P())
