@@ -49,7 +49,7 @@ def base_config(arg, *, domain, data):
     c.data.name = arg.data
     c.data.manual_dir = ''        # where users put real data (MIMIC, CODA-LM, swift JSONL).
     c.data.data_dir = ''          # where prepared datasets are written; '' = <workdir>/data.
-    c.data.max_len = 128          # static sequence length; longer records are skipped or raise.
+    c.data.max_len = 96           # static sequence length; longer records are skipped or raise.
     c.data.on_bad_record = 'raise'  # 'raise' | 'skip' (counted and reported).
     c.data.thinking_fraction = 0.5  # share of CPO pairs that are thinking pairs (rest: perception).
     c.data.perception_negative = 'hard'  # 'hard' | 'far' | 'random' (METHOD.md section 4).
@@ -79,6 +79,7 @@ def base_config(arg, *, domain, data):
     c.eval.splits = 'test,ood'
     c.eval.max_examples = 256
     c.eval.batch_size = 32
+    c.eval.max_prompt_len = 64    # eval prompts are left-padded to this (static) length.
     c.eval.max_new_tokens = 48
 
     c.checkpoint = ml_collections.ConfigDict()

@@ -1,0 +1,106 @@
+r"""cpo_jax command line: SFT -> CPO++ -> eval, from a laptop CPU to a TPU pod.
+
+  python -m cpo_jax.main --config=configs/driving.py [--workdir=DIR]
+  python -m cpo_jax.main --config=configs/driving.py --workdir=DIR --mode=eval
+
+Modes: `train` runs the stages in `config.stages` (resuming from the workdir's checkpoints);
+`eval` evaluates the latest checkpoints in the workdir.
+"""
+import json
+import os
+
+import jax
+from absl import app
+from absl import flags
+from absl import logging
+from flax import nnx
+from ml_collections import config_flags
+
+from cpo_jax import evaluate
+from cpo_jax import sharding
+from cpo_jax import train
+from cpo_jax import models
+from cpo_jax.data import streams
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).')
+_WORKDIR = flags.DEFINE_string('workdir', 'workdir', 'Where checkpoints, metrics and reports go.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'What to run.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Call jax.distributed.initialize() (multi-host TPU pods).')
+
+STAGES = ('sft', 'cpo_plus', 'eval')
+
+
+def parse_stages(stages):
+    names = [s.strip() for s in stages.split(',') if s.strip()]
+    unknown = [s for s in names if s not in STAGES]
+    if unknown:
+        raise ValueError(f'config.stages has unknown stage(s) {unknown}; known: {STAGES}.')
+    return names
+
+
+def build_model(cfg, data):
+    """A random-init preset sized to the tokenizer, or a Hugging Face checkpoint."""
+    dtype = getattr(jax.numpy, cfg.model.dtype)
+    if cfg.model.init_from:
+        return models.load_hf(cfg.model.init_from, dtype=dtype)
+    ids = data.processors.ids
+    config = models.get_config(
+        cfg.model.preset, vocab_size=ids['vocab_size'], image_token_id=ids['image_token_id'],
+        video_token_id=ids['video_token_id'], vision_start_token_id=ids['vision_start_token_id'],
+        vision_end_token_id=ids['vision_end_token_id'], eos_token_id=ids['eos_token_id'],
+        pad_token_id=ids['pad_token_id'])
+    return models.Qwen2_5_VL(config, dtype=dtype, param_dtype=getattr(jax.numpy, cfg.model.param_dtype),
+                             rngs=nnx.Rngs(cfg.seed))
+
+
+def run(cfg, workdir, mode='train'):
+    """Runs the configured stages; returns the eval report (or None without an eval stage)."""
+    stages = parse_stages(cfg.stages) if mode == 'train' else ['eval']
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, 'config.json'), 'w') as f:
+            f.write(cfg.to_json_best_effort(indent=2))
+    mesh = sharding.make_mesh(cfg.mesh.shape)
+    data = streams.RunData(cfg, workdir)
+    model = build_model(cfg, data)
+    writer = train.MetricsWriter(workdir)
+    common = dict(mesh=mesh, grid=data.grid, workdir=workdir, writer=writer)
+
+    # Eval restores whatever checkpoints exist; training runs (or resumes) each listed stage.
+    # Each stage starts from the previous stage's final model, so cpo_plus needs sft's.
+    trained = []
+    if 'sft' in stages or mode == 'eval' or 'cpo_plus' in stages:
+        model = train.train_sft(model, cfg, make_batches=data.sft_batches,
+                                train='sft' in stages, **common)
+        trained.append('sft')
+    if 'cpo_plus' in stages or (mode == 'eval' and train.has_checkpoint(workdir, 'cpo_plus')):
+        model = train.train_cpo(model, cfg, make_batches=data.cpo_batches,
+                                train='cpo_plus' in stages, **common)
+        trained.append('cpo_plus')
+    data.log_skips()
+    if 'eval' not in stages:
+        return None
+    report = evaluate.run_eval(model, cfg, data, stage=trained[-1] if trained else 'init')
+    evaluate.write_report(report, workdir)
+    logging.info('eval report: %s', json.dumps(
+        {s: {k: v for k, v in r.items() if k in ('accuracy', 'n')}
+         for s, r in report['splits'].items()}))
+    return report
+
+
+def main(argv):
+    del argv
+    if not flags.FLAGS['verbosity'].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize()
+    report = run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+    if report is not None and jax.process_index() == 0:
+        print(json.dumps({'splits': {s: {'accuracy': r['accuracy'], 'n': r['n']}
+                                     for s, r in report['splits'].items()}}))
+
+
+if __name__ == '__main__':
+    flags.mark_flag_as_required('config')
+    app.run(main)

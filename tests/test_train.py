@@ -1,0 +1,174 @@
+"""Training: steps lower their loss, the reference is the adapters-off model, and a resumed
+stage ends exactly where an uninterrupted one does (params, optimizer and data order)."""
+import functools
+import json
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from cpo_jax import config_defaults
+from cpo_jax import models
+from cpo_jax import sharding
+from cpo_jax import train
+from cpo_jax.data import pipeline
+from cpo_jax.models import lora
+
+
+@pytest.fixture(scope='module')
+def setup():
+    proc = pipeline.make_processors(None)
+    source = pipeline.make_source('synth_drive', 'train', num_examples=64)
+    ids = proc.ids
+    model_config = models.get_config(
+        'tiny', vocab_size=ids['vocab_size'], image_token_id=ids['image_token_id'],
+        video_token_id=ids['video_token_id'], vision_start_token_id=ids['vision_start_token_id'],
+        vision_end_token_id=ids['vision_end_token_id'])
+    cfg = config_defaults.base_config('', domain='driving', data='synth_drive')
+    cfg.sft.optimizer.lr = 3e-3
+    cfg.cpo.optimizer.lr = 3e-3
+    cfg.sft.optimizer.warmup_frac = cfg.cpo.optimizer.warmup_frac = 0.0
+    mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})  # 8 simulated devices.
+    return proc, source, model_config, cfg, mesh
+
+
+def _model(model_config, seed=0):
+    return models.Qwen2_5_VL(model_config, rngs=nnx.Rngs(seed))
+
+
+def _sft_iter(proc, source, batch_size=8):
+    return pipeline.make_sft_iterator(source, proc, batch_size=batch_size, max_len=128, seed=0)
+
+
+def _cpo_iter(proc, source, batch_size=8):
+    return pipeline.make_cpo_iterator(source, proc, batch_size=batch_size, max_len=128, seed=1)
+
+
+def _run(stage_fn, model, cfg, mesh, grid, make_batches, workdir):
+    return stage_fn(model, cfg, mesh=mesh, grid=grid, make_batches=make_batches,
+                    workdir=str(workdir), writer=train.MetricsWriter(str(workdir)))
+
+
+def _rows(workdir):
+    return [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+
+
+def test_sft_lowers_the_loss_on_the_mesh(setup, tmp_path):
+    proc, source, model_config, cfg, mesh = setup
+    cfg = cfg.copy_and_resolve_references()
+    cfg.sft.num_steps, cfg.log_every_steps, cfg.checkpoint.every_steps = 12, 1, 100
+    grid = np.asarray(next(_sft_iter(proc, source))['image_grid_thw'][0])
+    # Always the same batch: the loss on it must fall.
+    fixed = next(_sft_iter(proc, source))
+    _run(train.train_sft, _model(model_config), cfg, mesh, grid,
+         lambda: _Repeat(fixed), tmp_path)
+    losses = [r['loss'] for r in _rows(tmp_path)]
+    assert len(losses) == 12 and all(r['stage'] == 'sft' for r in _rows(tmp_path))
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_cpo_starts_at_the_reference_and_learns_the_preference(setup, tmp_path):
+    proc, source, model_config, cfg, mesh = setup
+    cfg = cfg.copy_and_resolve_references()
+    cfg.cpo.num_steps, cfg.log_every_steps, cfg.checkpoint.every_steps = 10, 1, 100
+    fixed = next(_cpo_iter(proc, source))
+    assert set(np.unique(fixed['source'])) == {0, 1}  # both pair sources in the batch.
+    grid = np.asarray(fixed['image_grid_thw'][0])
+    model = _run(train.train_cpo, _model(model_config), cfg, mesh, grid,
+                 lambda: _Repeat(fixed), tmp_path)
+    rows = _rows(tmp_path)
+    first, last = rows[0], rows[-1]
+    # Step 1 is computed before any update: policy == reference (LoRA B = 0), every reward
+    # is 0, a tie is not accurate, and the sigmoid loss is log 2 (+ rpo_alpha * NLL).
+    assert first['rewards/accuracies'] == 0.0 and abs(first['rewards/margins']) < 1e-6
+    np.testing.assert_allclose(first['preference_loss'], np.log(2), rtol=1e-5)
+    np.testing.assert_allclose(first['loss'], np.log(2) + 0.1 * first['nll'], rtol=1e-5)
+    assert last['rewards/margins'] > 0 and last['preference_loss'] < first['preference_loss']
+    for src in ('thinking', 'perception'):
+        assert f'{src}/rewards/accuracies' in last and last[f'{src}/count'] > 0
+    # Only the adapters trained: switching them off gives back the base (reference) model.
+    base = _model(model_config)
+    batch = train.step_inputs(fixed, grid, model_config, ('chosen_',), extra=())
+    args = dict(attention_mask=batch['chosen_attention_mask'],
+                pixel_values=fixed['chosen_pixel_values'],
+                image_grid_thw=np.tile(grid, (8, 1)),
+                position_ids=batch['chosen_position_ids'].transpose(1, 0, 2))
+    with lora.adapters_disabled(model):
+        off = model(fixed['chosen_input_ids'], **args)
+    np.testing.assert_allclose(off, base(fixed['chosen_input_ids'], **args), atol=1e-5)
+    assert np.abs(model(fixed['chosen_input_ids'], **args) - off).max() > 1e-4
+
+
+def test_resume_matches_an_uninterrupted_run(setup, tmp_path):
+    proc, source, model_config, cfg, mesh = setup
+    cfg = cfg.copy_and_resolve_references()
+    cfg.sft.num_steps, cfg.log_every_steps, cfg.checkpoint.every_steps = 4, 1, 2
+    grid = np.asarray(next(_sft_iter(proc, source))['image_grid_thw'][0])
+    make = functools.partial(_sft_iter, proc, source)
+
+    straight = _run(train.train_sft, _model(model_config), cfg, mesh, grid, make,
+                    tmp_path / 'a')
+    # Preempted after step 2 (checkpointed there), then the same command again, with a
+    # differently initialised model: params, optimizer and data order come from the checkpoint.
+    with pytest.raises(_Preemption):
+        _run(train.train_sft, _model(model_config), cfg, mesh, grid,
+             lambda: _Preempted(make(), after=3), tmp_path / 'b')
+    resumed = _run(train.train_sft, _model(model_config, seed=1), cfg, mesh, grid, make,
+                   tmp_path / 'b')
+    for a, b in zip(jax.tree.leaves(nnx.state(straight)), jax.tree.leaves(nnx.state(resumed))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    losses = lambda d: {r['step']: r['loss'] for r in _rows(d)}
+    assert losses(tmp_path / 'a') == losses(tmp_path / 'b')
+    # A finished stage is not trained again.
+    n_rows = len(_rows(tmp_path / 'b'))
+    _run(train.train_sft, _model(model_config), cfg, mesh, grid, make, tmp_path / 'b')
+    assert len(_rows(tmp_path / 'b')) == n_rows
+
+
+def test_non_finite_metrics_stop_the_run():
+    with pytest.raises(FloatingPointError, match='sft step 3: metric loss is nan'):
+        train._to_row('sft', 3, {'loss': np.float32('nan')}, 0.1)
+
+
+class _Preemption(Exception):
+    pass
+
+
+class _Preempted(grain.DatasetIterator):
+    """A Grain iterator that dies on its `after`-th batch, as a preempted host would."""
+
+    def __init__(self, inner, after):
+        super().__init__()
+        self._inner, self._left = inner, after
+
+    def __next__(self):
+        self._left -= 1
+        if self._left <= 0:
+            raise _Preemption()
+        return next(self._inner)
+
+    def get_state(self):
+        return self._inner.get_state()
+
+    def set_state(self, state):
+        self._inner.set_state(state)
+
+
+class _Repeat(grain.DatasetIterator):
+    """One batch forever (no state to checkpoint)."""
+
+    def __init__(self, batch):
+        super().__init__()
+        self.batch = batch
+
+    def __next__(self):
+        return self.batch
+
+    def get_state(self):
+        return {}
+
+    def set_state(self, state):
+        del state
