@@ -20,6 +20,7 @@ setup(
         "transformers>=4.50",
         "tokenizers",
         "tensorflow-datasets",
+        "importlib_resources",  # tfds imports it without declaring it.
         "array-record",
         "safetensors",
         "numpy",

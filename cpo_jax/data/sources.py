@@ -1,0 +1,33 @@
+"""Dataset sources: random-access record sources (grain's RandomAccessDataSource protocol).
+
+Kept apart from pipeline.py so reading data does not import transformers.
+"""
+from __future__ import annotations
+
+
+def make_source(name: str = "synth_drive", split: str = "train", *, num_examples: int | None = None,
+                seed: int = 0, data_dir: str | None = None, shortcut_agreement: float = 0.9,
+                split_sizes: dict[str, int] | None = None):
+  """Random-access source of records. data_dir=None renders on the fly (no files);
+  otherwise prepares/reads the TFDS ArrayRecord dataset there (same records)."""
+  if name == "swift_jsonl":  # data_dir = manual_dir holding <split>.jsonl + images
+    if data_dir is None:
+      raise ValueError("swift_jsonl needs data_dir (config data.manual_dir) with train.jsonl [test.jsonl] and images")
+    import os
+    from cpo_jax.data.swift_jsonl import SwiftJsonlSource
+    return SwiftJsonlSource(os.path.join(data_dir, f"{split}.jsonl"), root=data_dir)
+  if name not in ("synth_drive", "synth_cxr"):
+    raise ValueError(f"unknown dataset {name!r} (available: synth_drive, synth_cxr, swift_jsonl)")
+  n = num_examples if num_examples is not None else (split_sizes or {}).get(split, 4096 if split == "train" else 512)
+  if data_dir is None:
+    if name == "synth_cxr":
+      from cpo_jax.data import synth_cxr
+      return synth_cxr.SynthCxrSource(split, n, seed, agreement=shortcut_agreement)
+    from cpo_jax.data import synth_drive
+    return synth_drive.SynthDriveSource(split, n, seed, agreement=shortcut_agreement)
+  from cpo_jax.data import tfds_synth
+  # One TFDS config per (split, size, seed, shortcut): preparing a split never generates the others.
+  cfg = tfds_synth.SynthConfig(
+      name=f"{split}_{n}_seed{seed}_a{round(shortcut_agreement * 100)}", seed=seed, agreement=shortcut_agreement,
+      **{f"num_{s}": (n if s == split else 0) for s in ("train", "test", "ood")})
+  return tfds_synth.data_source(name, data_dir, split, cfg)

@@ -1,0 +1,125 @@
+"""TFDS builders `synth_drive` and `synth_cxr` (ArrayRecord files, no TensorFlow) and a reader.
+
+The records are exactly the renderer's `make_example` (same seed -> same bytes), so a prepared
+dataset and the on-the-fly sources are interchangeable. Read back with `tfds.data_source`
+(`builder.as_data_source`), a random-access source Grain can shuffle and shard.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import sys
+
+import numpy as np
+
+try:
+  import importlib_resources  # noqa: F401  (tfds imports it lazily; an etils[epath] extra)
+except ImportError:  # same API in the stdlib on Python >= 3.10; remove once setup.py lists it
+  sys.modules["importlib_resources"] = importlib.resources
+import tensorflow_datasets as tfds  # noqa: E402
+
+from cpo_jax.data import synth_cxr, synth_drive  # noqa: E402
+
+
+@dataclasses.dataclass
+class SynthConfig(tfds.core.BuilderConfig):
+  seed: int = 0
+  num_train: int = 4096
+  num_test: int = 512
+  num_ood: int = 512
+  agreement: float = 0.9  # shortcut strength in train/test
+
+  def sizes(self) -> dict[str, int]:
+    return {"train": self.num_train, "test": self.num_test, "ood": self.num_ood}
+
+
+SynthDriveConfig = SynthConfig  # older name
+
+
+with tfds.core.registered.skip_registration():
+
+  class _SynthBuilder(tfds.core.GeneratorBasedBuilder):
+    """Shared by the generated datasets: `RENDERER` is the module with graph() / make_example()."""
+
+    RENDERER = None
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS = [
+        SynthConfig(name="default", description="4096/512/512 examples, seed 0"),
+        SynthConfig(name="tiny", description="64/32/32 examples, for tests", num_train=64, num_test=32, num_ood=32),
+    ]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+      g = self.RENDERER.graph()
+      C = len(g.concepts)
+      text = lambda: tfds.features.Tensor(shape=(), dtype=np.object_)  # noqa: E731  (str/bytes, no TF decoding)
+      return self.dataset_info_from_configs(
+          features=tfds.features.FeaturesDict({
+              "image": text(),  # PNG bytes, decoded in the pipeline (PIL)
+              "question": text(), "chain": text(), "answer": text(),
+              "decision": tfds.features.ClassLabel(names=list(g.decisions)),
+              "concepts": tfds.features.Tensor(shape=(C,), dtype=np.int32),
+              "nuisance": tfds.features.ClassLabel(names=list(g.nuisance_values)),
+              "boxes": tfds.features.Tensor(shape=(C, 4), dtype=np.int32),
+              "index": tfds.features.Scalar(dtype=np.int64),
+          }),
+          supervised_keys=None,
+          disable_shuffling=True,  # record i of a split is make_example(seed, split, i)
+          homepage="https://github.com/ (cpo_jax, generated)",
+          metadata=tfds.core.MetadataDict(image_size=self.RENDERER.IMAGE_SIZE, concepts=list(g.concept_names)),
+      )
+
+    def _split_generators(self, dl_manager):
+      del dl_manager  # generated data: nothing to download
+      # splits of size 0 are not generated (make_source prepares one split per config)
+      return {s: self._generate_examples(s, n) for s, n in self.builder_config.sizes().items() if n > 0}
+
+    def _generate_examples(self, split: str, n: int):
+      cfg = self.builder_config
+      for i in range(n):
+        yield i, self.RENDERER.make_example(cfg.seed, split, i, agreement=cfg.agreement)
+
+
+class SynthDrive(_SynthBuilder):
+  """Procedural road scenes with a time-of-day shortcut (cpo_jax/data/synth_drive.py)."""
+  RENDERER = synth_drive
+
+
+class SynthCxr(_SynthBuilder):
+  """Procedural chest-X-ray-like images with a corner-marker shortcut (cpo_jax/data/synth_cxr.py)."""
+  RENDERER = synth_cxr
+
+
+BUILDERS = {"synth_drive": SynthDrive, "synth_cxr": SynthCxr}
+
+
+def prepare(name: str, data_dir: str, config: str | SynthConfig = "default"):
+  """Generate (once) the ArrayRecord files under data_dir; returns the builder."""
+  builder = BUILDERS[name](config=config, data_dir=data_dir, file_format="array_record")
+  builder.download_and_prepare(file_format="array_record")
+  return builder
+
+
+def data_source(name: str, data_dir: str, split: str, config: str | SynthConfig = "default"):
+  """Random-access source of records (text fields come back as bytes; `pairs.as_text` reads both)."""
+  src = prepare(name, data_dir, config).as_data_source(split=split)
+  return _WithDomain(src, synth_drive.SynthDriveSource.domain if name == "synth_drive" else synth_cxr.SynthCxrSource.domain)
+
+
+class _WithDomain:
+  """The TFDS source plus the `domain` attribute the pipeline reads to pick the concept graph."""
+
+  def __init__(self, src, domain: str):
+    self._src, self.domain = src, domain
+
+  def __len__(self):
+    return len(self._src)
+
+  def __getitem__(self, i):
+    return self._src[i]
+
+  def __getitems__(self, idx):
+    return self._src.__getitems__(idx)
+
+  def __repr__(self):
+    return repr(self._src)

@@ -1,0 +1,287 @@
+"""Tokenizer, pair making and the Grain batches: formats, validity, determinism, resume."""
+import numpy as np
+import pytest
+
+from cpo_jax.data import pairs as pairs_lib
+from cpo_jax.data import pipeline as P
+from cpo_jax.data import tokenizer as tok_lib
+from cpo_jax.knowledge import load_graph, validate_counterfactual
+
+L = 96
+
+
+@pytest.fixture(scope="module")
+def proc(tmp_path_factory):
+  return P.make_processors(str(tmp_path_factory.mktemp("tok")))
+
+
+@pytest.fixture(scope="module")
+def train():
+  return P.make_source("synth_drive", "train", num_examples=512, seed=0)
+
+
+def test_tokenizer_round_trip_and_save_load(proc, tmp_path):
+  tok = proc.tokenizer
+  texts = [load_graph(d).completion_text(a) for d in ("driving", "medical") for a in load_graph(d).all_assignments()[:10]]
+  texts += load_graph("driving").all_sentences() + load_graph("medical").all_sentences()
+  for t in texts:
+    ids = tok(t, add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids, t
+    assert tok.decode(ids) == t
+  for s in tok_lib.SPECIAL_TOKENS:
+    assert len(tok(s, add_special_tokens=False)["input_ids"]) == 1
+  tok_lib.save_tokenizer(tok, str(tmp_path))
+  tok2 = tok_lib.load_tokenizer(str(tmp_path))
+  assert tok2(texts[0])["input_ids"] == tok(texts[0])["input_ids"]
+  assert tok_lib.special_ids(tok2) == tok_lib.special_ids(tok)
+  msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What should the car do?"}]}]
+  assert tok2.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == (
+      "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+      "<|vision_start|><|image_pad|><|vision_end|>What should the car do?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_sft_batch_format(proc, train):
+  b = next(P.make_sft_iterator(train, proc, batch_size=4, max_len=L, seed=0))
+  assert b["input_ids"].shape == b["attention_mask"].shape == b["loss_mask"].shape == (4, L)
+  assert b["input_ids"].dtype == np.int32 and b["loss_mask"].dtype == np.int32
+  assert b["pixel_values"].shape == (4 * 64, 1176) and b["pixel_values"].dtype == np.float32
+  np.testing.assert_array_equal(b["image_grid_thw"], np.tile([1, 8, 8], (4, 1)))
+  ids = proc.ids
+  for r in range(4):
+    row, lm, am = b["input_ids"][r], b["loss_mask"][r], b["attention_mask"][r]
+    assert (row == ids["image_token_id"]).sum() == 16
+    n = am.sum()
+    assert am[:n].all() and not am[n:].any() and (row[n:] == ids["pad_token_id"]).all()  # right padded
+    assert lm[b["prompt_length"][r]:n].all() and lm.sum() == n - b["prompt_length"][r]
+    assert row[n - 1] == ids["eos_token_id"] and lm[n - 1] == 1
+    rec = train[int(b["index"][r])]
+    assert proc.tokenizer.decode(row[lm == 1]) == pairs_lib.completion_of(rec) + "<|im_end|>"
+    assert proc.tokenizer.decode(row[:b["prompt_length"][r]]).endswith("<|im_start|>assistant\n")
+
+
+def _cpo(proc, src, **kw):
+  kw = dict(dict(batch_size=8, max_len=L, seed=0), **kw)
+  return P.make_cpo_iterator(src, proc, **kw)
+
+
+def test_cpo_pairs_are_valid_counterfactuals(proc, train):
+  g = load_graph("driving")
+  it = _cpo(proc, train, thinking_fraction=0.5)
+  tok = proc.tokenizer
+  n_src = np.zeros(2, int)
+  for _ in range(4):
+    b = next(it)
+    assert b["chosen_pixel_values"].shape == b["rejected_pixel_values"].shape == (8 * 64, 1176)
+    for k in ("chosen_input_ids", "rejected_input_ids", "chosen_loss_mask", "rejected_attention_mask"):
+      assert b[k].shape == (8, L) and b[k].dtype == np.int32
+    assert b["source"].dtype == np.int32 and b["sample_weight"].dtype == np.float32
+    assert b["boxes"].shape == (8, 4, 4)
+    for r in range(8):
+      P_ = slice(r * 64, (r + 1) * 64)
+      ch = tok.decode(b["chosen_input_ids"][r][b["chosen_loss_mask"][r] == 1]).removesuffix("<|im_end|>")
+      rj = tok.decode(b["rejected_input_ids"][r][b["rejected_loss_mask"][r] == 1]).removesuffix("<|im_end|>")
+      pl = b["prompt_length"][r]
+      np.testing.assert_array_equal(b["chosen_input_ids"][r][:pl], b["rejected_input_ids"][r][:pl])
+      assert b["chosen_decision"][r] != b["rejected_decision"][r]
+      assert g.decision_id(g.parse_decision(ch)) == b["chosen_decision"][r]
+      if b["source"][r] == 0:  # thinking: same image, counterfactual text
+        np.testing.assert_array_equal(b["chosen_pixel_values"][P_], b["rejected_pixel_values"][P_])
+        target = g.parse_decision(rj)
+        assert validate_counterfactual(g, rj, original_decision=g.parse_decision(ch), target=target)[0]
+        assert g.decision_id(target) == b["rejected_decision"][r]
+      else:  # perception: same text, an image with another decision
+        assert b["source"][r] == 1 and ch == rj
+        assert not np.array_equal(b["chosen_pixel_values"][P_], b["rejected_pixel_values"][P_])
+        assert train[int(b["index"][r])]["decision"] == b["chosen_decision"][r]
+      n_src[b["source"][r]] += 1
+  assert n_src.min() >= 6  # both sources present at 50% mixing
+
+
+@pytest.mark.parametrize("frac,src", [(1.0, 0), (0.0, 1)])
+def test_mixing_ratio_extremes(proc, train, frac, src):
+  b = next(_cpo(proc, train, thinking_fraction=frac))
+  assert (b["source"] == src).all()
+
+
+def test_hard_negatives_share_nuisance_far_more_than_random(train):
+  idx = pairs_lib.PairIndex.from_source(train)
+  rng = np.random.default_rng(0)
+  share = {}
+  for mode in pairs_lib.PERCEPTION_MODES:
+    hits = []
+    for i in range(300):
+      j = idx.pick(i, mode, rng)
+      assert j != i and idx.decision[j] != idx.decision[i]
+      hits.append(idx.nuisance[j] == idx.nuisance[i])
+    share[mode] = float(np.mean(hits))
+  assert share["hard"] > 0.95, share
+  assert share["random"] < 0.3 and share["hard"] > share["random"] + 0.6, share
+
+
+def test_same_seed_same_batches_other_seed_differs(proc, train):
+  a, b, c = (_cpo(proc, train, seed=s) for s in (3, 3, 4))
+  for _ in range(2):
+    x, y, z = next(a), next(b), next(c)
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  assert not np.array_equal(x["index"], z["index"])
+
+
+@pytest.mark.parametrize("host", [None, 1])  # None: one host; 1: host 1 of 2 simulated hosts
+def test_iterator_state_resume(proc, train, host):
+  shard = {} if host is None else dict(shard_index=host, shard_count=2)
+  it = _cpo(proc, train, batch_size=4, **shard)
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  expect = [next(it) for _ in range(2)]
+  it2 = _cpo(proc, train, batch_size=4, **shard)
+  assert not np.array_equal(next(it2)["index"], expect[0]["index"])  # the state is what matters
+  it2.set_state(state)
+  for e in expect:
+    got = next(it2)
+    for k in e:
+      np.testing.assert_array_equal(e[k], got[k])
+
+
+def test_host_shards_are_disjoint(proc, train):
+  seen = []
+  for h in range(2):
+    it = P.make_sft_iterator(train, proc, batch_size=8, max_len=L, seed=0, shard_index=h, shard_count=2,
+                             num_epochs=1)
+    seen.append({int(i) for _ in range(4) for i in next(it)["index"]})
+  assert len(seen[0]) == len(seen[1]) == 32 and not seen[0] & seen[1]
+
+
+def test_overlong_raise_names_record_or_skip_counts(proc, train):
+  with pytest.raises(P.OverlongError, match=r"record .*\[\d+\].*max_len 60"):
+    next(P.make_sft_iterator(train, proc, batch_size=4, max_len=60, seed=0))
+  # 75 tokens fit the short chains (74-75) but not the longest (76): some skipped, none cut.
+  skips = P.SkipCounter()
+  small = P.make_source("synth_drive", "train", num_examples=128, seed=0)
+  it = P.make_sft_iterator(small, proc, batch_size=8, max_len=75, seed=0, on_overlong="skip", skips=skips,
+                           num_epochs=1)
+  n_rows = sum(b["input_ids"].shape[0] for b in it)
+  assert skips.counts["overlong"] > 0
+  assert n_rows + skips.total() >= len(small) - 7  # every record either batched or counted
+  with pytest.raises(P.OverlongError):
+    next(_cpo(proc, train, max_len=60))
+
+
+def test_eval_batches_left_padded_with_labels(proc):
+  src = P.make_source("synth_drive", "ood", num_examples=10, seed=0)
+  batches = list(P.make_eval_batches(src, proc, batch_size=4, max_prompt_len=48))
+  assert len(batches) == 3
+  assert batches[-1]["valid"].tolist() == [True, True, False, False]
+  b = batches[0]
+  assert b["input_ids"].shape == (4, 48) and b["pixel_values"].shape == (4 * 64, 1176)
+  nl = proc.tokenizer.convert_tokens_to_ids("\n")
+  assert (b["input_ids"][:, -1] == nl).all() and b["attention_mask"][:, -1].all()
+  n = b["attention_mask"].sum(1)
+  for r in range(4):
+    assert not b["attention_mask"][r, :48 - n[r]].any()
+    rec = src[int(b["index"][r])]
+    assert b["decision"][r] == rec["decision"] and b["nuisance"][r] == rec["nuisance"]
+    np.testing.assert_array_equal(b["concepts"][r], rec["concepts"])
+
+
+def test_medical_pairs_use_the_medical_graph(proc):
+  g = load_graph("medical")
+  src = P.make_source("synth_cxr", "train", num_examples=128, seed=0)
+  b = next(P.make_cpo_iterator(src, proc, batch_size=8, max_len=112, seed=0, thinking_fraction=1.0))
+  tok = proc.tokenizer
+  for r in range(8):
+    ch = tok.decode(b["chosen_input_ids"][r][b["chosen_loss_mask"][r] == 1]).removesuffix("<|im_end|>")
+    rj = tok.decode(b["rejected_input_ids"][r][b["rejected_loss_mask"][r] == 1]).removesuffix("<|im_end|>")
+    assert validate_counterfactual(g, rj, original_decision=g.parse_decision(ch), target=g.parse_decision(rj))[0]
+
+
+def test_fast_image_path_equals_transformers_processor(proc, train):
+  for i in range(3):
+    img = train[i]["image"]
+    pv, grid = proc.image_inputs(img)
+    ref_pv, ref_grid = proc.image_inputs_reference(img)
+    np.testing.assert_array_equal(pv, ref_pv)
+    np.testing.assert_array_equal(grid, ref_grid)
+  assert pv.shape == (64, 1176) and grid.tolist() == [1, 8, 8]
+
+
+@pytest.mark.parametrize("kind", ["none", "synonym", "contradict"])
+def test_probe_batches(proc, kind):
+  g = load_graph("driving")
+  src = P.make_source("synth_drive", "test", num_examples=6, seed=0)
+  dec_ids = P.decision_token_ids(proc, g)
+  assert len(set(dec_ids.tolist())) == 4
+  (b,) = list(P.make_probe_batches(src, proc, kind=kind, batch_size=6, max_len=80))
+  tok = proc.tokenizer
+  n_changed = 0
+  for r in range(6):
+    text = tok.decode(b["input_ids"][r][b["attention_mask"][r] == 1])
+    assert text.endswith("</think> The decision is") and b["attention_mask"][r, -1]
+    chain = text.split("<|im_start|>assistant\n")[1]
+    gold = src[r]["chain"]
+    assert (chain.split(" The decision is")[0] == gold) == (kind == "none")
+    parsed, _ = g.parse_chain(chain)
+    assert g.decision_id(g.decide(parsed)) == b["expected_decision"][r]
+    if kind == "synonym":
+      assert b["expected_decision"][r] == b["decision"][r]
+    n_changed += int(b["expected_decision"][r] != b["decision"][r])
+  if kind != "contradict":
+    assert n_changed == 0
+
+
+class _Corrupted:
+  """Wraps a source; every 4th record is broken in one of four ways."""
+  kinds = ("bad_image", "missing_field", "empty_chain", "overlong")
+
+  def __init__(self, src):
+    self.src, self.domain = src, "driving"
+
+  def __len__(self):
+    return len(self.src)
+
+  def __getitem__(self, i):
+    r = dict(self.src[i])
+    if i % 4 == 0:
+      kind = self.kinds[(i // 4) % 4]
+      if kind == "bad_image":
+        r["image"] = r["image"][:40]  # truncated PNG
+      elif kind == "missing_field":
+        del r["answer"]
+      elif kind == "empty_chain":
+        r["chain"] = " "
+      else:
+        r["chain"] = r["chain"].replace("</think>", "The lane is clear of cones. " * 20 + "</think>")
+    return r
+
+  def labels(self):
+    return self.src.labels()
+
+  def __repr__(self):
+    return "Corrupted"
+
+
+def test_bad_records_skip_counts_by_reason_or_raise_names_record(proc):
+  src = _Corrupted(P.make_source("synth_drive", "train", num_examples=64, seed=0))
+  skips = P.SkipCounter()
+  it = P.make_sft_iterator(src, proc, batch_size=8, max_len=L, seed=0, num_epochs=1, on_bad_record="skip",
+                           skips=skips)
+  rows = sum(len(b["index"]) for b in it)
+  assert dict(skips.counts) == {k: 4 for k in _Corrupted.kinds}
+  assert rows == 48
+  with pytest.raises(P.BadRecordError, match=r"record Corrupted\[\d+\]: .*reason="):
+    for _ in P.make_sft_iterator(src, proc, batch_size=8, max_len=L, seed=0, num_epochs=1):
+      pass
+  skips = P.SkipCounter()
+  it = P.make_cpo_iterator(src, proc, batch_size=8, max_len=L, seed=0, num_epochs=1, on_bad_record="skip",
+                           skips=skips, thinking_fraction=1.0)
+  assert sum(len(b["index"]) for b in it) == 48 and skips.total() == 16
+
+
+def test_tfds_files_give_the_same_batches_as_rendering(proc, tmp_path):
+  files = P.make_source("synth_drive", "train", num_examples=64, seed=0, data_dir=str(tmp_path))
+  mem = P.make_source("synth_drive", "train", num_examples=64, seed=0)
+  a = next(P.make_cpo_iterator(files, proc, batch_size=8, max_len=L, seed=0))
+  b = next(P.make_cpo_iterator(mem, proc, batch_size=8, max_len=L, seed=0))
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])

@@ -1,0 +1,152 @@
+"""swift_jsonl ingestion: the authors' ms-swift preference records -> CPO batches."""
+import json
+
+import numpy as np
+import pytest
+
+from cpo_jax.data import pipeline as P
+from cpo_jax.data import synth_cxr
+from cpo_jax.knowledge import load_graph
+
+Q = "<image>What is the disease of this patient?"
+
+
+@pytest.fixture(scope="module")
+def proc():
+  return P.make_processors(None)
+
+
+def _write(tmp_path, extra_lines=()):
+  g = load_graph("medical")
+  (tmp_path / "imgs").mkdir()
+  for i in range(3):
+    (tmp_path / "imgs" / f"{i}.png").write_bytes(synth_cxr.make_example(0, "train", i)["image"])
+  a = g.all_assignments()
+  chosen = g.completion_text(a[0])
+  other = g.completion_text(a[-1])
+  user = {"role": "user", "content": Q}
+  recs = [
+      {"messages": [user, {"role": "assistant", "content": chosen}], "images": ["imgs/0.png"],
+       "rejected_messages": [user, {"role": "assistant", "content": other}], "rejected_images": ["imgs/0.png"],
+       "cpo_source": "reasoning"},
+      {"messages": [user, {"role": "assistant", "content": chosen}], "images": ["imgs/0.png"],
+       "rejected_messages": [user, {"role": "assistant", "content": chosen}], "rejected_images": ["imgs/1.png"],
+       "cpo_source": "vision", "cpo_sample_weight": 0.5},
+      {"messages": [{"role": "system", "content": "You are a helpful assistant."}, user,
+                    {"role": "assistant", "content": chosen}],
+       "images": [str(tmp_path / "imgs" / "2.png")], "rejected_response": other},  # source inferred: thinking
+      {"messages": [{"role": "user", "content": "What is the disease of this patient?"},
+                    {"role": "assistant", "content": chosen}],
+       "images": [{"path": "imgs/1.png"}], "rejected_messages": [user, {"role": "assistant", "content": chosen}],
+       "rejected_images": ["imgs/2.png"]},  # no <image> tag; source inferred: perception
+  ]
+  lines = [json.dumps(r) for r in recs] + list(extra_lines)
+  (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+  return chosen, other
+
+
+def test_swift_records_become_cpo_batches(proc, tmp_path):
+  chosen, other = _write(tmp_path)
+  src = P.make_source("swift_jsonl", "train", data_dir=str(tmp_path))
+  assert len(src) == 4
+  it = P.make_cpo_iterator(src, proc, batch_size=4, max_len=112, seed=0, num_epochs=1)
+  b = next(it)
+  order = b["index"].tolist()
+  assert sorted(order) == [0, 1, 2, 3]
+  by = {i: r for r, i in enumerate(order)}
+  assert [int(b["source"][by[i]]) for i in range(4)] == [0, 1, 0, 1]
+  assert [float(b["sample_weight"][by[i]]) for i in range(4)] == [1.0, 0.5, 1.0, 1.0]
+  tok = proc.tokenizer
+  img = proc.ids["image_token_id"]
+  for i in range(4):
+    r = by[i]
+    ch = tok.decode(b["chosen_input_ids"][r][b["chosen_loss_mask"][r] == 1])
+    rj = tok.decode(b["rejected_input_ids"][r][b["rejected_loss_mask"][r] == 1])
+    assert ch == chosen + "<|im_end|>"
+    assert rj == (other if i in (0, 2) else chosen) + "<|im_end|>"
+    assert (b["chosen_input_ids"][r] == img).sum() == 16 == (b["rejected_input_ids"][r] == img).sum()
+    same_img = np.array_equal(b["chosen_pixel_values"][r * 64:(r + 1) * 64], b["rejected_pixel_values"][r * 64:(r + 1) * 64])
+    assert same_img == (i in (0, 2))
+  prompt = tok.decode(b["chosen_input_ids"][by[3]][:b["prompt_length"][by[3]]])
+  assert prompt.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>")
+  assert prompt.endswith("<|vision_end|>What is the disease of this patient?<|im_end|>\n<|im_start|>assistant\n")
+  sft = next(P.make_sft_iterator(src, proc, batch_size=2, max_len=112, seed=0))
+  assert sft["input_ids"].shape == (2, 112)
+
+
+def test_swift_bad_lines_skip_by_reason_or_raise_with_line(proc, tmp_path):
+  _write(tmp_path, extra_lines=[
+      '{"messages": [{"role": "user", "content": "x"}',  # truncated JSON
+      json.dumps({"messages": "hello", "images": ["imgs/0.png"], "rejected_response": "x"}),  # wrong type
+      json.dumps({"messages": [{"role": "user", "content": Q}, {"role": "assistant", "content": "The heart is enlarged."}],
+                  "images": ["imgs/missing.png"], "rejected_response": "The lungs are clear."}),  # missing image
+      json.dumps({"messages": [{"role": "user", "content": Q}, {"role": "assistant", "content": "zebra unicorn"}],
+                  "images": ["imgs/0.png"], "rejected_response": "The lungs are clear."}),  # out of vocabulary
+  ])
+  src = P.make_source("swift_jsonl", "train", data_dir=str(tmp_path))
+  skips = P.SkipCounter()
+  it = P.make_cpo_iterator(src, proc, batch_size=2, max_len=112, seed=0, num_epochs=1, on_bad_record="skip",
+                           skips=skips)
+  assert sum(len(b["index"]) for b in it) == 4
+  assert dict(skips.counts) == {"bad_json": 1, "bad_type": 1, "bad_image": 1, "unknown_token": 1}
+  with pytest.raises(P.BadRecordError, match=r"train.jsonl:\d+: "):
+    for _ in P.make_cpo_iterator(src, proc, batch_size=2, max_len=112, seed=0, num_epochs=1):
+      pass
+
+
+def test_fuzz_1000_corrupted_records_are_counted_never_crash(proc, tmp_path):
+  _write(tmp_path)
+  (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+  good = json.loads((tmp_path / "train.jsonl").read_text().splitlines()[0])
+  rng = np.random.default_rng(0)
+  kinds = ["truncated", "wrong_type", "broken_image", "huge_text", "not_object", "bad_source", "bad_weight",
+           "no_rejected"]
+  expect = {"truncated": "bad_json", "wrong_type": "bad_type", "broken_image": "bad_image", "huge_text": "overlong",
+            "not_object": "bad_type", "bad_source": "bad_type", "bad_weight": "bad_type", "no_rejected": "missing_field"}
+  lines, want = [], {}
+  for n in range(1000):
+    kind = kinds[n % len(kinds)]
+    r = json.loads(json.dumps(good))
+    if kind == "truncated":
+      s = json.dumps(r)
+      line = s[:int(rng.integers(1, len(s) - 1))]
+    else:
+      if kind == "wrong_type":
+        field = ["messages", "images", "rejected_messages"][n % 3]
+        r[field] = [5, [1, 2], {"a": 1}][int(rng.integers(3))]
+      elif kind == "broken_image":
+        r["images"] = ["imgs/broken.png"]
+      elif kind == "huge_text":
+        r["messages"][-1]["content"] = "The heart is enlarged. " * 400
+      elif kind == "not_object":
+        r = [r]
+      elif kind == "bad_source":
+        r["cpo_source"] = ["bogus", 3, None][n % 3] or "bogus"
+      elif kind == "bad_weight":
+        r["cpo_sample_weight"] = ["abc", -1, True][n % 3]
+      elif kind == "no_rejected":
+        del r["rejected_messages"]
+      line = json.dumps(r)
+    lines.append(line)
+    want[expect[kind]] = want.get(expect[kind], 0) + 1
+  (tmp_path / "fuzz.jsonl").write_text("\n".join(lines) + "\n")
+  from cpo_jax.data.swift_jsonl import SwiftJsonlSource
+  src = SwiftJsonlSource(str(tmp_path / "fuzz.jsonl"), root=str(tmp_path))
+  assert len(src) == 1000
+  skips = P.SkipCounter()
+  rows = sum(len(b["index"]) for b in P.make_cpo_iterator(src, proc, batch_size=1, max_len=112, seed=0,
+                                                          num_epochs=1, on_bad_record="skip", skips=skips))
+  assert rows == 0 and dict(skips.counts) == want
+  with pytest.raises(P.BadRecordError, match=r"fuzz.jsonl:\d+: .*reason="):
+    next(P.make_cpo_iterator(src, proc, batch_size=1, max_len=112, seed=0, num_epochs=1))
+
+
+def test_swift_eval_batches_read_gold_labels_from_the_chosen_text(proc, tmp_path):
+  chosen, _ = _write(tmp_path)
+  g = load_graph("medical")
+  src = P.make_source("swift_jsonl", "train", data_dir=str(tmp_path))
+  (b,) = list(P.make_eval_batches(src, proc, batch_size=4, max_prompt_len=64))
+  gold = g.decision_id(g.parse_decision(chosen))
+  assert b["decision"].tolist() == [gold] * 4 and b["valid"].all()
+  assert b["input_ids"].shape == (4, 64) and b["attention_mask"][:, -1].all()
+  np.testing.assert_array_equal(b["concepts"][0], g.value_ids(g.all_assignments()[0]))
