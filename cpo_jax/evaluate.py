@@ -16,6 +16,7 @@ matplotlib.use('Agg')  # files only; no display on servers and TPU VMs.
 from matplotlib import pyplot as plt  # noqa: E402
 
 from cpo_jax import generate as generate_lib  # noqa: E402
+from cpo_jax.models import lora  # noqa: E402
 
 
 def classification_metrics(predicted, gold, class_names):
@@ -82,20 +83,25 @@ def write_report(report, workdir):
 
 
 def plot_accuracy(report, path):
-    splits = report.get('splits', {})
-    names = list(splits)
-    fig, ax = plt.subplots(figsize=(4 + len(names), 3.5))
-    values = [splits[s]['accuracy'] for s in names]
-    ax.bar(names, values, color=['tab:blue', 'tab:orange', 'tab:green', 'tab:red'][:len(names)])
-    chance = report.get('chance_accuracy')
-    if chance:
-        ax.axhline(chance, color='gray', ls='--', lw=1, label=f'chance {chance:.2f}')
-        ax.legend(loc='lower right')
-    for i, v in enumerate(values):
-        ax.text(i, v + 0.01, f'{v:.3f}', ha='center')
-    ax.set_ylim(0, 1.05)
+    """Accuracy per split, beside the SFT baseline when the report has one, against chance."""
+    runs = [(report['stage'], report['splits'])]
+    if 'baseline' in report:
+        runs.insert(0, (report['baseline']['stage'], report['baseline']['splits']))
+    names = list(report['splits'])
+    width = 0.8 / len(runs)
+    fig, ax = plt.subplots(figsize=(3 + 1.5 * len(names), 3.5))
+    for j, (label, splits) in enumerate(runs):
+        xs = np.arange(len(names)) + (j - (len(runs) - 1) / 2) * width
+        values = [splits[s]['accuracy'] for s in names]
+        ax.bar(xs, values, width, label=label)
+        for x, v in zip(xs, values):
+            ax.text(x, v + 0.01, f'{v:.2f}', ha='center', fontsize=8)
+    ax.axhline(report['chance_accuracy'], color='gray', ls='--', lw=1, label='chance')
+    ax.set_xticks(np.arange(len(names)), names)
+    ax.set_ylim(0, 1.1)
     ax.set_ylabel('decision accuracy')
-    ax.set_title(f"{report.get('domain', '')} eval ({report.get('stage', '')})")
+    ax.set_title(f"{report['domain']}: decision accuracy per split")
+    ax.legend(loc='lower left', fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -128,16 +134,29 @@ def plot_training_curves(metrics_path, path):
     plt.close(fig)
 
 
-def run_eval(model, cfg, data, *, stage):
-    """Decision accuracy per split (DESIGN.md report contract: splits.<split>.accuracy, n)."""
-    graph = data.graph
-    report = {'domain': cfg.domain, 'stage': stage, 'decisions': list(graph.decisions),
-              'chance_accuracy': 1.0 / len(graph.decisions), 'splits': {}}
+def evaluate_splits(model, cfg, data):
+    """{split: classification metrics (+ a few generated texts)} for the configured splits."""
+    graph, out = data.graph, {}
     for split in cfg.eval.splits.split(','):
         predicted, gold, texts = predict_decisions(
             model, data.eval_batches(split), tokenizer=data.processors.tokenizer, graph=graph,
             max_new_tokens=cfg.eval.max_new_tokens, desc=f'eval {split}')
-        result = classification_metrics(predicted, gold, graph.decisions)
-        result['examples'] = texts[:3]
-        report['splits'][split] = result
+        out[split] = dict(classification_metrics(predicted, gold, graph.decisions),
+                          examples=texts[:3])
+    return out
+
+
+def run_eval(model, cfg, data, *, stage):
+    """The eval report (DESIGN.md contract: splits.<split>.accuracy and n).
+
+    After CPO++ the same model with its adapters off is the SFT model, so the report also
+    carries that baseline, measured on the same examples: the method's effect in one file.
+    """
+    graph = data.graph
+    report = {'domain': cfg.domain, 'stage': stage, 'decisions': list(graph.decisions),
+              'chance_accuracy': 1.0 / len(graph.decisions),
+              'splits': evaluate_splits(model, cfg, data)}
+    if stage == 'cpo_plus':
+        with lora.adapters_disabled(model):
+            report['baseline'] = {'stage': 'sft', 'splits': evaluate_splits(model, cfg, data)}
     return report

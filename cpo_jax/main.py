@@ -83,9 +83,6 @@ def run(cfg, workdir, mode='train'):
         return None
     report = evaluate.run_eval(model, cfg, data, stage=trained[-1] if trained else 'init')
     evaluate.write_report(report, workdir)
-    logging.info('eval report: %s', json.dumps(
-        {s: {k: v for k, v in r.items() if k in ('accuracy', 'n')}
-         for s, r in report['splits'].items()}))
     return report
 
 
@@ -97,8 +94,18 @@ def main(argv):
         jax.distributed.initialize()
     report = run(_CONFIG.value, _WORKDIR.value, _MODE.value)
     if report is not None and jax.process_index() == 0:
-        print(json.dumps({'splits': {s: {'accuracy': r['accuracy'], 'n': r['n']}
-                                     for s, r in report['splits'].items()}}))
+        print(json.dumps(summary(report)))
+
+
+def summary(report):
+    """The headline numbers of a report: accuracy and n per split (and the SFT baseline)."""
+    brief = lambda splits: {s: {'accuracy': round(r['accuracy'], 4), 'n': r['n']}
+                            for s, r in splits.items()}
+    out = {'stage': report['stage'], 'splits': brief(report['splits'])}
+    if 'baseline' in report:
+        out['baseline'] = {'stage': report['baseline']['stage'],
+                           'splits': brief(report['baseline']['splits'])}
+    return out
 
 
 if __name__ == '__main__':

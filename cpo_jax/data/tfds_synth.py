@@ -7,18 +7,11 @@ dataset and the on-the-fly sources are interchangeable. Read back with `tfds.dat
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
-import sys
 
 import numpy as np
+import tensorflow_datasets as tfds
 
-try:
-  import importlib_resources  # noqa: F401  (tfds imports it lazily; an etils[epath] extra)
-except ImportError:  # same API in the stdlib on Python >= 3.10; remove once setup.py lists it
-  sys.modules["importlib_resources"] = importlib.resources
-import tensorflow_datasets as tfds  # noqa: E402
-
-from cpo_jax.data import synth_cxr, synth_drive  # noqa: E402
+from cpo_jax.data import synth_cxr, synth_drive
 
 
 @dataclasses.dataclass

@@ -1,0 +1,64 @@
+"""The CLI contract (DESIGN.md): stages, workdir layout, report fields, resume, --mode=eval."""
+import json
+import os
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from cpo_jax import main
+
+
+def _config(workdir, *overrides):
+    argv = ['prog', '--config=configs/driving.py', f'--workdir={workdir}',
+            '--config.sft.num_steps=4', '--config.cpo.num_steps=2',
+            '--config.sft.batch_size=8', '--config.cpo.batch_size=8',
+            '--config.log_every_steps=1', '--config.checkpoint.every_steps=2',
+            '--config.data.num_examples.train=32', '--config.data.num_examples.test=8',
+            '--config.data.num_examples.ood=8', '--config.eval.batch_size=8',
+            '--config.eval.max_new_tokens=8', *overrides]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', flag_values=fv, sys_argv=argv)
+    fv(argv, known_only=True)
+    return fv.config
+
+
+def _rows(workdir):
+    return [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+
+
+def test_default_stages_write_the_contract_files_and_resume(tmp_path):
+    workdir = str(tmp_path)
+    report = main.run(_config(workdir), workdir)
+    rows = _rows(workdir)
+    assert [(r['stage'], r['step']) for r in rows] == (
+        [('sft', s) for s in (1, 2, 3, 4)] + [('cpo_plus', s) for s in (1, 2)])
+    assert all('loss' in r for r in rows)
+    cpo = rows[-1]
+    for key in ('rewards/accuracies', 'rewards/margins', 'rewards/chosen', 'rewards/rejected'):
+        assert key in cpo
+    assert any(k.startswith(('thinking/', 'perception/')) for k in cpo)
+
+    on_disk = json.load(open(tmp_path / 'eval' / 'report.json'))
+    assert on_disk == json.loads(json.dumps(report))
+    for split in ('test', 'ood'):
+        assert on_disk['splits'][split]['n'] == 8
+        assert 0.0 <= on_disk['splits'][split]['accuracy'] <= 1.0
+        assert on_disk['baseline']['splits'][split]['n'] == 8  # the SFT model, same examples.
+    assert (tmp_path / 'eval' / 'accuracy.png').stat().st_size > 0
+    assert (tmp_path / 'eval' / 'training_curves.png').stat().st_size > 0
+    for stage in ('sft', 'cpo_plus'):
+        assert os.listdir(tmp_path / 'checkpoints' / stage)
+
+    # The same command again resumes: nothing is retrained, the report is the same model's.
+    again = main.run(_config(workdir), workdir)
+    assert len(_rows(workdir)) == len(rows)
+    assert main.summary(again) == main.summary(report)
+    # --mode=eval evaluates the latest checkpoints.
+    evaluated = main.run(_config(workdir), workdir, mode='eval')
+    assert main.summary(evaluated) == main.summary(report)
+
+
+def test_unknown_stage_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"unknown stage\(s\) \['dpo'\]"):
+        main.parse_stages('sft,dpo')
