@@ -1,0 +1,160 @@
+"""Building blocks shared by the vision tower and the language model.
+
+Params carry logical axis names as `out_sharding` metadata (eager sharding off: the
+train step places them through jit shardings derived from these names).
+Linear layers know about LoRA adapters (attached later by `lora.apply_lora`) so that
+the same module serves the policy (adapters on) and the reference (adapters off).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Names = tuple[str | None, ...]
+
+
+def param(value, names: Names, cls=nnx.Param) -> nnx.Param:
+  """A Param with logical axis names (one per dim)."""
+  assert len(names) == np.ndim(value), (names, np.shape(value))
+  return cls(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+def rms_norm(x, weight, eps: float):
+  """Qwen RMSNorm: statistics in float32, scale applied after casting back."""
+  dtype = x.dtype
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (weight * x32.astype(dtype)).astype(dtype)
+
+
+def normal_init(rngs: nnx.Rngs, shape, std: float, dtype):
+  """N(0, std^2) values from the params stream.
+
+  Concrete keys draw with numpy (seeded from the key) so that building a model eagerly
+  does not compile one XLA program per parameter shape; traced keys (nnx.eval_shape,
+  jit) use jax.random.
+  """
+  key = rngs.params()
+  if isinstance(key, jax.core.Tracer):
+    return std * jax.random.normal(key, shape, dtype)
+  seed = np.asarray(jax.random.key_data(key)).astype(np.uint64).tolist()
+  values = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32) * std
+  return jnp.asarray(values, dtype)
+
+
+def stacked(shape, names: Names, stack: int | None):
+  """Prepends the scanned-layer axis when the module is a stack of `stack` layers."""
+  if stack is None:
+    return tuple(shape), tuple(names)
+  return (stack, *shape), ('layers', *names)
+
+
+def activation(name: str):
+  if name == 'silu':
+    return jax.nn.silu
+  if name in ('gelu', 'gelu_pytorch_exact'):
+    return lambda x: jax.nn.gelu(x, approximate=False)
+  if name in ('gelu_pytorch_tanh', 'gelu_new', 'quick_gelu_tanh'):
+    return lambda x: jax.nn.gelu(x, approximate=True)
+  if name == 'quick_gelu':
+    return lambda x: x * jax.nn.sigmoid(1.702 * x)
+  raise ValueError(f'unsupported activation {name!r}')
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float, *, dtype, param_dtype, stack: int | None = None):
+    shape, names = stacked((dim,), ('norm',), stack)
+    self.weight = param(jnp.ones(shape, param_dtype), names)
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x):
+    return rms_norm(x.astype(self.dtype), self.weight[...].astype(self.dtype), self.eps)
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel + bias (+ LoRA: dropout(x) @ lora_a @ lora_b * lora_scale).
+
+  kernel is [in, out] (transposed w.r.t. torch's nn.Linear weight).
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool,
+               names: Names, dtype, param_dtype, rngs: nnx.Rngs, stack: int | None = None):
+    shape, knames = stacked((in_features, out_features), names, stack)
+    self.kernel = param(normal_init(rngs, shape, 1.0 / math.sqrt(in_features), param_dtype), knames)
+    bshape, bnames = stacked((out_features,), names[-1:], stack)
+    self.bias = param(jnp.zeros(bshape, param_dtype), bnames) if use_bias else None
+    self.dtype = dtype
+    self.names = tuple(names)
+    # LoRA state; filled by lora.apply_lora.
+    self.lora_a = nnx.data(None)
+    self.lora_b = nnx.data(None)
+    self.lora_scale = 0.0
+    self.lora_dropout = 0.0
+    self.lora_enabled = True
+    # LoRA dropout randomness: per-(layer) seed and call counter (lora.LoRADropoutRng);
+    # `deterministic` follows nnx's model.train() / model.eval().
+    self.lora_seed = nnx.data(None)
+    self.lora_count = nnx.data(None)
+    self.deterministic = False
+
+  def __call__(self, x):
+    x = x.astype(self.dtype)
+    y = x @ self.kernel[...].astype(self.dtype)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    if self.lora_a is not None and self.lora_enabled:
+      if self.lora_dropout > 0.0 and not self.deterministic:
+        key = jax.random.fold_in(jax.random.key(self.lora_seed[...]), self.lora_count[...])
+        self.lora_count[...] = self.lora_count[...] + 1
+        keep = jax.random.bernoulli(key, 1.0 - self.lora_dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0.0).astype(self.dtype)
+      y = y + ((x @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)) * jnp.asarray(
+          self.lora_scale, self.dtype)
+    return y
+
+
+def segment_gather_plan(cu_seqlens: np.ndarray):
+  """Static plan to run attention independently on contiguous segments.
+
+  Segments [cu[i], cu[i+1]) are padded to the longest one: returns gather indices
+  [S, M] into the token axis, a validity mask [S, M] and, for every token, its flat
+  position in the padded [S*M] layout (to scatter results back).
+  """
+  cu = np.asarray(cu_seqlens, np.int64)
+  lens = cu[1:] - cu[:-1]
+  lens = lens[lens > 0]
+  starts = cu[:-1][(cu[1:] - cu[:-1]) > 0]
+  m = int(lens.max())
+  offs = np.arange(m)[None, :]
+  valid = offs < lens[:, None]
+  idx = np.where(valid, starts[:, None] + offs, 0)
+  flat_pos = np.nonzero(valid.reshape(-1))[0]  # token order == segment order
+  return idx.astype(np.int32), valid, flat_pos.astype(np.int32)
+
+
+def segment_attention(q, k, v, plan, scale: float):
+  """Bidirectional attention within segments. q/k/v: [N, heads, hd] -> [N, heads, hd]."""
+  idx, valid, flat_pos = plan
+  qs, ks, vs = q[idx], k[idx], v[idx]  # [S, M, h, d]
+  logits = jnp.einsum('smhd,snhd->shmn', qs, ks).astype(jnp.float32) * scale
+  logits = jnp.where(jnp.asarray(valid)[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum('shmn,snhd->smhd', probs, vs)
+  s, m = idx.shape
+  return out.reshape(s * m, *out.shape[2:])[flat_pos]
+
+
+def rotate_half(x):
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x, cos, sin):
+  """x: [..., heads, hd]; cos/sin broadcastable to [..., 1, hd]."""
+  return x * cos + rotate_half(x) * sin

@@ -1,0 +1,142 @@
+"""LoRA adapters on the model's Linear layers.
+
+With adapters the reference policy is the same base weights with adapters switched off
+(`adapters_disabled`), so CPO needs no second copy of the model. Adapters are
+`LoRAParam` variables: train them with `nnx.DiffState(0, LoRAParam)` / an optimizer on
+`LoRAParam`, and filter the frozen base with `nnx.All(nnx.Param, nnx.Not(LoRAParam))`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cpo_jax.models import layers
+
+DEFAULT_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
+
+
+class LoRAParam(nnx.Param):
+  """Variable type of LoRA adapter matrices."""
+
+
+class LoRADropoutRng(nnx.Variable):
+  """Seed and call counter of LoRA dropout (not trained; advances on every training call).
+
+  Dropout is active while the model is in training mode; `model.eval()` (or
+  `deterministic(model)`) turns it off. A train step built on nnx.split/merge must carry
+  this state back out (e.g. return nnx.state(model, LoRADropoutRng)) for masks to change.
+  """
+
+
+def _targets(model, targets, include_vision):
+  for path, node in nnx.iter_graph(model):
+    if not isinstance(node, layers.Linear) or not path:
+      continue
+    name = path[-1]
+    in_vision = 'visual' in path
+    if name in targets and (include_vision or not in_vision):
+      yield path, node
+
+
+def apply_lora(model, *, rank: int, alpha: float, dropout: float = 0.0, targets=DEFAULT_TARGETS,
+               include_vision: bool = False, rngs: nnx.Rngs):
+  """Adds adapters in place: A ~ U(-1/sqrt(in), 1/sqrt(in)) (as PEFT), B = 0, scale alpha / rank.
+
+  Stacked (scanned) layers get stacked adapters with the same leading 'layers' axis.
+  Returns the list of adapted module paths.
+  """
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f'LoRA dropout must be in [0, 1), got {dropout}')
+  if rank <= 0:
+    raise ValueError(f'LoRA rank must be positive, got {rank}')
+  adapted = []
+  for path, lin in _targets(model, tuple(targets), include_vision):
+    if lin.lora_a is not None:
+      raise ValueError(f'{"/".join(map(str, path))} already has a LoRA adapter')
+    kshape = lin.kernel.shape
+    lead, (d_in, d_out) = kshape[:-2], kshape[-2:]
+    names = tuple(lin.kernel.get_metadata().get('out_sharding') or (None,) * len(kshape))
+    dtype = lin.kernel[...].dtype
+    a = _uniform(rngs, (*lead, d_in, rank), 1.0 / math.sqrt(d_in), dtype)
+    lin.lora_a = layers.param(a, names[:-1] + (None,), cls=LoRAParam)
+    lin.lora_b = layers.param(jnp.zeros((*lead, rank, d_out), dtype), names[:-2] + (None, names[-1]), cls=LoRAParam)
+    lin.lora_scale = float(alpha) / float(rank)
+    lin.lora_dropout = float(dropout)
+    if dropout > 0.0:
+      seeds = _uniform(rngs, lead, 2.0 ** 31 - 1, jnp.float32)
+      lin.lora_seed = LoRADropoutRng(jnp.abs(seeds).astype(jnp.uint32))
+      lin.lora_count = LoRADropoutRng(jnp.zeros(lead, jnp.uint32))
+    adapted.append('/'.join(map(str, path)))
+  if not adapted:
+    raise ValueError(f'no Linear layer matched LoRA targets {tuple(targets)} (include_vision={include_vision})')
+  return adapted
+
+
+def _uniform(rngs, shape, bound, dtype):
+  key = rngs.params()
+  if isinstance(key, jax.core.Tracer):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  seed = np.asarray(jax.random.key_data(key)).astype(np.uint64).tolist()  # numpy: no per-shape compile
+  return jnp.asarray(np.random.default_rng(seed).uniform(-bound, bound, shape), dtype)
+
+
+def adapted_layers(model):
+  return [node for _, node in nnx.iter_graph(model) if isinstance(node, layers.Linear) and node.lora_a is not None]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+  """Within the block the model computes with its base weights only (the reference policy).
+
+  A Python flag, so it also works inside a traced (jit/grad) function.
+  """
+  mods = adapted_layers(model)
+  prev = [m.lora_enabled for m in mods]
+  for m in mods:
+    m.lora_enabled = False
+  try:
+    yield model
+  finally:
+    for m, p in zip(mods, prev):
+      m.lora_enabled = p
+
+
+@contextlib.contextmanager
+def deterministic(model):
+  """Within the block LoRA dropout is off (eval, generation, reference log-probs)."""
+  mods = [m for m in adapted_layers(model) if m.lora_dropout > 0.0]
+  prev = [m.deterministic for m in mods]
+  for m in mods:
+    m.deterministic = True
+  try:
+    yield model
+  finally:
+    for m, p in zip(mods, prev):
+      m.deterministic = p
+
+
+def merge_lora(model):
+  """A new model whose base kernels include the adapters' update and that has no adapters."""
+  merged = nnx.clone(model)
+  for lin in adapted_layers(merged):
+    a, b = lin.lora_a[...], lin.lora_b[...]
+    delta = jnp.einsum('...ir,...ro->...io', a.astype(jnp.float32), b.astype(jnp.float32)) * lin.lora_scale
+    k = lin.kernel[...]
+    lin.kernel[...] = (k.astype(jnp.float32) + delta).astype(k.dtype)
+    lin.lora_a = None
+    lin.lora_b = None
+    lin.lora_scale = 0.0
+    lin.lora_dropout = 0.0
+    lin.lora_seed = None
+    lin.lora_count = None
+  return merged
+
+
+def lora_state(model):
+  """The adapter variables (what a LoRA run trains and checkpoints)."""
+  return nnx.state(model, LoRAParam)
