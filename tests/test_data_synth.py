@@ -121,3 +121,12 @@ def test_synth_cxr_deterministic_consistent_and_shortcut():
     d, _, n = cx.SynthCxrSource(split, 1500, seed=0).labels()
     assert lo <= float((d % 4 == n).mean()) <= hi
   assert len(set(d.tolist())) == len(g.decisions)
+
+
+def test_synth_cxr_renders_pneumothorax_beside_volume_loss():
+  # These records pair a pneumothorax line with a shrunken lung that ends left of it; they
+  # used to crash the renderer (an air rectangle of negative width).
+  from cpo_jax.data import synth_cxr
+  for split, n, i in (("train", 4096, 566), ("test", 512, 219), ("ood", 512, 285)):
+    record = synth_cxr.SynthCxrSource(split, n, 0)[i]
+    assert record["image"][:8] == b"\x89PNG\r\n\x1a\n"

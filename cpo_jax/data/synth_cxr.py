@@ -10,14 +10,10 @@ Every example is a pure function of (seed, split, index). Medical concept graph:
 """
 from __future__ import annotations
 
-import functools
-from typing import Any
-
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cpo_jax.data.synth_drive import SHORTCUT_AGREEMENT, SPLIT_IDS, SPLITS, png_bytes
-from cpo_jax.knowledge.graph import ConceptGraph, load_graph
+from cpo_jax.data import synthetic
 
 IMAGE_SIZE = 112
 _BODY, _LUNG, _HEART, _CONSOL, _FLUID, _LINE, _AIR, _MARKER = 150, 55, 205, 185, 180, 235, 12, 250
@@ -31,39 +27,6 @@ REGIONS = {
     "hyperinflation": (18, 84, 94, 100),
     "volume_loss": (60, 18, 94, 88),
 }
-
-
-@functools.lru_cache(maxsize=None)
-def graph() -> ConceptGraph:
-  return load_graph("medical")
-
-
-@functools.lru_cache(maxsize=None)
-def _assignments_by_decision() -> dict[str, list[dict[str, str]]]:
-  g = graph()
-  out: dict[str, list] = {d: [] for d in g.decisions}
-  for a in g.all_assignments():
-    out[g.decide(a)].append(a)
-  return out
-
-
-def sample_labels(seed: int, split: str, index: int, agreement: float | None = None):
-  if split not in SPLIT_IDS:
-    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-  g = graph()
-  rng = np.random.default_rng([seed, 100 + SPLIT_IDS[split], index])  # 100+: streams apart from synth_drive
-  d = int(rng.integers(len(g.decisions)))
-  pool = _assignments_by_decision()[g.decisions[d]]
-  a = pool[int(rng.integers(len(pool)))]
-  n_vals = len(g.nuisance_values)
-  target = d % n_vals
-  if split == "ood":
-    nuis = int(rng.integers(n_vals))
-  elif rng.random() < (SHORTCUT_AGREEMENT[split] if agreement is None else agreement):
-    nuis = target
-  else:
-    nuis = int((target + 1 + rng.integers(n_vals - 1)) % n_vals)
-  return dict(a), g.decisions[d], nuis, rng
 
 
 def _j(rng, j=2):
@@ -96,7 +59,8 @@ def render(a: dict[str, str], nuisance: str, rng: np.random.Generator) -> tuple[
   dx = _j(rng)
   if a["pneumothorax_line"] == "present":
     lx = 86 + dx
-    dr.rectangle((lx + 1, y0 + 2, left[2], y1), fill=_AIR)
+    if lx + 1 <= left[2]:  # a volume-loss lung can end left of the line: no air to draw.
+      dr.rectangle((lx + 1, y0 + 2, left[2], y1), fill=_AIR)
     dr.line((lx, y0 + 2, lx, y1), fill=_LINE, width=2)
   boxes[0] = (x0 + dx, y0, x1 + dx, y1)
   # Effusion: fluid filling the right costophrenic angle, meniscus on top.
@@ -132,41 +96,13 @@ def render(a: dict[str, str], nuisance: str, rng: np.random.Generator) -> tuple[
   return np.repeat(arr[..., None], 3, -1), boxes
 
 
-def make_example(seed: int, split: str, index: int, *, encode_png: bool = True,
-                 agreement: float | None = None) -> dict[str, Any]:
-  """Same record format as synth_drive (boxes [6,4], concepts [6])."""
-  g = graph()
-  a, d, nuis, rng = sample_labels(seed, split, index, agreement)
-  arr, boxes = render(a, g.nuisance_values[nuis], rng)
-  return {"image": png_bytes(arr) if encode_png else arr, "question": g.question,
-          "chain": g.chain_text(a), "answer": g.answer_text(d), "decision": g.decision_id(d),
-          "concepts": np.asarray(g.value_ids(a), np.int32), "nuisance": nuis, "boxes": boxes, "index": index}
+# Stream 100: the random streams stay apart from synth_drive's (stream 0).
+CXR = synthetic.Synth("medical", stream=100, render=render)
+graph, sample_labels, make_example = CXR.graph, CXR.sample_labels, CXR.make_example
 
 
-class SynthCxrSource:
-  """Random-access source rendering synth_cxr records on the fly."""
+class SynthCxrSource(synthetic.SynthSource):
+  """Random-access source of synth_cxr records (same record format as synth_drive)."""
 
-  domain = "medical"
-
-  def __init__(self, split: str, num_examples: int, seed: int = 0, encode_png: bool = True,
-               agreement: float | None = None):
-    self.split, self.num_examples, self.seed = split, num_examples, seed
-    self.encode_png, self.agreement = encode_png, agreement
-
-  def __len__(self) -> int:
-    return self.num_examples
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    if not 0 <= index < self.num_examples:
-      raise IndexError(index)
-    return make_example(self.seed, self.split, int(index), encode_png=self.encode_png, agreement=self.agreement)
-
-  def labels(self):
-    g = graph()
-    rows = [sample_labels(self.seed, self.split, i, self.agreement) for i in range(self.num_examples)]
-    return (np.asarray([g.decision_id(r[1]) for r in rows], np.int32),
-            np.asarray([g.value_ids(r[0]) for r in rows], np.int32),
-            np.asarray([r[2] for r in rows], np.int32))
-
-  def __repr__(self):
-    return f"SynthCxrSource(split={self.split!r}, n={self.num_examples}, seed={self.seed})"
+  synth = CXR
+  domain = CXR.graph_name

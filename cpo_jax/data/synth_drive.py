@@ -11,19 +11,12 @@ Every example is a pure function of (seed, split, index).
 """
 from __future__ import annotations
 
-import functools
-import io
-from typing import Any
-
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cpo_jax.knowledge.graph import ConceptGraph, load_graph
+from cpo_jax.data import synthetic
 
 IMAGE_SIZE = 112
-SPLITS = ("train", "test", "ood")
-SPLIT_IDS = {s: i for i, s in enumerate(SPLITS)}
-SHORTCUT_AGREEMENT = {"train": 0.9, "test": 0.9, "ood": 0.25}  # P(nuisance == decision's value)
 HORIZON = 40
 
 # Scene colours per nuisance value (graph order: night, fog, day, dusk): sky, road, grass, overlay.
@@ -49,43 +42,6 @@ REGIONS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
-def graph() -> ConceptGraph:
-  return load_graph("driving")
-
-
-@functools.lru_cache(maxsize=None)
-def _assignments_by_decision() -> dict[str, list[dict[str, str]]]:
-  g = graph()
-  out: dict[str, list] = {d: [] for d in g.decisions}
-  for a in g.all_assignments():
-    out[g.decide(a)].append(a)
-  return out
-
-
-def sample_labels(seed: int, split: str, index: int, agreement: float | None = None
-                  ) -> tuple[dict[str, str], str, int, np.random.Generator]:
-  """(assignment, decision, nuisance id, rng for rendering) for one example.
-
-  agreement: P(nuisance == the decision's value) in train/test (default 0.9); ood is uniform.
-  """
-  if split not in SPLIT_IDS:
-    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-  g = graph()
-  rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
-  d = int(rng.integers(len(g.decisions)))  # balanced decisions
-  pool = _assignments_by_decision()[g.decisions[d]]
-  a = pool[int(rng.integers(len(pool)))]
-  n_vals = len(g.nuisance_values)
-  if split == "ood":
-    nuis = int(rng.integers(n_vals))
-  elif rng.random() < (SHORTCUT_AGREEMENT[split] if agreement is None else agreement):
-    nuis = d
-  else:
-    nuis = int((d + 1 + rng.integers(n_vals - 1)) % n_vals)
-  return dict(a), g.decisions[d], nuis, rng
-
-
 def _jit(rng, box, j=2):
   dx, dy = (int(v) for v in rng.integers(-j, j + 1, size=2))
   x0, y0, x1, y1 = box
@@ -97,7 +53,11 @@ def _shade(rng, colour, amount=10):
 
 
 def render(a: dict[str, str], nuisance: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-  """Draw the scene; returns (uint8 image [112,112,3], boxes int32 [4,4] in concept order)."""
+  """Draw the scene; returns (uint8 image [112,112,3], boxes int32 [4,4] in concept order).
+
+  boxes: the drawn object's box (traffic_light, pedestrian, lead_vehicle, cone), or the
+  nominal region where it would be when absent.
+  """
   S = IMAGE_SIZE
   pal = _PALETTES[nuisance]
   im = Image.new("RGB", (S, S), _shade(rng, pal["sky"]))
@@ -158,68 +118,12 @@ def render(a: dict[str, str], nuisance: str, rng: np.random.Generator) -> tuple[
   return arr, boxes
 
 
-def png_bytes(arr: np.ndarray) -> bytes:
-  buf = io.BytesIO()
-  Image.fromarray(arr).save(buf, format="PNG", optimize=False, compress_level=1)
-  return buf.getvalue()
+DRIVE = synthetic.Synth("driving", stream=0, render=render)
+graph, sample_labels, make_example = DRIVE.graph, DRIVE.sample_labels, DRIVE.make_example
 
 
-def make_example(seed: int, split: str, index: int, *, encode_png: bool = True,
-                 agreement: float | None = None) -> dict[str, Any]:
-  """One record (the TFDS feature dict): image PNG bytes (or uint8 array), texts, labels, boxes.
+class SynthDriveSource(synthetic.SynthSource):
+  """Random-access source of synth_drive records (grain's RandomAccessDataSource protocol)."""
 
-  boxes[i] is the drawn object's box for concept i (graph order: traffic_light, pedestrian,
-  lead_vehicle, cone) in pixels (x0, y0, x1, y1), or the nominal region where it would be
-  when absent (so 'occlude the evidence region' is defined for every image).
-  """
-  g = graph()
-  a, d, nuis, rng = sample_labels(seed, split, index, agreement)
-  arr, boxes = render(a, g.nuisance_values[nuis], rng)
-  chain = g.chain_text(a)
-  answer = g.answer_text(d)
-  return {
-      "image": png_bytes(arr) if encode_png else arr,
-      "question": g.question,
-      "chain": chain,
-      "answer": answer,
-      "decision": g.decision_id(d),
-      "concepts": np.asarray(g.value_ids(a), np.int32),
-      "nuisance": nuis,
-      "boxes": boxes,
-      "index": index,
-  }
-
-
-class SynthDriveSource:
-  """Random-access source rendering records on the fly (same records as the TFDS builder).
-
-  Implements grain's RandomAccessDataSource protocol (__len__, __getitem__), so the pipeline
-  can run without preparing TFDS files (tests, quick runs).
-  """
-
-  domain = "driving"  # concept graph name, read by the pipeline
-
-  def __init__(self, split: str, num_examples: int, seed: int = 0, encode_png: bool = True,
-               agreement: float | None = None):
-    self.split, self.num_examples, self.seed, self.encode_png = split, num_examples, seed, encode_png
-    self.agreement = agreement
-
-  def __len__(self) -> int:
-    return self.num_examples
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    if not 0 <= index < self.num_examples:
-      raise IndexError(index)
-    return make_example(self.seed, self.split, int(index), encode_png=self.encode_png, agreement=self.agreement)
-
-  def labels(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(decision [N], concepts [N,4], nuisance [N]) without rendering (for the pair index)."""
-    g = graph()
-    d, c, n = [], [], []
-    for i in range(self.num_examples):
-      a, dec, nuis, _ = sample_labels(self.seed, self.split, i, self.agreement)
-      d.append(g.decision_id(dec)); c.append(g.value_ids(a)); n.append(nuis)
-    return np.asarray(d, np.int32), np.asarray(c, np.int32), np.asarray(n, np.int32)
-
-  def __repr__(self):
-    return f"SynthDriveSource(split={self.split!r}, n={self.num_examples}, seed={self.seed})"
+  synth = DRIVE
+  domain = DRIVE.graph_name
