@@ -4,6 +4,7 @@ import pytest
 
 from cpo_jax.data import pairs as pairs_lib
 from cpo_jax.data import pipeline as P
+from cpo_jax.data import synth_drive
 from cpo_jax.data import tokenizer as tok_lib
 from cpo_jax.knowledge import load_graph, validate_counterfactual
 
@@ -107,7 +108,7 @@ def test_hard_negatives_share_nuisance_far_more_than_random(train):
   idx = pairs_lib.PairIndex.from_source(train)
   rng = np.random.default_rng(0)
   share = {}
-  for mode in pairs_lib.PERCEPTION_MODES:
+  for mode in pairs_lib.INDEX_MODES:
     hits = []
     for i in range(300):
       j = idx.pick(i, mode, rng)
@@ -281,7 +282,83 @@ def test_bad_records_skip_counts_by_reason_or_raise_names_record(proc):
 def test_tfds_files_give_the_same_batches_as_rendering(proc, tmp_path):
   files = P.make_source("synth_drive", "train", num_examples=64, seed=0, data_dir=str(tmp_path))
   mem = P.make_source("synth_drive", "train", num_examples=64, seed=0)
-  a = next(P.make_cpo_iterator(files, proc, batch_size=8, max_len=L, seed=0))
-  b = next(P.make_cpo_iterator(mem, proc, batch_size=8, max_len=L, seed=0))
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k])
+  for mode in ("hard", "counterfactual"):  # counterfactual: the files' source re-renders the same scenes
+    a = next(P.make_cpo_iterator(files, proc, batch_size=8, max_len=L, seed=0, perception_mode=mode))
+    b = next(P.make_cpo_iterator(mem, proc, batch_size=8, max_len=L, seed=0, perception_mode=mode))
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_counterfactual_image_is_the_same_scene_with_one_concept_changed():
+  """Minimal pairs: pixels differ only where the flipped concept is painted (in either render),
+  one concept differs, and the decision changes whenever a single change can change it."""
+  g = load_graph("driving")
+  src = synth_drive.SynthDriveSource("ood", 400, seed=5, encode_png=False)
+  flipped, n_diff = np.zeros(len(g.concepts), int), []
+  for i in range(len(src)):
+    rec = src[i]
+    a = g.assignment_from_ids(rec["concepts"])
+    np.testing.assert_array_equal(src.counterfactual(i, a)["image"], rec["image"])  # same scene re-rendered
+    ci, v = pairs_lib.counterfactual_flip(g, a, np.random.default_rng([1, i]))
+    assert (ci, v) == pairs_lib.counterfactual_flip(g, a, np.random.default_rng([1, i]))  # seeded
+    b = {**a, g.concepts[ci].name: v}
+    assert sum(a[k] != b[k] for k in a) == 1 and g.is_valid(b)
+    cf = src.counterfactual(i, b)
+    assert (cf["concepts"] != rec["concepts"]).sum() == 1 and cf["concepts"][ci] != rec["concepts"][ci]
+    single_flips = [{**a, c.name: w} for c in g.concepts for w in c.values if w != a[c.name]]
+    if any(g.decide(x) != g.decide(a) for x in single_flips):
+      assert cf["decision"] != rec["decision"]
+    else:  # red light + pedestrian: stop whatever one concept says
+      assert cf["decision"] == rec["decision"] == g.decision_id("stop")
+    diff = (cf["image"] != rec["image"]).any(-1)
+    allowed = np.zeros_like(diff)
+    for box in (rec["boxes"][ci], cf["boxes"][ci]):
+      x0, y0, x1, y1 = synth_drive.painted_region(g.concepts[ci].name, box)
+      allowed[y0:y1 + 1, x0:x1 + 1] = True
+    assert diff.any() and not (diff & ~allowed).any(), (i, g.concepts[ci].name)
+    np.testing.assert_array_equal(np.delete(cf["boxes"], ci, 0), np.delete(rec["boxes"], ci, 0))
+    flipped[ci] += 1
+    n_diff.append(diff.sum())
+  assert flipped.min() > 40, flipped  # every concept gets flipped
+  assert np.median(n_diff) < 0.05 * diff.size  # small, local evidence
+
+
+def test_counterfactual_cpo_batches(proc, train):
+  g = load_graph("driving")
+  kw = dict(thinking_fraction=0.25, perception_mode="counterfactual")
+  it = _cpo(proc, train, **kw)
+  tok = proc.tokenizer
+  n_perc = 0
+  for _ in range(2):
+    b = next(it)
+    assert b["flipped_concept"].dtype == np.int32
+    for r in range(8):
+      if b["source"][r] == 0:
+        assert b["flipped_concept"][r] == -1
+        continue
+      n_perc += 1
+      ci, i = int(b["flipped_concept"][r]), int(b["index"][r])
+      ch = tok.decode(b["chosen_input_ids"][r][b["chosen_loss_mask"][r] == 1])
+      assert ch == tok.decode(b["rejected_input_ids"][r][b["rejected_loss_mask"][r] == 1])
+      rec = train[i]
+      a = g.assignment_from_ids(rec["concepts"])
+      c = g.concepts[ci]
+      # the rejected pixels are the scene re-rendered with concept ci set to one of its other values
+      renders = [train.counterfactual(i, {**a, c.name: v}) for v in c.values if v != a[c.name]]
+      got = b["rejected_pixel_values"][r * 64:(r + 1) * 64]
+      match = [x for x in renders if np.array_equal(proc.image_inputs(x["image"])[0], got)]
+      assert len(match) == 1 and match[0]["decision"] == b["rejected_decision"][r]
+      np.testing.assert_array_equal(proc.image_inputs(rec["image"])[0], b["chosen_pixel_values"][r * 64:(r + 1) * 64])
+  assert n_perc >= 8
+  x, y, z = next(_cpo(proc, train, seed=7, **kw)), next(_cpo(proc, train, seed=7, **kw)), next(_cpo(proc, train, seed=8, **kw))
+  for k in x:
+    np.testing.assert_array_equal(x[k], y[k])
+  assert not np.array_equal(x["index"], z["index"])
+  for mode in pairs_lib.INDEX_MODES:  # other modes carry no flipped concept
+    assert (next(_cpo(proc, train, perception_mode=mode))["flipped_concept"] == -1).all()
+
+
+def test_counterfactual_needs_a_source_that_can_render(proc, train):
+  src = _Corrupted(train)
+  with pytest.raises(ValueError, match=r"counterfactual.*dataset Corrupted cannot re-render"):
+    _cpo(proc, src, perception_mode="counterfactual")

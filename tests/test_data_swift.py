@@ -150,3 +150,12 @@ def test_swift_eval_batches_read_gold_labels_from_the_chosen_text(proc, tmp_path
   assert b["decision"].tolist() == [gold] * 4 and b["valid"].all()
   assert b["input_ids"].shape == (4, 64) and b["attention_mask"][:, -1].all()
   np.testing.assert_array_equal(b["concepts"][0], g.value_ids(g.all_assignments()[0]))
+
+
+def test_swift_counterfactual_mode_raises_naming_the_dataset(proc, tmp_path):
+  _write(tmp_path)
+  src = P.make_source("swift_jsonl", "train", data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match=r"counterfactual.*swift_jsonl.*cannot re-render"):
+    P.make_cpo_iterator(src, proc, batch_size=2, max_len=160, perception_mode="counterfactual")
+  b = next(P.make_cpo_iterator(src, proc, batch_size=2, max_len=160))
+  assert (b["flipped_concept"] == -1).all()

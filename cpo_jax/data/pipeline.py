@@ -19,7 +19,9 @@ CPO batch (one row = one preference pair):
     whose rejected prompt text differs),
   boxes [B,C,4] int32 (evidence boxes of the chosen image in pixels, for on-device perception
     masks; [B,1,4] = whole image for ingested pairs),
-  chosen_decision / rejected_decision / index [B] int32 (diagnostics, -1 when unknown).
+  chosen_decision / rejected_decision / index [B] int32 (diagnostics, -1 when unknown),
+  flipped_concept [B] int32 (perception_mode 'counterfactual': the concept index, graph order,
+    changed in the rejected image; -1 on other rows and modes).
   What the CPO++ loss needs from a batch: per side the sequence log-prob = sum over
   loss_mask[:, 1:] of log p(input_ids[:, 1:] | logits[:, :-1]), for the policy and the
   reference (adapters off); `source` to weight/normalise per pair and for per-source metrics;
@@ -268,7 +270,7 @@ def _cpo_example(i: int, rng: np.random.Generator, *, source, proc: Processors, 
       "source": np.int32(pair["source"]), "sample_weight": np.float32(pair["sample_weight"]),
       "prompt_length": np.int32(len(prompt)), "rejected_prompt_length": np.int32(len(prompt)), "boxes": pair["boxes"],
       "chosen_decision": np.int32(pair["chosen_decision"]), "rejected_decision": np.int32(pair["rejected_decision"]),
-      "index": np.int32(i),
+      "index": np.int32(i), "flipped_concept": np.int32(pair["flipped_concept"]),
   }
 
 
@@ -295,6 +297,7 @@ def _swift_cpo_example(i: int, *, source, proc: Processors, max_len: int):
       "prompt_length": np.int32(c_len), "rejected_prompt_length": np.int32(r_len),
       "boxes": np.array([[0, 0, S, S]], np.int32),  # no evidence boxes known: the whole image
       "chosen_decision": np.int32(-1), "rejected_decision": np.int32(-1), "index": np.int32(i),
+      "flipped_concept": np.int32(-1),
   }
 
 
@@ -363,13 +366,18 @@ def make_cpo_dataset(source, proc: Processors, *, batch_size: int, max_len: int,
                      on_bad_record: str | None = None, on_overlong: str | None = None,
                      skips: SkipCounter | None = None, worker_count: int = 0) -> grain.IterDataset:
   """CPO++ pair batches (see module doc). Each pair is thinking with prob thinking_fraction
-  (seeded per position), else perception with `perception_mode` in hard | far | random."""
+  (seeded per position), else perception with `perception_mode` in hard | far | random |
+  counterfactual (the last re-renders the chosen scene: synthetic sources only)."""
   policy = _policy(on_bad_record, on_overlong)
   if not 0.0 <= thinking_fraction <= 1.0:
     raise ValueError(f"thinking_fraction {thinking_fraction} not in [0, 1]")
   if perception_mode not in pairs_lib.PERCEPTION_MODES:
     raise ValueError(f"perception_mode {perception_mode!r}; expected one of {pairs_lib.PERCEPTION_MODES}")
   skips = SkipCounter() if skips is None else skips
+  if perception_mode == "counterfactual" and not hasattr(source, "counterfactual"):
+    raise ValueError(f"perception_mode='counterfactual' re-renders the chosen scene with one concept changed; "
+                     f"dataset {source!r} cannot re-render its images (only synth_drive and synth_cxr can); "
+                     f"use perception_mode in {pairs_lib.INDEX_MODES}")
   if _is_pairs(source):  # pairs given by the records (swift_jsonl): no rewriter, no image index
     ds = _indices(len(source), seed=seed, shard_index=shard_index, shard_count=shard_count,
                   num_epochs=num_epochs, shuffle=True)
@@ -377,7 +385,8 @@ def make_cpo_dataset(source, proc: Processors, *, batch_size: int, max_len: int,
                        policy, skips))
     return _finish(ds, batch_size, worker_count)
   graph = graph or load_graph(getattr(source, "domain", "driving"))
-  pair_index = pair_index or pairs_lib.PairIndex.from_source(source)
+  if perception_mode != "counterfactual":  # counterfactual negatives need no index over the split
+    pair_index = pair_index or pairs_lib.PairIndex.from_source(source)
   ds = _indices(len(source), seed=seed, shard_index=shard_index, shard_count=shard_count,
                 num_epochs=num_epochs, shuffle=True)
   ds = ds.random_map(_Guard(functools.partial(

@@ -42,6 +42,13 @@ REGIONS = {
 }
 
 
+def painted_region(concept: str, box) -> tuple[int, int, int, int]:
+  """Inclusive (x0, y0, x1, y1) the renderer may paint for `concept` drawn at `box` (its
+  reported box): the box itself, plus the traffic light's pole below it (to HORIZON + 8)."""
+  x0, y0, x1, y1 = (int(v) for v in box)
+  return (x0, y0, x1, max(y1, HORIZON + 8)) if concept == "traffic_light" else (x0, y0, x1, y1)
+
+
 def _jit(rng, box, j=2):
   dx, dy = (int(v) for v in rng.integers(-j, j + 1, size=2))
   x0, y0, x1, y1 = box

@@ -102,6 +102,26 @@ class Synth:
         "index": index,
     }
 
+  def counterfactual(self, seed: int, split: str, index: int, assignment: dict[str, str], *,
+                     encode_png: bool = True, agreement: float | None = None) -> dict[str, Any]:
+    """Example `index` re-rendered with `assignment` instead of its own concepts.
+
+    Same nuisance and the same rng state as make_example, so whatever the renderer draws
+    independently of a concept's value (background, other objects, their jitter) comes out
+    pixel-identical: with one concept changed this is a minimal pair (METHOD.md section 4).
+    synth_drive draws the same randomness whatever the concept values (tested pixel-exact);
+    synth_cxr does not: consolidation blobs draw from the shared stream (a flip reshuffles the
+    heart jitter and film grain everywhere) and the lungs' shape moves effusion and pneumothorax.
+    Returns image, decision, concepts, boxes (no texts: the pair keeps the chosen text).
+    """
+    g = self.graph()
+    _, _, nuis, rng = self.sample_labels(seed, split, index, agreement)
+    if not g.is_valid(assignment):
+      raise ValueError(f"invalid {self.graph_name} assignment {assignment}")
+    arr, boxes = self.render(assignment, g.nuisance_values[nuis], rng)
+    return {"image": png_bytes(arr) if encode_png else arr, "decision": g.decision_id(g.decide(assignment)),
+            "concepts": np.asarray(g.value_ids(assignment), np.int32), "boxes": boxes}
+
 
 class SynthSource:
   """Random-access source rendering a domain's records on the fly (same records as the TFDS builder).
@@ -126,6 +146,11 @@ class SynthSource:
       raise IndexError(index)
     return self.synth.make_example(self.seed, self.split, int(index), encode_png=self.encode_png,
                                    agreement=self.agreement)
+
+  def counterfactual(self, index: int, assignment: dict[str, str]) -> dict[str, Any]:
+    """Record `index` re-rendered with another concept assignment (Synth.counterfactual)."""
+    return self.synth.counterfactual(self.seed, self.split, int(index), assignment, encode_png=self.encode_png,
+                                     agreement=self.agreement)
 
   def labels(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(decision [N], concepts [N,C], nuisance [N]) without rendering (for the pair index)."""

@@ -95,15 +95,22 @@ def prepare(name: str, data_dir: str, config: str | SynthConfig = "default"):
 
 def data_source(name: str, data_dir: str, split: str, config: str | SynthConfig = "default"):
   """Random-access source of records (text fields come back as bytes; `pairs.as_text` reads both)."""
-  src = prepare(name, data_dir, config).as_data_source(split=split)
-  return _WithDomain(src, synth_drive.SynthDriveSource.domain if name == "synth_drive" else synth_cxr.SynthCxrSource.domain)
+  builder = prepare(name, data_dir, config)
+  synth = {"synth_drive": synth_drive.DRIVE, "synth_cxr": synth_cxr.CXR}[name]
+  return _WithDomain(builder.as_data_source(split=split), synth, split, builder.builder_config)
 
 
 class _WithDomain:
-  """The TFDS source plus the `domain` attribute the pipeline reads to pick the concept graph."""
+  """The TFDS source plus the `domain` attribute the pipeline reads to pick the concept graph,
+  and `counterfactual` (re-rendering a record: the files hold make_example's records)."""
 
-  def __init__(self, src, domain: str):
-    self._src, self.domain = src, domain
+  def __init__(self, src, synth, split: str, cfg: SynthConfig):
+    self._src, self._synth, self._split, self._cfg = src, synth, split, cfg
+    self.domain = self._synth.graph_name
+
+  def counterfactual(self, index: int, assignment: dict[str, str]):
+    return self._synth.counterfactual(self._cfg.seed, self._split, int(index), assignment,
+                                      agreement=self._cfg.agreement)
 
   def __len__(self):
     return len(self._src)
