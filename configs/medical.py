@@ -14,7 +14,7 @@ def get_config(arg=None):
         c.sft.num_steps = 500
         c.sft.optimizer.lr = 2e-3
         c.cpo.num_steps = 150
-        c.cpo.optimizer.lr = 1e-3
+        c.cpo.optimizer.lr = 1e-4
     c.data.num_examples = dict(train=4000, test=512, ood=512)
     c.data.spurious_correlation = 0.9
     return c

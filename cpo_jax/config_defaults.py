@@ -49,10 +49,16 @@ def base_config(arg, *, domain, data):
     c.data.name = arg.data
     c.data.manual_dir = ''        # where users put real data (MIMIC, CODA-LM, swift JSONL).
     c.data.data_dir = ''          # where prepared datasets are written; '' = <workdir>/data.
+    c.data.image_size = 112      # square side the processor keeps (static patch grid).
+    # Completion positions projected to the vocabulary; 0 = all that can hold completion
+    # tokens (max_len minus the image tokens). A longer completion is an error, never cut.
+    c.data.max_completion_len = 0
     c.data.max_len = 96           # static sequence length; longer records are skipped or raise.
     c.data.on_bad_record = 'raise'  # 'raise' | 'skip' (counted and reported).
     c.data.thinking_fraction = 0.5  # share of CPO pairs that are thinking pairs (rest: perception).
-    c.data.perception_negative = 'hard'  # 'hard' | 'far' | 'random' (METHOD.md section 4).
+    # 'hard' | 'far' | 'random' pick another image (METHOD.md section 4); 'counterfactual'
+    # re-renders the same synthetic scene with one concept flipped (a minimal pair).
+    c.data.perception_negative = 'hard'
     c.data.worker_count = 0       # Grain worker processes (0 = in-process).
 
     # SFT: the paper uses lr 1e-4 cosine with LoRA on a pretrained model. The embedded default
@@ -71,6 +77,7 @@ def base_config(arg, *, domain, data):
     c.cpo.loss_type = 'sigmoid'   # 'sigmoid' | 'ipo' | 'hinge' | 'robust'
     c.cpo.label_smoothing = 0.0
     c.cpo.rpo_alpha = 0.1
+    c.cpo.reference = 'adapters_off'  # 'adapters_off' | 'frozen_copy'
     c.cpo.source_weights = (1.0, 1.0, 1.0)  # thinking, perception, other.
     c.cpo.normalize_weights = True
     c.cpo.optimizer = _adamw(lr=1e-4)
@@ -81,6 +88,10 @@ def base_config(arg, *, domain, data):
     c.eval.batch_size = 32
     c.eval.max_prompt_len = 64    # eval prompts are left-padded to this (static) length.
     c.eval.max_new_tokens = 48
+    # Interference curves and the drift probe (METHOD.md section 5) on one split.
+    c.eval.robustness = True
+    c.eval.robustness_split = 'test'
+    c.eval.robustness_max_examples = 128
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 200

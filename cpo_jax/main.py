@@ -4,7 +4,9 @@ r"""cpo_jax command line: SFT -> CPO++ -> eval, from a laptop CPU to a TPU pod.
   python -m cpo_jax.main --config=configs/driving.py --workdir=DIR --mode=eval
 
 Modes: `train` runs the stages in `config.stages` (resuming from the workdir's checkpoints);
-`eval` evaluates the latest checkpoints in the workdir.
+`eval` evaluates the latest checkpoints in the workdir; `export` writes them as a Hugging Face
+directory (adapters merged) to --export_dir; `plan` compiles the train step for the configured
+preset and mesh without allocating it and prints bytes per device as one JSON line.
 """
 import json
 import os
@@ -20,11 +22,15 @@ from cpo_jax import evaluate
 from cpo_jax import sharding
 from cpo_jax import train
 from cpo_jax import models
+from cpo_jax import plan as plan_lib
 from cpo_jax.data import streams
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).')
 _WORKDIR = flags.DEFINE_string('workdir', 'workdir', 'Where checkpoints, metrics and reports go.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'What to run.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'export', 'plan'], 'What to run.')
+_EXPORT_DIR = flags.DEFINE_string('export_dir', None, 'Where --mode=export writes.')
+_PLAN_STAGE = flags.DEFINE_enum('plan_stage', 'cpo_plus', ['sft', 'cpo_plus'],
+                                'Which train step --mode=plan compiles.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Call jax.distributed.initialize() (multi-host TPU pods).')
 
@@ -54,8 +60,25 @@ def build_model(cfg, data):
                              rngs=nnx.Rngs(cfg.seed))
 
 
+def restore_latest(cfg, workdir):
+    """The model of the workdir's latest checkpoints (SFT, plus CPO++ adapters if any)."""
+    return run(cfg, workdir, mode='restore')
+
+
+def export(cfg, workdir, export_dir):
+    """Writes the latest model (LoRA merged) + tokenizer + image processor for transformers."""
+    model, data = restore_latest(cfg, workdir)
+    models.save_hf(model, export_dir)
+    data.processors.tokenizer.save_pretrained(export_dir)
+    data.processors.image_processor.save_pretrained(export_dir)
+
+
 def run(cfg, workdir, mode='train'):
-    """Runs the configured stages; returns the eval report (or None without an eval stage)."""
+    """Runs the configured stages; returns the eval report (or None without an eval stage).
+
+    mode='eval' restores the latest checkpoints and evaluates; mode='restore' returns
+    (model, data) of the latest checkpoints.
+    """
     stages = parse_stages(cfg.stages) if mode == 'train' else ['eval']
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
@@ -70,15 +93,18 @@ def run(cfg, workdir, mode='train'):
     # Eval restores whatever checkpoints exist; training runs (or resumes) each listed stage.
     # Each stage starts from the previous stage's final model, so cpo_plus needs sft's.
     trained = []
-    if 'sft' in stages or mode == 'eval' or 'cpo_plus' in stages:
+    restoring = mode in ('eval', 'restore')
+    if 'sft' in stages or restoring or 'cpo_plus' in stages:
         model = train.train_sft(model, cfg, make_batches=data.sft_batches,
                                 train='sft' in stages, **common)
         trained.append('sft')
-    if 'cpo_plus' in stages or (mode == 'eval' and train.has_checkpoint(workdir, 'cpo_plus')):
+    if 'cpo_plus' in stages or (restoring and train.has_checkpoint(workdir, 'cpo_plus')):
         model = train.train_cpo(model, cfg, make_batches=data.cpo_batches,
                                 train='cpo_plus' in stages, **common)
         trained.append('cpo_plus')
     data.log_skips()
+    if mode == 'restore':
+        return model, data
     if 'eval' not in stages:
         return None
     report = evaluate.run_eval(model, cfg, data, stage=trained[-1] if trained else 'init')
@@ -92,9 +118,17 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
-    report = run(_CONFIG.value, _WORKDIR.value, _MODE.value)
-    if report is not None and jax.process_index() == 0:
-        print(json.dumps(summary(report)))
+    cfg, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
+    if mode == 'plan':
+        print(json.dumps(plan_lib.plan(cfg, _PLAN_STAGE.value)))
+    elif mode == 'export':
+        if not _EXPORT_DIR.value:
+            raise app.UsageError('--mode=export needs --export_dir.')
+        export(cfg, workdir, _EXPORT_DIR.value)
+    else:
+        report = run(cfg, workdir, mode)
+        if report is not None and jax.process_index() == 0:
+            print(json.dumps(summary(report)))
 
 
 def summary(report):

@@ -2,7 +2,7 @@
 
 Perception interference transforms the eval batches' pixel_values (the masks of
 cpo_jax.perturb, or part of another eval image whose gold decision differs) and decodes
-greedily through `evaluate.predict_decisions`, so accuracy is measured exactly as for the
+greedily through `answers.predict_decisions`, so accuracy is measured exactly as for the
 clean splits.
 
 Thinking interference and the drift probe teacher-force `prompt + chain + answer prefix`
@@ -32,7 +32,7 @@ import matplotlib
 import numpy as np
 from flax import nnx
 
-from cpo_jax import evaluate
+from cpo_jax import answers
 from cpo_jax import perturb
 from cpo_jax.knowledge import drift
 from cpo_jax.knowledge.graph import THINK_CLOSE, ConceptGraph, GraphError
@@ -386,7 +386,7 @@ def interference_details(model, batches_fn: Callable[[], Iterable[dict]], *, pro
     if unknown:
         raise ValueError(f'unknown interference kinds {unknown}; known: {PERCEPTION_KINDS + THINKING_KINDS}')
     layout = perturb.PatchLayout.from_processor(processors.image_processor)
-    decode = functools.partial(evaluate.predict_decisions, model, tokenizer=processors.tokenizer,
+    decode = functools.partial(answers.predict_decisions, model, tokenizer=processors.tokenizer,
                                graph=graph, max_new_tokens=max_new_tokens)
     predicted, gold, texts = decode(batches_fn(), desc='interference: none')
     report = {'none': {'0': _accuracy_cell(predicted, gold)}}

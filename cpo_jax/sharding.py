@@ -67,10 +67,15 @@ def logical_to_spec(names, shape, mesh, rules=DEFAULT_RULES):
 
 
 def state_shardings(state, mesh, rules=DEFAULT_RULES):
-    """NamedShardings for an nnx.State (or any pytree of nnx.Variable) from its metadata."""
+    """NamedShardings for an nnx.State from each Variable's logical axis names.
+
+    Returned in the same tree structure (each Variable holding its sharding), so the result
+    works for device_put and jit, and mirrors into optimizer states.
+    """
     def one(var):
-        names = var.get_metadata().get('out_sharding') or var.get_metadata().get('sharding_names')
-        return NamedSharding(mesh, logical_to_spec(names, var.get_value().shape, mesh, rules))
+        meta = var.get_metadata()
+        names = meta.get('out_sharding') or meta.get('sharding_names')
+        return var.replace(NamedSharding(mesh, logical_to_spec(names, var.shape, mesh, rules)))
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 

@@ -42,20 +42,100 @@ def make_optimizer(opt, num_steps):
 
 
 # ----------------------------------------------------------------------------- losses
+#
+# Doing less work per CPO++ step, same numbers (DESIGN.md, "Where the time goes"):
+#  * the vocabulary projection runs only at completion positions (`compact_completion` moves
+#    them to the front of a static-size slab, then a chunked projection fused with the
+#    log-softmax), never over the image and prompt;
+#  * when the vision tower carries no adapters, policy and reference see identical image
+#    embeddings, so the images are encoded once per step and shared by both forwards.
+# `naive=True` in `cpo_loss_fn` is the straightforward computation the tests compare against.
+
+REFERENCE_MODES = ('adapters_off', 'frozen_copy')
+# 'precomputed' (reference log-probs streamed with the batch) is not offered yet: pairs are
+# drawn per stream position (grain random_map seeded by position), not per example, so a
+# table keyed by example index gives wrong references. An exact one would key each row by a
+# hash of its content (both sides' ids and pixels) over a precompute pass of the same stream;
+# with LoRA it saves nothing over adapters_off, so it waits for full fine-tuning in CPO.
+
+
+class PolicyAndReference(nnx.Module):
+    """cpo.reference='frozen_copy': the policy beside a separate frozen copy of the SFT model.
+
+    The copy's Params are not LoRAParams, so `split_model(..., 'lora')` puts them in the frozen
+    state: they travel to the step as (sharded) arguments, never as baked-in constants."""
+
+    def __init__(self, policy, reference):
+        self.policy = policy
+        self.reference = reference
+
+
+def vision_has_adapters(model):
+    """True when LoRA adapters live in the vision tower (then policy and reference images differ)."""
+    return bool(jax.tree.leaves(nnx.state(model.visual, lora.LoRAParam)))
+
+
+def _lm_head_kernel(model):
+    """The [H, V] matrix `model.logits_from_hidden` applies, in the compute dtype; None when the
+    head is more than a matrix (a bias or an adapter on it): callers then use the model's head."""
+    if model.lm_head is None:  # tied embeddings
+        return model.embed_tokens[...].astype(model.dtype).T
+    head = model.lm_head
+    if head.bias is not None or (head.lora_a is not None and head.lora_enabled):
+        return None
+    return head.kernel[...].astype(model.dtype)
+
+
+def completion_positions(seq_len, grid, model, max_completion_len=0):
+    """Static number of label slots that can hold completion tokens.
+
+    Every sequence carries exactly prod(grid) / merge^2 image tokens and they are never
+    completion tokens; labels are input_ids[:, 1:], so at least all but one of them sit
+    among the labels: at most seq_len - n_image completion labels. `max_completion_len`
+    (config data.max_completion_len, 0 = unset) tightens it; a row with more completion
+    tokens is an error (`check_completion_lengths`, and the in-graph count)."""
+    merge = model.config.vision_config.spatial_merge_size
+    n_image = int(np.prod(np.asarray(grid))) // merge ** 2
+    bound = max(1, int(seq_len) - n_image)
+    return min(bound, int(max_completion_len)) if max_completion_len else bound
+
+
+def check_completion_lengths(batch, num_positions, prefixes=('',)):
+    """Host-side: raise if any row has more completion labels than the static slab holds."""
+    for p in prefixes:
+        counts = np.asarray(batch[p + 'loss_mask'])[:, 1:].astype(bool).sum(axis=1)
+        if counts.max(initial=0) > num_positions:
+            row = int(counts.argmax())
+            raise ValueError(
+                f'{p}loss_mask row {row} has {int(counts[row])} completion tokens but the step '
+                f'keeps {num_positions} (data.max_completion_len); raise data.max_completion_len '
+                f'(0 = derive it from max_len and the image size). Tokens are never dropped.')
+
 
 def _completion_logps(model, input_ids, attention_mask, loss_mask, position_ids, *,
-                      pixel_values=None, image_grid_thw=None, image_embeds=None):
-    """Per-sequence (sum, mean) log-probs of the completion tokens; token t is predicted at t-1.
+                      pixel_values=None, image_grid_thw=None, image_embeds=None,
+                      num_positions=None):
+    """Per-sequence (sum, mean, count, dropped) log-probs of the completion tokens; token t is
+    predicted at t-1. `position_ids` is batch-major [B, 3, L] (see `step_inputs`).
 
-    `position_ids` is batch-major [B, 3, L] (see `step_inputs`)."""
+    num_positions=None projects every position to the vocabulary (the straightforward way);
+    an int projects only the first `num_positions` completion labels of each row (chunked,
+    no [B, L, V] logits) and `dropped` counts completion tokens beyond them (must be 0)."""
     hidden = model.hidden_states(
         input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
         image_grid_thw=image_grid_thw, position_ids=jnp.swapaxes(position_ids, 0, 1),
         image_embeds=image_embeds)
-    logits = model.logits_from_hidden(hidden[:, :-1])
-    sum_logps, mean_logps, n_tokens = losses.sequence_logps(
-        logits, input_ids[:, 1:], loss_mask[:, 1:])
-    return sum_logps, mean_logps, n_tokens
+    hidden, labels, mask = hidden[:, :-1], input_ids[:, 1:], loss_mask[:, 1:]
+    if num_positions is None:
+        total, mean, count = losses.sequence_logps(model.logits_from_hidden(hidden), labels, mask)
+        return total, mean, count, jnp.zeros_like(count)
+    hidden, labels, mask, dropped = losses.compact_completion(hidden, labels, mask, num_positions)
+    kernel = _lm_head_kernel(model)
+    if kernel is None:
+        total, mean, count = losses.sequence_logps(model.logits_from_hidden(hidden), labels, mask)
+    else:
+        total, mean, count = losses.sequence_logps_from_hidden(hidden, kernel, labels, mask)
+    return total, mean, count, dropped
 
 
 def _token_mean_nll(sum_logps, n_tokens):
@@ -63,42 +143,79 @@ def _token_mean_nll(sum_logps, n_tokens):
     return -jnp.sum(sum_logps) / jnp.maximum(jnp.sum(n_tokens), 1)
 
 
+def _guard_dropped(loss, dropped):
+    """A completion token that did not fit the static slab is an error, never a silent
+    truncation: raised at once on concrete values; under jit the host check in the stage's
+    `prepare` raises first, and this NaN (plus the count metric) stops the loop if it did not."""
+    total = jnp.sum(dropped)
+    if not isinstance(total, jax.core.Tracer) and int(total) > 0:
+        raise ValueError(f'{int(total)} completion tokens do not fit the static completion slab; '
+                         f'raise data.max_completion_len.')
+    return jnp.where(total > 0, jnp.nan, loss), total
+
+
 def _grid_for(batch_size, grid):
     # One static grid row per image; numpy so the vision tower's window tables are constants.
     return np.tile(np.asarray(grid).reshape(1, 3), (batch_size, 1))
 
 
-def sft_loss_fn(model, batch, grid):
-    grid = _grid_for(batch['input_ids'].shape[0], grid)
-    sum_logps, _, n_tokens = _completion_logps(
+def sft_loss_fn(model, batch, grid, *, max_completion_len=0, naive=False):
+    b, length = batch['input_ids'].shape
+    positions = None if naive else completion_positions(length, grid, model, max_completion_len)
+    sum_logps, _, n_tokens, dropped = _completion_logps(
         model, batch['input_ids'], batch['attention_mask'], batch['loss_mask'],
-        batch['position_ids'], pixel_values=batch['pixel_values'], image_grid_thw=grid)
-    loss = _token_mean_nll(sum_logps, n_tokens)
-    return loss, {'loss': loss}
+        batch['position_ids'], pixel_values=batch['pixel_values'],
+        image_grid_thw=_grid_for(b, grid), num_positions=positions)
+    loss, n_dropped = _guard_dropped(_token_mean_nll(sum_logps, n_tokens), dropped)
+    return loss, {'loss': loss, 'completion_tokens_dropped': n_dropped}
 
 
-def cpo_loss_fn(model, batch, grid, cfg):
+def cpo_loss_fn(model, batch, grid, cfg, *, max_completion_len=0, naive=False,
+                encode_once=None, compact=True):
     """CPO++ (METHOD.md section 3): weighted preference loss + rpo_alpha * NLL(chosen).
 
-    Chosen and rejected go through one concatenated forward; the reference policy is the same
-    model with its LoRA adapters switched off (the frozen SFT model).
+    Chosen and rejected go through one concatenated forward. The reference is the same model
+    with its LoRA adapters off, or `model.reference` when `model` is a PolicyAndReference.
+    Default path: images encoded once (when the vision tower has no adapters) and shared by
+    policy and reference; vocabulary projection at completion positions only. `naive=True`:
+    pixel_values into every forward and full-vocabulary logits (same numbers, more work).
+    `encode_once` / `compact` switch the two savings one at a time (benchmarks).
     """
-    n = batch['chosen_input_ids'].shape[0]
+    if naive:
+        encode_once, compact = False, False
+    policy, reference = ((model.policy, model.reference) if isinstance(model, PolicyAndReference)
+                         else (model, None))
+    if encode_once is None:
+        encode_once = not vision_has_adapters(policy)
+    elif encode_once and vision_has_adapters(policy):
+        raise ValueError('encode_once=True but the vision tower has LoRA adapters: policy and '
+                         'reference image embeddings differ.')
+    n, length = batch['chosen_input_ids'].shape
     cat = lambda k: jnp.concatenate([batch['chosen_' + k], batch['rejected_' + k]], axis=0)
+    grid2 = _grid_for(2 * n, grid)
     inputs = dict(input_ids=cat('input_ids'), attention_mask=cat('attention_mask'),
-                  loss_mask=cat('loss_mask'),
-                  position_ids=cat('position_ids'),
-                  pixel_values=cat('pixel_values'),
-                  image_grid_thw=_grid_for(2 * n, grid))
+                  loss_mask=cat('loss_mask'), position_ids=cat('position_ids'))
+    if compact:
+        inputs['num_positions'] = completion_positions(length, grid, policy, max_completion_len)
+    if encode_once:
+        # Frozen ViT without adapters: one encoding serves policy and reference (and a
+        # frozen copy, which holds the same SFT vision weights). No gradient flows into it.
+        inputs['image_embeds'] = jax.lax.stop_gradient(
+            policy.encode_images(cat('pixel_values'), grid2))
+    else:
+        inputs.update(pixel_values=cat('pixel_values'), image_grid_thw=grid2)
 
     def logps(m):
-        total, mean, count = _completion_logps(m, **inputs)
+        total, mean, count, dropped = _completion_logps(m, **inputs)
         used = losses.logps_for_loss(total, mean, cfg.loss_type)  # ipo: mean; else sum.
-        return used[:n], used[n:], total[:n], count[:n]
+        return used[:n], used[n:], total[:n], count[:n], dropped
 
-    pol_c, pol_r, chosen_sum, chosen_count = logps(model)
-    with lora.adapters_disabled(model):
-        ref_c, ref_r = jax.lax.stop_gradient(logps(model)[:2])
+    pol_c, pol_r, chosen_sum, chosen_count, dropped = logps(policy)
+    if reference is None:
+        with lora.adapters_disabled(policy):
+            ref_c, ref_r = jax.lax.stop_gradient(logps(policy)[:2])
+    else:
+        ref_c, ref_r = jax.lax.stop_gradient(logps(reference)[:2])
 
     per_example, metrics = losses.preference_loss(
         pol_c, pol_r, ref_c, ref_r, beta=cfg.beta, loss_type=cfg.loss_type,
@@ -107,8 +224,8 @@ def cpo_loss_fn(model, batch, grid, cfg):
         per_example, batch['source'], batch['sample_weight'],
         source_weights=tuple(cfg.source_weights), normalize=cfg.normalize_weights)
     nll = _token_mean_nll(chosen_sum, chosen_count)
-    loss = pref + cfg.rpo_alpha * nll
-    metrics.update(loss=loss, preference_loss=pref, nll=nll)
+    loss, n_dropped = _guard_dropped(pref + cfg.rpo_alpha * nll, dropped)
+    metrics.update(loss=loss, preference_loss=pref, nll=nll, completion_tokens_dropped=n_dropped)
     per_pair = losses.pair_metrics(pol_c, pol_r, ref_c, ref_r, beta=cfg.beta)
     metrics.update(losses.per_source_metrics(per_pair, batch['source']))
     return loss, metrics
@@ -157,14 +274,14 @@ def make_train_step(stage, mesh, state_shardings):
             donate_argnums=(0, 2))
 
 
-def init_opt_state(tx, trainable, mesh):
-    """Optimizer state placed beside the params; leaves XLA left on one device (optax's step
-    counter) are replicated on the mesh, or jit rejects them as on incompatible devices."""
-    opt_state = jax.jit(tx.init)(trainable)
-    def place(x):
-        on_mesh = isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh == mesh
-        return x if on_mesh else jax.device_put(x, sharding.replicated(mesh))
-    return jax.tree.map(place, opt_state)
+def opt_state_shardings(tx, trainable, trainable_sh, mesh):
+    """Optimizer moments shard like their params; everything else (the step count) is
+    replicated on the mesh, or jit rejects it as living on incompatible devices."""
+    abstract = jax.eval_shape(tx.init, trainable)
+    return optax.tree_utils.tree_map_params(
+        tx, lambda _, sh: sh, abstract, trainable_sh,
+        transform_non_params=lambda _: sharding.replicated(mesh),
+        is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
 
 
 # ----------------------------------------------------------------------------- loop
@@ -209,7 +326,8 @@ def run_stage(stage, *, mesh, num_steps, make_batches, prepare, workdir, checkpo
     frozen_sh = sharding.state_shardings(stage.frozen, mesh)
     trainable = jax.device_put(stage.trainable, trainable_sh)
     frozen = jax.device_put(stage.frozen, frozen_sh)
-    opt_state = init_opt_state(stage.tx, trainable, mesh)
+    opt_sh = opt_state_shardings(stage.tx, trainable, trainable_sh, mesh)
+    opt_state = jax.jit(stage.tx.init, out_shardings=opt_sh)(trainable)
 
     manager = ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), 'checkpoints', stage.name),
@@ -233,7 +351,6 @@ def run_stage(stage, *, mesh, num_steps, make_batches, prepare, workdir, checkpo
         trainable, opt_state = restored['params'], restored['opt_state']
         logging.info('%s: resumed from step %d.', stage.name, start)
 
-    opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
     step_fn = make_train_step(stage, mesh, (trainable_sh, frozen_sh, opt_sh))
     data_sh = sharding.batch_sharding(mesh)
     bar = tqdm.tqdm(range(start, num_steps), initial=start, total=num_steps,
@@ -286,38 +403,81 @@ def step_inputs(batch, grid, model_config, prefixes=('',), extra=()):
     return out
 
 
-def train_sft(model, cfg, *, mesh, grid, make_batches, workdir, writer, train=True):
-    """Stage 1: completion-only cross-entropy on (image, prompt) -> chain + answer."""
+def sft_stage(model, cfg, grid):
+    """Stage 1 (SFT): completion-only cross-entropy on (image, prompt) -> chain + answer.
+
+    Returns the Stage and the host-side `prepare(batch)` that feeds its step."""
     tx, schedule = make_optimizer(cfg.sft.optimizer, cfg.sft.num_steps)
     graphdef, trainable, frozen = split_model(model, cfg.sft.trainable)
+    max_completion_len = cfg.data.max_completion_len
     stage = Stage('sft', graphdef, trainable, frozen,
-                  functools.partial(sft_loss_fn, grid=grid), tx, schedule)
-    prepare = lambda b: step_inputs(b, grid, model.config)
-    trainable, frozen = run_stage(
-        stage, mesh=mesh, num_steps=cfg.sft.num_steps, restore_only=not train,
-        make_batches=make_batches, prepare=prepare, workdir=workdir,
-        checkpoint_cfg=cfg.checkpoint, log_every=cfg.log_every_steps, writer=writer)
-    model = nnx.merge(graphdef, trainable, frozen)
-    return lora.merge_lora(model) if cfg.sft.trainable == 'lora' else model
+                  functools.partial(sft_loss_fn, grid=grid, max_completion_len=max_completion_len),
+                  tx, schedule)
+
+    def prepare(b):
+        check_completion_lengths(b, completion_positions(
+            b['input_ids'].shape[1], grid, model, max_completion_len))
+        return step_inputs(b, grid, model.config)
+    return stage, prepare
 
 
-def train_cpo(model, cfg, *, mesh, grid, make_batches, workdir, writer, train=True):
-    """Stage 2 (CPO++): new LoRA adapters on the SFT model; the reference is adapters off."""
+def attach_adapters(model, cfg):
+    """Adds new LoRA adapters to the SFT model (in place) for CPO++. Returns the model the
+    stage trains: the adapted model (reference = adapters off) or, with
+    cpo.reference='frozen_copy', the policy beside a copy of the SFT model taken first."""
     if cfg.lora.dropout:
         # The step would need to carry the dropout RNG state out of the jitted function;
         # until it does, refuse rather than train with one frozen dropout mask.
         raise NotImplementedError('config.lora.dropout > 0 is not supported by the train step yet.')
+    reference = cfg.cpo.reference
+    if reference not in REFERENCE_MODES:
+        raise ValueError(f'config.cpo.reference={reference!r}; expected one of {REFERENCE_MODES} '
+                         f"('precomputed' is not available: pairs are drawn per stream position).")
+    ref_model = nnx.clone(model) if reference == 'frozen_copy' else None
     lora.apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                     targets=tuple(cfg.lora.targets.split(',')),
                     include_vision=cfg.lora.include_vision, rngs=nnx.Rngs(cfg.seed + 1))
+    return model if ref_model is None else PolicyAndReference(model, ref_model)
+
+
+def _policy(stage_model):
+    return stage_model.policy if isinstance(stage_model, PolicyAndReference) else stage_model
+
+
+def cpo_stage(stage_model, cfg, grid):
+    """Stage 2 (CPO++) on the output of `attach_adapters`: only the adapters train."""
+    policy = _policy(stage_model)
     tx, schedule = make_optimizer(cfg.cpo.optimizer, cfg.cpo.num_steps)
-    graphdef, trainable, frozen = split_model(model, 'lora')
+    graphdef, trainable, frozen = split_model(stage_model, 'lora')
+    max_completion_len = cfg.data.max_completion_len
     stage = Stage('cpo_plus', graphdef, trainable, frozen,
-                  functools.partial(cpo_loss_fn, grid=grid, cfg=cfg.cpo), tx, schedule)
-    prepare = lambda b: step_inputs(b, grid, model.config, ('chosen_', 'rejected_'),
-                                   extra=('source', 'sample_weight'))
+                  functools.partial(cpo_loss_fn, grid=grid, cfg=cfg.cpo,
+                                    max_completion_len=max_completion_len), tx, schedule)
+
+    def prepare(b):
+        check_completion_lengths(b, completion_positions(
+            b['chosen_input_ids'].shape[1], grid, policy, max_completion_len),
+            ('chosen_', 'rejected_'))
+        return step_inputs(b, grid, policy.config, ('chosen_', 'rejected_'),
+                           extra=('source', 'sample_weight'))
+    return stage, prepare
+
+
+def _run(stage, prepare, cfg, num_steps, train, **loop):
     trainable, frozen = run_stage(
-        stage, mesh=mesh, num_steps=cfg.cpo.num_steps, restore_only=not train,
-        make_batches=make_batches, prepare=prepare, workdir=workdir,
-        checkpoint_cfg=cfg.checkpoint, log_every=cfg.log_every_steps, writer=writer)
-    return nnx.merge(graphdef, trainable, frozen)
+        stage, num_steps=num_steps, restore_only=not train, prepare=prepare,
+        checkpoint_cfg=cfg.checkpoint, log_every=cfg.log_every_steps, **loop)
+    return nnx.merge(stage.graphdef, trainable, frozen)
+
+
+def train_sft(model, cfg, *, grid, train=True, **loop):
+    """Runs (or resumes, or with train=False restores) the SFT stage; returns the model."""
+    stage, prepare = sft_stage(model, cfg, grid)
+    model = _run(stage, prepare, cfg, cfg.sft.num_steps, train, **loop)
+    return lora.merge_lora(model) if cfg.sft.trainable == 'lora' else model
+
+
+def train_cpo(model, cfg, *, grid, train=True, **loop):
+    """Runs (or resumes, or with train=False restores) the CPO++ stage; returns the policy."""
+    stage, prepare = cpo_stage(attach_adapters(model, cfg), cfg, grid)
+    return _policy(_run(stage, prepare, cfg, cfg.cpo.num_steps, train, **loop))

@@ -6,7 +6,11 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+import numpy as np
+
 from cpo_jax import main
+from cpo_jax import models
+from cpo_jax import plan
 
 
 def _config(workdir, *overrides):
@@ -16,7 +20,8 @@ def _config(workdir, *overrides):
             '--config.log_every_steps=1', '--config.checkpoint.every_steps=2',
             '--config.data.num_examples.train=32', '--config.data.num_examples.test=8',
             '--config.data.num_examples.ood=8', '--config.eval.batch_size=8',
-            '--config.eval.max_new_tokens=8', *overrides]
+            '--config.eval.max_new_tokens=8', '--config.eval.robustness_max_examples=8',
+            *overrides]
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file('config', flag_values=fv, sys_argv=argv)
     fv(argv, known_only=True)
@@ -45,6 +50,11 @@ def test_default_stages_write_the_contract_files_and_resume(tmp_path):
         assert on_disk['splits'][split]['n'] == 8
         assert 0.0 <= on_disk['splits'][split]['accuracy'] <= 1.0
         assert on_disk['baseline']['splits'][split]['n'] == 8  # the SFT model, same examples.
+    for kind in ('occlude', 'noise', 'image_swap', 'synonym'):
+        assert all(0.0 <= acc <= 1.0 for acc in on_disk['interference'][kind].values())
+    assert 0.0 <= on_disk['drift']['outcome_shift'] <= 1.0
+    assert 'outcome_shift' in on_disk['baseline']['drift']
+    assert (tmp_path / 'eval' / 'robustness.png').stat().st_size > 0
     assert (tmp_path / 'eval' / 'accuracy.png').stat().st_size > 0
     assert (tmp_path / 'eval' / 'training_curves.png').stat().st_size > 0
     for stage in ('sft', 'cpo_plus'):
@@ -57,6 +67,24 @@ def test_default_stages_write_the_contract_files_and_resume(tmp_path):
     # --mode=eval evaluates the latest checkpoints.
     evaluated = main.run(_config(workdir), workdir, mode='eval')
     assert main.summary(evaluated) == main.summary(report)
+    # --mode=export writes a Hugging Face directory (adapters merged) with its tokenizer.
+    export_dir = tmp_path / 'hf'
+    main.export(_config(workdir), workdir, str(export_dir))
+    for name in ('config.json', 'model.safetensors', 'tokenizer.json',
+                 'preprocessor_config.json'):
+        assert (export_dir / name).exists(), name
+    model, _ = main.restore_latest(_config(workdir), workdir)
+    exported = models.load_hf(str(export_dir))
+    ids = np.array([[3, 4, 5, 6]])
+    np.testing.assert_allclose(exported(ids), model(ids), atol=1e-5)
+
+
+def test_plan_compiles_the_step_for_a_mesh_without_allocating():
+    cfg = _config('unused', '--config.mesh.shape.fsdp=2', '--config.mesh.shape.tensor=2')
+    summary = plan.plan(cfg, 'cpo_plus')
+    assert summary['mesh'] == {'data': 2, 'fsdp': 2, 'tensor': 2}
+    assert summary['bytes_per_device'] >= summary['temp_bytes_per_device'] > 0
+    assert 0 < summary['trainable_bytes_total'] < summary['param_bytes_total']  # LoRA only.
 
 
 def test_unknown_stage_is_a_clear_error():

@@ -28,7 +28,8 @@ class RunData:
         data_dir = cfg.data.data_dir or os.path.join(workdir, 'data')
         # A Hugging Face checkpoint brings its own tokenizer; synthetic runs build one.
         tokenizer_dir = cfg.model.init_from or os.path.join(data_dir, 'tokenizer')
-        self.processors = pipeline.make_processors(tokenizer_dir=tokenizer_dir)
+        self.processors = pipeline.make_processors(tokenizer_dir=tokenizer_dir,
+                                                   image_size=cfg.data.image_size)
         if name == 'swift_jsonl':  # the user's files: <manual_dir>/<split>.jsonl + images.
             self.sources = {split: pipeline.make_source(name, split, data_dir=cfg.data.manual_dir)
                             for split in ['train'] + cfg.eval.splits.split(',')}
@@ -66,11 +67,12 @@ class RunData:
             perception_mode=c.data.perception_negative, on_bad_record=c.data.on_bad_record,
             skips=self.skips, worker_count=c.data.worker_count, **self.shard)
 
-    def eval_batches(self, split):
+    def eval_batches(self, split, max_examples=None):
         c = self.cfg
         return pipeline.make_eval_batches(
             self.sources[split], self.processors, batch_size=c.eval.batch_size,
-            max_prompt_len=c.eval.max_prompt_len, max_examples=c.eval.max_examples)
+            max_prompt_len=c.eval.max_prompt_len,
+            max_examples=max_examples or c.eval.max_examples)
 
     def log_skips(self):
         if self.skips.total():

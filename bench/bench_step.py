@@ -1,0 +1,268 @@
+"""Benchmark (not a test): the CPO++ train step, naive vs optimized, same run (BENCHMARKS.md).
+
+naive      what peers do: a separate frozen reference copy, every forward encodes its images from
+           pixel_values, logits over the full vocabulary at every position
+           (`cpo_loss_fn(naive=True)` on a `PolicyAndReference`).
+optimized  the default step: reference = adapters off, images encoded once per step and shared by
+           policy and reference, vocabulary projection only at completion positions.
+Also naive+shared_image and naive+compact_vocab (one saving each) to attribute the gain.
+All are the real jitted step (`train.make_train_step`: loss, grads w.r.t. the LoRA adapters,
+AdamW update) on a synthetic batch shaped like real use: 448x448 images (1024 patches -> 256
+image tokens), a ~30-token prompt, 100-200 completion tokens, half thinking pairs (same image
+on both sides), half perception pairs (another image).
+
+First the machine's matmul peak (jitted 2048^3, f32 and bf16 operands with f32 accumulation),
+then per preset: median step seconds over --reps steady-state steps (after compile), ratios,
+MFU, XLA temp bytes (compiled.memory_analysis()) and XLA's own FLOP count. JSON -> bench/results/.
+
+MFU = model FLOPs per step / step seconds / measured f32 peak, with model FLOPs by formula
+(MaxText-style, counted the same for both variants, i.e. the work a peer's step does):
+  LLM forward  = 2 * N_llm * T + 2 * L^2 * n_heads * head_dim * layers * S   (causal attention halved)
+                 + 2 * H * V * T                                         (vocab projection, every position)
+  ViT forward  = 2 * N_vit * patches + attention (full-attention blocks over each image,
+                 windowed blocks over their windows)
+  step         = 3 * LLM forward (policy, forward + backward) + 1 * LLM forward (reference)
+                 + 2 * ViT forward (policy and reference images; the ViT is frozen, no backward)
+N = matmul parameters (embedding gather excluded), T = tokens = S sequences x L.
+The same formula with 1 ViT encode and the vocab projection over the compact slab only gives
+`formula_flops_executed` per variant (what it really has to compute).
+
+    JAX_PLATFORMS=cpu python bench/bench_step.py              # tiny and small, ~5 min on 2 cores
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from cpo_jax import models
+from cpo_jax import sharding
+from cpo_jax import train
+from cpo_jax.models import lora
+
+# Token ids inside the presets' small vocabularies (the real Qwen ids exceed them).
+TOKENS = dict(image_token_id=5, video_token_id=6, vision_start_token_id=3, vision_end_token_id=4)
+PAD, IM_START, IM_END = 0, 1, 2
+# name -> (separate frozen reference copy?, cpo_loss_fn switches). The middle two attribute the
+# saving: each is the naive step with one of the two savings switched on.
+VARIANTS = {
+    'naive': (True, dict(naive=True)),
+    'naive+shared_image': (True, dict(encode_once=True, compact=False)),
+    'naive+compact_vocab': (True, dict(encode_once=False, compact=True)),
+    'optimized': (False, dict()),
+}
+
+
+def matmul_peak(n=2048, reps=5):
+    """GFLOP/s of a jitted n^3 matmul: f32, and bf16 operands accumulating in f32."""
+    out = {}
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.normal(size=(n, n)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(n, n)), jnp.float32)
+    for name, dt in (('f32', jnp.float32), ('bf16_f32acc', jnp.bfloat16)):
+        x, y = a.astype(dt), b.astype(dt)
+        f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+        jax.block_until_ready(f(x, y))
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            jax.block_until_ready(f(x, y))
+            times.append(time.perf_counter() - t)
+        out[name] = 2 * n ** 3 / statistics.median(times) / 1e9
+    return out
+
+
+def synthetic_batch(batch, seq_len, grid, rng, vocab):
+    """A CPO batch as the pipeline makes it (right padded), with random tokens and images."""
+    n_patches = int(np.prod(grid))
+    n_image = n_patches // 4
+    rows = {p + k: [] for p in ('chosen_', 'rejected_') for k in ('input_ids', 'attention_mask', 'loss_mask')}
+    words = lambda k: rng.integers(16, vocab, k).tolist()
+    for _ in range(batch):
+        prompt = ([IM_START] + words(3) + [TOKENS['vision_start_token_id']] + [TOKENS['image_token_id']] * n_image
+                  + [TOKENS['vision_end_token_id']] + words(24) + [IM_END, IM_START] + words(1))
+        for side in ('chosen_', 'rejected_'):
+            completion = words(int(rng.integers(100, 200))) + [IM_END]
+            ids = prompt + completion
+            if len(ids) > seq_len:
+                raise ValueError(f'seq_len {seq_len} < {len(ids)}')
+            pad = seq_len - len(ids)
+            rows[side + 'input_ids'].append(ids + [PAD] * pad)
+            rows[side + 'attention_mask'].append([1] * len(ids) + [0] * pad)
+            rows[side + 'loss_mask'].append([0] * len(prompt) + [1] * len(completion) + [0] * pad)
+    out = {k: np.asarray(v, np.int32) for k, v in rows.items()}
+    source = np.arange(batch, dtype=np.int32) % 2  # 0 thinking (same image), 1 perception
+    chosen_px = rng.normal(size=(batch, n_patches, 1176)).astype(np.float32)
+    other_px = rng.normal(size=(batch, n_patches, 1176)).astype(np.float32)
+    rejected_px = np.where((source == 0)[:, None, None], chosen_px, other_px)
+    out.update(chosen_pixel_values=chosen_px.reshape(-1, 1176), rejected_pixel_values=rejected_px.reshape(-1, 1176),
+               image_grid_thw=np.tile(np.asarray(grid, np.int32), (batch, 1)), source=source,
+               sample_weight=np.ones(batch, np.float32))
+    return out
+
+
+def _matmul_params(module, exclude=()):
+    n = 0
+    for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+        if isinstance(var, lora.LoRAParam) or any(e in path for e in exclude):
+            continue
+        shape = np.shape(var.get_value())
+        if len(shape) >= 2:
+            n += int(np.prod(shape))
+    return n
+
+
+def model_flops(model, config, batch, seq_len, grid, *, vit_encodes=2, head_positions=None):
+    """Peer-style model FLOPs of one CPO++ step (see module docstring). `vit_encodes` and
+    `head_positions` (projected positions per sequence) give the formula count of what a
+    variant executes instead (1 encode, the compact slab)."""
+    tc, vc = config.text_config, config.vision_config
+    seqs = 2 * batch
+    tokens = seqs * seq_len
+    n_llm = _matmul_params(model.layers)
+    attn = 2 * seq_len ** 2 * tc.num_attention_heads * (tc.hidden_size // tc.num_attention_heads) \
+        * tc.num_hidden_layers * seqs
+    head = 2 * tc.hidden_size * tc.vocab_size * seqs * (head_positions or seq_len)
+    llm_fwd = 2 * n_llm * tokens + attn + head
+    patches_per_image = int(np.prod(grid))
+    n_vit = _matmul_params(model.visual)
+    window = (vc.window_size // vc.spatial_merge_size // vc.patch_size) ** 2 * vc.spatial_merge_size ** 2
+    full_blocks = len(vc.fullatt_block_indexes)
+    per_block = lambda span: 4 * patches_per_image * span * vc.hidden_size
+    vit_attn = (full_blocks * per_block(patches_per_image)
+                + (vc.depth - full_blocks) * per_block(min(window, patches_per_image))) * seqs
+    vit_fwd = 2 * n_vit * patches_per_image * seqs + vit_attn
+    return 3 * llm_fwd + llm_fwd + vit_encodes * vit_fwd, dict(llm_forward=llm_fwd, vit_forward=vit_fwd)
+
+
+def bench_preset(preset, *, batch, seq_len, image_size, reps, peak, rng):
+    config = models.get_config(preset, **TOKENS)
+    grid = np.asarray([1, image_size // 14, image_size // 14])
+    cfg = ml_collections.ConfigDict(dict(beta=0.1, loss_type='sigmoid', label_smoothing=0.0, rpo_alpha=0.1,
+                                         source_weights=(1.0, 1.0, 1.0), normalize_weights=True))
+    opt = ml_collections.ConfigDict(dict(lr=1e-4, end_lr_ratio=1e-3, warmup_frac=0.05, b1=0.9, b2=0.98,
+                                         weight_decay=0.05, grad_clip=1.0))
+    raw = synthetic_batch(batch, seq_len, grid, rng, config.text_config.vocab_size)
+    prepared = train.step_inputs(raw, grid, config, ('chosen_', 'rejected_'), extra=('source', 'sample_weight'))
+    mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
+    results, runs = {}, {}
+    for variant, (copy, kw) in VARIANTS.items():
+        model = models.Qwen2_5_VL(config, rngs=nnx.Rngs(0))
+        reference = nnx.clone(model) if copy else None
+        lora.apply_lora(model, rank=8, alpha=32.0, rngs=nnx.Rngs(1))
+        stage_model = model if reference is None else train.PolicyAndReference(model, reference)
+        graphdef, trainable, frozen = train.split_model(stage_model, 'lora')
+        tx, schedule = train.make_optimizer(opt, 1000)
+        loss_fn = lambda m, b, kw=kw: train.cpo_loss_fn(m, b, grid, cfg, **kw)
+        stage = train.Stage('cpo_plus', graphdef, trainable, frozen, loss_fn, tx, schedule)
+        tr_sh = sharding.state_shardings(trainable, mesh)
+        fr_sh = sharding.state_shardings(frozen, mesh)
+        trainable, frozen = jax.device_put(trainable, tr_sh), jax.device_put(frozen, fr_sh)
+        opt_state = jax.jit(tx.init)(trainable)
+        opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
+        data = jax.device_put(prepared, sharding.batch_sharding(mesh))
+        step = train.make_train_step(stage, mesh, (tr_sh, fr_sh, opt_sh))
+        t0 = time.perf_counter()
+        compiled = step.lower(trainable, frozen, opt_state, data).compile()
+        compile_s = time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        state = [trainable, frozen, opt_state, data]
+        state[0], state[2], metrics = compiled(*state)  # warm-up
+        jax.block_until_ready(metrics)
+        runs[variant] = (compiled, state)
+        results[variant] = dict(
+            step_s_all=[], compile_s=compile_s,
+            temp_bytes=int(mem.temp_size_in_bytes), argument_bytes=int(mem.argument_size_in_bytes),
+            xla_flops=float(cost.get('flops', float('nan'))) if cost else None,
+            loss=float(metrics['loss']), preference_loss=float(metrics['preference_loss']))
+    # Interleaved reps: on a shared machine both variants see the same background load.
+    for _ in range(reps):
+        for variant, (compiled, state) in runs.items():
+            t = time.perf_counter()
+            state[0], state[2], metrics = compiled(*state)
+            jax.block_until_ready(metrics)
+            results[variant]['step_s_all'].append(time.perf_counter() - t)
+    for variant, r in results.items():
+        r['step_s_median'] = statistics.median(r['step_s_all'])
+        print(json.dumps({'preset': preset, 'variant': variant, **r}), flush=True)
+    flops, parts = model_flops(model, config, batch, seq_len, grid)
+    slab = train.completion_positions(seq_len, grid, model)
+    for variant, (_, kw) in VARIANTS.items():
+        once = kw.get('encode_once', not kw.get('naive', False))
+        compact = kw.get('compact', not kw.get('naive', False))
+        results[variant]['formula_flops_executed'] = model_flops(
+            model, config, batch, seq_len, grid, vit_encodes=1 if once else 2,
+            head_positions=slab if compact else None)[0]
+    for r in results.values():
+        r['mfu_f32_peak'] = flops / r['step_s_median'] / (peak['f32'] * 1e9)
+        r['mfu_bf16acc_peak'] = flops / r['step_s_median'] / (peak['bf16_f32acc'] * 1e9)
+    n, o = results['naive'], results['optimized']
+    summary = dict(
+        preset=preset, batch_pairs=batch, seq_len=seq_len, image_size=image_size,
+        image_tokens=int(np.prod(grid)) // 4, model_flops_per_step=flops, model_flops_parts=parts,
+        speedup=n['step_s_median'] / o['step_s_median'],
+        temp_bytes_ratio_optimized_over_naive=o['temp_bytes'] / max(n['temp_bytes'], 1),
+        temp_plus_argument_bytes_ratio=(o['temp_bytes'] + o['argument_bytes'])
+        / max(n['temp_bytes'] + n['argument_bytes'], 1),
+        formula_flops_ratio_optimized_over_naive=o['formula_flops_executed'] / n['formula_flops_executed'],
+        # XLA's count: far below the formula here; likely loop bodies (scanned layers) count once.
+        xla_flops_ratio_optimized_over_naive=(o['xla_flops'] / n['xla_flops']) if n['xla_flops'] else None,
+        same_loss_abs_diff=abs(n['loss'] - o['loss']),  # same weights, same batch, one update: ~0
+        naive=n, optimized=o,
+        attribution_speedup={k: n['step_s_median'] / r['step_s_median'] for k, r in results.items()},
+        variants=results)
+    return summary
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--presets', default='tiny,small')
+    ap.add_argument('--batch', type=int, default=2, help='preference pairs per step')
+    ap.add_argument('--seq-len', type=int, default=512)
+    ap.add_argument('--image-size', type=int, default=448)
+    ap.add_argument('--reps', type=int, default=7)
+    ap.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'results'))
+    a = ap.parse_args()
+
+    load_before = os.getloadavg()  # a shared machine: say how loaded it was
+    peak = matmul_peak()
+    print(json.dumps({'matmul_peak_gflops': peak}), flush=True)
+    rng = np.random.default_rng(0)
+    rows = [bench_preset(p, batch=a.batch, seq_len=a.seq_len, image_size=a.image_size, reps=a.reps, peak=peak,
+                         rng=rng) for p in a.presets.split(',')]
+    print(f'\nmatmul peak (2048^3): f32 {peak["f32"]:.1f} GFLOP/s, bf16 x bf16 -> f32 {peak["bf16_f32acc"]:.1f} GFLOP/s')
+    print(f'{"preset":8}{"naive s":>10}{"opt s":>10}{"speedup":>9}{"MFU naive":>11}{"MFU opt":>9}'
+          f'{"temp opt/naive":>16}{"temp+args opt/naive":>21}{"formula FLOPs opt/naive":>25}'
+          f'{"XLA flops* opt/naive":>22}')
+    for r in rows:
+        print(f'{r["preset"]:8}{r["naive"]["step_s_median"]:10.4f}{r["optimized"]["step_s_median"]:10.4f}'
+              f'{r["speedup"]:9.2f}{r["naive"]["mfu_f32_peak"]:11.1%}{r["optimized"]["mfu_f32_peak"]:9.1%}'
+              f'{r["temp_bytes_ratio_optimized_over_naive"]:16.3f}{r["temp_plus_argument_bytes_ratio"]:21.3f}'
+              f'{r["formula_flops_ratio_optimized_over_naive"]:25.3f}{r["xla_flops_ratio_optimized_over_naive"]:22.3f}')
+    print('* XLA cost_analysis: far below the formula here, likely because loop bodies (scanned layers) count once.')
+    for r in rows:
+        print(f'{r["preset"]}: speedup over naive by variant (same run, interleaved): '
+              + ', '.join(f'{k} {v:.2f}' for k, v in r['attribution_speedup'].items()))
+    os.makedirs(a.out, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%SZ')
+    path = os.path.join(a.out, f'bench_step_{stamp}.json')
+    with open(path, 'w') as f:
+        json.dump(dict(machine=dict(platform=platform.platform(), cpus=os.cpu_count(),
+                                    devices=[str(d) for d in jax.devices()], jax=jax.__version__,
+                                    load_average_before=load_before, load_average_after=os.getloadavg()),
+                       args=vars(a), matmul_peak_gflops=peak, presets=rows), f, indent=1)
+    print('wrote', path)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,82 @@
+"""`--mode=plan`: compile the real train step ahead of time and report memory per device.
+
+Nothing is allocated: the model, the optimizer state and the batch are abstract
+(`jax.ShapeDtypeStruct`), so a 72B preset on a simulated 256-device mesh
+(`XLA_FLAGS=--xla_force_host_platform_device_count=256`) can be sized on a laptop.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cpo_jax import models
+from cpo_jax import sharding
+from cpo_jax import train
+
+PATCH_DIM = 3 * 2 * 14 * 14  # channels x temporal patch x patch x patch (Qwen2.5-VL).
+
+
+def _build(cfg):
+    return models.Qwen2_5_VL(models.get_config(cfg.model.preset),
+                             dtype=getattr(jnp, cfg.model.dtype),
+                             param_dtype=getattr(jnp, cfg.model.param_dtype), rngs=nnx.Rngs(0))
+
+
+def _abstract_model(cfg):
+    return nnx.eval_shape(lambda: _build(cfg))
+
+
+def _abstract_batch(cfg, stage, grid):
+    """A batch of the pipeline's static shapes (see cpo_jax/data/pipeline.py)."""
+    batch = cfg.sft.batch_size if stage == 'sft' else cfg.cpo.batch_size
+    length = cfg.data.max_len
+    patches = int(np.prod(grid))
+    if patches // 4 >= length:
+        raise ValueError(f'data.max_len={length} cannot hold {patches // 4} image tokens.')
+    seq = lambda dtype=jnp.int32: jax.ShapeDtypeStruct((batch, length), dtype)
+    side = {'input_ids': seq(), 'attention_mask': seq(), 'loss_mask': seq(),
+            'pixel_values': jax.ShapeDtypeStruct((batch * patches, PATCH_DIM), jnp.float32),
+            'position_ids': jax.ShapeDtypeStruct((batch, 3, length), jnp.int32)}
+    if stage == 'sft':
+        return side
+    out = {f'{p}{k}': v for p in ('chosen_', 'rejected_') for k, v in side.items()}
+    out['source'] = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    out['sample_weight'] = jax.ShapeDtypeStruct((batch,), jnp.float32)
+    return out
+
+
+def plan(cfg, stage='cpo_plus'):
+    """Compiles `stage`'s train step for the configured preset and mesh; returns a summary."""
+    mesh = sharding.make_mesh(cfg.mesh.shape)
+    side = cfg.data.image_size // 28 * 2  # 14 px patches, merged 2x2: whole merge windows.
+    grid = np.array([1, side, side])
+    if stage == 'sft':
+        stage_obj = train.sft_stage(_abstract_model(cfg), cfg, grid)[0]
+    else:
+        adapted = nnx.eval_shape(lambda: train.attach_adapters(_build(cfg), cfg))
+        stage_obj = train.cpo_stage(adapted, cfg, grid)[0]
+    trainable, frozen, tx = stage_obj.trainable, stage_obj.frozen, stage_obj.tx
+    trainable_sh = sharding.state_shardings(trainable, mesh)
+    frozen_sh = sharding.state_shardings(frozen, mesh)
+    opt_state = jax.eval_shape(tx.init, trainable)
+    opt_sh = train.opt_state_shardings(tx, trainable, trainable_sh, mesh)
+    step = train.make_train_step(stage_obj, mesh, (trainable_sh, frozen_sh, opt_sh))
+    batch = _abstract_batch(cfg, stage, grid)
+    compiled = step.lower(trainable, frozen, opt_state, batch).compile()
+    memory = compiled.memory_analysis()
+    nbytes = lambda tree: int(sum(np.prod(x.shape) * x.dtype.itemsize
+                                  for x in jax.tree.leaves(tree)))
+    per_device = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                  + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    return {
+        'preset': cfg.model.preset, 'stage': stage,
+        'mesh': {k: int(v) for k, v in mesh.shape.items()},
+        'devices': int(mesh.devices.size),
+        'bytes_per_device': int(per_device),
+        'argument_bytes_per_device': int(memory.argument_size_in_bytes),
+        'temp_bytes_per_device': int(memory.temp_size_in_bytes),
+        'param_bytes_total': nbytes(trainable) + nbytes(frozen),
+        'trainable_bytes_total': nbytes(trainable),
+        'batch': {k: list(v.shape) for k, v in batch.items() if k.endswith('input_ids')},
+    }
