@@ -7,9 +7,23 @@ from __future__ import annotations
 
 def make_source(name: str = "synth_drive", split: str = "train", *, num_examples: int | None = None,
                 seed: int = 0, data_dir: str | None = None, shortcut_agreement: float = 0.9,
-                split_sizes: dict[str, int] | None = None):
+                split_sizes: dict[str, int] | None = None, on_bad_record: str = "raise",
+                prepared_dir: str | None = None, view: str | None = None):
   """Random-access source of records. data_dir=None renders on the fly (no files);
-  otherwise prepares/reads the TFDS ArrayRecord dataset there (same records)."""
+  otherwise prepares/reads the TFDS ArrayRecord dataset there (same records).
+  User datasets (swift_jsonl, mimic_ccf, codalm): data_dir is data.manual_dir; mimic_ccf and
+  codalm prepare TFDS files under prepared_dir (default <manual_dir>/_tfds), applying
+  on_bad_record to the published files; `view` picks mimic_ccf's rows (pairs | records)."""
+  if name in ("mimic_ccf", "codalm"):
+    if data_dir is None:
+      raise ValueError(f"{name} needs data_dir (config data.manual_dir) with the published files; see "
+                       f"cpo_jax/data/{name}.py")
+    if name == "mimic_ccf":
+      from cpo_jax.data import mimic_ccf
+      return mimic_ccf.data_source(data_dir, split, view=view, on_bad_record=on_bad_record,
+                                   prepared_dir=prepared_dir)
+    from cpo_jax.data import codalm
+    return codalm.data_source(data_dir, split, on_bad_record=on_bad_record, prepared_dir=prepared_dir)
   if name == "swift_jsonl":  # data_dir = manual_dir holding <split>.jsonl + images
     if data_dir is None:
       raise ValueError("swift_jsonl needs data_dir (config data.manual_dir) with train.jsonl [test.jsonl] and images")
@@ -17,7 +31,7 @@ def make_source(name: str = "synth_drive", split: str = "train", *, num_examples
     from cpo_jax.data.swift_jsonl import SwiftJsonlSource
     return SwiftJsonlSource(os.path.join(data_dir, f"{split}.jsonl"), root=data_dir)
   if name not in ("synth_drive", "synth_cxr"):
-    raise ValueError(f"unknown dataset {name!r} (available: synth_drive, synth_cxr, swift_jsonl)")
+    raise ValueError(f"unknown dataset {name!r} (available: synth_drive, synth_cxr, swift_jsonl, mimic_ccf, codalm)")
   n = num_examples if num_examples is not None else (split_sizes or {}).get(split, 4096 if split == "train" else 512)
   if data_dir is None:
     if name == "synth_cxr":

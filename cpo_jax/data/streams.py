@@ -14,7 +14,7 @@ from absl import logging
 from cpo_jax.data import pipeline
 from cpo_jax.knowledge import load_graph
 
-DATASETS = ('synth_drive', 'synth_cxr', 'swift_jsonl')
+DATASETS = ('synth_drive', 'synth_cxr', 'swift_jsonl', 'mimic_ccf', 'codalm')
 
 
 class RunData:
@@ -30,8 +30,9 @@ class RunData:
         tokenizer_dir = cfg.model.init_from or os.path.join(data_dir, 'tokenizer')
         self.processors = pipeline.make_processors(tokenizer_dir=tokenizer_dir,
                                                    image_size=cfg.data.image_size)
-        if name == 'swift_jsonl':  # the user's files: <manual_dir>/<split>.jsonl + images.
-            self.sources = {split: pipeline.make_source(name, split, data_dir=cfg.data.manual_dir)
+        if name in ('swift_jsonl', 'mimic_ccf', 'codalm'):  # the user's files under manual_dir.
+            self.sources = {split: pipeline.make_source(name, split, data_dir=cfg.data.manual_dir,
+                                                        on_bad_record=cfg.data.on_bad_record)
                             for split in ['train'] + cfg.eval.splits.split(',')}
         else:
             self.sources = {
@@ -72,7 +73,7 @@ class RunData:
         return pipeline.make_eval_batches(
             self.sources[split], self.processors, batch_size=c.eval.batch_size,
             max_prompt_len=c.eval.max_prompt_len,
-            max_examples=max_examples or c.eval.max_examples)
+            max_examples=max_examples or c.eval.max_examples, graph=self.graph)
 
     def log_skips(self):
         if self.skips.total():

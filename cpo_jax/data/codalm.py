@@ -1,0 +1,249 @@
+"""`codalm`: CODA-LM (driving corner cases, Li et al. 2024) as a TFDS builder (ArrayRecord).
+
+Layout, as published in the README of github.com/DLUT-LYZ/CODA-LM ("Data Preparation" and
+"Data Format"; checked against its convert2vqa.py), under the user's `data.manual_dir`:
+  val/images/*.jpg            CODA2022 val images (CODA-LM Train uses them)
+  test/images/*.jpg           CODA2022 test images (CODA-LM Val, Test, Mini)
+  CODA-LM/{Train,Val,Test,Mini}/<img_dir>_<name>.json    one annotation file per image, e.g.
+      CODA-LM/Train/val_0001.json -> val/images/0001.jpg (convert2vqa.py: img_dir = the file
+      name before the first '_', image = the rest + '.jpg'), holding
+    {"general_perception": {"vehicles": [{"description", "explanation"}], "vulnerable_road_users":
+        [...], "traffic signs", "traffic lights", "traffic cones", "barriers", "other objects",
+        "description and explanation": str},
+     "region_perception": {"1": {"description and explanation": str, "box": [x, y, w, h],
+        "category_name": str}, ...},
+     "driving_suggestion": str}
+The three tasks become examples exactly as the repo's convert2vqa.py makes its VQA files
+(CODA-LM/<Split>/vqa_anno/*.json, a derived format we do not need to read): its questions verbatim;
+general perception answers 'description and explanation', driving suggestion answers
+'driving_suggestion', and each region is one example on the image with its box drawn as a red
+rectangle (width 2, as convert2vqa.py; its saved images_w_boxes/<name>_object_<k>.jpg is used when
+present). Not confirmed: the 'description and explanation' summary of general_perception is absent
+from the README's first version; the Test split's answers were released later (convert2vqa.py writes
+no answers for Test), so a record without its answer is a bad record (missing_field).
+
+No counterfactuals ship with CODA-LM. A record becomes a thinking pair only when its answer parses
+with the driving concept graph (cpo_jax/knowledge/driving.json): it names exactly one decision, the
+negation-aware concept matcher (knowledge/free_text.py) finds at least one concept in it, the graph's
+rule agrees with the named decision, and the rewriter emits a valid counterfactual. Then chosen =
+'<think> ANSWER </think> The decision is D.' and rejected = the rewritten report for another decision.
+Every other record is SFT/eval only: rejected == chosen, cpo_source 'other', cpo_sample_weight 0
+(inert in the CPO++ loss). The current driving graph is a sketch for synth_drive without free-text
+`terms`, so on real CODA-LM answers no record parses today: codalm serves SFT and eval.
+
+`make_source` gives a pair-level source (kind 'pairs', the swift_jsonl record format, one row per
+example) with `domain = 'driving'`. Bad records (missing image, missing field, empty answer, wrong
+types) follow data.on_bad_record when the files are prepared ('skip' counts them by reason:
+`source.skipped`; 'raise' names the file and the field).
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image, ImageDraw
+
+from cpo_jax.data.bad_records import BadRecordError
+from cpo_jax.data.mimic_ccf import Policy, _s, _text, prepare_manual
+from cpo_jax.data.pairs import SOURCE_IDS
+from cpo_jax.knowledge import free_text
+from cpo_jax.knowledge.graph import THINK_CLOSE, THINK_OPEN, load_graph
+
+SPLITS = {"train": "Train", "val": "Val", "validation": "Val", "validate": "Val", "test": "Test", "mini": "Mini"}
+TASKS = ("general_perception", "region_perception", "driving_suggestion")
+# convert2vqa.py's questions, verbatim
+QUESTIONS = {
+    "general_perception": "There is an image of traffic captured from the perspective of the ego car. Please focus "
+                          "on objects that have a great influence on ego car driving behavior in the scene, describe "
+                          "these objects and the reasons why they influence ego car driving.",
+    "driving_suggestion": "There is an image of traffic captured from the perspective of the ego car. Please provide "
+                          "driving suggestions for the ego car based on the current scene.",
+    "region_perception": "Please describe the object inside the red rectangle in the image and explain why it affect "
+                         "ego car driving.",
+}
+
+
+def _answer(x, field, rid) -> str:
+  if x is None:
+    raise BadRecordError("missing_field", rid, f"missing field {field!r}")
+  if not isinstance(x, str):
+    raise BadRecordError("bad_type", rid, f"field {field!r} must be a string")
+  if not x.strip():
+    raise BadRecordError("empty_chain", rid, f"field {field!r} is empty")
+  return x.strip()
+
+
+def boxed_image(image: bytes, box) -> bytes:
+  """The image with the xywh box drawn as convert2vqa.py draws it, as JPEG."""
+  img = Image.open(io.BytesIO(image)).convert("RGB")
+  x, y, w, h = [float(v) for v in box]
+  ImageDraw.Draw(img).rectangle([x, y, x + w, y + h], outline="red", width=2)
+  buf = io.BytesIO()
+  img.save(buf, format="JPEG", quality=95)
+  return buf.getvalue()
+
+
+def thinking_pair(answer: str, graph) -> tuple[str, str] | None:
+  """(chosen, rejected) when the answer parses with the graph (module doc), else None."""
+  d = graph.parse_decision(answer)
+  a, sents = free_text.parse_report(graph, answer)
+  if d is None or not any(m for _, m in sents) or graph.decide(a) != d:
+    return None
+  chosen = f"{THINK_OPEN} {answer} {THINK_CLOSE} {graph.answer_text(d)}"
+  try:
+    cf = free_text.rewrite_report(graph, chosen, k=1, seed=0)[0]
+  except Exception:  # GraphError: no valid counterfactual for this answer
+    return None
+  return chosen, cf.completion
+
+
+def examples(manual_dir: str, split_dir: str, bad) -> list[dict[str, Any]]:
+  root = os.path.join(manual_dir, "CODA-LM", split_dir)
+  files = sorted(glob.glob(os.path.join(root, "*_*.json")))
+  if not files:
+    raise FileNotFoundError(f"codalm: no CODA-LM/{split_dir}/<img_dir>_<name>.json annotation files in {manual_dir}")
+  graph, out = load_graph("driving"), []
+  for path in files:
+    fname = os.path.basename(path)
+    img_dir, name = fname[:-len(".json")].split("_", 1)
+    try:
+      with open(path, encoding="utf-8") as f:
+        ann = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      bad(BadRecordError("bad_json", fname, f"not valid JSON: {e}"))
+      continue
+    if not isinstance(ann, dict):
+      bad(BadRecordError("bad_type", fname, "an annotation file must hold a JSON object"))
+      continue
+    img_path = os.path.join(manual_dir, img_dir, "images", f"{name}.jpg")
+    try:
+      with open(img_path, "rb") as f:
+        image = f.read()
+    except OSError as e:
+      bad(BadRecordError("bad_image", fname, f"cannot read image {img_path}: {e.strerror}"))
+      continue
+    base = {"image_id": f"{img_dir}/{name}", "region": -1, "box": np.zeros(4, np.float32), "category": ""}
+    tasks = []  # (task, answer, meta, image), in file order; bad ones are raised/counted on the spot
+    gp = ann.get("general_perception")
+    for task, get in (
+        ("general_perception", lambda: _answer(gp.get("description and explanation") if isinstance(gp, dict) else gp,
+                                               "general_perception.description and explanation", fname)),
+        ("driving_suggestion", lambda: _answer(ann.get("driving_suggestion"), "driving_suggestion", fname))):
+      try:
+        tasks.append((task, get(), base, image))
+      except BadRecordError as e:
+        bad(e)
+    regions = ann.get("region_perception", {})
+    if not isinstance(regions, dict):
+      bad(BadRecordError("bad_type", fname, "field 'region_perception' must be an object {index: region}"))
+      regions = {}
+    for k, reg in sorted(regions.items(), key=lambda kv: (len(kv[0]), kv[0])):
+      rid = f"{fname} region_perception[{k!r}]"
+      try:
+        if not isinstance(reg, dict) or not isinstance(reg.get("box"), list) or len(reg["box"]) != 4 or \
+           not all(isinstance(v, (int, float)) for v in reg["box"]):
+          raise BadRecordError("bad_type", rid, "a region needs 'box': [x, y, w, h] numbers")
+        text = _answer(reg.get("description and explanation"), "description and explanation", rid)
+        pre = os.path.join(manual_dir, img_dir, "images_w_boxes", f"{name}_object_{k}.jpg")
+        if os.path.exists(pre):
+          with open(pre, "rb") as f:
+            boxed = f.read()
+        else:
+          try:
+            boxed = boxed_image(image, reg["box"])
+          except Exception as e:
+            raise BadRecordError("bad_image", rid, f"cannot draw the box on {img_path}: {e!r}") from e
+      except BadRecordError as e:
+        bad(e)
+        continue
+      meta = {"image_id": f"{img_dir}/{name}", "region": int(k) if str(k).isdigit() else -1,
+              "box": np.asarray(reg["box"], np.float32), "category": str(reg.get("category_name", ""))}
+      tasks.append(("region_perception", text, meta, boxed))
+    for task, answer, meta, img in tasks:
+      pair = thinking_pair(answer, graph)
+      out.append({"image": img, "question": QUESTIONS[task], "answer": answer, "task": task,
+                  "chosen": pair[0] if pair else answer, "rejected": pair[1] if pair else "", **meta})
+  return out
+
+
+with tfds.core.registered.skip_registration():
+
+  class Codalm(tfds.core.GeneratorBasedBuilder):
+    """CODA-LM (see module doc); one example per (image, task[, region])."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=p, description=f"on_bad_record={p}") for p in ("raise", "skip")]
+    MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
+
+    def _info(self) -> tfds.core.DatasetInfo:
+      return self.dataset_info_from_configs(
+          features=tfds.features.FeaturesDict({
+              "image": _text(),  # JPEG bytes (regions: with the red box drawn)
+              "question": _text(), "answer": _text(), "task": _text(), "image_id": _text(), "category": _text(),
+              "chosen": _text(), "rejected": _text(),  # rejected '' = no counterfactual (SFT/eval only)
+              "region": tfds.features.Scalar(dtype=np.int32),
+              "box": tfds.features.Tensor(shape=(4,), dtype=np.float32),  # xywh pixels, zeros without region
+              "index": tfds.features.Scalar(dtype=np.int64),
+          }),
+          supervised_keys=None, disable_shuffling=True,
+          homepage="https://github.com/DLUT-LYZ/CODA-LM")
+
+    def _split_generators(self, dl_manager):
+      self.policy = Policy(self.builder_config.name)
+      root = os.path.join(str(dl_manager.manual_dir), "CODA-LM")
+      present = sorted({v for v in SPLITS.values() if os.path.isdir(os.path.join(root, v))})
+      if not present:
+        raise FileNotFoundError(f"codalm: no CODA-LM/{{Train,Val,Test,Mini}} in {dl_manager.manual_dir}")
+      self.per_split = {s.lower(): examples(str(dl_manager.manual_dir), s, self.policy) for s in present}
+      return {s: self._generate_examples(exs) for s, exs in self.per_split.items() if exs}
+
+    def _generate_examples(self, exs):
+      for i, ex in enumerate(exs):
+        yield i, dict(ex, index=i)
+
+
+def data_source(manual_dir: str, split: str, *, on_bad_record: str = "raise",
+                prepared_dir: str | None = None) -> "CodalmSource":
+  if split not in SPLITS:
+    raise ValueError(f"codalm has no split {split!r} (names: {sorted(SPLITS)})")
+  builder, report = prepare_manual(Codalm, manual_dir, prepared_dir, on_bad_record, lambda b: {})
+  s = SPLITS[split].lower()
+  if s not in builder.info.splits:
+    raise ValueError(f"codalm: split {split!r} (CODA-LM/{SPLITS[split]}) is not in {manual_dir} or has no usable "
+                     f"record (prepared: {sorted(builder.info.splits)})")
+  return CodalmSource(builder.as_data_source(split=s), s, report)
+
+
+class CodalmSource:
+  """Pair records in the swift_jsonl format (+ task, answer); one row per example."""
+
+  kind = "pairs"
+  domain = "driving"
+
+  def __init__(self, src, split: str, report: dict):
+    self._src, self.split, self.skipped = src, split, report["skipped"]
+
+  def __len__(self) -> int:
+    return len(self._src)
+
+  def __repr__(self):
+    return f"codalm({self.split})"
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    if not 0 <= i < len(self):
+      raise IndexError(i)
+    ex = self._src[i]
+    user = [{"role": "user", "content": "<image>" + _s(ex["question"])}]
+    chosen, rejected = _s(ex["chosen"]), _s(ex["rejected"])
+    return {"prompt_messages": user, "chosen": chosen, "rejected_prompt_messages": user,
+            "rejected": rejected or chosen, "image": ex["image"], "rejected_image": ex["image"],
+            "source": SOURCE_IDS["thinking" if rejected else "other"], "sample_weight": 1.0 if rejected else 0.0,
+            "index": i, "record_id": f"codalm/{self.split}[{i}] ({_s(ex['image_id'])} {_s(ex['task'])})",
+            "task": _s(ex["task"]), "answer": _s(ex["answer"]), "region": int(ex["region"]),
+            "box": np.asarray(ex["box"], np.float32)}

@@ -1,0 +1,380 @@
+"""`mimic_ccf`: MIMIC-CXR-JPG + CheXpert labels + CXR-CounterFact, as a TFDS builder (ArrayRecord).
+
+The user's `data.manual_dir` holds the files as published (`.csv` or `.csv.gz`):
+  files/pXX/pSUBJECT/sSTUDY/DICOM_ID.jpg    MIMIC-CXR-JPG images (XX = first 2 digits of SUBJECT)
+  mimic-cxr-2.0.0-chexpert.csv[.gz]         subject_id, study_id, then the 14 CheXpert columns
+                                            (1.0 positive, 0.0 negative, -1.0 uncertain, blank)
+  mimic-cxr-2.0.0-split.csv[.gz]            dicom_id, study_id, subject_id, split (train/validate/test)
+  one CXR-CounterFact *.json                a list of {dicom_id, sid, pid, report, diagnose,
+                                            counterfact: {disease: text}} (METHOD.md section 4)
+One example per CCF record (split from the split CSV, labels from the CheXpert CSV by study):
+  chosen = '<think> REPORT </think> The disease of this patient is A, B.' (report + diagnose),
+  counterfactuals = one rejected thinking completion per counterfact disease, the precomputed
+    text in the same format (kept as is when it already has '<think>').
+Labels: `labels` is the 14-finding multi-hot (1 only for 1.0: uncertain and blank count as
+negative, the 'U-zeros' convention) and `chexpert` the raw values (NaN = blank). The medical concept
+graph is a single-label sketch, so `decision` is its decision id only when the diagnose names exactly
+one of its decisions, else -1; the 14-finding multi-hot is the label of record.
+
+`make_source` gives a pair-level source (kind 'pairs', the swift_jsonl record format), so the
+pipeline's SFT (chosen side), CPO (the given pairs) and eval streams take it unchanged:
+  view 'pairs' (default for train): one row per (record, counterfactual), cpo_source 'thinking';
+    a record without counterfactuals is one row with rejected == chosen and cpo_sample_weight 0
+    (inert in the CPO++ loss, still an SFT / eval example); then one perception row per record
+    (same text, rejected image = its `hard_negatives` pick: the nearest different 14-finding label
+    set). SFT on this view sees a record once per row (about 3 times with CCF's 2 counterfactuals);
+  view 'records' (default for the other splits): one row per record (the first counterfactual as
+    the rejected side).
+Bad records are found when the files are prepared: data.on_bad_record 'raise' names the CCF record
+and the field; 'skip' drops it and counts it by reason (saved next to the prepared files:
+`source.skipped`). Reasons: bad_type, missing_field, empty_chain (empty report or counterfactual
+text: a record with an empty counterfactual keeps its other ones), missing_split (dicom not in the
+split CSV), missing_label (study not in the CheXpert CSV), bad_image (image file missing).
+Prepared files go to `prepared_dir` (default <manual_dir>/_tfds); delete them to re-prepare.
+"""
+from __future__ import annotations
+
+import collections
+import csv
+import glob
+import gzip
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from cpo_jax.data.bad_records import BadRecordError
+from cpo_jax.data.pairs import SOURCE_IDS
+from cpo_jax.knowledge.graph import THINK_CLOSE, THINK_OPEN, load_graph
+
+FINDINGS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
+            "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
+            "Pneumothorax", "Support Devices")  # CheXpert's 14, in the CSV's column order
+SPLITS = ("train", "validate", "test")
+SPLIT_ALIASES = {"train": "train", "validate": "validate", "validation": "validate", "val": "validate",
+                 "test": "test"}
+QUESTION = "What is the disease of this patient?"
+ANSWER = "The disease of this patient is {}."
+CHEXPERT_CSV, SPLIT_CSV = "mimic-cxr-2.0.0-chexpert.csv", "mimic-cxr-2.0.0-split.csv"
+
+
+# ---- reading the published files -------------------------------------------------------
+
+def _open_csv(manual_dir: str, name: str):
+  for p in (os.path.join(manual_dir, name), os.path.join(manual_dir, name + ".gz")):
+    if os.path.exists(p):
+      raw = gzip.open(p, "rt", newline="") if p.endswith(".gz") else open(p, newline="")
+      return p, raw
+  raise FileNotFoundError(f"mimic_ccf: {name}[.gz] not found in manual_dir {manual_dir}")
+
+
+def _id(x, prefix: str) -> int:
+  """'p10000032' / '10000032' / 10000032 -> 10000032 (CCF writes pid/sid with or without the letter)."""
+  s = str(x).strip()
+  return int(s[1:] if s[:1].lower() == prefix else s)
+
+
+def read_chexpert(manual_dir: str) -> dict[tuple[int, int], np.ndarray]:
+  """(subject_id, study_id) -> [14] float32 (NaN = blank)."""
+  path, f = _open_csv(manual_dir, CHEXPERT_CSV)
+  with f:
+    rows = csv.DictReader(f)
+    missing = [c for c in ("subject_id", "study_id") + FINDINGS if c not in (rows.fieldnames or ())]
+    if missing:
+      raise ValueError(f"{path}: missing columns {missing}")
+    return {(int(r["subject_id"]), int(r["study_id"])):
+            np.array([float(r[c]) if r[c].strip() else math.nan for c in FINDINGS], np.float32) for r in rows}
+
+
+def read_split(manual_dir: str) -> dict[str, tuple[int, int, str]]:
+  """dicom_id -> (subject_id, study_id, split)."""
+  path, f = _open_csv(manual_dir, SPLIT_CSV)
+  with f:
+    rows = csv.DictReader(f)
+    if not {"dicom_id", "study_id", "subject_id", "split"} <= set(rows.fieldnames or ()):
+      raise ValueError(f"{path}: needs columns dicom_id, study_id, subject_id, split")
+    return {r["dicom_id"]: (int(r["subject_id"]), int(r["study_id"]), r["split"].strip()) for r in rows}
+
+
+def find_ccf_json(manual_dir: str) -> str:
+  found = sorted(glob.glob(os.path.join(manual_dir, "*.json")))
+  if len(found) != 1:
+    raise FileNotFoundError(f"mimic_ccf: expected exactly one CXR-CounterFact .json in {manual_dir}, found {found}")
+  return found[0]
+
+
+def image_path(manual_dir: str, subject_id: int, study_id: int, dicom_id: str) -> str:
+  s = str(subject_id)
+  return os.path.join(manual_dir, "files", f"p{s[:2]}", f"p{s}", f"s{study_id}", f"{dicom_id}.jpg")
+
+
+def _diseases(diagnose, rid) -> list[str]:
+  if isinstance(diagnose, str):
+    out = [d.strip() for d in diagnose.split(",")]
+  elif isinstance(diagnose, list) and all(isinstance(d, str) for d in diagnose):
+    out = [d.strip() for d in diagnose]
+  else:
+    raise BadRecordError("bad_type", rid, f"field 'diagnose' must be a string or a list of strings, got {diagnose!r}")
+  out = [d for d in out if d]
+  if not out:
+    raise BadRecordError("missing_field", rid, "field 'diagnose' is empty")
+  return out
+
+
+def completion(findings: str, diseases: list[str]) -> str:
+  """METHOD.md's target format; text that already carries the think tags is kept."""
+  if THINK_OPEN in findings:
+    return findings.strip()
+  return f"{THINK_OPEN} {findings.strip()} {THINK_CLOSE} {ANSWER.format(', '.join(diseases))}"
+
+
+def decision_id(diseases: list[str], g) -> int:
+  """The medical graph's decision id when the diagnosis is exactly one of its decisions, else -1."""
+  if len(diseases) != 1:
+    return -1
+  d = diseases[0].lower().replace("_", " ")
+  for name in g.decisions:
+    if d in (name.replace("_", " "), g.decision_texts[name].lower()):
+      return g.decision_id(name)
+  return -1
+
+
+def examples(manual_dir: str, bad) -> dict[str, list[dict[str, Any]]]:
+  """split -> example dicts (image bytes read). `bad(err)` raises or counts a BadRecordError."""
+  chex, splits, path = read_chexpert(manual_dir), read_split(manual_dir), find_ccf_json(manual_dir)
+  with open(path, encoding="utf-8") as f:
+    recs = json.load(f)
+  if not isinstance(recs, list):
+    raise ValueError(f"{path}: CXR-CounterFact must be a JSON list of records")
+  out, graph = collections.defaultdict(list), load_graph("medical")
+  for k, r in enumerate(recs):
+    try:
+      ex = _example(manual_dir, r, f"{os.path.basename(path)}[{k}]", chex, splits, bad, graph)
+    except BadRecordError as e:
+      bad(e)
+      continue
+    out[ex.pop("split")].append(ex)
+  return out
+
+
+def _example(manual_dir, r, rid, chex, splits, bad, graph) -> dict[str, Any]:
+  if not isinstance(r, dict):
+    raise BadRecordError("bad_type", rid, f"a record must be a JSON object, got {type(r).__name__}")
+  for field in ("dicom_id", "report", "diagnose", "counterfact"):
+    if field not in r:
+      raise BadRecordError("missing_field", rid, f"missing field {field!r}")
+  dicom = r["dicom_id"]
+  if not isinstance(dicom, str) or not isinstance(r["report"], str):
+    raise BadRecordError("bad_type", rid, "fields 'dicom_id' and 'report' must be strings")
+  rid = f"{rid} (dicom_id={dicom})"
+  if not r["report"].strip():
+    raise BadRecordError("empty_chain", rid, "field 'report' is empty")
+  diseases = _diseases(r["diagnose"], rid)
+  cfs = r["counterfact"]
+  if not isinstance(cfs, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in cfs.items()):
+    raise BadRecordError("bad_type", rid, "field 'counterfact' must be an object {disease: text}")
+  if dicom not in splits:
+    raise BadRecordError("missing_split", rid, f"dicom_id not in {SPLIT_CSV}")
+  subject, study, split = splits[dicom]
+  try:  # CCF's own pid/sid must agree with the split CSV when given
+    if ("pid" in r and _id(r["pid"], "p") != subject) or ("sid" in r and _id(r["sid"], "s") != study):
+      raise BadRecordError("bad_type", rid, f"fields 'pid'/'sid' ({r.get('pid')}/{r.get('sid')}) disagree with "
+                                            f"{SPLIT_CSV} (p{subject}/s{study})")
+  except ValueError as e:
+    raise BadRecordError("bad_type", rid, f"fields 'pid'/'sid' are not ids: {e}") from e
+  if (subject, study) not in chex:
+    raise BadRecordError("missing_label", rid, f"study s{study} of p{subject} not in {CHEXPERT_CSV}")
+  img = image_path(manual_dir, subject, study, dicom)
+  try:
+    with open(img, "rb") as f:
+      image = f.read()
+  except OSError as e:
+    raise BadRecordError("bad_image", rid, f"field 'dicom_id': cannot read image {img}: {e.strerror}") from e
+  rejected = []
+  for disease, text in cfs.items():
+    if not text.strip() or not disease.strip():
+      bad(BadRecordError("empty_chain", f"{rid} counterfact[{disease!r}]", "empty counterfactual"))
+      continue
+    rejected.append([disease, completion(text, [disease.strip()])])
+  raw = chex[(subject, study)]
+  return {"image": image, "question": QUESTION, "chosen": completion(r["report"], diseases),
+          "counterfactuals": json.dumps(rejected), "diagnose": ", ".join(diseases),
+          "labels": (raw == 1.0).astype(np.int32), "chexpert": raw, "decision": np.int32(decision_id(diseases, graph)),
+          "dicom_id": dicom, "subject_id": subject, "study_id": study, "split": SPLIT_ALIASES.get(split, split)}
+
+
+# ---- TFDS builder -----------------------------------------------------------------------
+
+class Policy:
+  """`data.on_bad_record` at prepare time: raise, or count by reason (and keep a few ids)."""
+
+  def __init__(self, policy: str):
+    if policy not in ("raise", "skip"):
+      raise ValueError(f"on_bad_record={policy!r}; expected 'raise' or 'skip'")
+    self.policy, self.counts, self.examples = policy, collections.Counter(), collections.defaultdict(list)
+
+  def __call__(self, err: BadRecordError):
+    if self.policy == "raise":
+      raise err
+    self.counts[err.reason] += 1
+    if len(self.examples[err.reason]) < 5:
+      self.examples[err.reason].append(str(err.record_id))
+
+
+def _text():
+  return tfds.features.Tensor(shape=(), dtype=np.object_)  # str/bytes, no TF decoding
+
+
+with tfds.core.registered.skip_registration():
+
+  class MimicCcf(tfds.core.GeneratorBasedBuilder):
+    """MIMIC-CXR-JPG + CheXpert labels + CXR-CounterFact (see module doc)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=p, description=f"on_bad_record={p}") for p in ("raise", "skip")]
+    MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
+
+    def _info(self) -> tfds.core.DatasetInfo:
+      return self.dataset_info_from_configs(
+          features=tfds.features.FeaturesDict({
+              "image": _text(),  # JPEG bytes as published
+              "question": _text(), "chosen": _text(), "counterfactuals": _text(),  # JSON [[disease, completion]]
+              "diagnose": _text(), "dicom_id": _text(),
+              "labels": tfds.features.Tensor(shape=(len(FINDINGS),), dtype=np.int32),
+              "chexpert": tfds.features.Tensor(shape=(len(FINDINGS),), dtype=np.float32),
+              "decision": tfds.features.Scalar(dtype=np.int32),
+              "subject_id": tfds.features.Scalar(dtype=np.int64), "study_id": tfds.features.Scalar(dtype=np.int64),
+              "index": tfds.features.Scalar(dtype=np.int64),
+          }),
+          supervised_keys=None, disable_shuffling=True,  # record i = the split's i-th CCF record
+          homepage="https://physionet.org/content/mimic-cxr-jpg/2.0.0/",
+          metadata=tfds.core.MetadataDict(findings=list(FINDINGS)))
+
+    def _split_generators(self, dl_manager):
+      self.policy = Policy(self.builder_config.name)
+      self.per_split = examples(str(dl_manager.manual_dir), self.policy)
+      if not self.per_split:
+        raise ValueError(f"mimic_ccf: no usable record in {dl_manager.manual_dir} "
+                         f"(skipped: {dict(self.policy.counts)})")
+      return {s: self._generate_examples(exs) for s, exs in self.per_split.items()}
+
+    def _generate_examples(self, exs):
+      for i, ex in enumerate(exs):
+        yield i, dict(ex, index=i)
+
+
+def prepare_manual(builder_cls, manual_dir: str, prepared_dir: str | None, on_bad_record: str, sidecar):
+  """download_and_prepare once from manual_dir; the skip report (+ `sidecar(builder)`, a dict of
+  extra per-split facts) is saved as JSON beside the files. Returns (builder, report)."""
+  prepared_dir = prepared_dir or os.path.join(manual_dir, "_tfds")
+  builder = builder_cls(config=on_bad_record, data_dir=prepared_dir, file_format="array_record")
+  report_path = os.path.join(builder.data_dir, "cpo_jax_report.json")
+  if not os.path.exists(report_path):
+    builder.download_and_prepare(file_format="array_record",
+                                 download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    report = {"skipped": dict(builder.policy.counts), "skipped_examples": dict(builder.policy.examples),
+              **sidecar(builder)}
+    with open(report_path, "w") as f:
+      json.dump(report, f)
+  with open(report_path) as f:
+    return builder, json.load(f)
+
+
+def _sidecar(builder) -> dict:
+  """Per split: counterfactuals per record and the label multi-hots (for the row index and the
+  perception negatives without reading every image back)."""
+  return {"num_counterfactuals": {s: [len(json.loads(e["counterfactuals"])) for e in exs]
+                                  for s, exs in builder.per_split.items()},
+          "labels": {s: [e["labels"].tolist() for e in exs] for s, exs in builder.per_split.items()}}
+
+
+def hard_negatives(labels: np.ndarray, seed: int = 0) -> np.ndarray:
+  """[N] index of each record's perception negative, -1 if none: among the records whose 14-finding
+  label set differs, one with the fewest differing findings (METHOD.md section 4 'hard'; MIMIC has
+  no nuisance labels here, so label distance alone), ties broken by a seeded draw. CheXpert labels
+  are per study, so a negative is never from the same study."""
+  labels = np.asarray(labels, np.int8).reshape(len(labels), -1)
+  bits = np.arange(labels.shape[1])
+  codes, group, counts = np.unique((labels.astype(np.int64) << bits).sum(-1), return_inverse=True, return_counts=True)
+  sets = (codes[:, None] >> bits) & 1  # the distinct label sets, [K, 14]
+  members = np.split(np.argsort(group.reshape(-1), kind="stable"), np.cumsum(counts)[:-1])
+  out = np.full(len(labels), -1, np.int64)
+  if len(sets) < 2:  # one label set in the split: no perception pair possible
+    return out
+  for u in range(len(sets)):  # O(K) memory per distinct label set
+    ham = (sets != sets[u]).sum(-1)
+    ham[u] = labels.shape[1] + 1
+    cands = np.concatenate([members[v] for v in np.flatnonzero(ham == ham.min())])
+    out[members[u]] = cands[np.random.default_rng([seed, u]).integers(len(cands), size=len(members[u]))]
+  return out
+
+
+def data_source(manual_dir: str, split: str, *, view: str | None = None, on_bad_record: str = "raise",
+                prepared_dir: str | None = None) -> "MimicCcfSource":
+  split = SPLIT_ALIASES.get(split, split)
+  builder, report = prepare_manual(MimicCcf, manual_dir, prepared_dir, on_bad_record, _sidecar)
+  if split not in builder.info.splits:
+    raise ValueError(f"mimic_ccf has no split {split!r} here (splits: {sorted(builder.info.splits)}; "
+                     f"names: {sorted(SPLIT_ALIASES)})")
+  return MimicCcfSource(builder.as_data_source(split=split), split, report,
+                        view or ("pairs" if split == "train" else "records"))
+
+
+# ---- the pair-level source the pipeline reads --------------------------------------------
+
+def _s(x) -> str:
+  return x.decode("utf-8") if isinstance(x, (bytes, np.bytes_)) else str(x)
+
+
+class MimicCcfSource:
+  """Pair records in the swift_jsonl format (+ labels, decision, dicom_id); see the module doc."""
+
+  kind = "pairs"
+  domain = "medical"
+
+  def __init__(self, src, split: str, report: dict, view: str):
+    if view not in ("pairs", "records"):
+      raise ValueError(f"view {view!r}; expected 'pairs' or 'records'")
+    self._src, self.split, self.view = src, split, view
+    self.skipped = report["skipped"]  # reason -> count, from preparing the files
+    n_cf = report["num_counterfactuals"][split]
+    if view == "pairs":  # (record, counterfactual j or -1 - negative record for a perception row)
+      neg = hard_negatives(report["labels"][split]) if n_cf else []
+      self._rows = [(i, j) for i, n in enumerate(n_cf) for j in range(max(n, 1))]
+      self._rows += [(i, -1 - int(v)) for i, v in enumerate(neg) if v >= 0]
+    else:
+      self._rows = [(i, 0) for i in range(len(n_cf))]
+
+  def __len__(self) -> int:
+    return len(self._rows)
+
+  def __repr__(self):
+    return f"mimic_ccf({self.split}, {self.view})"
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    if not 0 <= i < len(self):
+      raise IndexError(i)
+    k, j = self._rows[i]
+    ex = self._src[k]
+    cfs = json.loads(_s(ex["counterfactuals"]))
+    chosen = _s(ex["chosen"])
+    user = [{"role": "user", "content": "<image>" + _s(ex["question"])}]
+    rid = f"mimic_ccf/{self.split}[{k}] (dicom_id={_s(ex['dicom_id'])})"
+    if j < 0:  # perception: same text, the hard negative's image
+      neg = self._src[-1 - j]
+      return {"prompt_messages": user, "chosen": chosen, "rejected_prompt_messages": user, "rejected": chosen,
+              "image": ex["image"], "rejected_image": neg["image"], "source": SOURCE_IDS["perception"],
+              "sample_weight": 1.0, "index": i, "labels": np.asarray(ex["labels"], np.int32),
+              "record_id": f"{rid} vs [{-1 - j}] (dicom_id={_s(neg['dicom_id'])})",
+              "decision": int(ex["decision"]), "dicom_id": _s(ex["dicom_id"])}
+    has_cf = j < len(cfs)
+    return {"prompt_messages": user, "chosen": chosen, "rejected_prompt_messages": user,
+            "rejected": cfs[j][1] if has_cf else chosen, "image": ex["image"], "rejected_image": ex["image"],
+            "source": SOURCE_IDS["thinking" if has_cf else "other"], "sample_weight": 1.0 if has_cf else 0.0,
+            "index": i, "record_id": rid,
+            "labels": np.asarray(ex["labels"], np.int32), "decision": int(ex["decision"]),
+            "dicom_id": _s(ex["dicom_id"])}

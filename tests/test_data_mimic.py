@@ -1,0 +1,169 @@
+"""mimic_ccf: MIMIC-CXR-JPG layout + CheXpert/split CSVs + CXR-CounterFact JSON -> TFDS -> batches."""
+import csv
+import gzip
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cpo_jax.data import mimic_ccf
+from cpo_jax.data import pipeline as P
+from cpo_jax.data import tokenizer as tok_lib
+
+HEADER = ["subject_id", "study_id", *mimic_ccf.FINDINGS]
+REPORTS = ["The heart size is normal. There is a small left pleural effusion.",
+           "The lungs are clear. The heart is enlarged.",
+           "There is a focal consolidation in the right lower lobe.",
+           "No pleural effusion or pneumothorax is seen."]
+CF = {"Pneumothorax": "A pleural line is visible at the apex.", "Cardiomegaly": "The heart is enlarged."}
+
+
+def _jpeg(seed):
+  arr = np.random.default_rng(seed).integers(0, 255, (40, 32, 3), dtype=np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(arr).save(buf, format="JPEG")
+  return buf.getvalue()
+
+
+def _write(root, extra=(), drop_image=None):
+  """4 good studies (subject 1000000k, study 5000000k): 2 train, 1 validate, 1 test."""
+  split_of = ["train", "train", "validate", "test"]
+  chex_rows, split_rows, recs = [], [], []
+  for k in range(4):
+    subj, study, dicom = 10000000 + k, 50000000 + k, f"d{k:02d}-abc"
+    d = root / "files" / f"p{str(subj)[:2]}" / f"p{subj}" / f"s{study}"
+    d.mkdir(parents=True)
+    if dicom != drop_image:
+      (d / f"{dicom}.jpg").write_bytes(_jpeg(k))
+    vals = [""] * 14
+    vals[mimic_ccf.FINDINGS.index("Pleural Effusion")] = "1.0" if k == 0 else "0.0"
+    vals[mimic_ccf.FINDINGS.index("Cardiomegaly")] = "-1.0" if k == 1 else ""
+    chex_rows.append([subj, study, *vals])
+    split_rows.append([dicom, study, subj, split_of[k]])
+    recs.append({"dicom_id": dicom, "sid": f"s{study}", "pid": f"p{subj}", "report": REPORTS[k],
+                 "diagnose": ["Pleural Effusion", "Cardiomegaly", "Pneumonia", "No Finding"][k],
+                 "counterfact": CF if k != 1 else {}})
+  buf = io.StringIO()
+  csv.writer(buf).writerows([HEADER, *chex_rows])
+  with gzip.open(root / "mimic-cxr-2.0.0-chexpert.csv.gz", "wt") as f:  # published gzipped
+    f.write(buf.getvalue())
+  with open(root / "mimic-cxr-2.0.0-split.csv", "w", newline="") as f:
+    csv.writer(f).writerows([["dicom_id", "study_id", "subject_id", "split"], *split_rows])
+  (root / "cxr_counterfact.json").write_text(json.dumps(recs + list(extra)))
+  return recs
+
+
+@pytest.fixture(scope="module")
+def proc(tmp_path_factory):
+  d = tmp_path_factory.mktemp("tok")
+  words = REPORTS + list(CF.values()) + [mimic_ccf.ANSWER.format(x) for x in
+                                         ("Pleural Effusion, Cardiomegaly, Pneumonia, No Finding, Pneumothorax",)]
+  tok_lib.save_tokenizer(tok_lib.build_tokenizer(extra_texts=words), str(d))
+  return P.make_processors(str(d))
+
+
+def test_mimic_prepares_and_feeds_sft_cpo_eval(proc, tmp_path):
+  recs = _write(tmp_path)
+  src = P.make_source("mimic_ccf", "train", data_dir=str(tmp_path))
+  assert src.kind == "pairs" and src.skipped == {}
+  # train: record 0 has 2 counterfactuals (2 thinking rows), record 1 none (1 inert row), then one
+  # perception row each (their label sets differ: each is the other's hard negative)
+  assert len(src) == 5
+  rows = [src[i] for i in range(5)]
+  assert rows[0]["chosen"] == (f"<think> {REPORTS[0]} </think> The disease of this patient is Pleural Effusion.")
+  assert [r["rejected"] for r in rows[:2]] == [
+      f"<think> {CF['Pneumothorax']} </think> The disease of this patient is Pneumothorax.",
+      f"<think> {CF['Cardiomegaly']} </think> The disease of this patient is Cardiomegaly."]
+  assert [r["source"] for r in rows] == [0, 0, 2, 1, 1]
+  assert [r["sample_weight"] for r in rows] == [1.0, 1.0, 0.0, 1.0, 1.0]
+  assert rows[2]["rejected"] == rows[2]["chosen"] and rows[3]["rejected"] == rows[3]["chosen"]
+  img0 = (tmp_path / "files/p10/p10000000/s50000000/d00-abc.jpg").read_bytes()
+  img1 = (tmp_path / "files/p10/p10000001/s50000001/d01-abc.jpg").read_bytes()
+  assert rows[0]["image"] == img0 == rows[0]["rejected_image"]
+  assert [(r["image"], r["rejected_image"]) for r in rows[3:]] == [(img0, img1), (img1, img0)]
+  eff, card = mimic_ccf.FINDINGS.index("Pleural Effusion"), mimic_ccf.FINDINGS.index("Cardiomegaly")
+  assert rows[0]["labels"].tolist() == [int(i == eff) for i in range(14)]
+  assert rows[2]["labels"].sum() == 0  # uncertain (-1.0) and blank are negative (U-zeros)
+  g = P.load_graph("medical")
+  # the diagnosis names one decision of the medical graph: its id (a multi-label diagnosis gives -1)
+  assert rows[0]["decision"] == g.decision_id("pleural_effusion")
+  assert rows[2]["decision"] == g.decision_id("cardiomegaly")
+  assert mimic_ccf.decision_id(["Pleural Effusion", "Cardiomegaly"], g) == -1 == mimic_ccf.decision_id(["Edema"], g)
+  # the TFDS files read back directly, raw CheXpert values kept (NaN = blank)
+  raw = src._src[1]
+  assert raw["chexpert"][card] == -1.0 and np.isnan(raw["chexpert"][0]) and int(raw["study_id"]) == 50000001
+
+  cpo = next(P.make_cpo_iterator(src, proc, batch_size=5, max_len=128, seed=0, num_epochs=1))
+  assert cpo["chosen_input_ids"].shape == (5, 128) == cpo["rejected_input_ids"].shape
+  assert cpo["chosen_pixel_values"].shape == (5 * 64, 1176) and cpo["image_grid_thw"].tolist() == [[1, 8, 8]] * 5
+  by = {int(i): r for r, i in enumerate(cpo["index"])}
+  tok = proc.tokenizer
+  r0 = by[0]
+  rejected = tok.decode(cpo["rejected_input_ids"][r0][cpo["rejected_loss_mask"][r0] == 1])
+  assert rejected == rows[0]["rejected"] + "<|im_end|>"
+  assert sorted(cpo["sample_weight"].tolist()) == [0.0, 1.0, 1.0, 1.0, 1.0]
+  for i, r in by.items():  # same image on both sides except for the perception rows
+    rows_r = slice(r * 64, (r + 1) * 64)
+    same = np.array_equal(cpo["chosen_pixel_values"][rows_r], cpo["rejected_pixel_values"][rows_r])
+    assert same == (i < 3) and cpo["source"][r] == rows[i]["source"]
+  sft = next(P.make_sft_iterator(src, proc, batch_size=2, max_len=128, seed=0))
+  assert sft["input_ids"].shape == (2, 128) and sft["pixel_values"].shape == (128, 1176)
+  assert (sft["input_ids"] == proc.ids["image_token_id"]).sum(1).tolist() == [16, 16]
+
+  test = P.make_source("mimic_ccf", "test", data_dir=str(tmp_path))
+  val = P.make_source("mimic_ccf", "validation", data_dir=str(tmp_path))
+  assert (len(test), len(val), test.view) == (1, 1, "records")
+  (b,) = list(P.make_eval_batches(test, proc, batch_size=2, max_prompt_len=64))
+  assert b["input_ids"].shape == (2, 64) and b["valid"].tolist() == [True, False]
+  assert b["decision"][0] == g.decision_id("no_finding")
+  with pytest.raises(ValueError, match="no split 'ood'"):
+    P.make_source("mimic_ccf", "ood", data_dir=str(tmp_path))
+
+
+BAD = [
+    ({"dicom_id": "d99-none", "report": "x", "diagnose": "Edema", "counterfact": {}}, "missing_split"),
+    ({"dicom_id": "d00-abc", "report": "   ", "diagnose": "Edema", "counterfact": {}}, "empty_chain"),
+    ({"dicom_id": "d00-abc", "report": "x", "counterfact": {}}, "missing_field"),
+    ({"dicom_id": "d00-abc", "report": "x", "diagnose": 3, "counterfact": {}}, "bad_type"),
+    ("not a record", "bad_type"),
+]
+
+
+def test_mimic_bad_records_skip_by_reason_or_raise_naming_record_and_field(tmp_path):
+  root = tmp_path / "m"
+  root.mkdir()
+  recs = _write(root, extra=[b for b, _ in BAD], drop_image="d02-abc")
+  # a study without a CheXpert row: drop record 3's label line
+  lines = gzip.open(root / "mimic-cxr-2.0.0-chexpert.csv.gz", "rt").read().splitlines()
+  with gzip.open(root / "mimic-cxr-2.0.0-chexpert.csv.gz", "wt") as f:
+    f.write("\n".join(lines[:-1]) + "\n")
+  recs[0]["counterfact"] = dict(CF, Edema="")  # one empty counterfactual: the record keeps the others
+  data = json.loads((root / "cxr_counterfact.json").read_text())
+  data[0] = recs[0]
+  (root / "cxr_counterfact.json").write_text(json.dumps(data))
+  src = P.make_source("mimic_ccf", "train", data_dir=str(root), on_bad_record="skip",
+                      prepared_dir=str(tmp_path / "prep"))
+  assert src.skipped == {"missing_split": 1, "empty_chain": 2, "missing_field": 1, "bad_type": 2,
+                         "bad_image": 1, "missing_label": 1}
+  assert len(src) == 5  # the train records survive
+  with pytest.raises(ValueError, match="no split 'validate'"):  # its only record had no image
+    P.make_source("mimic_ccf", "validate", data_dir=str(root), on_bad_record="skip",
+                  prepared_dir=str(tmp_path / "prep"))
+  with pytest.raises(P.BadRecordError, match=r"cxr_counterfact.json\[0\] \(dicom_id=d00-abc\) counterfact\['Edema'\]"):
+    P.make_source("mimic_ccf", "train", data_dir=str(root), prepared_dir=str(tmp_path / "prep"))
+  data[0]["counterfact"] = CF
+  (root / "cxr_counterfact.json").write_text(json.dumps(data))
+  with pytest.raises(P.BadRecordError, match=r"cxr_counterfact.json\[2\] \(dicom_id=d02-abc\): field 'dicom_id': "
+                                             r"cannot read image .*d02-abc.jpg.*reason=bad_image"):
+    P.make_source("mimic_ccf", "train", data_dir=str(root), prepared_dir=str(tmp_path / "prep2"))
+
+
+def test_hard_negatives_pick_the_nearest_different_label_set():
+  labels = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 0], [1, 1, 1]])
+  neg = mimic_ccf.hard_negatives(labels)
+  dist = (labels != labels[neg]).sum(1)
+  assert dist.tolist() == [1, 1, 1, 1, 2]  # never the same label set, always the closest one
+  assert mimic_ccf.hard_negatives(np.ones((3, 14))).tolist() == [-1, -1, -1]  # one label set: no pair
+  np.testing.assert_array_equal(neg, mimic_ccf.hard_negatives(labels))  # deterministic
