@@ -80,6 +80,9 @@ def base_config(arg, *, domain, data):
     c.cpo.reference = 'adapters_off'  # 'adapters_off' | 'frozen_copy'
     c.cpo.source_weights = (1.0, 1.0, 1.0)  # thinking, perception, other.
     c.cpo.normalize_weights = True
+    # Extra perception pairs made on device each step: 'kind:severity,...' (kinds of
+    # perturb.PERCEPTION_MASKS, applied inside the row's evidence boxes); '' = off.
+    c.cpo.device_perturbations = ''
     c.cpo.optimizer = _adamw(lr=1e-4)
 
     c.eval = ml_collections.ConfigDict()
@@ -106,5 +109,5 @@ def base_config(arg, *, domain, data):
 def _adamw(lr):
     # Paper: AdamW (0.9, 0.98), weight decay 0.05, 5% warm-up, cosine to ~0.
     return ml_collections.ConfigDict(dict(
-            lr=lr, end_lr_ratio=1e-3, warmup_frac=0.05, b1=0.9, b2=0.98,
-            weight_decay=0.05, grad_clip=1.0))
+        lr=lr, end_lr_ratio=1e-3, warmup_frac=0.05, b1=0.9, b2=0.98,
+        weight_decay=0.05, grad_clip=1.0))

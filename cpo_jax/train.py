@@ -8,7 +8,6 @@ import dataclasses
 import functools
 import json
 import os
-import time
 from typing import Any, Callable
 
 import jax
@@ -22,6 +21,7 @@ from absl import logging
 from flax import nnx
 
 from cpo_jax import losses
+from cpo_jax import perturb
 from cpo_jax import sharding
 from cpo_jax.models import lora
 
@@ -31,13 +31,13 @@ def make_optimizer(opt, num_steps):
     """AdamW with linear warm-up and cosine decay; weight decay on matrices only."""
     warmup = max(1, int(opt.warmup_frac * num_steps))
     schedule = optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=opt.lr, warmup_steps=warmup,
-            decay_steps=max(num_steps, warmup + 1), end_value=opt.lr * opt.end_lr_ratio)
+        init_value=0.0, peak_value=opt.lr, warmup_steps=warmup,
+        decay_steps=max(num_steps, warmup + 1), end_value=opt.lr * opt.end_lr_ratio)
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     tx = optax.chain(
-            optax.clip_by_global_norm(opt.grad_clip),
-            optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
-                                    mask=decay_mask))
+        optax.clip_by_global_norm(opt.grad_clip),
+        optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
+                    mask=decay_mask))
     return tx, schedule
 
 
@@ -170,8 +170,70 @@ def sft_loss_fn(model, batch, grid, *, max_completion_len=0, naive=False):
     return loss, {'loss': loss, 'completion_tokens_dropped': n_dropped}
 
 
+# Device-made perception pairs (config cpo.device_perturbations, METHOD.md section 4 (b)).
+# For each (kind, severity) every row of the batch gets one extra pair: chosen = the row's
+# chosen (image, chain), rejected = the same chain with the chosen image perturbed inside the
+# row's evidence boxes. Their source id is 'perception': they are perception pairs (same text,
+# counterfactual image), so cpo.source_weights[1] weighs them with the data's perception pairs
+# and 'other' (2) keeps its meaning (ingested pairs of unknown kind). Metrics: the top-level
+# and per-source ones count every pair the loss sees (so 'perception/...' includes them);
+# 'perturbed/...' (count, rewards, logps, loss) is the device-made pairs alone.
+# Boxes must be in pixels of the processed image: true when the source images already have
+# the processor's size (synthetic data at data.image_size=112); the pipeline does not rescale.
+PERTURBED_SOURCE = 1
+PERTURBED_PREFIX = 'perturbed'
+
+
+def parse_device_perturbations(spec):
+    """'occlude:1.0,noise:0.3' -> (('occlude', 1.0), ('noise', 0.3)); '' -> () (off)."""
+    out = []
+    for item in filter(None, (s.strip() for s in (spec or '').split(','))):
+        kind, sep, severity = item.partition(':')
+        if not sep or kind not in perturb.PERCEPTION_MASKS:
+            raise ValueError(f'cpo.device_perturbations item {item!r}: expected kind:severity with '
+                             f'kind in {sorted(perturb.PERCEPTION_MASKS)}.')
+        severity = float(severity)
+        if not 0.0 <= severity <= 1.0:
+            raise ValueError(f'cpo.device_perturbations item {item!r}: severity not in [0, 1].')
+        out.append((kind, severity))
+    return tuple(out)
+
+
+def layout_for(model_config, image_processor=None):
+    """The PatchLayout of the run's pixel_values: from its image processor when given (mean,
+    std, patch sizes), else the Qwen2-VL processor defaults (what `pipeline.make_processors`
+    builds) with the model's patch sizes. Either way it must match the vision tower."""
+    vc = model_config.vision_config
+    if image_processor is None:
+        return perturb.PatchLayout(patch_size=vc.patch_size,
+                                   temporal_patch_size=vc.temporal_patch_size,
+                                   merge_size=vc.spatial_merge_size)
+    layout = perturb.PatchLayout.from_processor(image_processor)
+    want = (vc.patch_size, vc.temporal_patch_size, vc.spatial_merge_size)
+    if (layout.patch_size, layout.temporal_patch_size, layout.merge_size) != want:
+        raise ValueError(f'image processor patch layout {layout} does not match the vision '
+                         f'tower (patch, temporal_patch, merge) = {want}.')
+    return layout
+
+
+def perturbed_pixels(batch, grid, perturbations, layout, *, seed=0):
+    """[K * B * P, D]: the chosen images perturbed by each (kind, severity), in that order.
+
+    Boxes are the batch's evidence boxes, in pixels of the processed image (the pipeline's
+    images are already at the processor's size). The rng is a pure function of (seed, the
+    batch's 'step', entry index), so a run and its resumption perturb identically."""
+    grid = tuple(int(v) for v in np.asarray(grid).reshape(3))
+    pixels = batch['chosen_pixel_values']
+    boxes = jnp.asarray(batch['boxes'], jnp.float32)
+    key = jax.random.fold_in(jax.random.key(seed), batch.get('step', 0))
+    return jnp.concatenate([
+        perturb.PERCEPTION_MASKS[kind](jax.random.fold_in(key, i), pixels, grid, boxes, severity,
+                                       layout=layout)
+        for i, (kind, severity) in enumerate(perturbations)], axis=0)
+
+
 def cpo_loss_fn(model, batch, grid, cfg, *, max_completion_len=0, naive=False,
-                encode_once=None, compact=True):
+                encode_once=None, compact=True, perturbations=(), layout=None, seed=0):
     """CPO++ (METHOD.md section 3): weighted preference loss + rpo_alpha * NLL(chosen).
 
     Chosen and rejected go through one concatenated forward. The reference is the same model
@@ -180,6 +242,9 @@ def cpo_loss_fn(model, batch, grid, cfg, *, max_completion_len=0, naive=False,
     policy and reference; vocabulary projection at completion positions only. `naive=True`:
     pixel_values into every forward and full-vocabulary logits (same numbers, more work).
     `encode_once` / `compact` switch the two savings one at a time (benchmarks).
+    `perturbations` ((kind, severity), ...) adds K * B device-made perception pairs (see
+    `perturbed_pixels`; needs batch['boxes'] and the run's `layout`): only their rejected side
+    is forwarded, their chosen side is the batch's chosen row. `seed`: their rng stream.
     """
     if naive:
         encode_once, compact = False, False
@@ -191,8 +256,18 @@ def cpo_loss_fn(model, batch, grid, cfg, *, max_completion_len=0, naive=False,
         raise ValueError('encode_once=True but the vision tower has LoRA adapters: policy and '
                          'reference image embeddings differ.')
     n, length = batch['chosen_input_ids'].shape
-    cat = lambda k: jnp.concatenate([batch['chosen_' + k], batch['rejected_' + k]], axis=0)
-    grid2 = _grid_for(2 * n, grid)
+    k = len(perturbations)
+    extra = (perturbed_pixels(batch, grid, perturbations, layout or layout_for(policy.config),
+                              seed=seed) if k else None)
+
+    def cat(key):
+        # Rows: chosen [n], rejected [n], then K blocks of the perturbed rejected sides [n]
+        # (the chosen chain over a perturbed chosen image).
+        parts = [batch['chosen_' + key], batch['rejected_' + key]]
+        if k:
+            parts += [extra] if key == 'pixel_values' else [batch['chosen_' + key]] * k
+        return jnp.concatenate(parts, axis=0)
+    grid2 = _grid_for((2 + k) * n, grid)
     inputs = dict(input_ids=cat('input_ids'), attention_mask=cat('attention_mask'),
                   loss_mask=cat('loss_mask'), position_ids=cat('position_ids'))
     if compact:
@@ -208,7 +283,9 @@ def cpo_loss_fn(model, batch, grid, cfg, *, max_completion_len=0, naive=False,
     def logps(m):
         total, mean, count, dropped = _completion_logps(m, **inputs)
         used = losses.logps_for_loss(total, mean, cfg.loss_type)  # ipo: mean; else sum.
-        return used[:n], used[n:], total[:n], count[:n], dropped
+        # Rejected: the batch's, then the perturbed ones. The perturbed rows copy chosen rows'
+        # tokens, so only the first 2n rows can add dropped tokens of their own.
+        return used[:n], used[n:], total[:n], count[:n], dropped[:2 * n]
 
     pol_c, pol_r, chosen_sum, chosen_count, dropped = logps(policy)
     if reference is None:
@@ -216,18 +293,30 @@ def cpo_loss_fn(model, batch, grid, cfg, *, max_completion_len=0, naive=False,
             ref_c, ref_r = jax.lax.stop_gradient(logps(policy)[:2])
     else:
         ref_c, ref_r = jax.lax.stop_gradient(logps(reference)[:2])
+    source, sample_weight = batch['source'], batch['sample_weight']
+    if k:
+        # Each extra pair's chosen side is its batch row's chosen side: tile, no forward.
+        pol_c, ref_c = jnp.tile(pol_c, 1 + k), jnp.tile(ref_c, 1 + k)
+        source = jnp.concatenate([source, jnp.full((k * n,), PERTURBED_SOURCE, source.dtype)])
+        sample_weight = jnp.concatenate(
+            [sample_weight, jnp.ones((k * n,), sample_weight.dtype)])
 
     per_example, metrics = losses.preference_loss(
         pol_c, pol_r, ref_c, ref_r, beta=cfg.beta, loss_type=cfg.loss_type,
         label_smoothing=cfg.label_smoothing)
     pref = losses.cpo_plus_loss(
-        per_example, batch['source'], batch['sample_weight'],
+        per_example, source, sample_weight,
         source_weights=tuple(cfg.source_weights), normalize=cfg.normalize_weights)
     nll = _token_mean_nll(chosen_sum, chosen_count)
     loss, n_dropped = _guard_dropped(pref + cfg.rpo_alpha * nll, dropped)
     metrics.update(loss=loss, preference_loss=pref, nll=nll, completion_tokens_dropped=n_dropped)
     per_pair = losses.pair_metrics(pol_c, pol_r, ref_c, ref_r, beta=cfg.beta)
-    metrics.update(losses.per_source_metrics(per_pair, batch['source']))
+    metrics.update(losses.per_source_metrics(per_pair, source))
+    if k:
+        extra_pairs = {key: v[n:] for key, v in per_pair.items()}
+        extra_pairs['loss'] = per_example[n:]
+        metrics.update(losses.per_source_metrics(
+            extra_pairs, jnp.zeros((k * n,), jnp.int32), names=(PERTURBED_PREFIX,)))
     return loss, metrics
 
 
@@ -256,22 +345,34 @@ def make_train_step(stage, mesh, state_shardings):
     graphdef, loss_fn, tx = stage.graphdef, stage.loss_fn, stage.tx
 
     def step(trainable, frozen, opt_state, batch):
+        # The number of updates so far (traced, checkpointed with the optimizer): losses that
+        # draw random numbers fold it into their key, deterministic and resumable.
+        batch = dict(batch, step=update_count(opt_state))
+
         def compute(tr):
             # copy: fresh Variables at this trace level (nnx.scan inside checks it).
             return loss_fn(nnx.merge(graphdef, tr, frozen, copy=True), batch)
         (_, metrics), grads = jax.value_and_grad(compute, has_aux=True)(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        metrics['grad_norm'] = optax.global_norm(grads)
+        metrics['grad_norm'] = optax.tree.norm(grads)
         return trainable, opt_state, metrics
 
     trainable_sh, frozen_sh, opt_sh = state_shardings
     data_sh = sharding.batch_sharding(mesh)
     return jax.jit(
-            step,
-            in_shardings=(trainable_sh, frozen_sh, opt_sh, data_sh),
-            out_shardings=(trainable_sh, opt_sh, sharding.replicated(mesh)),
-            donate_argnums=(0, 2))
+        step,
+        in_shardings=(trainable_sh, frozen_sh, opt_sh, data_sh),
+        out_shardings=(trainable_sh, opt_sh, sharding.replicated(mesh)),
+        donate_argnums=(0, 2))
+
+
+def update_count(opt_state):
+    """The optimizer's update count (optax's `count` leaves all equal it; the first is taken)."""
+    counts = optax.tree_utils.tree_get_all_with_path(opt_state, 'count')
+    if not counts:
+        raise ValueError('the optimizer state has no update count.')
+    return counts[0][1]
 
 
 def opt_state_shardings(tx, trainable, trainable_sh, mesh):
@@ -444,22 +545,29 @@ def _policy(stage_model):
     return stage_model.policy if isinstance(stage_model, PolicyAndReference) else stage_model
 
 
-def cpo_stage(stage_model, cfg, grid):
-    """Stage 2 (CPO++) on the output of `attach_adapters`: only the adapters train."""
+def cpo_stage(stage_model, cfg, grid, image_processor=None):
+    """Stage 2 (CPO++) on the output of `attach_adapters`: only the adapters train.
+
+    `image_processor`: the run's (for the patch layout of cpo.device_perturbations); None =
+    the Qwen2-VL defaults that `pipeline.make_processors` uses."""
     policy = _policy(stage_model)
     tx, schedule = make_optimizer(cfg.cpo.optimizer, cfg.cpo.num_steps)
     graphdef, trainable, frozen = split_model(stage_model, 'lora')
     max_completion_len = cfg.data.max_completion_len
-    stage = Stage('cpo_plus', graphdef, trainable, frozen,
-                  functools.partial(cpo_loss_fn, grid=grid, cfg=cfg.cpo,
-                                    max_completion_len=max_completion_len), tx, schedule)
+    perturbations = parse_device_perturbations(cfg.cpo.device_perturbations)
+    extra = ('source', 'sample_weight') + (('boxes',) if perturbations else ())
+    loss_fn = functools.partial(cpo_loss_fn, grid=grid, cfg=cfg.cpo,
+                                max_completion_len=max_completion_len)
+    if perturbations:
+        loss_fn = functools.partial(loss_fn, perturbations=perturbations, seed=cfg.seed,
+                                    layout=layout_for(policy.config, image_processor))
+    stage = Stage('cpo_plus', graphdef, trainable, frozen, loss_fn, tx, schedule)
 
     def prepare(b):
         check_completion_lengths(b, completion_positions(
             b['chosen_input_ids'].shape[1], grid, policy, max_completion_len),
             ('chosen_', 'rejected_'))
-        return step_inputs(b, grid, policy.config, ('chosen_', 'rejected_'),
-                           extra=('source', 'sample_weight'))
+        return step_inputs(b, grid, policy.config, ('chosen_', 'rejected_'), extra=extra)
     return stage, prepare
 
 
@@ -477,7 +585,7 @@ def train_sft(model, cfg, *, grid, train=True, **loop):
     return lora.merge_lora(model) if cfg.sft.trainable == 'lora' else model
 
 
-def train_cpo(model, cfg, *, grid, train=True, **loop):
+def train_cpo(model, cfg, *, grid, train=True, image_processor=None, **loop):
     """Runs (or resumes, or with train=False restores) the CPO++ stage; returns the policy."""
-    stage, prepare = cpo_stage(attach_adapters(model, cfg), cfg, grid)
+    stage, prepare = cpo_stage(attach_adapters(model, cfg), cfg, grid, image_processor)
     return _policy(_run(stage, prepare, cfg, cfg.cpo.num_steps, train, **loop))

@@ -65,7 +65,7 @@ def proc(tmp_path_factory):
 
 
 def test_mimic_prepares_and_feeds_sft_cpo_eval(proc, tmp_path):
-  recs = _write(tmp_path)
+  _write(tmp_path)
   src = P.make_source("mimic_ccf", "train", data_dir=str(tmp_path))
   assert src.kind == "pairs" and src.skipped == {}
   # train: record 0 has 2 counterfactuals (2 thinking rows), record 1 none (1 inert row), then one

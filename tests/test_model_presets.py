@@ -36,6 +36,8 @@ def test_tiny_preset_and_overrides():
   assert (tc.vocab_size, cfg.image_token_id, tc.eos_token_id, cfg.tie_word_embeddings) == (321, 7, 3, True)
   with pytest.raises(ValueError, match='unknown model preset'):
     get_config('huge')
+  # DESIGN.md spells presets after the checkpoint family: the same config.
+  assert get_config('qwen2_5_vl_7b').to_dict() == get_config('7b').to_dict()
 
 
 def test_every_param_has_logical_axis_names():

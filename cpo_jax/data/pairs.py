@@ -13,7 +13,7 @@ A pair here is still text + image bytes; tokenization and pixels happen in pipel
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 

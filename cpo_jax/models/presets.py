@@ -66,6 +66,7 @@ def get_config(name: str, **overrides) -> Qwen2_5_VLConfig:
   """Preset config; top-level overrides (image_token_id, tie_word_embeddings, ...) apply to the
   outer config, text keys (vocab_size, eos_token_id, ...) to text_config, and
   `vision_config={...}` / `text_config={...}` dicts are merged into the sub-configs."""
+  name = name.removeprefix('qwen2_5_vl_')  # 'qwen2_5_vl_7b' (DESIGN.md's spelling) == '7b'.
   if name not in _PRESETS:
     raise ValueError(f'unknown model preset {name!r}; choose one of {", ".join(NAMES)}')
   d = copy.deepcopy(_PRESETS[name])
