@@ -53,3 +53,25 @@ class SkipCounter:
   def __setstate__(self, state):
     self.__init__()
     self.counts, self.examples = state["counts"], state["examples"]
+
+
+class BadRecordPolicy(SkipCounter):
+  """`data.on_bad_record` applied to each BadRecordError: raise it, or count it by reason."""
+
+  def __init__(self, policy: str):
+    if policy not in ("raise", "skip"):
+      raise ValueError(f"on_bad_record={policy!r}; expected 'raise' or 'skip'")
+    super().__init__()
+    self.policy = policy
+
+  def __call__(self, err: BadRecordError) -> None:
+    if self.policy == "raise":
+      raise err
+    self.add(err.reason, str(err.record_id))
+
+  def __getstate__(self):
+    return dict(super().__getstate__(), policy=self.policy)
+
+  def __setstate__(self, state):
+    self.__init__(state["policy"])
+    self.counts, self.examples = state["counts"], state["examples"]

@@ -48,8 +48,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
-from cpo_jax.data.bad_records import BadRecordError
-from cpo_jax.data.mimic_ccf import Policy, _s, _text, prepare_manual
+from cpo_jax.data.bad_records import BadRecordError, BadRecordPolicy
+from cpo_jax.data.mimic_ccf import _s, _text, prepare_manual
 from cpo_jax.data.pairs import SOURCE_IDS
 from cpo_jax.knowledge import free_text
 from cpo_jax.knowledge.graph import THINK_CLOSE, THINK_OPEN, load_graph
@@ -195,7 +195,7 @@ with tfds.core.registered.skip_registration():
           homepage="https://github.com/DLUT-LYZ/CODA-LM")
 
     def _split_generators(self, dl_manager):
-      self.policy = Policy(self.builder_config.name)
+      self.policy = BadRecordPolicy(self.builder_config.name)
       root = os.path.join(str(dl_manager.manual_dir), "CODA-LM")
       present = sorted({v for v in SPLITS.values() if os.path.isdir(os.path.join(root, v))})
       if not present:

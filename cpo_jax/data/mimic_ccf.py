@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cpo_jax.data.bad_records import BadRecordError
+from cpo_jax.data.bad_records import BadRecordError, BadRecordPolicy
 from cpo_jax.data.pairs import SOURCE_IDS
 from cpo_jax.knowledge.graph import THINK_CLOSE, THINK_OPEN, load_graph
 
@@ -208,22 +208,6 @@ def _example(manual_dir, r, rid, chex, splits, bad, graph) -> dict[str, Any]:
 
 # ---- TFDS builder -----------------------------------------------------------------------
 
-class Policy:
-  """`data.on_bad_record` at prepare time: raise, or count by reason (and keep a few ids)."""
-
-  def __init__(self, policy: str):
-    if policy not in ("raise", "skip"):
-      raise ValueError(f"on_bad_record={policy!r}; expected 'raise' or 'skip'")
-    self.policy, self.counts, self.examples = policy, collections.Counter(), collections.defaultdict(list)
-
-  def __call__(self, err: BadRecordError):
-    if self.policy == "raise":
-      raise err
-    self.counts[err.reason] += 1
-    if len(self.examples[err.reason]) < 5:
-      self.examples[err.reason].append(str(err.record_id))
-
-
 def _text():
   return tfds.features.Tensor(shape=(), dtype=np.object_)  # str/bytes, no TF decoding
 
@@ -255,7 +239,7 @@ with tfds.core.registered.skip_registration():
           metadata=tfds.core.MetadataDict(findings=list(FINDINGS)))
 
     def _split_generators(self, dl_manager):
-      self.policy = Policy(self.builder_config.name)
+      self.policy = BadRecordPolicy(self.builder_config.name)
       self.per_split = examples(str(dl_manager.manual_dir), self.policy)
       if not self.per_split:
         raise ValueError(f"mimic_ccf: no usable record in {dl_manager.manual_dir} "
