@@ -49,7 +49,9 @@ import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
 from cpo_jax.data.bad_records import BadRecordError, BadRecordPolicy
-from cpo_jax.data.mimic_ccf import _s, _text, prepare_manual
+from cpo_jax.data.manual_tfds import ManualBuilder, prepare_manual
+from cpo_jax.data.manual_tfds import as_str as _s
+from cpo_jax.data.manual_tfds import text as _text
 from cpo_jax.data.pairs import SOURCE_IDS
 from cpo_jax.knowledge import free_text
 from cpo_jax.knowledge.graph import THINK_CLOSE, THINK_OPEN, load_graph
@@ -173,12 +175,9 @@ def examples(manual_dir: str, split_dir: str, bad) -> list[dict[str, Any]]:
 
 with tfds.core.registered.skip_registration():
 
-  class Codalm(tfds.core.GeneratorBasedBuilder):
+  class Codalm(ManualBuilder):
     """CODA-LM (see module doc); one example per (image, task[, region])."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
-    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=p, description=f"on_bad_record={p}") for p in ("raise", "skip")]
     MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -202,10 +201,6 @@ with tfds.core.registered.skip_registration():
         raise FileNotFoundError(f"codalm: no CODA-LM/{{Train,Val,Test,Mini}} in {dl_manager.manual_dir}")
       self.per_split = {s.lower(): examples(str(dl_manager.manual_dir), s, self.policy) for s in present}
       return {s: self._generate_examples(exs) for s, exs in self.per_split.items() if exs}
-
-    def _generate_examples(self, exs):
-      for i, ex in enumerate(exs):
-        yield i, dict(ex, index=i)
 
 
 def data_source(manual_dir: str, split: str, *, on_bad_record: str = "raise",

@@ -46,6 +46,9 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from cpo_jax.data.manual_tfds import ManualBuilder, prepare_manual
+from cpo_jax.data.manual_tfds import as_str as _s
+from cpo_jax.data.manual_tfds import text as _text
 from cpo_jax.data.bad_records import BadRecordError, BadRecordPolicy
 from cpo_jax.data.pairs import SOURCE_IDS
 from cpo_jax.knowledge.graph import THINK_CLOSE, THINK_OPEN, load_graph
@@ -208,18 +211,11 @@ def _example(manual_dir, r, rid, chex, splits, bad, graph) -> dict[str, Any]:
 
 # ---- TFDS builder -----------------------------------------------------------------------
 
-def _text():
-  return tfds.features.Tensor(shape=(), dtype=np.object_)  # str/bytes, no TF decoding
-
-
 with tfds.core.registered.skip_registration():
 
-  class MimicCcf(tfds.core.GeneratorBasedBuilder):
+  class MimicCcf(ManualBuilder):
     """MIMIC-CXR-JPG + CheXpert labels + CXR-CounterFact (see module doc)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
-    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=p, description=f"on_bad_record={p}") for p in ("raise", "skip")]
     MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -245,27 +241,6 @@ with tfds.core.registered.skip_registration():
         raise ValueError(f"mimic_ccf: no usable record in {dl_manager.manual_dir} "
                          f"(skipped: {dict(self.policy.counts)})")
       return {s: self._generate_examples(exs) for s, exs in self.per_split.items()}
-
-    def _generate_examples(self, exs):
-      for i, ex in enumerate(exs):
-        yield i, dict(ex, index=i)
-
-
-def prepare_manual(builder_cls, manual_dir: str, prepared_dir: str | None, on_bad_record: str, sidecar):
-  """download_and_prepare once from manual_dir; the skip report (+ `sidecar(builder)`, a dict of
-  extra per-split facts) is saved as JSON beside the files. Returns (builder, report)."""
-  prepared_dir = prepared_dir or os.path.join(manual_dir, "_tfds")
-  builder = builder_cls(config=on_bad_record, data_dir=prepared_dir, file_format="array_record")
-  report_path = os.path.join(builder.data_dir, "cpo_jax_report.json")
-  if not os.path.exists(report_path):
-    builder.download_and_prepare(file_format="array_record",
-                                 download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-    report = {"skipped": dict(builder.policy.counts), "skipped_examples": dict(builder.policy.examples),
-              **sidecar(builder)}
-    with open(report_path, "w") as f:
-      json.dump(report, f)
-  with open(report_path) as f:
-    return builder, json.load(f)
 
 
 def _sidecar(builder) -> dict:
@@ -309,10 +284,6 @@ def data_source(manual_dir: str, split: str, *, view: str | None = None, on_bad_
 
 
 # ---- the pair-level source the pipeline reads --------------------------------------------
-
-def _s(x) -> str:
-  return x.decode("utf-8") if isinstance(x, (bytes, np.bytes_)) else str(x)
-
 
 class MimicCcfSource:
   """Pair records in the swift_jsonl format (+ labels, decision, dicom_id); see the module doc."""
