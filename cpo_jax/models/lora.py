@@ -90,34 +90,33 @@ def adapted_layers(model):
 
 
 @contextlib.contextmanager
+def _flag_set(mods, attr, value):
+  """Sets a Python attribute on `mods` for the block and restores each one's own value after."""
+  prev = [getattr(m, attr) for m in mods]
+  for m in mods:
+    setattr(m, attr, value)
+  try:
+    yield
+  finally:
+    for m, p in zip(mods, prev):
+      setattr(m, attr, p)
+
+
+@contextlib.contextmanager
 def adapters_disabled(model):
   """Within the block the model computes with its base weights only (the reference policy).
 
   A Python flag, so it also works inside a traced (jit/grad) function.
   """
-  mods = adapted_layers(model)
-  prev = [m.lora_enabled for m in mods]
-  for m in mods:
-    m.lora_enabled = False
-  try:
+  with _flag_set(adapted_layers(model), 'lora_enabled', False):
     yield model
-  finally:
-    for m, p in zip(mods, prev):
-      m.lora_enabled = p
 
 
 @contextlib.contextmanager
 def deterministic(model):
   """Within the block LoRA dropout is off (eval, generation, reference log-probs)."""
-  mods = [m for m in adapted_layers(model) if m.lora_dropout > 0.0]
-  prev = [m.deterministic for m in mods]
-  for m in mods:
-    m.deterministic = True
-  try:
+  with _flag_set([m for m in adapted_layers(model) if m.lora_dropout > 0.0], 'deterministic', True):
     yield model
-  finally:
-    for m, p in zip(mods, prev):
-      m.deterministic = p
 
 
 def merge_lora(model):
