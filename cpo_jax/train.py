@@ -23,6 +23,7 @@ from flax import nnx
 from cpo_jax import losses
 from cpo_jax import perturb
 from cpo_jax import sharding
+from cpo_jax.models import get_rope_index  # host-side numpy, transformers' semantics.
 from cpo_jax.models import lora
 
 # ----------------------------------------------------------------------------- optimizer
@@ -488,7 +489,6 @@ def step_inputs(batch, grid, model_config, prefixes=('',), extra=()):
     """The arrays a step consumes, plus Qwen2.5-VL's 3D (M-RoPE) position ids computed on
     host as the HF processor would. The image grid is static per run (it shapes the vision
     tower), so a batch with another grid is an error, not a recompile."""
-    from cpo_jax.models import get_rope_index  # host-side numpy, transformers' semantics.
     batch_grid = np.asarray(batch['image_grid_thw'])
     if not (batch_grid == grid).all():
         raise ValueError(f'batch image_grid_thw {np.unique(batch_grid, axis=0).tolist()} differs '
