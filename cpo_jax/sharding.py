@@ -84,5 +84,19 @@ def batch_sharding(mesh):
     return NamedSharding(mesh, P(('data', 'fsdp')))
 
 
+def global_batch(batch, mesh):
+    """This process's rows of a batch -> global arrays sharded by `batch_sharding` (on a pod
+    every host feeds its own rows; one process: the same as device_put)."""
+    sh = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
+
+
+def process_rows(x):
+    """The rows of a batch-sharded global array that this process holds, in order: the
+    inverse of `global_batch` for one array."""
+    shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}
+    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+
+
 def replicated(mesh):
     return NamedSharding(mesh, P())

@@ -5,7 +5,9 @@ optimizer state, batch), made by `nnx.split`ting the model once. The loop around
 side effects: the data iterator, Orbax checkpoints, metrics.jsonl and the progress bar.
 """
 import dataclasses
+import fractions
 import functools
+import hashlib
 import json
 import os
 from typing import Any, Callable
@@ -52,12 +54,10 @@ def make_optimizer(opt, num_steps):
 #    embeddings, so the images are encoded once per step and shared by both forwards.
 # `naive=True` in `cpo_loss_fn` is the straightforward computation the tests compare against.
 
-REFERENCE_MODES = ('adapters_off', 'frozen_copy')
-# 'precomputed' (reference log-probs streamed with the batch) is not offered yet: pairs are
-# drawn per stream position (grain random_map seeded by position), not per example, so a
-# table keyed by example index gives wrong references. An exact one would key each row by a
-# hash of its content (both sides' ids and pixels) over a precompute pass of the same stream;
-# with LoRA it saves nothing over adapters_off, so it waits for full fine-tuning in CPO.
+# The reference policy: the SFT model as the adapters-off policy (one model in memory), a
+# separate frozen copy, or its log-probs computed once over the stream before training and
+# streamed with each batch (no reference forward in the step; see `ReferenceTable`).
+REFERENCE_MODES = ('adapters_off', 'frozen_copy', 'precomputed')
 
 
 class PolicyAndReference(nnx.Module):
@@ -233,27 +233,79 @@ def perturbed_pixels(batch, grid, perturbations, layout, *, seed=0):
         for i, (kind, severity) in enumerate(perturbations)], axis=0)
 
 
-def cpo_loss_fn(model, batch, grid, cfg, *, max_completion_len=0, naive=False,
-                encode_once=None, compact=True, perturbations=(), layout=None, seed=0):
-    """CPO++ (METHOD.md section 3): weighted preference loss + rpo_alpha * NLL(chosen).
+def thinking_layout(thinking_fraction, batch_size):
+    """(t, g): rows come in groups of g pairs whose first t are thinking pairs, the rest
+    perception pairs, so the step knows statically which rejected images repeat the chosen
+    ones. The smallest g with t / g == thinking_fraction; g must divide the batch."""
+    fraction = fractions.Fraction(thinking_fraction).limit_denominator(batch_size)
+    if float(fraction) != float(thinking_fraction) or batch_size % fraction.denominator:
+        raise ValueError(
+            f'data.thinking_fraction={thinking_fraction} is not k / g with g dividing the batch '
+            f'size {batch_size}; choose one that is (0.5, 0.25, ...) or data.pair_layout=mixed.')
+    return fraction.numerator, fraction.denominator
 
-    Chosen and rejected go through one concatenated forward. The reference is the same model
-    with its LoRA adapters off, or `model.reference` when `model` is a PolicyAndReference.
-    Default path: images encoded once (when the vision tower has no adapters) and shared by
-    policy and reference; vocabulary projection at completion positions only. `naive=True`:
-    pixel_values into every forward and full-vocabulary logits (same numbers, more work).
-    `encode_once` / `compact` switch the two savings one at a time (benchmarks).
-    `perturbations` ((kind, severity), ...) adds K * B device-made perception pairs (see
-    `perturbed_pixels`; needs batch['boxes'] and the run's `layout`): only their rejected side
-    is forwarded, their chosen side is the batch's chosen row. `seed`: their rng stream.
-    """
+
+def check_thinking_layout(batch, layout):
+    """Host-side: the batch really has the grouped layout the step assumes (else raise)."""
+    t, g = layout
+    n = batch['source'].shape[0]
+    if n % g:
+        raise ValueError(f'batch of {n} pairs does not split into groups of {g} (pair layout {layout}).')
+    is_thinking = (np.arange(n) % g) < t
+    source = np.asarray(batch['source'])
+    if not (np.all(source[is_thinking] == 0) and np.all(source[~is_thinking] != 0)):
+        raise ValueError(f'batch sources {source.tolist()} do not follow the pair layout {layout}: rows '
+                         f'r with r % {g} < {t} must be thinking pairs (source 0), the others not.')
+    chosen = _per_row(np.asarray(batch['chosen_pixel_values']), n)[is_thinking]
+    rejected = _per_row(np.asarray(batch['rejected_pixel_values']), n)[is_thinking]
+    if not np.array_equal(chosen, rejected):
+        raise ValueError('a thinking pair of the batch has a rejected image that differs from its chosen one.')
+
+
+def _per_row(x, rows, groups=None):
+    """[rows * P, D] -> [rows, P, D]; with `groups`: [rows / groups, groups, P, D]."""
+    x = x.reshape(rows, -1, x.shape[-1])
+    return x if groups is None else x.reshape(rows // groups, groups, *x.shape[1:])
+
+
+def pair_image_embeds(model, batch, grid, layout=None, extra_pixels=None):
+    """Image embeddings of the concatenated rows (chosen [n], rejected [n], extra [k * n]).
+
+    With a pair `layout` (t, g), a thinking pair's rejected image is its chosen image: it is
+    encoded once and its embedding reused, so a step encodes n + n * (g - t) / g + k * n
+    images instead of (2 + k) * n. The reshape keeps each row group on its data shard."""
+    n = batch['chosen_input_ids'].shape[0]
+    encode = lambda pixels, rows: model.encode_images(pixels, _grid_for(rows, grid))
+    chosen = encode(batch['chosen_pixel_values'], n)
+    t, g = layout or (0, 1)
+    if t == 0:
+        rejected = encode(batch['rejected_pixel_values'], n)
+    else:
+        own_rows = n // g * (g - t)
+        parts = [_per_row(chosen, n, g)[:, :t]]
+        if own_rows:
+            own = _per_row(batch['rejected_pixel_values'], n, g)[:, t:]
+            own = encode(own.reshape(-1, own.shape[-1]), own_rows)
+            parts.append(_per_row(own, own_rows, g - t))
+        rejected = jnp.concatenate(parts, axis=1).reshape(chosen.shape)
+    if extra_pixels is not None:
+        patches = batch['chosen_pixel_values'].shape[0] // n
+        return jnp.concatenate([chosen, rejected, encode(extra_pixels, extra_pixels.shape[0] // patches)])
+    return jnp.concatenate([chosen, rejected])
+
+
+def _pair_logps_fn(model, batch, grid, cfg, *, max_completion_len=0, naive=False, encode_once=None,
+                   compact=True, perturbations=(), layout=None, seed=0, pair_layout=None):
+    """The concatenated rows of a CPO batch and `logps(m)` over them (see `cpo_loss_fn`).
+
+    Returns (policy, reference or None, n, k, logps); logps(m) -> (chosen [n], rejected
+    [(1 + k) n] log-probs as the loss uses them, chosen sums, chosen counts, dropped)."""
     if naive:
         encode_once, compact = False, False
     policy, reference = ((model.policy, model.reference) if isinstance(model, PolicyAndReference)
                          else (model, None))
-    if encode_once is None:
-        encode_once = not vision_has_adapters(policy)
-    elif encode_once and vision_has_adapters(policy):
+    vision_adapters = vision_has_adapters(policy)
+    if encode_once and vision_adapters:
         raise ValueError('encode_once=True but the vision tower has LoRA adapters: policy and '
                          'reference image embeddings differ.')
     n, length = batch['chosen_input_ids'].shape
@@ -268,32 +320,77 @@ def cpo_loss_fn(model, batch, grid, cfg, *, max_completion_len=0, naive=False,
         if k:
             parts += [extra] if key == 'pixel_values' else [batch['chosen_' + key]] * k
         return jnp.concatenate(parts, axis=0)
-    grid2 = _grid_for((2 + k) * n, grid)
     inputs = dict(input_ids=cat('input_ids'), attention_mask=cat('attention_mask'),
                   loss_mask=cat('loss_mask'), position_ids=cat('position_ids'))
     if compact:
         inputs['num_positions'] = completion_positions(length, grid, policy, max_completion_len)
+    # Who encodes the images: the step once for both models (frozen ViT without adapters:
+    # identical embeddings, no gradient into them), the step per model (adapters in the
+    # ViT), or every forward from pixels (naive / encode_once=False).
+    if encode_once is None:
+        encode_once = not vision_adapters
+    per_model = encode_once is False and vision_adapters and not naive
     if encode_once:
-        # Frozen ViT without adapters: one encoding serves policy and reference (and a
-        # frozen copy, which holds the same SFT vision weights). No gradient flows into it.
         inputs['image_embeds'] = jax.lax.stop_gradient(
-            policy.encode_images(cat('pixel_values'), grid2))
-    else:
-        inputs.update(pixel_values=cat('pixel_values'), image_grid_thw=grid2)
+            pair_image_embeds(policy, batch, grid, pair_layout, extra))
+    elif not per_model:
+        inputs.update(pixel_values=cat('pixel_values'), image_grid_thw=_grid_for((2 + k) * n, grid))
 
     def logps(m):
-        total, mean, count, dropped = _completion_logps(m, **inputs)
+        embeds = pair_image_embeds(m, batch, grid, pair_layout, extra) if per_model else None
+        total, mean, count, dropped = _completion_logps(
+            m, **inputs, **({'image_embeds': embeds} if per_model else {}))
         used = losses.logps_for_loss(total, mean, cfg.loss_type)  # ipo: mean; else sum.
         # Rejected: the batch's, then the perturbed ones. The perturbed rows copy chosen rows'
         # tokens, so only the first 2n rows can add dropped tokens of their own.
         return used[:n], used[n:], total[:n], count[:n], dropped[:2 * n]
 
-    pol_c, pol_r, chosen_sum, chosen_count, dropped = logps(policy)
+    return policy, reference, n, k, logps
+
+
+def _reference_of(policy, reference, logps):
+    """The reference's (chosen, rejected) log-probs: the adapters-off policy or the copy."""
     if reference is None:
         with lora.adapters_disabled(policy):
-            ref_c, ref_r = jax.lax.stop_gradient(logps(policy)[:2])
+            return jax.lax.stop_gradient(logps(policy)[:2])
+    return jax.lax.stop_gradient(logps(reference)[:2])
+
+
+def reference_logps(model, batch, grid, cfg, **kw):
+    """[n, 2 + k] reference log-probs per pair row (chosen, rejected, then each device-made
+    rejected side), as `cpo_loss_fn` uses them: what cpo.reference='precomputed' streams."""
+    policy, reference, n, k, logps = _pair_logps_fn(model, batch, grid, cfg, **kw)
+    ref_c, ref_r = _reference_of(policy, reference, logps)
+    return jnp.concatenate([ref_c[:, None], ref_r.reshape(1 + k, n).T], axis=1)
+
+
+def cpo_loss_fn(model, batch, grid, cfg, **kw):
+    """CPO++ (METHOD.md section 3): weighted preference loss + rpo_alpha * NLL(chosen).
+
+    Chosen and rejected go through one concatenated forward. The reference is the same model
+    with its LoRA adapters off, or `model.reference` when `model` is a PolicyAndReference.
+    Default path: images encoded by the step, once per distinct image: a thinking pair's
+    rejected image is not re-encoded when the batch has a `pair_layout` (t, g) (see
+    `thinking_layout`), and when the vision tower has no adapters one encoding serves policy
+    and reference. The vocabulary projection runs at completion positions only.
+    `naive=True`: pixel_values into every forward and full-vocabulary logits (same numbers,
+    more work). `encode_once` / `compact` switch the two savings one at a time (benchmarks;
+    encode_once=False feeds pixels to every forward).
+    `perturbations` ((kind, severity), ...) adds K * B device-made perception pairs (see
+    `perturbed_pixels`; needs batch['boxes'] and the run's `layout`): only their rejected side
+    is forwarded, their chosen side is the batch's chosen row. `seed`: their rng stream.
+    A batch with 'reference_logps' ([n, 2 + k], see `reference_logps`) brings its reference
+    (cpo.reference='precomputed'): no reference forward.
+    Keywords: max_completion_len, naive, encode_once, compact, perturbations, layout, seed,
+    pair_layout.
+    """
+    policy, reference, n, k, logps = _pair_logps_fn(model, batch, grid, cfg, **kw)
+    pol_c, pol_r, chosen_sum, chosen_count, dropped = logps(policy)
+    if 'reference_logps' in batch:
+        ref = batch['reference_logps']
+        ref_c, ref_r = ref[:, 0], ref[:, 1:].T.reshape(-1)
     else:
-        ref_c, ref_r = jax.lax.stop_gradient(logps(reference)[:2])
+        ref_c, ref_r = _reference_of(policy, reference, logps)
     source, sample_weight = batch['source'], batch['sample_weight']
     if k:
         # Each extra pair's chosen side is its batch row's chosen side: tile, no forward.
@@ -333,6 +430,8 @@ class Stage:
     loss_fn: Callable  # (model, batch) -> (loss, metrics)
     tx: optax.GradientTransformation
     schedule: Callable
+    # cpo.reference='precomputed': (model, batch) -> [n, 2 + k] reference log-probs.
+    reference_fn: Callable | None = None
 
 
 def split_model(model, trainable):
@@ -352,7 +451,9 @@ def make_train_step(stage, mesh, state_shardings):
 
         def compute(tr):
             # copy: fresh Variables at this trace level (nnx.scan inside checks it).
-            return loss_fn(nnx.merge(graphdef, tr, frozen, copy=True), batch)
+            model = nnx.merge(graphdef, tr, frozen, copy=True)
+            lora.start_dropout_step(model, batch['step'])  # fresh LoRA dropout masks per step
+            return loss_fn(model, batch)
         (_, metrics), grads = jax.value_and_grad(compute, has_aux=True)(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
@@ -415,6 +516,69 @@ def has_checkpoint(workdir, stage_name):
     return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
 
 
+def batch_fingerprint(batch):
+    """64-bit hash of a step's input arrays: checks that a precomputed reference row belongs
+    to the batch it is attached to (same stream, same data, same seed)."""
+    h = hashlib.blake2b(digest_size=8)
+    for key in sorted(batch):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(batch[key]).tobytes())
+    return np.uint64(int.from_bytes(h.digest(), 'little'))
+
+
+class ReferenceTable:
+    """Reference log-probs of every step's batch, computed once before training.
+
+    The stream is deterministic (a resumed run sees exactly the batches an uninterrupted one
+    would), so row s belongs to step s; a fingerprint of the batch guards the pairing and a
+    mismatch is an error, never a silent wrong reference. Stored per process as .npz (plain
+    arrays, loaded without pickle) under <workdir>/reference/.
+    """
+
+    def __init__(self, rows, fingerprints, path):
+        self.rows, self.fingerprints, self.path = rows, fingerprints, path
+
+    @classmethod
+    def load_or_compute(cls, stage, trainable, frozen, *, mesh, num_steps, make_batches, prepare,
+                        workdir):
+        path = os.path.join(os.path.abspath(workdir), 'reference',
+                            f'{stage.name}.process{jax.process_index()}.npz')
+        if os.path.exists(path):
+            with np.load(path, allow_pickle=False) as f:
+                table = cls(f['rows'], f['fingerprints'], path)
+            if len(table.rows) >= num_steps:
+                return table
+            logging.info('%s has %d of %d steps; recomputing.', path, len(table.rows), num_steps)
+
+        @jax.jit
+        def reference(trainable, frozen, batch, step):
+            model = nnx.merge(stage.graphdef, trainable, frozen, copy=True)
+            # The update count the train step will see (device-made pairs fold it in).
+            return stage.reference_fn(model, dict(batch, step=step))
+
+        batches, rows, fingerprints = make_batches(), [], []
+        for step in tqdm.tqdm(range(num_steps), desc=f'{stage.name} reference log-probs',
+                              unit='step', dynamic_ncols=True, disable=jax.process_index() != 0):
+            batch = prepare(next(batches))
+            fingerprints.append(batch_fingerprint(batch))
+            out = reference(trainable, frozen, sharding.global_batch(batch, mesh), np.int32(step))
+            rows.append(sharding.process_rows(out))
+        table = cls(np.stack(rows).astype(np.float32), np.asarray(fingerprints, np.uint64), path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + '.tmp', 'wb') as f:  # whole or absent: a preempted pass reruns
+            np.savez(f, rows=table.rows, fingerprints=table.fingerprints)
+        os.replace(path + '.tmp', path)
+        return table
+
+    def attach(self, batch, step):
+        if step >= len(self.rows) or batch_fingerprint(batch) != self.fingerprints[step]:
+            raise ValueError(
+                f'step {step}: the batch is not the one the precomputed reference in {self.path} '
+                f'was computed for (data, seed, batch size or perturbations changed since); '
+                f'delete that file to recompute it.')
+        return dict(batch, reference_logps=self.rows[step])
+
+
 def run_stage(stage, *, mesh, num_steps, make_batches, prepare, workdir, checkpoint_cfg,
               log_every, writer, restore_only=False):
     """Trains `stage` for `num_steps`, resuming from its latest checkpoint in the workdir.
@@ -453,14 +617,21 @@ def run_stage(stage, *, mesh, num_steps, make_batches, prepare, workdir, checkpo
         trainable, opt_state = restored['params'], restored['opt_state']
         logging.info('%s: resumed from step %d.', stage.name, start)
 
+    table = None
+    if stage.reference_fn is not None:  # cpo.reference='precomputed': a pass before training.
+        table = ReferenceTable.load_or_compute(
+            stage, trainable, frozen, mesh=mesh, num_steps=num_steps, make_batches=make_batches,
+            prepare=prepare, workdir=workdir)
     step_fn = make_train_step(stage, mesh, (trainable_sh, frozen_sh, opt_sh))
-    data_sh = sharding.batch_sharding(mesh)
     bar = tqdm.tqdm(range(start, num_steps), initial=start, total=num_steps,
                     desc=stage.name, unit='step', dynamic_ncols=True,
                     disable=jax.process_index() != 0)
     try:
         for step in bar:
-            batch = jax.device_put(prepare(next(batches)), data_sh)
+            batch = prepare(next(batches))
+            if table is not None:
+                batch = table.attach(batch, step)
+            batch = sharding.global_batch(batch, mesh)
             trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, batch)
             done = step + 1
             if done % log_every == 0 or done == num_steps:
@@ -526,14 +697,9 @@ def attach_adapters(model, cfg):
     """Adds new LoRA adapters to the SFT model (in place) for CPO++. Returns the model the
     stage trains: the adapted model (reference = adapters off) or, with
     cpo.reference='frozen_copy', the policy beside a copy of the SFT model taken first."""
-    if cfg.lora.dropout:
-        # The step would need to carry the dropout RNG state out of the jitted function;
-        # until it does, refuse rather than train with one frozen dropout mask.
-        raise NotImplementedError('config.lora.dropout > 0 is not supported by the train step yet.')
     reference = cfg.cpo.reference
     if reference not in REFERENCE_MODES:
-        raise ValueError(f'config.cpo.reference={reference!r}; expected one of {REFERENCE_MODES} '
-                         f"('precomputed' is not available: pairs are drawn per stream position).")
+        raise ValueError(f'config.cpo.reference={reference!r}; expected one of {REFERENCE_MODES}.')
     ref_model = nnx.clone(model) if reference == 'frozen_copy' else None
     lora.apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                     targets=tuple(cfg.lora.targets.split(',')),
@@ -545,28 +711,32 @@ def _policy(stage_model):
     return stage_model.policy if isinstance(stage_model, PolicyAndReference) else stage_model
 
 
-def cpo_stage(stage_model, cfg, grid, image_processor=None):
+def cpo_stage(stage_model, cfg, grid, image_processor=None, pair_layout=None):
     """Stage 2 (CPO++) on the output of `attach_adapters`: only the adapters train.
 
     `image_processor`: the run's (for the patch layout of cpo.device_perturbations); None =
-    the Qwen2-VL defaults that `pipeline.make_processors` uses."""
+    the Qwen2-VL defaults that `pipeline.make_processors` uses. `pair_layout`: (t, g) when
+    the stream groups its pairs (`thinking_layout`); checked on every batch."""
     policy = _policy(stage_model)
     tx, schedule = make_optimizer(cfg.cpo.optimizer, cfg.cpo.num_steps)
     graphdef, trainable, frozen = split_model(stage_model, 'lora')
     max_completion_len = cfg.data.max_completion_len
     perturbations = parse_device_perturbations(cfg.cpo.device_perturbations)
     extra = ('source', 'sample_weight') + (('boxes',) if perturbations else ())
-    loss_fn = functools.partial(cpo_loss_fn, grid=grid, cfg=cfg.cpo,
-                                max_completion_len=max_completion_len)
+    kw = dict(grid=grid, cfg=cfg.cpo, max_completion_len=max_completion_len, pair_layout=pair_layout)
     if perturbations:
-        loss_fn = functools.partial(loss_fn, perturbations=perturbations, seed=cfg.seed,
-                                    layout=layout_for(policy.config, image_processor))
-    stage = Stage('cpo_plus', graphdef, trainable, frozen, loss_fn, tx, schedule)
+        kw.update(perturbations=perturbations, seed=cfg.seed,
+                  layout=layout_for(policy.config, image_processor))
+    precomputed = cfg.cpo.reference == 'precomputed'
+    stage = Stage('cpo_plus', graphdef, trainable, frozen, functools.partial(cpo_loss_fn, **kw),
+                  tx, schedule, functools.partial(reference_logps, **kw) if precomputed else None)
 
     def prepare(b):
         check_completion_lengths(b, completion_positions(
             b['chosen_input_ids'].shape[1], grid, policy, max_completion_len),
             ('chosen_', 'rejected_'))
+        if pair_layout is not None:
+            check_thinking_layout(b, pair_layout)
         return step_inputs(b, grid, policy.config, ('chosen_', 'rejected_'), extra=extra)
     return stage, prepare
 
@@ -585,7 +755,7 @@ def train_sft(model, cfg, *, grid, train=True, **loop):
     return lora.merge_lora(model) if cfg.sft.trainable == 'lora' else model
 
 
-def train_cpo(model, cfg, *, grid, train=True, image_processor=None, **loop):
+def train_cpo(model, cfg, *, grid, train=True, image_processor=None, pair_layout=None, **loop):
     """Runs (or resumes, or with train=False restores) the CPO++ stage; returns the policy."""
-    stage, prepare = cpo_stage(attach_adapters(model, cfg), cfg, grid, image_processor)
+    stage, prepare = cpo_stage(attach_adapters(model, cfg), cfg, grid, image_processor, pair_layout)
     return _policy(_run(stage, prepare, cfg, cfg.cpo.num_steps, train, **loop))

@@ -171,3 +171,32 @@ class _Repeat(grain.DatasetIterator):
 
     def set_state(self, state):
         del state
+
+
+def test_precomputed_reference_trains_like_adapters_off_and_guards_its_rows(setup, tmp_path):
+    proc, source, model_config, cfg, mesh = setup
+    cfg = cfg.copy_and_resolve_references()
+    cfg.cpo.num_steps, cfg.log_every_steps, cfg.checkpoint.every_steps = 3, 1, 100
+    make = functools.partial(_cpo_iter, proc, source)
+    grid = np.asarray(next(make())['image_grid_thw'][0])
+    sft_model = _model(model_config)
+    runs = {}
+    for mode in ('adapters_off', 'precomputed'):
+        cfg.cpo.reference = mode
+        runs[mode] = _run(train.train_cpo, nnx.clone(sft_model), cfg, mesh, grid, make, tmp_path / mode)
+    off, pre = (_rows(tmp_path / m) for m in ('adapters_off', 'precomputed'))
+    assert [r['step'] for r in pre] == [1, 2, 3]
+    for a, b in zip(off, pre):
+        for key in ('loss', 'rewards/margins', 'rewards/chosen', 'logps/rejected'):
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert abs(pre[-1]['rewards/margins']) > 1e-5  # the reference mattered after step 1
+    for a, b in zip(jax.tree.leaves(nnx.state(runs['adapters_off'], lora.LoRAParam)),
+                    jax.tree.leaves(nnx.state(runs['precomputed'], lora.LoRAParam))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    # The table on disk: one row of [pairs, 2] (chosen, rejected) per step, plain arrays.
+    path = tmp_path / 'precomputed' / 'reference' / 'cpo_plus.process0.npz'
+    with np.load(path, allow_pickle=False) as f:
+        assert f['rows'].shape == (3, 8, 2) and f['fingerprints'].shape == (3,)
+    table = train.ReferenceTable(np.zeros((3, 8, 2), np.float32), np.zeros(3, np.uint64), str(path))
+    with pytest.raises(ValueError, match='step 1: the batch is not the one'):
+        table.attach({'source': np.zeros(8, np.int32)}, 1)

@@ -4,12 +4,14 @@ reference equal to adapters-off; a completion that does not fit is an error."""
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from cpo_jax import config_defaults
 from cpo_jax import models
+from cpo_jax import sharding
 from cpo_jax import train
 from cpo_jax.data import pipeline
 from cpo_jax.models import lora
@@ -120,3 +122,92 @@ def test_a_completion_longer_than_the_slab_is_an_error_not_a_truncation(setup):
         train.cpo_loss_fn(model, batch, grid, cfg, max_completion_len=longest - 1)
     metrics, _ = _loss_and_grads(model, batch, grid, cfg, grads=False, max_completion_len=longest - 1)
     assert np.isnan(metrics['loss']) and int(metrics['completion_tokens_dropped']) > 0
+
+
+def _grouped_batch(raw, grid, make_config, pattern):
+    """The pipeline batch's rows rearranged so row r is a thinking pair iff pattern[r]."""
+    rows = {True: list(np.flatnonzero(raw['source'] == 0)), False: list(np.flatnonzero(raw['source'] != 0))}
+    order = [rows[thinking][i % len(rows[thinking])] for i, thinking in
+             enumerate(pattern)]
+    n = raw['source'].shape[0]
+    out = {}
+    for key, value in raw.items():
+        value = np.asarray(value)
+        if key.endswith('pixel_values'):
+            out[key] = value.reshape(n, -1, value.shape[-1])[order].reshape(-1, value.shape[-1])
+        elif value.shape[:1] == (n,):
+            out[key] = value[order]
+    return out, train.step_inputs(out, grid, make_config(), ('chosen_', 'rejected_'),
+                                  extra=('source', 'sample_weight'))
+
+
+@pytest.mark.parametrize('include_vision', [False, True])
+def test_thinking_pairs_encode_their_image_once_with_the_same_numbers(setup, include_vision, monkeypatch):
+    raw, _, grid, make_config, cfg = setup
+    grouped_raw, batch = _grouped_batch(raw, grid, make_config, [True, False, True, False])
+    train.check_thinking_layout(grouped_raw, (1, 2))
+    model, _ = _policy(make_config, include_vision=include_vision)
+    encoded = []
+    original = models.Qwen2_5_VL.encode_images
+
+    def counting(self, pixel_values, image_grid_thw):
+        encoded.append(len(image_grid_thw))  # images per call, counted while tracing
+        return original(self, pixel_values, image_grid_thw)
+    monkeypatch.setattr(models.Qwen2_5_VL, 'encode_images', counting)
+    shared = _loss_and_grads(model, batch, grid, cfg, grads=not include_vision, pair_layout=(1, 2))
+    images_shared, encoded[:] = sum(encoded), []
+    plain = _loss_and_grads(model, batch, grid, cfg, grads=not include_vision)
+    _assert_same(shared, plain)
+    # 4 pairs, 2 thinking: 4 chosen + 2 perception rejected images instead of 8, once for
+    # both models (frozen ViT) or once per model (adapters in the ViT: policy and reference).
+    per_model = 2 if include_vision else 1
+    assert (images_shared, sum(encoded)) == (6 * per_model, 8 * per_model)
+    assert abs(float(shared[0]['rewards/margins'])) > 1e-4
+
+
+def test_a_batch_off_its_pair_layout_is_an_error(setup):
+    raw, _, grid, make_config, _ = setup
+    grouped_raw, _ = _grouped_batch(raw, grid, make_config, [True, False, False, True])
+    with pytest.raises(ValueError, match='do not follow the pair layout'):
+        train.check_thinking_layout(grouped_raw, (1, 2))
+    grouped_raw, _ = _grouped_batch(raw, grid, make_config, [True, False, True, False])
+    grouped_raw['rejected_pixel_values'] = grouped_raw['rejected_pixel_values'] + 1.0
+    with pytest.raises(ValueError, match='rejected image that differs'):
+        train.check_thinking_layout(grouped_raw, (1, 2))
+    assert train.thinking_layout(0.5, 16) == (1, 2)
+    assert train.thinking_layout(0.25, 16) == (1, 4)
+    assert train.thinking_layout(1.0, 16) == (1, 1)
+    with pytest.raises(ValueError, match='thinking_fraction=0.3'):
+        train.thinking_layout(0.3, 16)
+
+
+@pytest.mark.parametrize('dropout', [0.0, 0.5])
+def test_lora_dropout_draws_fresh_masks_each_step_and_the_same_on_a_rerun(setup, dropout):
+    raw, batch, grid, make_config, cfg = setup
+    model = models.Qwen2_5_VL(make_config(), rngs=nnx.Rngs(0))
+    lora.apply_lora(model, rank=4, alpha=8.0, dropout=dropout, rngs=nnx.Rngs(1))
+    adapters = nnx.state(model, lora.LoRAParam)  # random B: the adapters (and dropout) matter
+    nnx.update(model, jax.tree.map(lambda x: 0.05 * jax.random.normal(jax.random.key(2), x.shape), adapters))
+    run_cfg = config_defaults.base_config('', domain='driving', data='synth_drive')
+    run_cfg.cpo.optimizer.lr = 0.0  # params stay put: only the masks can move the loss
+    stage, _ = train.cpo_stage(model, run_cfg, grid)
+    mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
+    shardings = [sharding.state_shardings(s, mesh) for s in (stage.trainable, stage.frozen)]
+    opt_sh = train.opt_state_shardings(stage.tx, stage.trainable, shardings[0], mesh)
+    step = train.make_train_step(stage, mesh, (*shardings, opt_sh))
+
+    def losses_of_two_steps():
+        # A copy: the step donates its inputs.
+        trainable = jax.device_put(jax.tree.map(jnp.array, stage.trainable), shardings[0])
+        opt_state = jax.jit(stage.tx.init, out_shardings=opt_sh)(trainable)
+        out = []
+        for _ in range(2):
+            trainable, opt_state, metrics = step(trainable, stage.frozen, opt_state, batch)
+            out.append(float(metrics['loss']))
+        return out
+    first, second = losses_of_two_steps(), losses_of_two_steps()
+    assert first == second  # a rerun (or a resumed run) draws the same masks
+    if dropout:
+        assert abs(first[0] - first[1]) > 1e-4, first  # step 1 drew other masks than step 0
+    else:
+        assert first[0] == first[1]

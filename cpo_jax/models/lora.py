@@ -28,8 +28,8 @@ class LoRADropoutRng(nnx.Variable):
   """Seed and call counter of LoRA dropout (not trained; advances on every training call).
 
   Dropout is active while the model is in training mode; `model.eval()` (or
-  `deterministic(model)`) turns it off. A train step built on nnx.split/merge must carry
-  this state back out (e.g. return nnx.state(model, LoRADropoutRng)) for masks to change.
+  `deterministic(model)`) turns it off. A train step built on nnx.split/merge calls
+  `start_dropout_step` so that masks change from step to step.
   """
 
 
@@ -75,6 +75,21 @@ def apply_lora(model, *, rank: int, alpha: float, dropout: float = 0.0, targets=
   if not adapted:
     raise ValueError(f'no Linear layer matched LoRA targets {tuple(targets)} (include_vision={include_vision})')
   return adapted
+
+
+# A jitted train step does not carry the dropout counters out, so each step restarts them
+# from step * DROPOUT_CALLS_PER_STEP (`start_dropout_step`): a step's masks are a pure function
+# of (layer seed, update count, call index within the step), fresh every step and the same
+# for a resumed run. A step may call each layer up to this many times.
+DROPOUT_CALLS_PER_STEP = 256
+
+
+def start_dropout_step(model, step):
+  """Points every adapter's dropout counter at `step` (the optimizer's update count)."""
+  for lin in adapted_layers(model):
+    if lin.lora_dropout > 0.0:
+      count = jnp.asarray(step, jnp.uint32) * DROPOUT_CALLS_PER_STEP
+      lin.lora_count[...] = jnp.full(lin.lora_count.shape, count, jnp.uint32)
 
 
 def _uniform(rngs, shape, bound, dtype):
