@@ -91,8 +91,9 @@ def test_mimic_prepares_and_feeds_sft_cpo_eval(proc, tmp_path):
   assert rows[0]["decision"] == g.decision_id("pleural_effusion")
   assert rows[2]["decision"] == g.decision_id("cardiomegaly")
   assert mimic_ccf.decision_id(["Pleural Effusion", "Cardiomegaly"], g) == -1 == mimic_ccf.decision_id(["Edema"], g)
-  # the TFDS files read back directly, raw CheXpert values kept (NaN = blank)
+  # the TFDS files read back directly, raw CheXpert values kept (NaN = blank), the thumbnail stored
   raw = src._src[1]
+  np.testing.assert_array_equal(raw["thumbnail"], P.pairs_lib.thumbnail(img1))
   assert raw["chexpert"][card] == -1.0 and np.isnan(raw["chexpert"][0]) and int(raw["study_id"]) == 50000001
 
   cpo = next(P.make_cpo_iterator(src, proc, batch_size=5, max_len=128, seed=0, num_epochs=1))
@@ -160,10 +161,22 @@ def test_mimic_bad_records_skip_by_reason_or_raise_naming_record_and_field(tmp_p
     P.make_source("mimic_ccf", "train", data_dir=str(root), prepared_dir=str(tmp_path / "prep2"))
 
 
-def test_hard_negatives_pick_the_nearest_different_label_set():
-  labels = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 0], [1, 1, 1]])
-  neg = mimic_ccf.hard_negatives(labels)
-  dist = (labels != labels[neg]).sum(1)
-  assert dist.tolist() == [1, 1, 1, 1, 2]  # never the same label set, always the closest one
-  assert mimic_ccf.hard_negatives(np.ones((3, 14))).tolist() == [-1, -1, -1]  # one label set: no pair
-  np.testing.assert_array_equal(neg, mimic_ccf.hard_negatives(labels))  # deterministic
+def test_hard_negatives_pick_the_nearest_thumbnail_with_another_label_set_and_study():
+  labels = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 0], [1, 1, 1], [0, 1, 0]])
+  studies = np.array([1, 6, 2, 3, 4, 6])
+  level = np.array([10, 200, 12, 205, 100, 198])  # thumbnails: flat grey levels
+  thumbs = np.broadcast_to(level[:, None, None, None], (6, 8, 8, 3)).astype(np.uint8)
+  neg = mimic_ccf.hard_negatives(labels, thumbs, studies)
+  # nearest grey level among other label sets: 0 -> 2 (12), 4 -> 2 (12 beats 198); records 1 and 5
+  # are nearest to each other but share a study, so both take 3 (205)
+  assert neg.tolist() == [2, 3, 0, 1, 2, 3]
+  assert (studies[neg] != studies).all() and ((labels[neg] != labels).any(1)).all()
+  assert mimic_ccf.hard_negatives(np.ones((3, 14)), thumbs[:3], studies[:3]).tolist() == [-1, -1, -1]
+  np.testing.assert_array_equal(neg, mimic_ccf.hard_negatives(labels, thumbs, studies))  # deterministic
+
+
+def test_mimic_undecodable_image_is_a_bad_record(tmp_path):
+  _write(tmp_path)
+  (tmp_path / "files/p10/p10000001/s50000001/d01-abc.jpg").write_bytes(b"not a jpeg")
+  src = P.make_source("mimic_ccf", "train", data_dir=str(tmp_path), on_bad_record="skip")
+  assert src.skipped == {"bad_image": 1} and len(src) == 2  # record 0's two thinking rows, no perception row

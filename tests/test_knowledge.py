@@ -169,3 +169,44 @@ def test_free_text_negation_and_invalid_reports():
   }
   for name, (text, orig, target) in bad.items():
     assert not free_text.validate_report(g, text, original_decision=orig, target=target)[0], name
+
+
+@pytest.mark.parametrize("name", ["driving", "medical"])
+def test_every_graph_sentence_parses_as_free_text(name):
+  """The rewriter writes the graph's sentences into free-text reports: its terms must read them back."""
+  from cpo_jax.knowledge import free_text
+  g = load_graph(name)
+  for c in g.concepts:
+    for v in c.values:
+      for s in c.sentences(v):
+        m = free_text.sentence_mentions(g, s)
+        assert m == {c.name: v} or (v == c.neutral and m == {}), (s, m)
+
+
+def test_free_text_slots_gaps_aliases_and_containment(drive):
+  from cpo_jax.knowledge import free_text
+  from cpo_jax.knowledge.graph import expand_slots
+  assert expand_slots("{cone} in the {lane}", {"cone": ["cone", "cones"], "lane": ["lane"]}) == [
+      "cone in the lane", "cones in the lane"]
+  m = free_text.sentence_mentions
+  assert m(drive, "The traffic light at the busy intersection is red.") == {"traffic_light": "red"}  # '...' gap
+  assert m(drive, "The traffic light is green and the truck is red.") == {"traffic_light": "green"}  # not across 'and'
+  assert m(drive, "A truck ahead in the distance.") == {"lead_vehicle": "far"}  # 'truck ahead' is inside it
+  assert m(drive, "A truck ahead in the adjacent lane.") == {"lead_vehicle": "none"}
+  assert m(drive, "There are no cones in the lane and a bus is directly ahead.") == {
+      "cone": "none", "lead_vehicle": "near"}  # the negation ends with its clause
+  assert drive.parse_decision("The ego car should proceed with caution.") == "slow_down"  # not also 'proceed'
+  assert drive.parse_decision("Wait at the stop line, then change lanes.") == "change_lane"  # 'stop line' names none
+  assert free_text.answer_decision(drive, "There is no need to stop. Slow down for the truck ahead.") == "slow_down"
+  assert free_text.answer_decision(drive, "Slow down, or stop if the truck ahead brakes.") is None
+
+
+def test_graph_rejects_ambiguous_terms_and_decision_names(drive):
+  c = drive.concepts[0]
+  bad = dataclasses.replace(drive, concepts=(dataclasses.replace(c, terms={**c.terms, "green": ("red light",)}),)
+                            + drive.concepts[1:])
+  with pytest.raises(GraphError, match="term 'red light' given for 'red' and 'green'"):
+    validate_graph(bad)
+  bad = dataclasses.replace(drive, decision_aliases={**drive.decision_aliases, "proceed": ("halt",)})
+  with pytest.raises(GraphError, match="decision name 'halt' used for 'stop' and 'proceed'"):
+    validate_graph(bad)

@@ -23,18 +23,24 @@ from the README's first version; the Test split's answers were released later (c
 no answers for Test), so a record without its answer is a bad record (missing_field).
 
 No counterfactuals ship with CODA-LM. A record becomes a thinking pair only when its answer parses
-with the driving concept graph (cpo_jax/knowledge/driving.json): it names exactly one decision, the
-negation-aware concept matcher (knowledge/free_text.py) finds at least one concept in it, the graph's
-rule agrees with the named decision, and the rewriter emits a valid counterfactual. Then chosen =
-'<think> ANSWER </think> The decision is D.' and rejected = the rewritten report for another decision.
-Every other record is SFT/eval only: rejected == chosen, cpo_source 'other', cpo_sample_weight 0
-(inert in the CPO++ loss). The current driving graph is a sketch for synth_drive without free-text
-`terms`, so on real CODA-LM answers no record parses today: codalm serves SFT and eval.
+with the driving concept graph (cpo_jax/knowledge/driving.json: free-text terms, decision aliases
+and negation cues): it names exactly one decision ('the ego car should slow down'; 'no need to stop'
+names none), the negation-aware concept matcher (knowledge/free_text.py) finds at least one concept
+in it, the graph's rule agrees with the named decision, and the rewriter emits a valid
+counterfactual. Then chosen = '<think> ANSWER </think> The decision is D.' and rejected = the
+rewritten report for another decision. Every other record is SFT/eval only: rejected == chosen,
+cpo_source 'other', cpo_sample_weight 0 (inert in the CPO++ loss). An answer that lists many objects
+and several possible actions (most general-perception answers) names no single decision: such
+records stay SFT/eval only.
 
-`make_source` gives a pair-level source (kind 'pairs', the swift_jsonl record format, one row per
-example) with `domain = 'driving'`. Bad records (missing image, missing field, empty answer, wrong
-types) follow data.on_bad_record when the files are prepared ('skip' counts them by reason:
-`source.skipped`; 'raise' names the file and the field).
+`make_source` gives a pair-level source (kind 'pairs', the swift_jsonl record format) with
+`domain = 'driving'`: one row per example, then one perception row per thinking-pair example (same
+chosen text; rejected image = its `hard` negative, pairs.PairIndex: among the parsed examples with
+another decision and from another image, the nearest by thumbnail, an example with a red box
+preferring one with a box; SFT on this source sees such an example twice). Bad records (missing or
+undecodable image, missing field, empty answer, wrong types) follow data.on_bad_record when the
+files are prepared ('skip' counts them by reason: `source.skipped`; 'raise' names the file and the
+field).
 """
 from __future__ import annotations
 
@@ -49,10 +55,10 @@ import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
 from cpo_jax.data.bad_records import BadRecordError, BadRecordPolicy
-from cpo_jax.data.manual_tfds import ManualBuilder, prepare_manual
+from cpo_jax.data.manual_tfds import ManualBuilder, load_thumbnails, prepare_manual, thumbnail_feature
 from cpo_jax.data.manual_tfds import as_str as _s
 from cpo_jax.data.manual_tfds import text as _text
-from cpo_jax.data.pairs import SOURCE_IDS
+from cpo_jax.data.pairs import SOURCE_IDS, PairIndex, thumbnail
 from cpo_jax.knowledge import free_text
 from cpo_jax.knowledge.graph import THINK_CLOSE, THINK_OPEN, load_graph
 
@@ -92,7 +98,7 @@ def boxed_image(image: bytes, box) -> bytes:
 
 def thinking_pair(answer: str, graph) -> tuple[str, str] | None:
   """(chosen, rejected) when the answer parses with the graph (module doc), else None."""
-  d = graph.parse_decision(answer)
+  d = free_text.answer_decision(graph, answer)
   a, sents = free_text.parse_report(graph, answer)
   if d is None or not any(m for _, m in sents) or graph.decide(a) != d:
     return None
@@ -126,8 +132,12 @@ def examples(manual_dir: str, split_dir: str, bad) -> list[dict[str, Any]]:
     try:
       with open(img_path, "rb") as f:
         image = f.read()
+      thumb = thumbnail(image)  # of the scene: its regions' thin red boxes barely touch an 8x8 thumbnail
     except OSError as e:
       bad(BadRecordError("bad_image", fname, f"cannot read image {img_path}: {e.strerror}"))
+      continue
+    except Exception as e:  # PIL raises several types for a truncated or foreign file
+      bad(BadRecordError("bad_image", fname, f"cannot decode image {img_path}: {e!r}"))
       continue
     base = {"image_id": f"{img_dir}/{name}", "region": -1, "box": np.zeros(4, np.float32), "category": ""}
     tasks = []  # (task, answer, meta, image), in file order; bad ones are raised/counted on the spot
@@ -168,8 +178,9 @@ def examples(manual_dir: str, split_dir: str, bad) -> list[dict[str, Any]]:
       tasks.append(("region_perception", text, meta, boxed))
     for task, answer, meta, img in tasks:
       pair = thinking_pair(answer, graph)
-      out.append({"image": img, "question": QUESTIONS[task], "answer": answer, "task": task,
-                  "chosen": pair[0] if pair else answer, "rejected": pair[1] if pair else "", **meta})
+      out.append({"image": img, "thumbnail": thumb, "question": QUESTIONS[task], "answer": answer, "task": task,
+                  "chosen": pair[0] if pair else answer, "rejected": pair[1] if pair else "",
+                  "decision": np.int32(graph.decision_id(graph.parse_decision(pair[0])) if pair else -1), **meta})
   return out
 
 
@@ -184,9 +195,11 @@ with tfds.core.registered.skip_registration():
       return self.dataset_info_from_configs(
           features=tfds.features.FeaturesDict({
               "image": _text(),  # JPEG bytes (regions: with the red box drawn)
+              "thumbnail": thumbnail_feature(),  # pairs.thumbnail of the scene image (without the box)
               "question": _text(), "answer": _text(), "task": _text(), "image_id": _text(), "category": _text(),
               "chosen": _text(), "rejected": _text(),  # rejected '' = no counterfactual (SFT/eval only)
               "region": tfds.features.Scalar(dtype=np.int32),
+              "decision": tfds.features.Scalar(dtype=np.int32),  # driving decision id of a thinking pair, else -1
               "box": tfds.features.Tensor(shape=(4,), dtype=np.float32),  # xywh pixels, zeros without region
               "index": tfds.features.Scalar(dtype=np.int64),
           }),
@@ -207,25 +220,53 @@ def data_source(manual_dir: str, split: str, *, on_bad_record: str = "raise",
                 prepared_dir: str | None = None) -> "CodalmSource":
   if split not in SPLITS:
     raise ValueError(f"codalm has no split {split!r} (names: {sorted(SPLITS)})")
-  builder, report = prepare_manual(Codalm, manual_dir, prepared_dir, on_bad_record, lambda b: {})
+  builder, report = prepare_manual(Codalm, manual_dir, prepared_dir, on_bad_record, _sidecar)
   s = SPLITS[split].lower()
   if s not in builder.info.splits:
     raise ValueError(f"codalm: split {split!r} (CODA-LM/{SPLITS[split]}) is not in {manual_dir} or has no usable "
                      f"record (prepared: {sorted(builder.info.splits)})")
-  return CodalmSource(builder.as_data_source(split=s), s, report)
+  return CodalmSource(builder.as_data_source(split=s), s, report, load_thumbnails(builder, s))
+
+
+def _sidecar(builder) -> dict:
+  """Per split: decisions, scene ids and whether the image has a box (the perception index)."""
+  per = {s: exs for s, exs in builder.per_split.items() if exs}
+  return {"decisions": {s: [int(e["decision"]) for e in exs] for s, exs in per.items()},
+          "image_ids": {s: [e["image_id"] for e in exs] for s, exs in per.items()},
+          "boxed": {s: [int(e["region"] >= 0) for e in exs] for s, exs in per.items()}}
+
+
+def hard_negatives(decisions, image_ids, boxed, thumbnails, seed: int = 0) -> np.ndarray:
+  """[N] each thinking-pair example's perception negative, -1 if none or not a pair: the nearest
+  by thumbnail among the pair examples with another decision and another image, same `boxed` first
+  (pairs.PairIndex; the box is the one known nuisance)."""
+  dec = np.asarray(decisions, np.int64)
+  out = np.full(len(dec), -1, np.int64)
+  ok = np.flatnonzero(dec >= 0)
+  if len(np.unique(dec[ok])) < 2:
+    return out
+  scene = np.unique(np.asarray(image_ids), return_inverse=True)[1].reshape(-1)
+  idx = PairIndex(dec[ok], dec[ok, None], np.asarray(boxed)[ok], thumbnails=np.asarray(thumbnails)[ok],
+                  group=scene[ok], seed=seed)
+  neg = idx.hard_negatives()
+  out[ok] = np.where(neg >= 0, ok[neg], -1)
+  return out
 
 
 class CodalmSource:
-  """Pair records in the swift_jsonl format (+ task, answer); one row per example."""
+  """Pair records in the swift_jsonl format (+ task, answer): one row per example, then the
+  perception rows (module doc)."""
 
   kind = "pairs"
   domain = "driving"
 
-  def __init__(self, src, split: str, report: dict):
+  def __init__(self, src, split: str, report: dict, thumbnails: np.ndarray):
     self._src, self.split, self.skipped = src, split, report["skipped"]
+    neg = hard_negatives(report["decisions"][split], report["image_ids"][split], report["boxed"][split], thumbnails)
+    self._rows = [(i, -1) for i in range(len(src))] + [(i, int(j)) for i, j in enumerate(neg) if j >= 0]
 
   def __len__(self) -> int:
-    return len(self._src)
+    return len(self._rows)
 
   def __repr__(self):
     return f"codalm({self.split})"
@@ -233,12 +274,18 @@ class CodalmSource:
   def __getitem__(self, i: int) -> dict[str, Any]:
     if not 0 <= i < len(self):
       raise IndexError(i)
-    ex = self._src[i]
+    k, j = self._rows[i]
+    ex = self._src[k]
     user = [{"role": "user", "content": "<image>" + _s(ex["question"])}]
     chosen, rejected = _s(ex["chosen"]), _s(ex["rejected"])
-    return {"prompt_messages": user, "chosen": chosen, "rejected_prompt_messages": user,
-            "rejected": rejected or chosen, "image": ex["image"], "rejected_image": ex["image"],
-            "source": SOURCE_IDS["thinking" if rejected else "other"], "sample_weight": 1.0 if rejected else 0.0,
-            "index": i, "record_id": f"codalm/{self.split}[{i}] ({_s(ex['image_id'])} {_s(ex['task'])})",
-            "task": _s(ex["task"]), "answer": _s(ex["answer"]), "region": int(ex["region"]),
-            "box": np.asarray(ex["box"], np.float32)}
+    rid = f"codalm/{self.split}[{k}] ({_s(ex['image_id'])} {_s(ex['task'])})"
+    row = {"prompt_messages": user, "chosen": chosen, "rejected_prompt_messages": user,
+           "rejected": rejected or chosen, "image": ex["image"], "rejected_image": ex["image"],
+           "source": SOURCE_IDS["thinking" if rejected else "other"], "sample_weight": 1.0 if rejected else 0.0,
+           "index": i, "record_id": rid, "task": _s(ex["task"]), "answer": _s(ex["answer"]),
+           "region": int(ex["region"]), "box": np.asarray(ex["box"], np.float32), "decision": int(ex["decision"])}
+    if j >= 0:  # perception: same text, the hard negative's image
+      neg = self._src[j]
+      row.update(rejected=chosen, rejected_image=neg["image"], source=SOURCE_IDS["perception"],
+                 record_id=f"{rid} vs [{j}] ({_s(neg['image_id'])} {_s(neg['task'])})")
+    return row

@@ -21,15 +21,18 @@ pipeline's SFT (chosen side), CPO (the given pairs) and eval streams take it unc
   view 'pairs' (default for train): one row per (record, counterfactual), cpo_source 'thinking';
     a record without counterfactuals is one row with rejected == chosen and cpo_sample_weight 0
     (inert in the CPO++ loss, still an SFT / eval example); then one perception row per record
-    (same text, rejected image = its `hard_negatives` pick: the nearest different 14-finding label
-    set). SFT on this view sees a record once per row (about 3 times with CCF's 2 counterfactuals);
+    (same text, rejected image = its `hard` negative: among the records of the split with another
+    14-finding label set and another study, the nearest by thumbnail: pairs.PairIndex; MIMIC has no
+    nuisance labels). SFT on this view sees a record once per row (about 3 times with CCF's 2
+    counterfactuals);
   view 'records' (default for the other splits): one row per record (the first counterfactual as
     the rejected side).
 Bad records are found when the files are prepared: data.on_bad_record 'raise' names the CCF record
 and the field; 'skip' drops it and counts it by reason (saved next to the prepared files:
 `source.skipped`). Reasons: bad_type, missing_field, empty_chain (empty report or counterfactual
 text: a record with an empty counterfactual keeps its other ones), missing_split (dicom not in the
-split CSV), missing_label (study not in the CheXpert CSV), bad_image (image file missing).
+split CSV), missing_label (study not in the CheXpert CSV), bad_image (image file missing or not an
+image).
 Prepared files go to `prepared_dir` (default <manual_dir>/_tfds); delete them to re-prepare.
 """
 from __future__ import annotations
@@ -46,11 +49,11 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cpo_jax.data.manual_tfds import ManualBuilder, prepare_manual
+from cpo_jax.data.manual_tfds import ManualBuilder, load_thumbnails, prepare_manual, thumbnail_feature
 from cpo_jax.data.manual_tfds import as_str as _s
 from cpo_jax.data.manual_tfds import text as _text
 from cpo_jax.data.bad_records import BadRecordError, BadRecordPolicy
-from cpo_jax.data.pairs import SOURCE_IDS
+from cpo_jax.data.pairs import SOURCE_IDS, PairIndex, thumbnail
 from cpo_jax.knowledge.graph import THINK_CLOSE, THINK_OPEN, load_graph
 
 FINDINGS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
@@ -196,6 +199,10 @@ def _example(manual_dir, r, rid, chex, splits, bad, graph) -> dict[str, Any]:
       image = f.read()
   except OSError as e:
     raise BadRecordError("bad_image", rid, f"field 'dicom_id': cannot read image {img}: {e.strerror}") from e
+  try:
+    thumb = thumbnail(image)
+  except Exception as e:  # PIL raises several types for a truncated or foreign file
+    raise BadRecordError("bad_image", rid, f"field 'dicom_id': cannot decode image {img}: {e!r}") from e
   rejected = []
   for disease, text in cfs.items():
     if not text.strip() or not disease.strip():
@@ -203,7 +210,7 @@ def _example(manual_dir, r, rid, chex, splits, bad, graph) -> dict[str, Any]:
       continue
     rejected.append([disease, completion(text, [disease.strip()])])
   raw = chex[(subject, study)]
-  return {"image": image, "question": QUESTION, "chosen": completion(r["report"], diseases),
+  return {"image": image, "thumbnail": thumb, "question": QUESTION, "chosen": completion(r["report"], diseases),
           "counterfactuals": json.dumps(rejected), "diagnose": ", ".join(diseases),
           "labels": (raw == 1.0).astype(np.int32), "chexpert": raw, "decision": np.int32(decision_id(diseases, graph)),
           "dicom_id": dicom, "subject_id": subject, "study_id": study, "split": SPLIT_ALIASES.get(split, split)}
@@ -222,6 +229,7 @@ with tfds.core.registered.skip_registration():
       return self.dataset_info_from_configs(
           features=tfds.features.FeaturesDict({
               "image": _text(),  # JPEG bytes as published
+              "thumbnail": thumbnail_feature(),  # pairs.thumbnail(image)
               "question": _text(), "chosen": _text(), "counterfactuals": _text(),  # JSON [[disease, completion]]
               "diagnose": _text(), "dicom_id": _text(),
               "labels": tfds.features.Tensor(shape=(len(FINDINGS),), dtype=np.int32),
@@ -244,32 +252,23 @@ with tfds.core.registered.skip_registration():
 
 
 def _sidecar(builder) -> dict:
-  """Per split: counterfactuals per record and the label multi-hots (for the row index and the
-  perception negatives without reading every image back)."""
-  return {"num_counterfactuals": {s: [len(json.loads(e["counterfactuals"])) for e in exs]
-                                  for s, exs in builder.per_split.items()},
-          "labels": {s: [e["labels"].tolist() for e in exs] for s, exs in builder.per_split.items()}}
+  """Per split: counterfactuals per record, the label multi-hots and the study ids (for the row
+  index and the perception negatives without reading every record back)."""
+  per = builder.per_split
+  return {"num_counterfactuals": {s: [len(json.loads(e["counterfactuals"])) for e in exs] for s, exs in per.items()},
+          "labels": {s: [e["labels"].tolist() for e in exs] for s, exs in per.items()},
+          "study_ids": {s: [int(e["study_id"]) for e in exs] for s, exs in per.items()}}
 
 
-def hard_negatives(labels: np.ndarray, seed: int = 0) -> np.ndarray:
-  """[N] index of each record's perception negative, -1 if none: among the records whose 14-finding
-  label set differs, one with the fewest differing findings (METHOD.md section 4 'hard'; MIMIC has
-  no nuisance labels here, so label distance alone), ties broken by a seeded draw. CheXpert labels
-  are per study, so a negative is never from the same study."""
-  labels = np.asarray(labels, np.int8).reshape(len(labels), -1)
-  bits = np.arange(labels.shape[1])
-  codes, group, counts = np.unique((labels.astype(np.int64) << bits).sum(-1), return_inverse=True, return_counts=True)
-  sets = (codes[:, None] >> bits) & 1  # the distinct label sets, [K, 14]
-  members = np.split(np.argsort(group.reshape(-1), kind="stable"), np.cumsum(counts)[:-1])
-  out = np.full(len(labels), -1, np.int64)
-  if len(sets) < 2:  # one label set in the split: no perception pair possible
-    return out
-  for u in range(len(sets)):  # O(K) memory per distinct label set
-    ham = (sets != sets[u]).sum(-1)
-    ham[u] = labels.shape[1] + 1
-    cands = np.concatenate([members[v] for v in np.flatnonzero(ham == ham.min())])
-    out[members[u]] = cands[np.random.default_rng([seed, u]).integers(len(cands), size=len(members[u]))]
-  return out
+def hard_negatives(labels: np.ndarray, thumbnails: np.ndarray, study_ids: np.ndarray, seed: int = 0) -> np.ndarray:
+  """[N] index of each record's perception negative, -1 if none (METHOD.md section 4 'hard'): among
+  the records whose 14-finding label set differs and whose study differs, the nearest by thumbnail
+  (pairs.PairIndex.hard_negatives: bounded candidate pools, no N x N matrix)."""
+  labels = np.asarray(labels, np.int64).reshape(len(labels), -1)
+  codes = (labels << np.arange(labels.shape[1])).sum(-1)  # the label set as one int: the decisive label
+  if len(np.unique(codes)) < 2:  # one label set in the split: no perception pair possible
+    return np.full(len(labels), -1, np.int64)
+  return PairIndex(codes, labels, thumbnails=thumbnails, group=np.asarray(study_ids), seed=seed).hard_negatives()
 
 
 def data_source(manual_dir: str, split: str, *, view: str | None = None, on_bad_record: str = "raise",
@@ -279,8 +278,9 @@ def data_source(manual_dir: str, split: str, *, view: str | None = None, on_bad_
   if split not in builder.info.splits:
     raise ValueError(f"mimic_ccf has no split {split!r} here (splits: {sorted(builder.info.splits)}; "
                      f"names: {sorted(SPLIT_ALIASES)})")
-  return MimicCcfSource(builder.as_data_source(split=split), split, report,
-                        view or ("pairs" if split == "train" else "records"))
+  view = view or ("pairs" if split == "train" else "records")
+  return MimicCcfSource(builder.as_data_source(split=split), split, report, view,
+                        load_thumbnails(builder, split) if view == "pairs" else None)
 
 
 # ---- the pair-level source the pipeline reads --------------------------------------------
@@ -291,14 +291,14 @@ class MimicCcfSource:
   kind = "pairs"
   domain = "medical"
 
-  def __init__(self, src, split: str, report: dict, view: str):
+  def __init__(self, src, split: str, report: dict, view: str, thumbnails: np.ndarray | None = None):
     if view not in ("pairs", "records"):
       raise ValueError(f"view {view!r}; expected 'pairs' or 'records'")
     self._src, self.split, self.view = src, split, view
     self.skipped = report["skipped"]  # reason -> count, from preparing the files
     n_cf = report["num_counterfactuals"][split]
     if view == "pairs":  # (record, counterfactual j or -1 - negative record for a perception row)
-      neg = hard_negatives(report["labels"][split]) if n_cf else []
+      neg = hard_negatives(report["labels"][split], thumbnails, report["study_ids"][split]) if n_cf else []
       self._rows = [(i, j) for i, n in enumerate(n_cf) for j in range(max(n, 1))]
       self._rows += [(i, -1 - int(v)) for i, v in enumerate(neg) if v >= 0]
     else:

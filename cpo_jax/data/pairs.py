@@ -2,20 +2,23 @@
 
 * thinking: same image; rejected completion = graph-rewritten chain + swapped answer.
 * perception: same completion; rejected image = another image of the same split whose
-  decision differs. Selection modes: `hard` (default; same nuisance value when possible,
-  then fewest differing concepts: only the decisive evidence tells them apart), `far`
-  (most differing concepts), `random` (any other decision), `counterfactual` (a true minimal
-  pair: the SAME scene re-rendered with one concept changed so that the decision changes;
-  synthetic sources only, see counterfactual_flip). Another image of the split usually differs
-  in several concepts, so a model can meet that preference by reading the easiest one; the
-  minimal pair can only be told apart by the flipped concept's evidence.
+  decision differs (and, where scene ids are known, of another scene). Selection modes: `hard`
+  (default; same nuisance value when possible, then the nearest image by `thumbnail` where
+  thumbnails are known (real data), else the fewest differing concepts: only the decisive
+  evidence tells them apart), `far` (most differing concepts), `random` (any other decision),
+  `counterfactual` (a true minimal pair: the SAME scene re-rendered with one concept changed so
+  that the decision changes; synthetic sources only, see counterfactual_flip). Another image of
+  the split usually differs in several concepts, so a model can meet that preference by reading
+  the easiest one; the minimal pair can only be told apart by the flipped concept's evidence.
 A pair here is still text + image bytes; tokenization and pixels happen in pipeline.py.
 """
 from __future__ import annotations
 
+import io
 from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
 
 from cpo_jax.knowledge.graph import ConceptGraph
 from cpo_jax.knowledge.rewriter import rewrite
@@ -34,13 +37,49 @@ def completion_of(record: dict[str, Any]) -> str:
   return f"{as_text(record['chain'])} {as_text(record['answer'])}"
 
 
-class PairIndex:
-  """Label-set index over one split for picking perception negatives (never the same index)."""
+THUMB = 8  # thumbnail side in pixels
 
-  def __init__(self, decision: np.ndarray, concepts: np.ndarray, nuisance: np.ndarray):
-    self.decision = np.asarray(decision, np.int32)
-    self.concepts = np.asarray(concepts, np.int32)
-    self.nuisance = np.asarray(nuisance, np.int32)
+
+def thumbnail(image) -> np.ndarray:
+  """[THUMB, THUMB, 3] uint8: the image box-averaged to 8x8 RGB (JPEG/PNG bytes or an array).
+
+  The cheap embedding for `hard` negatives on real data. Why this one: what a shortcut reads is
+  global (exposure, colour cast, view and patient positioning, time of day, layout), what the
+  decision needs is small and local (a thin pleural line, a traffic-light lamp). An 8x8 thumbnail
+  keeps the first and is blind to the second, so the nearest thumbnail among images with other
+  labels is the image that agrees in the nuisance and differs in the evidence. Raw values (no
+  per-image normalisation) so exposure counts; no model weights, deterministic, and a JPEG is
+  decoded at 1/8 scale (`draft`), so it costs little next to reading the file.
+  """
+  if isinstance(image, (bytes, np.bytes_)):
+    img = Image.open(io.BytesIO(image))
+    img.draft("RGB", (4 * THUMB, 4 * THUMB))  # JPEG: decode at a reduced scale (no-op for PNG)
+  else:
+    img = Image.fromarray(np.asarray(image, np.uint8))
+  return np.asarray(img.convert("RGB").resize((THUMB, THUMB), Image.Resampling.BOX), np.uint8)
+
+
+class PairIndex:
+  """Label index over one split for picking perception negatives (never the same index).
+
+  decision [N]: the decisive label (a decision id, or a code of a multi-label set); concepts
+  [N, C]: the labels behind it (for `far` and the label-distance fallback); nuisance [N] or
+  None (unknown); thumbnails [N, THUMB, THUMB, 3] or None; group [N] or None: scene ids (a
+  study, an image and its regions), never paired with each other. Synthetic sources give labels
+  and nuisance; mimic_ccf and codalm labels, thumbnails (stored when their files are prepared)
+  and scene ids; swift_jsonl records bring their own rejected image (no index).
+  """
+
+  def __init__(self, decision: np.ndarray, concepts: np.ndarray, nuisance: np.ndarray | None = None, *,
+               thumbnails: np.ndarray | None = None, group: np.ndarray | None = None, pool_size: int = 1024,
+               seed: int = 0):
+    self.decision = np.asarray(decision, np.int64)
+    self.concepts = np.asarray(concepts, np.int32).reshape(len(self.decision), -1)
+    self.nuisance = None if nuisance is None else np.asarray(nuisance, np.int64)
+    self.embedding = None if thumbnails is None else \
+        np.asarray(thumbnails, np.float32).reshape(len(self.decision), -1) / 255.0
+    self.group = None if group is None else np.asarray(group)
+    self.pool_size, self.seed, self._hard = pool_size, seed, None
     if len(set(self.decision.tolist())) < 2:
       raise ValueError("perception pairs need at least two different decisions in the split")
 
@@ -56,20 +95,81 @@ class PairIndex:
     return len(self.decision)
 
   def pick(self, i: int, mode: str, rng: np.random.Generator) -> int:
-    """Index of the rejected image for chosen index i."""
+    """Index of the rejected image for chosen index i (`hard` with thumbnails: `hard_negatives`)."""
+    if mode not in INDEX_MODES:
+      raise ValueError(f"perception mode {mode!r} is not an index pick; expected one of {INDEX_MODES}")
+    j = int(self.hard_negatives()[i]) if mode == "hard" and self.embedding is not None else \
+        self._pick_by_labels(i, mode, rng)
+    if j < 0:
+      raise ValueError(f"record {i} has no perception negative (every other decision is from its own scene)")
+    return j
+
+  def _pick_by_labels(self, i: int, mode: str, rng: np.random.Generator) -> int:
     differ = self.decision != self.decision[i]
+    if self.group is not None:
+      differ &= self.group != self.group[i]
+    if not differ.any():
+      return -1
     ham = (self.concepts != self.concepts[i]).sum(-1)
     if mode == "random":
       cands = np.flatnonzero(differ)
     elif mode == "far":
       cands = np.flatnonzero(differ & (ham == ham[differ].max()))
-    elif mode == "hard":
-      same = differ & (self.nuisance == self.nuisance[i])
+    else:  # hard
+      same = differ if self.nuisance is None else differ & (self.nuisance == self.nuisance[i])
       pool = same if same.any() else differ  # fall back when the nuisance value has no other decision
       cands = np.flatnonzero(pool & (ham == ham[pool].min()))
-    else:
-      raise ValueError(f"perception mode {mode!r} is not an index pick; expected one of {INDEX_MODES}")
     return int(cands[rng.integers(len(cands))])
+
+  def hard_negatives(self) -> np.ndarray:
+    """[N] the `hard` negative of every record by thumbnail distance, -1 where there is none.
+
+    Records are bucketed by (nuisance, decision). A bucket's candidates are the records with the
+    same nuisance and another decision (all other decisions when its nuisance has none); each
+    bucket draws at most `pool_size` of them, seeded by (seed, bucket), and each member takes the
+    nearest of that pool that is not from its own scene. Cost O(N * pool_size * THUMB^2 * 3), memory
+    O(pool_size * chunk): never an N x N matrix. With N <= pool_size the pick is the exact nearest;
+    beyond, the nearest of pool_size random candidates (top 1/pool_size of them in expectation).
+    Ties go to the earlier draw. Computed once, then cached.
+    """
+    if self._hard is not None:
+      return self._hard
+    if self.embedding is None:
+      raise ValueError("hard_negatives needs thumbnails")
+    n, e = len(self), self.embedding
+    nuis = np.zeros(n, np.int64) if self.nuisance is None else self.nuisance
+    # Sorted orders in which a bucket, a nuisance block and a decision are contiguous runs, so a
+    # bucket's candidates are two ranges of one order and a draw from them costs O(pool_size).
+    order = np.lexsort((self.decision, nuis))
+    sn, sd = nuis[order], self.decision[order]
+    starts = np.flatnonzero(np.r_[True, (sn[1:] != sn[:-1]) | (sd[1:] != sd[:-1])])
+    ends = np.r_[starts[1:], n]
+    block_lo, block_hi = np.searchsorted(sn, sn[starts], "left"), np.searchsorted(sn, sn[starts], "right")
+    by_dec = np.argsort(self.decision, kind="stable")
+    dec_sorted = self.decision[by_dec]
+    sq = (e * e).sum(-1)
+    out = np.full(n, -1, np.int64)
+    chunk = max(1, (1 << 22) // self.pool_size)  # queries per distance block: ~16 MB of float32
+    for b, (s, t) in enumerate(zip(starts, ends)):
+      if block_hi[b] - block_lo[b] > t - s:  # same nuisance, another decision
+        base, lo, hi, skip_lo, skip_hi = order, block_lo[b], block_hi[b], s, t
+      else:  # the nuisance value has no other decision: any other decision
+        d_lo, d_hi = np.searchsorted(dec_sorted, sd[s], "left"), np.searchsorted(dec_sorted, sd[s], "right")
+        base, lo, hi, skip_lo, skip_hi = by_dec, 0, n, d_lo, d_hi
+      n_cands = hi - lo - (skip_hi - skip_lo)
+      r = lo + np.random.default_rng([self.seed, b]).choice(n_cands, min(n_cands, self.pool_size), replace=False)
+      cands = base[np.where(r >= skip_lo, r + (skip_hi - skip_lo), r)]  # step over the skipped run
+      ec, sqc = e[cands], sq[cands]
+      for q0 in range(s, t, chunk):
+        q = order[q0:min(q0 + chunk, t)]
+        d = sqc[None] - 2.0 * (e[q] @ ec.T)  # + |q|^2, the same along a row
+        if self.group is not None:  # scene ids rarely collide: compare only the rows that have one
+          rows = np.flatnonzero(np.isin(self.group[q], self.group[cands]))
+          d[rows] = np.where(self.group[q[rows]][:, None] == self.group[cands][None], np.inf, d[rows])
+        best = d.argmin(1)
+        out[q] = np.where(np.isfinite(d[np.arange(len(q)), best]), cands[best], -1)
+    self._hard = out
+    return out
 
 
 def thinking_pair(record: dict[str, Any], graph: ConceptGraph, rng: np.random.Generator) -> dict[str, Any]:

@@ -1,8 +1,13 @@
 """Dataset sources: random-access record sources (grain's RandomAccessDataSource protocol).
 
-Kept apart from pipeline.py so reading data does not import transformers.
+Kept apart from pipeline.py so reading data does not import transformers. Sources that prepare
+files (TFDS: synth_* with a data_dir, mimic_ccf, codalm) do it once per run: with several JAX
+processes (after jax.distributed.initialize) process 0 prepares while the others wait, then the
+others open the files (see `_prepare_on_process_0`).
 """
 from __future__ import annotations
+
+import numpy as np
 
 
 def make_source(name: str = "synth_drive", split: str = "train", *, num_examples: int | None = None,
@@ -20,10 +25,11 @@ def make_source(name: str = "synth_drive", split: str = "train", *, num_examples
                        f"cpo_jax/data/{name}.py")
     if name == "mimic_ccf":
       from cpo_jax.data import mimic_ccf
-      return mimic_ccf.data_source(data_dir, split, view=view, on_bad_record=on_bad_record,
-                                   prepared_dir=prepared_dir)
+      return _prepare_on_process_0(name, lambda: mimic_ccf.data_source(
+          data_dir, split, view=view, on_bad_record=on_bad_record, prepared_dir=prepared_dir))
     from cpo_jax.data import codalm
-    return codalm.data_source(data_dir, split, on_bad_record=on_bad_record, prepared_dir=prepared_dir)
+    return _prepare_on_process_0(name, lambda: codalm.data_source(
+        data_dir, split, on_bad_record=on_bad_record, prepared_dir=prepared_dir))
   if name == "swift_jsonl":  # data_dir = manual_dir holding <split>.jsonl + images
     if data_dir is None:
       raise ValueError("swift_jsonl needs data_dir (config data.manual_dir) with train.jsonl [test.jsonl] and images")
@@ -44,4 +50,30 @@ def make_source(name: str = "synth_drive", split: str = "train", *, num_examples
   cfg = tfds_synth.SynthConfig(
       name=f"{split}_{n}_seed{seed}_a{round(shortcut_agreement * 100)}", seed=seed, agreement=shortcut_agreement,
       **{f"num_{s}": (n if s == split else 0) for s in ("train", "test", "ood")})
-  return tfds_synth.data_source(name, data_dir, split, cfg)
+  return _prepare_on_process_0(name, lambda: tfds_synth.data_source(name, data_dir, split, cfg))
+
+
+def _prepare_on_process_0(name: str, open_source):
+  """`open_source()` prepares the files if they are missing, then opens them. With several JAX
+  processes, process 0 calls it first while the others wait at a barrier (a broadcast of its
+  outcome); then the others call it: on a shared data dir (gs://, NFS) they find the files
+  prepared and only read them, on per-host disks each prepares its own copy. If process 0 fails
+  (a bad record under on_bad_record='raise'), it raises that error and every other process a
+  RuntimeError instead of preparing again. A collective: every process must make the same calls."""
+  import jax  # not at module level: a data-only user need not initialise a backend
+  if not (jax.distributed.is_initialized() and jax.process_count() > 1):
+    return open_source()
+  from jax.experimental import multihost_utils
+  source, error = None, None
+  if jax.process_index() == 0:
+    try:
+      source = open_source()
+    except Exception as e:  # re-raised below, after the others have been told
+      error = e
+  ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+  if error is not None:
+    raise error
+  if not ok:
+    raise RuntimeError(f"{name}: process 0 failed to prepare the dataset (its log has the error); process "
+                       f"{jax.process_index()} does not prepare it again")
+  return source if jax.process_index() == 0 else open_source()

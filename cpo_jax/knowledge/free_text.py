@@ -5,51 +5,102 @@ the graph's `terms[v]` occurs as whole words ('pleural effusion'), and a negatio
 ('no', 'without', 'free of', ...) earlier in the same clause flips a non-neutral value to the
 concept's neutral one ('no pleural effusion' -> effusion = absent). A positive mention wins
 over a negated one (radiology convention); unmentioned concepts are neutral.
-The rewrite keeps every sentence that mentions no changed concept verbatim, drops those that
-do, and states the changed (and co-mentioned) concepts with the graph's canonical sentences,
-so the output is still a report in the original's words wherever possible. Known limit: a
-NegEx-lite scope (same clause, cue before the term), e.g. 'no change in the effusion' reads
-as negated.
+A term inside a longer term of the same concept does not count ('car ahead' inside 'car ahead
+is far away'). The rewrite keeps every sentence that mentions no changed concept (verbatim,
+except that a conclusion naming another decision, 'the ego car should slow down', now names the
+target), drops those that do, and states the changed (and co-mentioned) concepts with the
+graph's canonical sentences, so the output is still a report in the original's words wherever
+possible. Decisions named in free text follow the same negation rule ('no need to stop' names
+none). Known limit: a NegEx-lite scope (same clause, cue before the term), e.g. 'no change in
+the effusion' reads as negated.
 """
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
 
-from cpo_jax.knowledge.graph import THINK_CLOSE, THINK_OPEN, ConceptGraph, GraphError
+from cpo_jax.knowledge.graph import THINK_CLOSE, THINK_OPEN, ConceptGraph, GraphError, phrase_steps
 from cpo_jax.knowledge.rewriter import Counterfactual, counterfactual_assignment
 
-_CLAUSE_BREAK = re.compile(r"\b(but|however|although|except)\b|[;,]")
+# A negation reaches to the end of its clause: 'no cones in the lane and the car ahead is close'.
+_CLAUSE_BREAK = re.compile(r"\b(but|however|although|except|and|while|whereas|so|because)\b|[;,]")
 
 
 def _split_sentences(text: str) -> list[str]:
   return [s for s in re.findall(r"[^.!?\n]+[.!?]?", text) if s.strip()]
 
 
-def _term_regex(term: str) -> re.Pattern:
-  return re.compile(r"\b" + r"\s+".join(map(re.escape, term.lower().split())) + r"\b")
+@functools.lru_cache(maxsize=None)
+def _alternation(phrases: tuple[str, ...]) -> re.Pattern:
+  """One whole-word regex for a value's terms, as a trie over their words: a slot-expanded list
+  of hundreds of terms costs a few alternatives per position, not hundreds. Longer terms first:
+  the longest term wins at a position."""
+  trie: dict = {}
+  for t in sorted(phrases, key=len, reverse=True):
+    node = trie
+    for step in phrase_steps(t):
+      node = node.setdefault(step, {})
+    node[("", "")] = {}  # a term ends here (a real step has a word)
+
+  def emit(node) -> str:
+    alts = [sep + word + emit(child) for (sep, word), child in node.items()]
+    return "" if not alts else alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+
+  return re.compile(r"\b" + emit(trie) + r"\b")
+
+
+def _negated(g: ConceptGraph, low: str, start: int) -> bool:
+  """A negation cue earlier in the clause that ends at `start`."""
+  if not g.negation_cues:
+    return False
+  clause_start = max([0] + [b.end() for b in _CLAUSE_BREAK.finditer(low, 0, start)])
+  return _alternation(g.negation_cues).search(low, clause_start, start) is not None
+
+
+def _term_hits(g: ConceptGraph, low: str) -> list[tuple[str, str, int, int]]:
+  """(concept, value, start, end) of every term in a lower-cased sentence, negation applied; a
+  hit inside a longer hit of the same concept is dropped ('car ahead' in 'car ahead is far away')."""
+  out = []
+  for c in g.concepts:
+    hits = []
+    for v, terms in c.terms.items():
+      for m in _alternation(terms).finditer(low):
+        negated = _negated(g, low, m.start())
+        if negated and v == c.neutral:
+          continue  # 'not normal' says nothing usable
+        hits.append((c.name, c.neutral if negated else v, m.start(), m.end()))
+    out += [h for h in hits if not any(o[2] <= h[2] and h[3] <= o[3] and o[3] - o[2] > h[3] - h[2] for o in hits)]
+  return out
 
 
 def sentence_mentions(g: ConceptGraph, sentence: str) -> dict[str, str]:
   """concept -> value stated by one sentence (negation aware)."""
-  low = sentence.lower()
-  out: dict[str, str] = {}
-  for c in g.concepts:
-    found = []
-    for v, terms in c.terms.items():
-      for t in sorted(terms, key=len, reverse=True):
-        for m in _term_regex(t).finditer(low):
-          clause_start = max([0] + [b.end() for b in _CLAUSE_BREAK.finditer(low, 0, m.start())])
-          before = low[clause_start:m.start()]
-          negated = any(_term_regex(cue).search(before) for cue in g.negation_cues)
-          if negated and v == c.neutral:
-            continue  # 'not normal' says nothing usable
-          found.append(c.neutral if negated else v)
-    if found:
-      positive = [v for v in found if v != c.neutral]
-      out[c.name] = positive[0] if positive else c.neutral
+  found: dict[str, list[str]] = {}
+  for c, v, _, _ in _term_hits(g, sentence.lower()):
+    found.setdefault(c, []).append(v)
+  out = {}
+  for c, vals in found.items():
+    positive = [v for v in vals if v != g.concept(c).neutral]
+    out[c] = positive[0] if positive else g.concept(c).neutral
   return out
+
+
+def stated_decisions(g: ConceptGraph, sentence: str, *, evidence_too: bool = False) -> list[tuple[int, int, str]]:
+  """(start, end, decision) a sentence concludes ('the ego car should slow down'): decision names
+  not negated ('no need to stop') and, unless evidence_too, not part of a concept term (medical
+  'pleural effusion' in a report is evidence, not a conclusion)."""
+  low = sentence.lower()
+  terms = [] if evidence_too else [(s, e) for _, _, s, e in _term_hits(g, low)]
+  return [d for d in g.decision_spans(sentence)
+          if not _negated(g, low, d[0]) and not any(s <= d[0] and d[1] <= e for s, e in terms)]
+
+
+def answer_decision(g: ConceptGraph, text: str) -> str | None:
+  """The one decision a free-text answer names (negation aware), else None."""
+  said = {d for s in _split_sentences(text) for _, _, d in stated_decisions(g, s, evidence_too=True)}
+  return said.pop() if len(said) == 1 else None
 
 
 def parse_report(g: ConceptGraph, text: str) -> tuple[dict[str, str], list[tuple[str, dict[str, str]]]]:
@@ -79,7 +130,7 @@ def rewrite_report(g: ConceptGraph, text: str, *, k: int = 1, seed=0) -> list[Co
       if changed & set(m):
         restate |= set(m)  # the dropped sentence also spoke about these: say them again
       else:
-        kept.append(s.strip())
+        kept.append(_conclude(g, s.strip(), t))
         still_said |= set(m)
     restate = changed | (restate - still_said)
     added = [g.concept(c).phrases[b[c]] for c in g.concept_names if c in restate]
@@ -92,11 +143,26 @@ def rewrite_report(g: ConceptGraph, text: str, *, k: int = 1, seed=0) -> list[Co
   return out
 
 
+def _conclude(g: ConceptGraph, sentence: str, target: str) -> str:
+  """A kept sentence that concludes another decision ('Slow down and keep a safe distance') now
+  concludes the target ('Stop and keep a safe distance'), so the report does not contradict its answer."""
+  name = g.decision_texts[target]
+  for start, end, d in reversed(stated_decisions(g, sentence)):
+    if d != target:
+      said = sentence[start:end]
+      sentence = sentence[:start] + (name[:1].upper() + name[1:] if said[:1].isupper() else name) + sentence[end:]
+  return sentence
+
+
 def validate_report(g: ConceptGraph, completion: str, *, original_decision: str, target: str) -> tuple[bool, str]:
-  """Does a free-text completion support `target` (rule on its parsed report) and name it?"""
+  """Does a free-text completion support `target` (rule on its parsed report), name it, and
+  conclude nothing else in the report?"""
   if target == original_decision:
     return False, "target equals the original decision"
-  a, _ = parse_report(g, completion)
+  a, sents = parse_report(g, completion)
+  said = {d for s, _ in sents for _, _, d in stated_decisions(g, s)} - {target}
+  if said:
+    return False, f"report concludes {sorted(said)}, not only {target!r}"
   if not g.is_valid(a):
     return False, f"report states an impossible combination {a}"
   if g.decide(a) != target:

@@ -1,15 +1,19 @@
 """Concept graphs as data: load, validate, decide, render and parse chains.
 
 A graph file (driving.json, medical.json) lists concepts (each with values, a neutral
-value, one canonical sentence per value and near-synonym sentences), decisions, a
-priority decision rule, and the relations association / exclusion / irrelevance that
-the counterfactual rewriter follows. Everything else (synthetic renderers, the
+value, one canonical sentence per value, near-synonym sentences and free-text `terms`),
+decisions (each with its answer text and optional free-text `aliases`; `not_decisions` lists
+phrases that hold a decision name without naming it, 'stop sign'), a priority decision
+rule, and the relations association / exclusion / irrelevance that the counterfactual
+rewriter follows. `term_slots` keeps term lists short: a term '{vehicle} ahead' stands for
+one term per word listed under the slot 'vehicle'. Everything else (synthetic renderers, the
 rewriter, the drift probe, the tokenizer vocabulary) reads the graph, so a domain is
 changed by editing data, not code.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.resources
 import itertools
 import json
@@ -57,6 +61,8 @@ class ConceptGraph:
   nuisance_name: str
   nuisance_values: tuple[str, ...]
   negation_cues: tuple[str, ...] = ()  # free-text negation ('no', 'without', ...) before a term
+  decision_aliases: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # free-text names
+  not_decisions: tuple[str, ...] = ()  # phrases holding a decision name that name no decision ('stop sign')
 
   # ---- lookups -------------------------------------------------------------
   @property
@@ -138,15 +144,23 @@ class ConceptGraph:
       used[c] = sent
     return found, used
 
+  def decision_spans(self, text: str) -> list[tuple[int, int, str]]:
+    """(start, end, decision) of each decision named in `text` by its answer text or an alias
+    (whole words; case and punctuation ignored), in text order. A mention inside a longer one of
+    another decision ('proceed' in 'proceed with caution') or in a `not_decisions` phrase ('stop
+    sign') does not count."""
+    low = text.lower()
+    spans = [(m.start(), m.end(), d) for d in self.decisions
+             for name in (self.decision_texts[d],) + tuple(self.decision_aliases.get(d, ()))
+             for m in phrase_regex(name).finditer(low)]
+    spans += [(m.start(), m.end(), None) for p in self.not_decisions for m in phrase_regex(p).finditer(low)]
+    return sorted(s for s in spans if s[2] is not None and not any(
+        o[2] != s[2] and o[0] <= s[0] and s[1] <= o[1] and o[1] - o[0] > s[1] - s[0] for o in spans))
+
   def parse_decision(self, text: str) -> str | None:
     """Decision named by the answer part (after </think> if present); None if none/ambiguous."""
-    tail = text.split(THINK_CLOSE)[-1]
-    tail_n = _norm(tail)
-    hits = [d for d in self.decisions if re.search(rf"\b{re.escape(_norm(self.decision_texts[d]))}\b", tail_n)]
-    # 'slow down' must not also count as a hit for a shorter decision text it contains.
-    hits = [d for d in hits if not any(d != e and _norm(self.decision_texts[d]) in _norm(self.decision_texts[e])
-                                       for e in hits)]
-    return hits[0] if len(hits) == 1 else None
+    hits = {d for _, _, d in self.decision_spans(text.split(THINK_CLOSE)[-1])}
+    return hits.pop() if len(hits) == 1 else None
 
   def all_sentences(self) -> list[str]:
     return [s for c in self.concepts for v in c.values for s in c.sentences(v)]
@@ -157,6 +171,36 @@ class ConceptGraph:
       idx = {_norm(s): (c.name, v) for c in self.concepts for v in c.values for s in c.sentences(v)}
       object.__setattr__(self, "_idx_cache", idx)
     return idx
+
+
+@functools.lru_cache(maxsize=None)
+def phrase_regex(phrase: str) -> re.Pattern:
+  """Whole-word match of a phrase in lower-cased text, any non-word run between its words; '...'
+  stands for up to 4 words of the same clause ('traffic light ... is red' matches 'the traffic
+  light at the intersection is red', not 'the traffic light is green and the car is red')."""
+  return re.compile(r"\b" + "".join(sep + word for sep, word in phrase_steps(phrase)) + r"\b")
+
+
+def phrase_steps(phrase: str) -> list[tuple[str, str]]:
+  """The regex of a phrase as [(separator, escaped word)]; the first separator is ''."""
+  steps = []
+  for part in phrase.split("..."):
+    for j, w in enumerate(_norm(part).split()):
+      steps.append(("" if not steps else _GAP if j == 0 else r"\W+", re.escape(w)))
+  return steps
+
+
+_SEP = r"[^\w,;.!?]+"  # between two words of one clause
+_GAP = rf"{_SEP}(?:(?!(?:and|but|or|while|whereas|so|because|which|that)\b)\w+{_SEP}){{0,4}}?"
+
+
+def expand_slots(term: str, slots: Mapping[str, Sequence[str]]) -> list[str]:
+  """'{cone} in the lane' -> one term per entry of slots['cone'] (every slot in the term, all combinations)."""
+  names = re.findall(r"\{(\w+)\}", term)
+  unknown = [n for n in names if n not in slots]
+  if unknown:
+    raise KeyError(f"term {term!r} uses unknown slots {unknown}")
+  return [term.format(**dict(zip(names, words))) for words in itertools.product(*(slots[n] for n in names))]
 
 
 def _norm(s: str) -> str:
@@ -191,11 +235,13 @@ def load_graph(name_or_path: str) -> ConceptGraph:
 
 def _from_dict(raw: dict, where: str) -> ConceptGraph:
   try:
+    slots = raw.get("term_slots", {})
     concepts = tuple(
         Concept(name=c["name"], values=tuple(c["values"]), neutral=c["neutral"],
                 phrases=dict(c["phrases"]),
                 synonyms={k: tuple(v) for k, v in c.get("synonyms", {}).items()},
-                terms={k: tuple(v) for k, v in c.get("terms", {}).items()})
+                terms={k: tuple(dict.fromkeys(x for t in v for x in expand_slots(t, slots)))
+                       for k, v in c.get("terms", {}).items()})
         for c in raw["concepts"])
     rel = raw.get("relations", {})
     return ConceptGraph(
@@ -211,6 +257,8 @@ def _from_dict(raw: dict, where: str) -> ConceptGraph:
         concept_exclusion=tuple(tuple(x) for x in raw.get("concept_exclusion", [])),
         nuisance_name=raw["nuisance"]["name"], nuisance_values=tuple(raw["nuisance"]["values"]),
         negation_cues=tuple(raw.get("negation_cues", ())),
+        decision_aliases={d["name"]: tuple(d["aliases"]) for d in raw["decisions"] if d.get("aliases")},
+        not_decisions=tuple(raw.get("not_decisions", ())),
     )
   except (KeyError, TypeError) as e:
     raise GraphError(f"{where}: malformed graph, missing or wrong field: {e!r}") from e
@@ -231,10 +279,20 @@ def validate_graph(g: ConceptGraph, where: str = "<graph>") -> None:
       errs.append(f"concept {c.name}: synonyms for unknown values")
     if not set(c.terms) <= set(c.values):
       errs.append(f"concept {c.name}: terms for unknown values")
+    said = {}
+    for v, terms in c.terms.items():
+      for t in terms:
+        if said.setdefault(_norm(t), v) != v:
+          errs.append(f"concept {c.name}: term {t!r} given for {said[_norm(t)]!r} and {v!r}")
   known = {(c.name, v) for c in g.concepts for v in c.values}
   dset = set(g.decisions)
   if g.default not in dset:
     errs.append(f"rule default {g.default!r} is not a decision")
+  named = {}
+  for d in g.decisions:
+    for name in (g.decision_texts[d],) + tuple(g.decision_aliases.get(d, ())):
+      if named.setdefault(_norm(name), d) != d:
+        errs.append(f"decision name {name!r} used for {named[_norm(name)]!r} and {d!r}")
   for d, conds in g.clauses:
     if d not in dset:
       errs.append(f"rule clause decision {d!r} unknown")
