@@ -54,8 +54,16 @@ def base_config(arg, *, domain, data):
     # tokens (max_len minus the image tokens). A longer completion is an error, never cut.
     c.data.max_completion_len = 0
     c.data.max_len = 96           # static sequence length; longer records are skipped or raise.
+    # Shorter static lengths a training batch may be cut to, e.g. '64,80' (max_len is always
+    # the last): each batch gets the smallest that holds all its rows, one compile per bucket.
+    # '' = off (every batch padded to max_len).
+    c.data.length_buckets = ''
     c.data.on_bad_record = 'raise'  # 'raise' | 'skip' (counted and reported).
     c.data.thinking_fraction = 0.5  # share of CPO pairs that are thinking pairs (rest: perception).
+    # 'grouped': every batch holds exactly that share, in fixed row groups, so the step
+    # encodes a thinking pair's image once (pairs made by the pipeline); 'mixed': each pair
+    # is thinking with that probability.
+    c.data.pair_layout = 'grouped'
     # 'hard' | 'far' | 'random' pick another image (METHOD.md section 4); 'counterfactual'
     # re-renders the same synthetic scene with one concept flipped (a minimal pair).
     c.data.perception_negative = 'hard'
@@ -77,7 +85,7 @@ def base_config(arg, *, domain, data):
     c.cpo.loss_type = 'sigmoid'   # 'sigmoid' | 'ipo' | 'hinge' | 'robust'
     c.cpo.label_smoothing = 0.0
     c.cpo.rpo_alpha = 0.1
-    c.cpo.reference = 'adapters_off'  # 'adapters_off' | 'frozen_copy'
+    c.cpo.reference = 'adapters_off'  # 'adapters_off' | 'frozen_copy' | 'precomputed'
     c.cpo.source_weights = (1.0, 1.0, 1.0)  # thinking, perception, other.
     c.cpo.normalize_weights = True
     # Extra perception pairs made on device each step: 'kind:severity,...' (kinds of

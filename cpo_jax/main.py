@@ -101,7 +101,7 @@ def run(cfg, workdir, mode='train'):
     if 'cpo_plus' in stages or (restoring and train.has_checkpoint(workdir, 'cpo_plus')):
         model = train.train_cpo(model, cfg, make_batches=data.cpo_batches,
                                 image_processor=data.processors.image_processor,
-                                train='cpo_plus' in stages, **common)
+                                pair_layout=data.pair_layout, train='cpo_plus' in stages, **common)
         trained.append('cpo_plus')
     data.log_skips()
     if mode == 'restore':

@@ -17,7 +17,7 @@ Perception masks act directly on Qwen2.5-VL's model input, i.e. on what transfor
 Boxes are (x0, y0, x1, y1) in pixels of the PROCESSED image (width = w*patch, height = h*patch), half-open:
 pixel (x, y) is covered iff x0 <= x + 0.5 < x1 and y0 <= y + 0.5 < y1 (for integer boxes: x0 <= x < x1).
 A box with x1 <= x0 or y1 <= y0 is padding and covers nothing. Shapes: [N, K, 4] (or [K, 4] for all images).
-If the processor resized the image, map boxes with `scale_boxes` first. Severity is a scalar or [N], in [0, 1].
+Boxes are in pixels of the processed image (the pipeline rescales resized images' boxes). Severity is a scalar or [N], in [0, 1].
 
 Every perception mask has the signature (rng, patches, grid, boxes, severity, *, layout, ...) -> patches.
 Thinking masks: `concept_span_mask(s)` mark the token spans of concept mentions inside a chain.
@@ -87,17 +87,6 @@ def grid_of(image_grid_thw) -> tuple:
     if not (g == g[0]).all():
         raise ValueError(f"perturb needs one grid per batch (static shapes); got {np.unique(g, axis=0).tolist()}")
     return tuple(int(v) for v in g[0])
-
-
-def processed_hw(grid, layout: PatchLayout = DEFAULT_LAYOUT) -> tuple:
-    """(height, width) in pixels of the processed image that the patches encode."""
-    return grid[1] * layout.patch_size, grid[2] * layout.patch_size
-
-
-def scale_boxes(boxes, from_hw, to_hw):
-    """Map (x0, y0, x1, y1) boxes from an original image size to the processor's resized size."""
-    sy, sx = to_hw[0] / from_hw[0], to_hw[1] / from_hw[1]
-    return jnp.asarray(boxes) * jnp.asarray([sx, sy, sx, sy], jnp.float32)
 
 
 def _check(patches, grid, layout):

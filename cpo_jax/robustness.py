@@ -197,19 +197,16 @@ def base_chain(graph: ConceptGraph, text: str, gold: Mapping[str, str]) -> tuple
 
 # ----------------------------------------------------------------------------- perception
 
-def perturb_batch(batch, kind: str, severity: float, rng, *, layout: perturb.PatchLayout,
-                  image_hw: tuple[int, int] | None = None):
+def perturb_batch(batch, kind: str, severity: float, rng, *, layout: perturb.PatchLayout):
     """The eval batch with masked pixel_values (kinds of perturb.PERCEPTION_MASKS).
 
-    occlude uses the batch's evidence boxes; `image_hw` is the size of the images the boxes are
-    in, when the processor resized them (None: boxes are already in processed pixels).
+    occlude uses the batch's evidence boxes, in pixels of the processed image (the pipeline
+    rescales them when it resizes an image).
     """
     grid = perturb.grid_of(batch['image_grid_thw'])
     pixels = jnp.asarray(batch['pixel_values'])
     if kind == 'occlude':
         boxes = jnp.asarray(batch['boxes'], jnp.float32)
-        if image_hw is not None:
-            boxes = perturb.scale_boxes(boxes, image_hw, perturb.processed_hw(grid, layout))
         out = perturb.occlude_boxes(rng, pixels, grid, boxes, severity, layout=layout)
     elif kind in ('mask_patches', 'noise', 'blur'):
         out = perturb.PERCEPTION_MASKS[kind](rng, pixels, grid, None, severity, layout=layout)
@@ -348,7 +345,7 @@ class AnswerScorer:
 
 # ----------------------------------------------------------------------------- interference
 
-def _perturbed_batches(batches, kind, severity, key, *, layout, image_hw, donors):
+def _perturbed_batches(batches, kind, severity, key, *, layout, donors):
     """Applies one interference to every batch; collects the swap donors' decisions of scored rows."""
     pool = {}
     swap_rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).astype(np.uint64).tolist())
@@ -357,8 +354,7 @@ def _perturbed_batches(batches, kind, severity, key, *, layout, image_hw, donors
             batch, donor = swap_images(batch, severity, swap_rng, pool, layout=layout)
             donors.extend(donor[np.asarray(batch['valid'], bool)].tolist())
         else:
-            batch = perturb_batch(batch, kind, severity, jax.random.fold_in(key, i), layout=layout,
-                                  image_hw=image_hw)
+            batch = perturb_batch(batch, kind, severity, jax.random.fold_in(key, i), layout=layout)
         yield batch
 
 
@@ -369,7 +365,7 @@ def _accuracy_cell(predicted, gold):
 
 def interference_details(model, batches_fn: Callable[[], Iterable[dict]], *, processors,
                          graph: ConceptGraph, kinds_and_severities: Mapping[str, Sequence] | None = None,
-                         max_new_tokens: int, rng_seed: int = 0, image_hw=None, scorer=None):
+                         max_new_tokens: int, rng_seed: int = 0, scorer=None):
     """Every interference cell with its diagnostics: {kind: {str(severity): cell}}.
 
     'none' -> {'0': clean greedy accuracy}. Perception cells: accuracy (vs the original gold),
@@ -399,7 +395,7 @@ def interference_details(model, batches_fn: Callable[[], Iterable[dict]], *, pro
                                           int(round(1000 * float(severity))))
             donors = []
             batches = _perturbed_batches(batches_fn(), kind, severity, cell_key, layout=layout,
-                                         image_hw=image_hw, donors=donors)
+                                         donors=donors)
             predicted, gold, _ = decode(batches, desc=f'interference: {kind} {severity}')
             cell = _accuracy_cell(predicted, gold)
             if kind == 'image_swap':
@@ -452,11 +448,11 @@ def _thinking_interference(scorer, batches, texts, kinds, graph, rng_seed):
 
 def interference_report(model, batches_fn: Callable[[], Iterable[dict]], *, processors, graph: ConceptGraph,
                         kinds_and_severities: Mapping[str, Sequence] | None = None, max_new_tokens: int,
-                        rng_seed: int = 0, image_hw=None) -> dict:
+                        rng_seed: int = 0) -> dict:
     """{kind: {str(severity): accuracy}} (report.json's `interference`); see interference_details."""
     details = interference_details(model, batches_fn, processors=processors, graph=graph,
                                    kinds_and_severities=kinds_and_severities,
-                                   max_new_tokens=max_new_tokens, rng_seed=rng_seed, image_hw=image_hw)
+                                   max_new_tokens=max_new_tokens, rng_seed=rng_seed)
     return accuracies(details)
 
 

@@ -5,7 +5,6 @@ optimizer state, batch), made by `nnx.split`ting the model once. The loop around
 side effects: the data iterator, Orbax checkpoints, metrics.jsonl and the progress bar.
 """
 import dataclasses
-import fractions
 import functools
 import hashlib
 import json
@@ -179,8 +178,7 @@ def sft_loss_fn(model, batch, grid, *, max_completion_len=0, naive=False):
 # and 'other' (2) keeps its meaning (ingested pairs of unknown kind). Metrics: the top-level
 # and per-source ones count every pair the loss sees (so 'perception/...' includes them);
 # 'perturbed/...' (count, rewards, logps, loss) is the device-made pairs alone.
-# Boxes must be in pixels of the processed image: true when the source images already have
-# the processor's size (synthetic data at data.image_size=112); the pipeline does not rescale.
+# Boxes are in pixels of the processed image (the pipeline rescales them with the image).
 PERTURBED_SOURCE = 1
 PERTURBED_PREFIX = 'perturbed'
 
@@ -220,8 +218,7 @@ def layout_for(model_config, image_processor=None):
 def perturbed_pixels(batch, grid, perturbations, layout, *, seed=0):
     """[K * B * P, D]: the chosen images perturbed by each (kind, severity), in that order.
 
-    Boxes are the batch's evidence boxes, in pixels of the processed image (the pipeline's
-    images are already at the processor's size). The rng is a pure function of (seed, the
+    Boxes are the batch's evidence boxes, in pixels of the processed image. The rng is a pure function of (seed, the
     batch's 'step', entry index), so a run and its resumption perturb identically."""
     grid = tuple(int(v) for v in np.asarray(grid).reshape(3))
     pixels = batch['chosen_pixel_values']
@@ -233,19 +230,7 @@ def perturbed_pixels(batch, grid, perturbations, layout, *, seed=0):
         for i, (kind, severity) in enumerate(perturbations)], axis=0)
 
 
-def thinking_layout(thinking_fraction, batch_size):
-    """(t, g): rows come in groups of g pairs whose first t are thinking pairs, the rest
-    perception pairs, so the step knows statically which rejected images repeat the chosen
-    ones. The smallest g with t / g == thinking_fraction; g must divide the batch."""
-    fraction = fractions.Fraction(thinking_fraction).limit_denominator(batch_size)
-    if float(fraction) != float(thinking_fraction) or batch_size % fraction.denominator:
-        raise ValueError(
-            f'data.thinking_fraction={thinking_fraction} is not k / g with g dividing the batch '
-            f'size {batch_size}; choose one that is (0.5, 0.25, ...) or data.pair_layout=mixed.')
-    return fraction.numerator, fraction.denominator
-
-
-def check_thinking_layout(batch, layout):
+def check_pair_layout(batch, layout):
     """Host-side: the batch really has the grouped layout the step assumes (else raise)."""
     t, g = layout
     n = batch['source'].shape[0]
@@ -371,7 +356,7 @@ def cpo_loss_fn(model, batch, grid, cfg, **kw):
     with its LoRA adapters off, or `model.reference` when `model` is a PolicyAndReference.
     Default path: images encoded by the step, once per distinct image: a thinking pair's
     rejected image is not re-encoded when the batch has a `pair_layout` (t, g) (see
-    `thinking_layout`), and when the vision tower has no adapters one encoding serves policy
+    `pipeline.pair_layout_for`), and when the vision tower has no adapters one encoding serves policy
     and reference. The vocabulary projection runs at completion positions only.
     `naive=True`: pixel_values into every forward and full-vocabulary logits (same numbers,
     more work). `encode_once` / `compact` switch the two savings one at a time (benchmarks;
@@ -716,7 +701,7 @@ def cpo_stage(stage_model, cfg, grid, image_processor=None, pair_layout=None):
 
     `image_processor`: the run's (for the patch layout of cpo.device_perturbations); None =
     the Qwen2-VL defaults that `pipeline.make_processors` uses. `pair_layout`: (t, g) when
-    the stream groups its pairs (`thinking_layout`); checked on every batch."""
+    the stream groups its pairs (`pipeline.pair_layout_for`); checked on every batch."""
     policy = _policy(stage_model)
     tx, schedule = make_optimizer(cfg.cpo.optimizer, cfg.cpo.num_steps)
     graphdef, trainable, frozen = split_model(stage_model, 'lora')
@@ -736,7 +721,7 @@ def cpo_stage(stage_model, cfg, grid, image_processor=None, pair_layout=None):
             b['chosen_input_ids'].shape[1], grid, policy, max_completion_len),
             ('chosen_', 'rejected_'))
         if pair_layout is not None:
-            check_thinking_layout(b, pair_layout)
+            check_pair_layout(b, pair_layout)
         return step_inputs(b, grid, policy.config, ('chosen_', 'rejected_'), extra=extra)
     return stage, prepare
 

@@ -1,6 +1,7 @@
 """Tokenizer, pair making and the Grain batches: formats, validity, determinism, resume."""
 import numpy as np
 import pytest
+from PIL import Image
 
 from cpo_jax.data import pairs as pairs_lib
 from cpo_jax.data import pipeline as P
@@ -128,21 +129,61 @@ def test_same_seed_same_batches_other_seed_differs(proc, train):
   assert not np.array_equal(x["index"], z["index"])
 
 
-@pytest.mark.parametrize("host", [None, 1])  # None: one host; 1: host 1 of 2 simulated hosts
-def test_iterator_state_resume(proc, train, host):
+@pytest.mark.parametrize("host,buckets,layout", [(None, (), None), (1, (), None), (None, (75, 76), None),
+                                                (1, (), (1, 2))])  # host 1 of 2 simulated
+def test_iterator_state_resume(proc, train, host, buckets, layout):
   shard = {} if host is None else dict(shard_index=host, shard_count=2)
-  it = _cpo(proc, train, batch_size=4, **shard)
+  kw = dict(batch_size=4, length_buckets=buckets, pair_layout=layout, **shard)
+  it = _cpo(proc, train, **kw)
   for _ in range(3):
     next(it)
   state = it.get_state()
   expect = [next(it) for _ in range(2)]
-  it2 = _cpo(proc, train, batch_size=4, **shard)
+  it2 = _cpo(proc, train, **kw)
   assert not np.array_equal(next(it2)["index"], expect[0]["index"])  # the state is what matters
   it2.set_state(state)
   for e in expect:
     got = next(it2)
     for k in e:
       np.testing.assert_array_equal(e[k], got[k])
+
+
+def test_parse_length_buckets():
+  assert P.parse_length_buckets("", 96) == P.parse_length_buckets((), 96) == (96,)
+  assert P.parse_length_buckets("64, 80", 96) == P.parse_length_buckets((64, 80), 96) == (64, 80, 96)
+  assert P.parse_length_buckets("64,96", 96) == (64, 96)
+  for bad in ("80,64", "64,64", "0,64", "64,x", "2.5", "128"):
+    with pytest.raises(ValueError, match=r"data.length_buckets="):
+      P.parse_length_buckets(bad, 96)
+
+
+@pytest.mark.parametrize("kind", ["sft", "cpo"])
+def test_length_buckets_cut_only_trailing_padding(proc, kind):
+  """Same rows in the same order as without buckets; each batch is cut to the smallest bucket
+  that holds its longest row (both sides of a pair alike), and only pad columns are cut."""
+  train = P.make_source("synth_cxr", "train", num_examples=128, seed=0)  # rows of 89-95 tokens
+  make = P.make_sft_iterator if kind == "sft" else P.make_cpo_iterator
+  sides = ("",) if kind == "sft" else ("chosen_", "rejected_")
+  seq_keys = {p + k for p in sides for k in ("input_ids", "attention_mask", "loss_mask")}
+  full, cut = (make(train, proc, batch_size=4, max_len=L, seed=0, length_buckets=b) for b in ("", "91,93"))
+  widths = set()
+  for _ in range(6):
+    a, b = next(full), next(cut)
+    assert a.keys() == b.keys()
+    width = b[sides[0] + "input_ids"].shape[1]
+    longest = max(a[p + "attention_mask"].sum(1).max() for p in sides)
+    assert width == min(w for w in (91, 93, L) if w >= longest)
+    for k in a:
+      if k in seq_keys:
+        assert b[k].shape == (4, width) and b[k].flags.c_contiguous
+        np.testing.assert_array_equal(a[k][:, :width], b[k])
+        pad = proc.ids["pad_token_id"] if k.endswith("input_ids") else 0
+        assert (a[k][:, width:] == pad).all()
+      else:
+        np.testing.assert_array_equal(a[k], b[k])
+    widths.add(width)
+  assert len(widths) >= 2, widths  # the test exercises the choice
+  assert full.get_state() == cut.get_state()  # trimming keeps the iterator state as it was
 
 
 def test_host_shards_are_disjoint(proc, train):
@@ -362,3 +403,35 @@ def test_counterfactual_needs_a_source_that_can_render(proc, train):
   src = _Corrupted(train)
   with pytest.raises(ValueError, match=r"counterfactual.*dataset Corrupted cannot re-render"):
     _cpo(proc, src, perception_mode="counterfactual")
+
+
+def test_grouped_pair_layout_holds_the_share_exactly_and_is_what_the_step_checks(proc, train):
+  from cpo_jax import train as train_lib
+  assert P.pair_layout_for(0.5, 8) == (1, 2) and P.pair_layout_for(0.25, 8) == (1, 4)
+  assert P.pair_layout_for(1.0, 8) == (1, 1) and P.pair_layout_for(0.75, 8) == (3, 4)
+  for bad in (0.3, 0.125):  # 3/10 and 1/8 do not fit a batch of 4
+    with pytest.raises(ValueError, match=f"thinking_fraction={bad}"):
+      P.pair_layout_for(bad, 4)
+  it = _cpo(proc, train, thinking_fraction=0.25, pair_layout=(1, 4))
+  seen = set()
+  for _ in range(4):
+    b = next(it)
+    assert b["source"].tolist() == [0, 1, 1, 1] * 2  # exactly 1 in 4, first of each group
+    train_lib.check_pair_layout(b, (1, 4))  # thinking rows repeat their chosen image
+    seen.update(b["index"][b["source"] == 0].tolist())
+  assert len(seen) == 8  # the thinking stream walks the shuffled split: no repeats here
+  with pytest.raises(ValueError, match="does not match thinking_fraction"):
+    _cpo(proc, train, thinking_fraction=0.5, pair_layout=(1, 4))
+
+
+def test_boxes_follow_the_image_when_the_processor_resizes_it(proc, train, tmp_path):
+  """Rendered at 112 px, processed at 224: boxes double, in CPO and eval batches alike."""
+  big = P.make_processors(str(tmp_path / "tok"), image_size=224)
+  small_b, big_b = (next(_cpo(p, train, batch_size=4, max_len=160)) for p in (proc, big))
+  assert big_b["chosen_pixel_values"].shape[0] == 4 * small_b["chosen_pixel_values"].shape[0]
+  np.testing.assert_array_equal(big_b["boxes"], 2 * small_b["boxes"])
+  ev_small, ev_big = (next(P.make_eval_batches(train, p, batch_size=2, max_prompt_len=120)) for p in (proc, big))
+  np.testing.assert_array_equal(ev_big["boxes"], 2 * ev_small["boxes"])
+  assert (ev_small["boxes"][..., 2] > ev_small["boxes"][..., 0]).any()  # real boxes, not padding only
+  image = Image.new("RGB", (300, 150))
+  np.testing.assert_array_equal(big.boxes_for([[30, 15, 60, 75]], image), [[22, 22, 45, 112]])

@@ -85,6 +85,19 @@ def test_plan_compiles_the_step_for_a_mesh_without_allocating():
     assert summary['mesh'] == {'data': 2, 'fsdp': 2, 'tensor': 2}
     assert summary['bytes_per_device'] >= summary['temp_bytes_per_device'] > 0
     assert 0 < summary['trainable_bytes_total'] < summary['param_bytes_total']  # LoRA only.
+    # 8 pairs, half thinking (grouped): 8 chosen + 4 perception rejected images, encoded
+    # once for policy and reference.
+    assert summary['work_per_step'] == {'policy_sequences': 16, 'reference_sequences': 16,
+                                        'images_encoded': 12}
+
+
+def test_plan_counts_device_made_pairs_and_a_precomputed_reference():
+    cfg = _config('unused', '--config.cpo.device_perturbations=occlude:1.0,noise:0.5',
+                  '--config.cpo.reference=precomputed')
+    summary = plan.plan(cfg, 'cpo_plus')
+    # + 2 perturbed rejected sides per pair; no reference forward at all.
+    assert summary['work_per_step'] == {'policy_sequences': 32, 'reference_sequences': 0,
+                                        'images_encoded': 12 + 16}
 
 
 def test_unknown_stage_is_a_clear_error():

@@ -145,7 +145,7 @@ def _grouped_batch(raw, grid, make_config, pattern):
 def test_thinking_pairs_encode_their_image_once_with_the_same_numbers(setup, include_vision, monkeypatch):
     raw, _, grid, make_config, cfg = setup
     grouped_raw, batch = _grouped_batch(raw, grid, make_config, [True, False, True, False])
-    train.check_thinking_layout(grouped_raw, (1, 2))
+    train.check_pair_layout(grouped_raw, (1, 2))
     model, _ = _policy(make_config, include_vision=include_vision)
     encoded = []
     original = models.Qwen2_5_VL.encode_images
@@ -169,16 +169,11 @@ def test_a_batch_off_its_pair_layout_is_an_error(setup):
     raw, _, grid, make_config, _ = setup
     grouped_raw, _ = _grouped_batch(raw, grid, make_config, [True, False, False, True])
     with pytest.raises(ValueError, match='do not follow the pair layout'):
-        train.check_thinking_layout(grouped_raw, (1, 2))
+        train.check_pair_layout(grouped_raw, (1, 2))
     grouped_raw, _ = _grouped_batch(raw, grid, make_config, [True, False, True, False])
     grouped_raw['rejected_pixel_values'] = grouped_raw['rejected_pixel_values'] + 1.0
     with pytest.raises(ValueError, match='rejected image that differs'):
-        train.check_thinking_layout(grouped_raw, (1, 2))
-    assert train.thinking_layout(0.5, 16) == (1, 2)
-    assert train.thinking_layout(0.25, 16) == (1, 4)
-    assert train.thinking_layout(1.0, 16) == (1, 1)
-    with pytest.raises(ValueError, match='thinking_fraction=0.3'):
-        train.thinking_layout(0.3, 16)
+        train.check_pair_layout(grouped_raw, (1, 2))
 
 
 @pytest.mark.parametrize('dropout', [0.0, 0.5])

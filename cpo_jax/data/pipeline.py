@@ -1,6 +1,8 @@
 """Grain pipelines: records -> (pairs) -> processor + tokenizer -> static-shape numpy batches.
 
-Batch formats (INTERFACES.md). P = patches per image (64 for 112x112), L = max_len.
+Batch formats (INTERFACES.md). P = patches per image (64 for 112x112), L = max_len, or with
+`length_buckets` the smallest bucket that holds every row of the batch (for a CPO batch: both
+sides, which share L; see `parse_length_buckets`).
 SFT batch:
   input_ids [B,L] int32 (right padded with pad id), attention_mask [B,L] int32,
   loss_mask [B,L] int32: 1 where input_ids[b,t] is a completion token (the chain, the answer
@@ -41,6 +43,7 @@ counts it by reason in `skips` (a SkipCounter; counts are per process). Never tr
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import functools
 import io
 import json
@@ -91,6 +94,24 @@ class Processors:
       return np.ascontiguousarray(pv, np.float32), np.array([1, gh, gw], np.int32)
     out = ip(images=image, return_tensors="np")
     return out["pixel_values"].astype(np.float32), out["image_grid_thw"][0].astype(np.int32)
+
+  def boxes_for(self, boxes, image) -> np.ndarray:
+    """Evidence boxes [C, 4] (x0, y0, x1, y1) given in the source image's pixels -> pixels of
+    the processed image (`image_inputs` resizes other sizes to image_size x image_size)."""
+    boxes = np.asarray(boxes, np.int32)
+    if self.image_size is None:
+      return boxes
+    if isinstance(image, (bytes, np.bytes_)):
+      with Image.open(io.BytesIO(image)) as im:  # reads the header only
+        width, height = im.size
+    elif isinstance(image, Image.Image):
+      width, height = image.size
+    else:
+      height, width = np.asarray(image).shape[:2]
+    if (width, height) == (self.image_size, self.image_size):
+      return boxes
+    scale = np.array([self.image_size / width, self.image_size / height] * 2)
+    return np.rint(boxes * scale).astype(np.int32)
 
   def image_inputs_reference(self, image) -> tuple[np.ndarray, np.ndarray]:
     """Always the transformers processor (for checking the fast path)."""
@@ -175,6 +196,44 @@ def pack_left(prompt: tuple[int, ...], max_len: int, pad_id: int, record_id) -> 
   attn = np.zeros(max_len, np.int32)
   attn[max_len - n:] = 1
   return ids, attn
+
+
+def parse_length_buckets(spec, max_len: int) -> tuple[int, ...]:
+  """Config data.length_buckets ('64,80', or a sequence of ints) -> the static lengths a
+  training batch may have, increasing and ending with max_len. '' / () = (max_len,): off."""
+  items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s) for s in spec]
+  items = [s for s in items if s]
+  try:
+    out = [int(s) for s in items]
+  except ValueError:
+    raise ValueError(f"data.length_buckets={spec!r}: expected comma-separated ints such as '64,80'") from None
+  if any(b <= 0 for b in out) or any(a >= b for a, b in zip(out, out[1:])) or (out and out[-1] > max_len):
+    raise ValueError(f"data.length_buckets={spec!r}: expected strictly increasing positive lengths, each <= "
+                     f"data.max_len ({max_len}); max_len is always the last bucket")
+  return tuple(out) if out and out[-1] == max_len else tuple(out) + (max_len,)
+
+
+class _TrimToBucket:
+  """Cuts a right-padded training batch down to the smallest bucket that holds all its rows.
+
+  Only all-pad trailing columns go, so it is exact: under causal attention a later (pad)
+  position never changes an earlier one. Both sides of a pair share one length (the step
+  concatenates them). Stateless: the iterator state is the same with or without it."""
+
+  def __init__(self, buckets: tuple[int, ...], prefixes: tuple[str, ...]):
+    self.buckets, self.prefixes = buckets, prefixes
+
+  def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    n = max(int(batch[p + "attention_mask"].sum(1).max()) for p in self.prefixes)
+    length = next(b for b in self.buckets if b >= n)  # pack_right kept every row <= max_len
+    for p in self.prefixes:
+      for k in ("input_ids", "attention_mask", "loss_mask"):
+        batch[p + k] = np.ascontiguousarray(batch[p + k][:, :length])
+    return batch
+
+
+_PAIR_SIDES = ("chosen_", "rejected_")
+_PERCEPTION_STREAM = 1000  # seed offset of a grouped stream's perception pairs
 
 
 def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -268,7 +327,8 @@ def _cpo_example(i: int, rng: np.random.Generator, *, source, proc: Processors, 
       "rejected_input_ids": r[0], "rejected_attention_mask": r[1], "rejected_loss_mask": r[2],
       "rejected_pixel_values": r_pv, "image_grid_thw": grid,
       "source": np.int32(pair["source"]), "sample_weight": np.float32(pair["sample_weight"]),
-      "prompt_length": np.int32(len(prompt)), "rejected_prompt_length": np.int32(len(prompt)), "boxes": pair["boxes"],
+      "prompt_length": np.int32(len(prompt)), "rejected_prompt_length": np.int32(len(prompt)),
+      "boxes": proc.boxes_for(pair["boxes"], pair["chosen_image"]),
       "chosen_decision": np.int32(pair["chosen_decision"]), "rejected_decision": np.int32(pair["rejected_decision"]),
       "index": np.int32(i), "flipped_concept": np.int32(pair["flipped_concept"]),
   }
@@ -309,7 +369,8 @@ def _swift_sft_example(i: int, *, source, proc: Processors, max_len: int):
           "index": np.int32(i)}
 
 
-def _is_pairs(source) -> bool:
+def gives_pairs(source) -> bool:
+  """True when the records are pairs already (swift_jsonl, mimic_ccf, codalm): no pair making."""
   return getattr(source, "kind", None) == "pairs"
 
 
@@ -324,12 +385,23 @@ def _indices(n: int, *, seed: int, shard_index: int, shard_count: int, num_epoch
   return ds.shuffle(seed=seed) if shuffle else ds
 
 
-def _finish(ds: grain.MapDataset, batch_size: int, worker_count: int, read_threads: int = 1) -> grain.IterDataset:
+def _batched(ds: grain.MapDataset, batch_size: int, read_threads: int = 1) -> grain.IterDataset:
   # Few read threads: the map work is Python (GIL-bound); grain's default 16 threads made it
   # ~2.5x slower on 2 cores. Scale out with worker_count (processes) instead.
   opts = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * batch_size)
   it = ds.to_iter_dataset(opts)  # drops the None of skipped records
-  it = it.batch(batch_size, drop_remainder=True, batch_fn=_stack)
+  return it.batch(batch_size, drop_remainder=True, batch_fn=_stack)
+
+
+def _finish(ds, batch_size: int, worker_count: int, buckets: tuple[int, ...],
+            prefixes: tuple[str, ...]) -> grain.IterDataset:
+  it = _batched(ds, batch_size) if isinstance(ds, grain.MapDataset) else ds
+  if len(buckets) > 1:
+    # Per batch: the rows and their order stay those of the unbucketed stream. Grouping rows
+    # of similar length across batches would cut more padding where lengths spread widely,
+    # but would make batches length- (so source- and label-) homogeneous, while CPO++
+    # normalises its weights per batch.
+    it = it.map(_TrimToBucket(buckets, prefixes))
   if worker_count > 0:
     from absl import flags  # grain's worker processes read absl flags; outside absl.app they are unparsed
     if not flags.FLAGS.is_parsed():
@@ -345,18 +417,53 @@ def _policy(on_bad_record: str | None, on_overlong: str | None) -> str:
   return policy
 
 
+def pair_layout_for(thinking_fraction: float, batch_size: int) -> tuple[int, int]:
+  """(t, g) of a grouped CPO stream: rows come in groups of g pairs whose first t are thinking
+  pairs and the rest perception pairs, so the train step knows statically which rejected
+  images repeat their chosen image (it encodes them once). g is the smallest group with
+  t / g == thinking_fraction and must divide the (per-host) batch."""
+  fraction = fractions.Fraction(thinking_fraction).limit_denominator(batch_size)
+  if float(fraction) != float(thinking_fraction) or batch_size % fraction.denominator:
+    raise ValueError(f"data.thinking_fraction={thinking_fraction} is not t / g with g dividing the batch size "
+                     f"{batch_size}; choose one that is (0.5, 0.25, ...) or set data.pair_layout='mixed'")
+  return fraction.numerator, fraction.denominator
+
+
+class _InterleaveGroups:
+  """(thinking batch, perception batch) -> one batch whose rows follow the (t, g) layout."""
+
+  def __init__(self, t: int, g: int):
+    self.t, self.g = t, g
+
+  def __call__(self, parts):
+    thinking, perception = parts
+    groups = thinking["source"].shape[0] // self.t
+    out = {}
+    for k, a in thinking.items():
+      b = perception[k]
+      rows_a = a.reshape(groups, self.t, -1, a.shape[-1]) if k.endswith("pixel_values") else \
+          a.reshape(groups, self.t, *a.shape[1:])
+      rows_b = b.reshape(groups, self.g - self.t, *rows_a.shape[2:])
+      rows = np.concatenate([rows_a, rows_b], axis=1)
+      out[k] = rows.reshape(-1, a.shape[-1]) if k.endswith("pixel_values") else rows.reshape(-1, *a.shape[1:])
+    return out
+
+
 def make_sft_dataset(source, proc: Processors, *, batch_size: int, max_len: int, seed: int = 0,
                      shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = None,
                      on_bad_record: str | None = None, on_overlong: str | None = None,
-                     skips: SkipCounter | None = None, worker_count: int = 0) -> grain.IterDataset:
-  """SFT batches (see module doc). num_epochs=None repeats forever."""
+                     skips: SkipCounter | None = None, worker_count: int = 0,
+                     length_buckets=()) -> grain.IterDataset:
+  """SFT batches (see module doc). num_epochs=None repeats forever. `length_buckets` (see
+  `parse_length_buckets`): each batch is cut to the smallest bucket that holds its rows."""
   policy = _policy(on_bad_record, on_overlong)
+  buckets = parse_length_buckets(length_buckets, max_len)
   skips = SkipCounter() if skips is None else skips
   ds = _indices(len(source), seed=seed, shard_index=shard_index, shard_count=shard_count,
                 num_epochs=num_epochs, shuffle=True)
-  fn = _swift_sft_example if _is_pairs(source) else _sft_example  # pair records: SFT on the chosen side
+  fn = _swift_sft_example if gives_pairs(source) else _sft_example  # pair records: SFT on the chosen side
   ds = ds.map(_Guard(functools.partial(fn, source=source, proc=proc, max_len=max_len), policy, skips))
-  return _finish(ds, batch_size, worker_count)
+  return _finish(ds, batch_size, worker_count, buckets, ("",))
 
 
 def make_cpo_dataset(source, proc: Processors, *, batch_size: int, max_len: int, seed: int = 0,
@@ -364,11 +471,15 @@ def make_cpo_dataset(source, proc: Processors, *, batch_size: int, max_len: int,
                      graph: ConceptGraph | None = None, pair_index: pairs_lib.PairIndex | None = None,
                      shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = None,
                      on_bad_record: str | None = None, on_overlong: str | None = None,
-                     skips: SkipCounter | None = None, worker_count: int = 0) -> grain.IterDataset:
+                     skips: SkipCounter | None = None, worker_count: int = 0,
+                     length_buckets=(), pair_layout: tuple[int, int] | None = None) -> grain.IterDataset:
   """CPO++ pair batches (see module doc). Each pair is thinking with prob thinking_fraction
   (seeded per position), else perception with `perception_mode` in hard | far | random |
-  counterfactual (the last re-renders the chosen scene: synthetic sources only)."""
+  counterfactual (the last re-renders the chosen scene: synthetic sources only). With
+  `pair_layout` (t, g) (`pair_layout_for`) every batch holds exactly that share, in groups.
+  `length_buckets` as in `make_sft_dataset`, over both sides of the pairs."""
   policy = _policy(on_bad_record, on_overlong)
+  buckets = parse_length_buckets(length_buckets, max_len)
   if not 0.0 <= thinking_fraction <= 1.0:
     raise ValueError(f"thinking_fraction {thinking_fraction} not in [0, 1]")
   if perception_mode not in pairs_lib.PERCEPTION_MODES:
@@ -378,21 +489,36 @@ def make_cpo_dataset(source, proc: Processors, *, batch_size: int, max_len: int,
     raise ValueError(f"perception_mode='counterfactual' re-renders the chosen scene with one concept changed; "
                      f"dataset {source!r} cannot re-render its images (only synth_drive and synth_cxr can); "
                      f"use perception_mode in {pairs_lib.INDEX_MODES}")
-  if _is_pairs(source):  # pairs given by the records (swift_jsonl): no rewriter, no image index
+  if gives_pairs(source):  # pairs given by the records (swift_jsonl): no rewriter, no image index
     ds = _indices(len(source), seed=seed, shard_index=shard_index, shard_count=shard_count,
                   num_epochs=num_epochs, shuffle=True)
     ds = ds.map(_Guard(functools.partial(_swift_cpo_example, source=source, proc=proc, max_len=max_len),
                        policy, skips))
-    return _finish(ds, batch_size, worker_count)
+    return _finish(ds, batch_size, worker_count, buckets, _PAIR_SIDES)
   graph = graph or load_graph(getattr(source, "domain", "driving"))
   if perception_mode != "counterfactual":  # counterfactual negatives need no index over the split
     pair_index = pair_index or pairs_lib.PairIndex.from_source(source)
-  ds = _indices(len(source), seed=seed, shard_index=shard_index, shard_count=shard_count,
-                num_epochs=num_epochs, shuffle=True)
-  ds = ds.random_map(_Guard(functools.partial(
-      _cpo_example, source=source, proc=proc, graph=graph, index=pair_index, max_len=max_len,
-      thinking_fraction=thinking_fraction, perception_mode=perception_mode), policy, skips), seed=seed + 1)
-  return _finish(ds, batch_size, worker_count)
+
+  def pairs(fraction, stream):
+    ds = _indices(len(source), seed=seed + stream, shard_index=shard_index, shard_count=shard_count,
+                  num_epochs=num_epochs, shuffle=True)
+    return ds.random_map(_Guard(functools.partial(
+        _cpo_example, source=source, proc=proc, graph=graph, index=pair_index, max_len=max_len,
+        thinking_fraction=fraction, perception_mode=perception_mode), policy, skips), seed=seed + 1 + stream)
+  if pair_layout is None:
+    return _finish(pairs(thinking_fraction, 0), batch_size, worker_count, buckets, _PAIR_SIDES)
+  t, g = pair_layout
+  if (t, g) != pair_layout_for(thinking_fraction, batch_size):
+    raise ValueError(f"pair_layout {pair_layout} does not match thinking_fraction {thinking_fraction} and "
+                     f"batch size {batch_size}; expected {pair_layout_for(thinking_fraction, batch_size)}")
+  if t in (0, g):  # one kind only: nothing to interleave
+    return _finish(pairs(thinking_fraction, 0), batch_size, worker_count, buckets, _PAIR_SIDES)
+  # Two streams, each over the whole (shuffled) split: thinking pairs and perception pairs,
+  # batched by their share of the batch and interleaved group by group.
+  groups = batch_size // g
+  zipped = grain.experimental.ZipIterDataset(
+      parents=[_batched(pairs(1.0, 0), groups * t), _batched(pairs(0.0, _PERCEPTION_STREAM), groups * (g - t))])
+  return _finish(zipped.map(_InterleaveGroups(t, g)), batch_size, worker_count, buckets, _PAIR_SIDES)
 
 
 def make_sft_iterator(source, proc: Processors, **kw) -> grain.DatasetIterator:
@@ -427,7 +553,7 @@ def make_eval_batches(source, proc: Processors, *, batch_size: int, max_prompt_l
   """Left-padded prompts in source order (+ gold labels); the last batch is filled to the
   static size by repeating its first row with valid=False. `graph` (default: the source's
   domain, medical for ingested pairs) is only used to read labels from ingested pairs."""
-  if _is_pairs(source):
+  if gives_pairs(source):
     graph = graph or load_graph("medical")
   n = len(source) if max_examples is None else min(max_examples, len(source))
   positions = list(range(n))[shard_index::shard_count]
@@ -437,7 +563,7 @@ def make_eval_batches(source, proc: Processors, *, batch_size: int, max_prompt_l
     rows = []
     for i in chunk:
       rec = source[i]
-      if _is_pairs(source):
+      if gives_pairs(source):
         rows.append(dict(_eval_row_from_pair(rec, proc, graph, max_prompt_len), index=np.int32(i), valid=np.bool_(True)))
         continue
       pv, grid = proc.image_inputs(rec["image"])
@@ -445,7 +571,7 @@ def make_eval_batches(source, proc: Processors, *, batch_size: int, max_prompt_l
       ids, attn = pack_left(prompt, max_prompt_len, pad, f"{source!r}[{i}]")
       rows.append({"input_ids": ids, "attention_mask": attn, "pixel_values": pv, "image_grid_thw": grid,
                    "decision": np.int32(rec["decision"]), "concepts": np.asarray(rec["concepts"], np.int32),
-                   "nuisance": np.int32(rec["nuisance"]), "boxes": np.asarray(rec["boxes"], np.int32),
+                   "nuisance": np.int32(rec["nuisance"]), "boxes": proc.boxes_for(rec["boxes"], rec["image"]),
                    "index": np.int32(i), "valid": np.bool_(True)})
     while len(rows) < batch_size:
       rows.append(dict(rows[0], valid=np.bool_(False)))

@@ -45,6 +45,27 @@ class RunData:
         first = pipeline.make_eval_batches(self.sources['test'], self.processors, batch_size=1,
                                            max_prompt_len=cfg.eval.max_prompt_len)
         self.grid = np.asarray(next(first)['image_grid_thw'])[0]  # [3]: (t, h, w) patches.
+        self.length_buckets = self._length_buckets()
+        # Grouped pairs let the step encode a thinking pair's image once; pairs given by the
+        # records (swift_jsonl, mimic_ccf, codalm) come in their own order.
+        grouped = cfg.data.pair_layout == 'grouped' and not pipeline.gives_pairs(self.sources['train'])
+        if cfg.data.pair_layout not in ('grouped', 'mixed'):
+            raise ValueError(f"data.pair_layout={cfg.data.pair_layout!r}; expected 'grouped' or 'mixed'.")
+        self.pair_layout = (pipeline.pair_layout_for(cfg.data.thinking_fraction, self._per_host(cfg.cpo.batch_size))
+                            if grouped else None)
+
+    def _length_buckets(self):
+        c = self.cfg
+        buckets = pipeline.parse_length_buckets(c.data.length_buckets, c.data.max_len)
+        n_image = self.processors.num_image_tokens(self.grid)
+        if buckets[0] <= n_image:
+            raise ValueError(f'data.length_buckets={c.data.length_buckets!r}: bucket {buckets[0]} '
+                             f'cannot hold the {n_image} image tokens of a row; use longer buckets.')
+        if len(buckets) > 1 and jax.process_count() > 1:
+            # Each host would pick its bucket from its own rows, and hosts must agree on shapes.
+            raise ValueError(f'data.length_buckets={c.data.length_buckets!r} is not supported with '
+                             f"{jax.process_count()} hosts yet; set data.length_buckets=''.")
+        return buckets
 
     def _per_host(self, batch_size):
         if batch_size % jax.process_count():
@@ -57,7 +78,8 @@ class RunData:
         return pipeline.make_sft_iterator(
             self.sources['train'], self.processors, batch_size=self._per_host(c.sft.batch_size),
             max_len=c.data.max_len, seed=c.seed, on_bad_record=c.data.on_bad_record,
-            skips=self.skips, worker_count=c.data.worker_count, **self.shard)
+            skips=self.skips, worker_count=c.data.worker_count,
+            length_buckets=self.length_buckets, **self.shard)
 
     def cpo_batches(self):
         c = self.cfg
@@ -66,7 +88,8 @@ class RunData:
             max_len=c.data.max_len, seed=c.seed + 1, graph=self.graph,
             thinking_fraction=c.data.thinking_fraction,
             perception_mode=c.data.perception_negative, on_bad_record=c.data.on_bad_record,
-            skips=self.skips, worker_count=c.data.worker_count, **self.shard)
+            skips=self.skips, worker_count=c.data.worker_count,
+            length_buckets=self.length_buckets, pair_layout=self.pair_layout, **self.shard)
 
     def eval_batches(self, split, max_examples=None):
         c = self.cfg
