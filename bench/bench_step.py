@@ -21,7 +21,9 @@ MFU = model FLOPs per step / step seconds / measured f32 peak, with model FLOPs 
                  + 2 * H * V * T                                         (vocab projection, every position)
   ViT forward  = 2 * N_vit * patches + attention (full-attention blocks over each image,
                  windowed blocks over their windows)
-  step         = 3 * LLM forward (policy, forward + backward) + 1 * LLM forward (reference)
+  step         = 2 * LLM forward (policy forward + backward; only the LoRA adapters train, so
+                 the backward computes activation gradients, not the base weights' gradients:
+                 MaxText's x3 counts both) + 1 * LLM forward (reference)
                  + 2 * ViT forward (policy and reference images; the ViT is frozen, no backward)
 N = matmul parameters (embedding gather excluded), T = tokens = S sequences x L.
 The same formula with 1 ViT encode and the vocab projection over the compact slab only gives
@@ -58,6 +60,11 @@ VARIANTS = {
     'naive+shared_image': (True, dict(encode_once=True, compact=False)),
     'naive+compact_vocab': (True, dict(encode_once=False, compact=True)),
     'optimized': (False, dict()),
+    # Beyond the default step: the batch's rows alternate thinking / perception pairs
+    # (data.pair_layout=grouped at thinking_fraction 0.5), so a thinking pair's image is
+    # encoded once; and cpo.reference='precomputed' (no reference forward in the step).
+    'optimized+grouped_pairs': (False, dict(pair_layout=(1, 2))),
+    'optimized+grouped+precomputed_ref': (False, dict(pair_layout=(1, 2), precomputed=True)),
 }
 
 
@@ -120,7 +127,8 @@ def _matmul_params(module, exclude=()):
     return n
 
 
-def model_flops(model, config, batch, seq_len, grid, *, vit_encodes=2, head_positions=None):
+def model_flops(model, config, batch, seq_len, grid, *, vit_encodes=2, head_positions=None,
+                reference_forward=True):
     """Peer-style model FLOPs of one CPO++ step (see module docstring). `vit_encodes` and
     `head_positions` (projected positions per sequence) give the formula count of what a
     variant executes instead (1 encode, the compact slab)."""
@@ -140,10 +148,12 @@ def model_flops(model, config, batch, seq_len, grid, *, vit_encodes=2, head_posi
     vit_attn = (full_blocks * per_block(patches_per_image)
                 + (vc.depth - full_blocks) * per_block(min(window, patches_per_image))) * seqs
     vit_fwd = 2 * n_vit * patches_per_image * seqs + vit_attn
-    return 3 * llm_fwd + llm_fwd + vit_encodes * vit_fwd, dict(llm_forward=llm_fwd, vit_forward=vit_fwd)
+    return (2 * llm_fwd + reference_forward * llm_fwd + vit_encodes * vit_fwd,
+            dict(llm_forward=llm_fwd, vit_forward=vit_fwd))
 
 
-def bench_preset(preset, *, batch, seq_len, image_size, reps, peak, rng):
+def bench_preset(preset, *, batch, seq_len, image_size, reps, peak, rng, dtype=jnp.float32,
+                 variants=tuple(VARIANTS)):
     config = models.get_config(preset, **TOKENS)
     grid = np.asarray([1, image_size // 14, image_size // 14])
     cfg = ml_collections.ConfigDict(dict(beta=0.1, loss_type='sigmoid', label_smoothing=0.0, rpo_alpha=0.1,
@@ -154,8 +164,14 @@ def bench_preset(preset, *, batch, seq_len, image_size, reps, peak, rng):
     prepared = train.step_inputs(raw, grid, config, ('chosen_', 'rejected_'), extra=('source', 'sample_weight'))
     mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
     results, runs = {}, {}
-    for variant, (copy, kw) in VARIANTS.items():
-        model = models.Qwen2_5_VL(config, rngs=nnx.Rngs(0))
+    for variant in variants:
+        copy, kw = VARIANTS[variant]
+        kw = dict(kw)
+        data_in = dict(prepared)
+        if kw.pop('precomputed', False):  # what ReferenceTable streams: [pairs, 2] log-probs
+            data_in['reference_logps'] = np.zeros((batch, 2), np.float32)
+        t_setup = time.perf_counter()
+        model = models.Qwen2_5_VL(config, dtype=dtype, rngs=nnx.Rngs(0))
         reference = nnx.clone(model) if copy else None
         lora.apply_lora(model, rank=8, alpha=32.0, rngs=nnx.Rngs(1))
         stage_model = model if reference is None else train.PolicyAndReference(model, reference)
@@ -168,11 +184,13 @@ def bench_preset(preset, *, batch, seq_len, image_size, reps, peak, rng):
         trainable, frozen = jax.device_put(trainable, tr_sh), jax.device_put(frozen, fr_sh)
         opt_state = jax.jit(tx.init)(trainable)
         opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
-        data = jax.device_put(prepared, sharding.batch_sharding(mesh))
+        data = jax.device_put(data_in, sharding.batch_sharding(mesh))
         step = train.make_train_step(stage, mesh, (tr_sh, fr_sh, opt_sh))
         t0 = time.perf_counter()
+        print(f'{preset} {variant}: set up in {t0 - t_setup:.1f} s, compiling', flush=True)
         compiled = step.lower(trainable, frozen, opt_state, data).compile()
         compile_s = time.perf_counter() - t0
+        print(f'{preset} {variant}: compiled in {compile_s:.1f} s', flush=True)
         mem = compiled.memory_analysis()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -197,16 +215,26 @@ def bench_preset(preset, *, batch, seq_len, image_size, reps, peak, rng):
         print(json.dumps({'preset': preset, 'variant': variant, **r}), flush=True)
     flops, parts = model_flops(model, config, batch, seq_len, grid)
     slab = train.completion_positions(seq_len, grid, model)
-    for variant, (_, kw) in VARIANTS.items():
+    for variant in variants:
+        kw = VARIANTS[variant][1]
         once = kw.get('encode_once', not kw.get('naive', False))
         compact = kw.get('compact', not kw.get('naive', False))
+        # vit_encodes counts encodes of the 2 * batch sequences' images: a grouped layout
+        # (t, g) skips the rejected image of t of every g pairs.
+        t, g = kw.get('pair_layout', (0, 1))
         results[variant]['formula_flops_executed'] = model_flops(
-            model, config, batch, seq_len, grid, vit_encodes=1 if once else 2,
-            head_positions=slab if compact else None)[0]
+            model, config, batch, seq_len, grid, vit_encodes=(1 - t / g / 2) * (1 if once else 2),
+            head_positions=slab if compact else None,
+            reference_forward=not kw.get('precomputed', False))[0]
     for r in results.values():
         r['mfu_f32_peak'] = flops / r['step_s_median'] / (peak['f32'] * 1e9)
         r['mfu_bf16acc_peak'] = flops / r['step_s_median'] / (peak['bf16_f32acc'] * 1e9)
-    n, o = results['naive'], results['optimized']
+        # Executed FLOPs per second over the peak of the compute dtype: how busy the chip is.
+        r['hfu_executed'] = r['formula_flops_executed'] / r['step_s_median'] / (
+            peak['bf16_f32acc' if dtype == jnp.bfloat16 else 'f32'] * 1e9)
+    # Ratios against 'naive' (or the first variant run) and of 'optimized' (or the last).
+    n = results.get('naive', results[variants[0]])
+    o = results.get('optimized', results[variants[-1]])
     summary = dict(
         preset=preset, batch_pairs=batch, seq_len=seq_len, image_size=image_size,
         image_tokens=int(np.prod(grid)) // 4, model_flops_per_step=flops, model_flops_parts=parts,
@@ -231,16 +259,21 @@ def main():
     ap.add_argument('--seq-len', type=int, default=512)
     ap.add_argument('--image-size', type=int, default=448)
     ap.add_argument('--reps', type=int, default=7)
+    ap.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                    help='compute dtype (params stay float32)')
+    ap.add_argument('--variants', default=','.join(VARIANTS))
+    ap.add_argument('--matmul-n', type=int, default=2048, help='side of the peak matmul (8192 on a GPU)')
     ap.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'results'))
     a = ap.parse_args()
 
     load_before = os.getloadavg()  # a shared machine: say how loaded it was
-    peak = matmul_peak()
+    peak = matmul_peak(a.matmul_n)
     print(json.dumps({'matmul_peak_gflops': peak}), flush=True)
     rng = np.random.default_rng(0)
     rows = [bench_preset(p, batch=a.batch, seq_len=a.seq_len, image_size=a.image_size, reps=a.reps, peak=peak,
-                         rng=rng) for p in a.presets.split(',')]
-    print(f'\nmatmul peak (2048^3): f32 {peak["f32"]:.1f} GFLOP/s, bf16 x bf16 -> f32 {peak["bf16_f32acc"]:.1f} GFLOP/s')
+                         rng=rng, dtype=jnp.dtype(a.dtype), variants=tuple(a.variants.split(',')))
+            for p in a.presets.split(',')]
+    print(f'\nmatmul peak ({a.matmul_n}^3): f32 {peak["f32"]:.1f} GFLOP/s, bf16 x bf16 -> f32 {peak["bf16_f32acc"]:.1f} GFLOP/s')
     print(f'{"preset":8}{"naive s":>10}{"opt s":>10}{"speedup":>9}{"MFU naive":>11}{"MFU opt":>9}'
           f'{"temp opt/naive":>16}{"temp+args opt/naive":>21}{"formula FLOPs opt/naive":>25}'
           f'{"XLA flops* opt/naive":>22}')
@@ -248,11 +281,16 @@ def main():
         print(f'{r["preset"]:8}{r["naive"]["step_s_median"]:10.4f}{r["optimized"]["step_s_median"]:10.4f}'
               f'{r["speedup"]:9.2f}{r["naive"]["mfu_f32_peak"]:11.1%}{r["optimized"]["mfu_f32_peak"]:9.1%}'
               f'{r["temp_bytes_ratio_optimized_over_naive"]:16.3f}{r["temp_plus_argument_bytes_ratio"]:21.3f}'
-              f'{r["formula_flops_ratio_optimized_over_naive"]:25.3f}{r["xla_flops_ratio_optimized_over_naive"]:22.3f}')
+              f'{r["formula_flops_ratio_optimized_over_naive"]:25.3f}{r["xla_flops_ratio_optimized_over_naive"] or 0:22.3f}')
     print('* XLA cost_analysis: far below the formula here, likely because loop bodies (scanned layers) count once.')
+    print(f'\n{"preset":8}{"variant":36}{"step s":>9}{"vs naive":>9}{"MFU":>7}{"HFU exec":>9}{"temp GB":>9}')
     for r in rows:
-        print(f'{r["preset"]}: speedup over naive by variant (same run, interleaved): '
-              + ', '.join(f'{k} {v:.2f}' for k, v in r['attribution_speedup'].items()))
+        for k, v in r['variants'].items():
+            mfu = v['mfu_bf16acc_peak'] if a.dtype == 'bfloat16' else v['mfu_f32_peak']
+            print(f'{r["preset"]:8}{k:36}{v["step_s_median"]:9.4f}{r["attribution_speedup"][k]:9.2f}'
+                  f'{mfu:7.1%}{v["hfu_executed"]:9.1%}{v["temp_bytes"] / 1e9:9.2f}')
+    print(f'MFU: peer-style model FLOPs over the {a.dtype} matmul peak; HFU exec: the FLOPs each variant '
+          f'executes (formula) over the same peak.')
     os.makedirs(a.out, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%SZ')
     path = os.path.join(a.out, f'bench_step_{stamp}.json')

@@ -21,6 +21,8 @@ def get_config(arg=None):
         # hurt ood accuracy on this data (measured: 3e-4 -> 0.75, 1e-3 -> 0.47; SFT 0.77).
         c.cpo.optimizer.lr = 1e-4
         c.eval.max_examples = 256
+        # synth_drive rows are 74-76 tokens: batches cut to 80 instead of 96 (exact, faster).
+        c.data.length_buckets = '80'
     c.data.num_examples = dict(train=4000, test=512, ood=512)
     c.data.spurious_correlation = 0.9
     return c
