@@ -9,6 +9,7 @@ import math
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -89,6 +90,29 @@ def global_batch(batch, mesh):
     every host feeds its own rows; one process: the same as device_put)."""
     sh = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
+
+
+# Batch keys with a trailing sequence axis: [B, L] ids and masks, [B, 3, L] position ids.
+SEQUENCE_SUFFIXES = ('input_ids', 'attention_mask', 'loss_mask', 'position_ids')
+
+
+def pad_to_common_length(batch):
+    """Right-pads this process's sequence arrays to the longest of the step over all processes.
+
+    Each host cuts its batch to its own length bucket (data.length_buckets), but one global
+    array has one shape. Zeros: a pad column has attention 0 and loss 0, and under causal
+    attention a later position never changes an earlier one, so the losses are unchanged.
+    One tiny collective per call on several processes; on one process the batch as it is."""
+    if jax.process_count() == 1:
+        return batch
+    keys = [k for k in batch if k.endswith(SEQUENCE_SUFFIXES)]
+    local = max(batch[k].shape[-1] for k in keys)
+    length = int(np.max(multihost_utils.process_allgather(np.int32(local))))
+    out = dict(batch)
+    for k in keys:
+        v = np.asarray(batch[k])
+        out[k] = np.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, length - v.shape[-1])])
+    return out
 
 
 def process_rows(x):

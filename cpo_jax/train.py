@@ -218,8 +218,9 @@ def layout_for(model_config, image_processor=None):
 def perturbed_pixels(batch, grid, perturbations, layout, *, seed=0):
     """[K * B * P, D]: the chosen images perturbed by each (kind, severity), in that order.
 
-    Boxes are the batch's evidence boxes, in pixels of the processed image. The rng is a pure function of (seed, the
-    batch's 'step', entry index), so a run and its resumption perturb identically."""
+    Boxes are the batch's evidence boxes, in pixels of the processed image. The rng is a pure
+    function of (seed, the batch's 'step', entry index), so a run and its resumption perturb
+    identically."""
     grid = tuple(int(v) for v in np.asarray(grid).reshape(3))
     pixels = batch['chosen_pixel_values']
     boxes = jnp.asarray(batch['boxes'], jnp.float32)
@@ -356,8 +357,8 @@ def cpo_loss_fn(model, batch, grid, cfg, **kw):
     with its LoRA adapters off, or `model.reference` when `model` is a PolicyAndReference.
     Default path: images encoded by the step, once per distinct image: a thinking pair's
     rejected image is not re-encoded when the batch has a `pair_layout` (t, g) (see
-    `pipeline.pair_layout_for`), and when the vision tower has no adapters one encoding serves policy
-    and reference. The vocabulary projection runs at completion positions only.
+    `pipeline.pair_layout_for`), and when the vision tower has no adapters one encoding
+    serves policy and reference. The vocabulary projection runs at completion positions only.
     `naive=True`: pixel_values into every forward and full-vocabulary logits (same numbers,
     more work). `encode_once` / `compact` switch the two savings one at a time (benchmarks;
     encode_once=False feeds pixels to every forward).
@@ -546,7 +547,8 @@ class ReferenceTable:
                               unit='step', dynamic_ncols=True, disable=jax.process_index() != 0):
             batch = prepare(next(batches))
             fingerprints.append(batch_fingerprint(batch))
-            out = reference(trainable, frozen, sharding.global_batch(batch, mesh), np.int32(step))
+            placed = sharding.global_batch(sharding.pad_to_common_length(batch), mesh)
+            out = reference(trainable, frozen, placed, np.int32(step))
             rows.append(sharding.process_rows(out))
         table = cls(np.stack(rows).astype(np.float32), np.asarray(fingerprints, np.uint64), path)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -616,7 +618,7 @@ def run_stage(stage, *, mesh, num_steps, make_batches, prepare, workdir, checkpo
             batch = prepare(next(batches))
             if table is not None:
                 batch = table.attach(batch, step)
-            batch = sharding.global_batch(batch, mesh)
+            batch = sharding.global_batch(sharding.pad_to_common_length(batch), mesh)
             trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, batch)
             done = step + 1
             if done % log_every == 0 or done == num_steps:

@@ -140,8 +140,10 @@ def test_run_data_passes_the_buckets_and_checks_them(tmp_path, monkeypatch):
         cfg.data.length_buckets = spec
         with pytest.raises(ValueError, match=rf'data.length_buckets=.*{match}'):
             streams.RunData(cfg, str(tmp_path))
-    # Hosts pick buckets from their own rows, so several hosts would disagree on shapes.
+    # Several hosts: each cuts its own half batch to its own bucket (the train loop pads them
+    # to one length per step, see sharding.pad_to_common_length).
     cfg.data.length_buckets = '80'
     monkeypatch.setattr(jax, 'process_count', lambda: 2)
-    with pytest.raises(ValueError, match='not supported with 2 hosts'):
-        streams.RunData(cfg, str(tmp_path))
+    data = streams.RunData(cfg, str(tmp_path))
+    assert data.length_buckets == (80, L)
+    assert next(data.sft_batches())['input_ids'].shape == (8, 80)

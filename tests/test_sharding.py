@@ -1,6 +1,7 @@
 """Mesh construction and logical-axis -> mesh-axis mapping (multi-device via XLA_FLAGS)."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -39,3 +40,38 @@ def test_eight_device_mesh_and_state_shardings():
     placed = jax.device_put(state, sharding.state_shardings(state, mesh))
     assert placed['w'].get_value().sharding.spec == P('fsdp', 'tensor')
     assert placed['b'].get_value().sharding.is_fully_replicated
+
+
+def _sequence_batch(length):
+    rng = np.random.default_rng(0)
+    return {'input_ids': rng.integers(1, 9, (2, length)),
+            'attention_mask': np.ones((2, length), np.int32),
+            'chosen_loss_mask': np.ones((2, length), np.int32),
+            'chosen_position_ids': rng.integers(1, 9, (2, 3, length)),
+            'pixel_values': rng.normal(size=(8, 6)), 'source': np.array([0, 1])}
+
+
+def test_pad_to_common_length_is_a_no_op_on_one_process():
+    batch = _sequence_batch(5)
+    assert sharding.pad_to_common_length(batch) is batch
+
+
+def test_pad_to_common_length_right_pads_to_the_longest_host(monkeypatch):
+    # Two hosts faked: this one cut its batch to 5 columns, the other to 7.
+    sent = []
+    monkeypatch.setattr(jax, 'process_count', lambda: 2)
+    monkeypatch.setattr(sharding.multihost_utils, 'process_allgather',
+                        lambda x: sent.append(int(x)) or np.array([5, 7], np.int32))
+    batch = _sequence_batch(5)
+    out = sharding.pad_to_common_length(batch)
+    assert sent == [5]
+    for k in ('input_ids', 'attention_mask', 'chosen_loss_mask', 'chosen_position_ids'):
+        assert out[k].shape == batch[k].shape[:-1] + (7,), k
+        np.testing.assert_array_equal(out[k][..., :5], batch[k])
+        assert not out[k][..., 5:].any(), k
+    assert out['pixel_values'] is batch['pixel_values'] and out['source'] is batch['source']
+    # The longest host pads nothing.
+    monkeypatch.setattr(sharding.multihost_utils, 'process_allgather',
+                        lambda x: np.array([7, 5], np.int32))
+    np.testing.assert_array_equal(sharding.pad_to_common_length(out)['chosen_position_ids'],
+                                  out['chosen_position_ids'])

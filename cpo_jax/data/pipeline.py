@@ -532,17 +532,22 @@ def make_cpo_iterator(source, proc: Processors, **kw) -> grain.DatasetIterator:
 
 
 def _eval_row_from_pair(rec, proc: Processors, graph: ConceptGraph, max_prompt_len: int):
-  """Ingested pairs (swift_jsonl) evaluate on the chosen side: gold decision and concepts are
-  read from its text with the graph (-1 where the text names no single decision)."""
+  """Ingested pairs evaluate on the chosen side: the gold decision is the record's own where it
+  carries one (mimic_ccf's labels, codalm's parsed suggestion), else read from the chosen text
+  with the graph (swift_jsonl); -1 where there is none. Concepts are read from the text."""
   from cpo_jax.knowledge import free_text
   pv, grid = proc.image_inputs(rec["image"])
   prompt = proc.prompt_ids_from_json(json.dumps(rec["prompt_messages"]), proc.num_image_tokens(grid))
   ids, attn = pack_left(prompt, max_prompt_len, proc.ids["pad_token_id"], rec["record_id"])
-  d = graph.parse_decision(rec["chosen"])
+  if "decision" in rec:
+    decision = int(rec["decision"])
+  else:
+    d = graph.parse_decision(rec["chosen"])
+    decision = -1 if d is None else graph.decision_id(d)
   a, _ = free_text.parse_report(graph, rec["chosen"])
   S = proc.image_size or 0
   return {"input_ids": ids, "attention_mask": attn, "pixel_values": pv, "image_grid_thw": grid,
-          "decision": np.int32(-1 if d is None else graph.decision_id(d)),
+          "decision": np.int32(decision),
           "concepts": np.asarray(graph.value_ids(a), np.int32), "nuisance": np.int32(-1),
           "boxes": np.array([[0, 0, S, S]], np.int32)}
 

@@ -61,10 +61,6 @@ class RunData:
         if buckets[0] <= n_image:
             raise ValueError(f'data.length_buckets={c.data.length_buckets!r}: bucket {buckets[0]} '
                              f'cannot hold the {n_image} image tokens of a row; use longer buckets.')
-        if len(buckets) > 1 and jax.process_count() > 1:
-            # Each host would pick its bucket from its own rows, and hosts must agree on shapes.
-            raise ValueError(f'data.length_buckets={c.data.length_buckets!r} is not supported with '
-                             f"{jax.process_count()} hosts yet; set data.length_buckets=''.")
         return buckets
 
     def _per_host(self, batch_size):
