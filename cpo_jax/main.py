@@ -50,12 +50,7 @@ def build_model(cfg, data):
     dtype = getattr(jax.numpy, cfg.model.dtype)
     if cfg.model.init_from:
         return models.load_hf(cfg.model.init_from, dtype=dtype)
-    ids = data.processors.ids
-    config = models.get_config(
-        cfg.model.preset, vocab_size=ids['vocab_size'], image_token_id=ids['image_token_id'],
-        video_token_id=ids['video_token_id'], vision_start_token_id=ids['vision_start_token_id'],
-        vision_end_token_id=ids['vision_end_token_id'], eos_token_id=ids['eos_token_id'],
-        pad_token_id=ids['pad_token_id'])
+    config = models.get_config_for_tokens(cfg.model.preset, data.processors.ids)
     return models.Qwen2_5_VL(config, dtype=dtype, param_dtype=getattr(jax.numpy, cfg.model.param_dtype),
                              rngs=nnx.Rngs(cfg.seed))
 

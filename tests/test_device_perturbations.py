@@ -27,10 +27,7 @@ def setup():
     assert set(np.unique(raw['source'])) == {0, 1}
     grid = np.asarray(raw['image_grid_thw'][0])
     ids = proc.ids
-    model_config = models.get_config(
-        'tiny', vocab_size=ids['vocab_size'], image_token_id=ids['image_token_id'],
-        video_token_id=ids['video_token_id'], vision_start_token_id=ids['vision_start_token_id'],
-        vision_end_token_id=ids['vision_end_token_id'])
+    model_config = models.get_config_for_tokens('tiny', ids)
     batch = train.step_inputs(raw, grid, model_config, ('chosen_', 'rejected_'), extra=KEYS)
     cfg = config_defaults.base_config('', domain='driving', data='synth_drive')
     layout = perturb.PatchLayout.from_processor(proc.image_processor)

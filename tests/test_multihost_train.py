@@ -31,10 +31,7 @@ BUCKETS, MAX_LEN, SEEDS = '75,76', 96, {'sft': 0, 'cpo': 3}
 def _setup():
     proc = pipeline.make_processors(None)
     ids = proc.ids
-    model_config = models.get_config(
-        'tiny', vocab_size=ids['vocab_size'], image_token_id=ids['image_token_id'],
-        video_token_id=ids['video_token_id'], vision_start_token_id=ids['vision_start_token_id'],
-        vision_end_token_id=ids['vision_end_token_id'])
+    model_config = models.get_config_for_tokens('tiny', ids)
     source = pipeline.make_source('synth_drive', 'train', num_examples=64)
     return proc, model_config, source
 

@@ -35,11 +35,7 @@ def batches(processors):
 @pytest.fixture(scope='module')
 def model(processors):
     ids = processors.ids
-    config = models.get_config(
-        'tiny', vocab_size=ids['vocab_size'], image_token_id=ids['image_token_id'],
-        video_token_id=ids['video_token_id'], vision_start_token_id=ids['vision_start_token_id'],
-        vision_end_token_id=ids['vision_end_token_id'], eos_token_id=ids['eos_token_id'],
-        pad_token_id=ids['pad_token_id'])
+    config = models.get_config_for_tokens('tiny', ids)
     return models.Qwen2_5_VL(config, rngs=nnx.Rngs(0))
 
 

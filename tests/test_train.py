@@ -22,10 +22,7 @@ def setup():
     proc = pipeline.make_processors(None)
     source = pipeline.make_source('synth_drive', 'train', num_examples=64)
     ids = proc.ids
-    model_config = models.get_config(
-        'tiny', vocab_size=ids['vocab_size'], image_token_id=ids['image_token_id'],
-        video_token_id=ids['video_token_id'], vision_start_token_id=ids['vision_start_token_id'],
-        vision_end_token_id=ids['vision_end_token_id'])
+    model_config = models.get_config_for_tokens('tiny', ids)
     cfg = config_defaults.base_config('', domain='driving', data='synth_drive')
     cfg.sft.optimizer.lr = 3e-3
     cfg.cpo.optimizer.lr = 3e-3

@@ -25,10 +25,7 @@ def setup():
     assert set(np.unique(raw['source'])) == {0, 1}  # thinking and perception pairs.
     grid = np.asarray(raw['image_grid_thw'][0])
     ids = proc.ids
-    make_config = functools.partial(
-        models.get_config, 'tiny', vocab_size=ids['vocab_size'], image_token_id=ids['image_token_id'],
-        video_token_id=ids['video_token_id'], vision_start_token_id=ids['vision_start_token_id'],
-        vision_end_token_id=ids['vision_end_token_id'])
+    make_config = functools.partial(models.get_config_for_tokens, 'tiny', ids)
     batch = train.step_inputs(raw, grid, make_config(), ('chosen_', 'rejected_'),
                               extra=('source', 'sample_weight'))
     cfg = config_defaults.base_config('', domain='driving', data='synth_drive').cpo

@@ -62,6 +62,16 @@ _TEXT_KEYS = {'vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_h
 NAMES = tuple(_PRESETS)
 
 
+# The token ids a tokenizer fixes in the model config (pipeline.Processors.ids has them all).
+TOKEN_KEYS = ('vocab_size', 'image_token_id', 'video_token_id', 'vision_start_token_id',
+              'vision_end_token_id', 'eos_token_id', 'pad_token_id')
+
+
+def get_config_for_tokens(name: str, ids, **overrides) -> Qwen2_5_VLConfig:
+  """`get_config` sized to a tokenizer: vocabulary size and special token ids from `ids`."""
+  return get_config(name, **{k: ids[k] for k in TOKEN_KEYS}, **overrides)
+
+
 def get_config(name: str, **overrides) -> Qwen2_5_VLConfig:
   """Preset config; top-level overrides (image_token_id, tie_word_embeddings, ...) apply to the
   outer config, text keys (vocab_size, eos_token_id, ...) to text_config, and
