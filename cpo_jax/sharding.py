@@ -87,8 +87,10 @@ def batch_sharding(mesh):
 
 def global_batch(batch, mesh):
     """This process's rows of a batch -> global arrays sharded by `batch_sharding` (on a pod
-    every host feeds its own rows; one process: the same as device_put)."""
+    every host feeds its own rows, first padded to the step's common length; one process:
+    the same as device_put)."""
     sh = batch_sharding(mesh)
+    batch = pad_to_common_length(batch)
     return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
 
 

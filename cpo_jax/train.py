@@ -547,8 +547,7 @@ class ReferenceTable:
                               unit='step', dynamic_ncols=True, disable=jax.process_index() != 0):
             batch = prepare(next(batches))
             fingerprints.append(batch_fingerprint(batch))
-            placed = sharding.global_batch(sharding.pad_to_common_length(batch), mesh)
-            out = reference(trainable, frozen, placed, np.int32(step))
+            out = reference(trainable, frozen, sharding.global_batch(batch, mesh), np.int32(step))
             rows.append(sharding.process_rows(out))
         table = cls(np.stack(rows).astype(np.float32), np.asarray(fingerprints, np.uint64), path)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -618,7 +617,7 @@ def run_stage(stage, *, mesh, num_steps, make_batches, prepare, workdir, checkpo
             batch = prepare(next(batches))
             if table is not None:
                 batch = table.attach(batch, step)
-            batch = sharding.global_batch(sharding.pad_to_common_length(batch), mesh)
+            batch = sharding.global_batch(batch, mesh)
             trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, batch)
             done = step + 1
             if done % log_every == 0 or done == num_steps:

@@ -393,9 +393,8 @@ def _batched(ds: grain.MapDataset, batch_size: int, read_threads: int = 1) -> gr
   return it.batch(batch_size, drop_remainder=True, batch_fn=_stack)
 
 
-def _finish(ds, batch_size: int, worker_count: int, buckets: tuple[int, ...],
+def _finish(it: grain.IterDataset, worker_count: int, buckets: tuple[int, ...],
             prefixes: tuple[str, ...]) -> grain.IterDataset:
-  it = _batched(ds, batch_size) if isinstance(ds, grain.MapDataset) else ds
   if len(buckets) > 1:
     # Per batch: the rows and their order stay those of the unbucketed stream. Grouping rows
     # of similar length across batches would cut more padding where lengths spread widely,
@@ -463,7 +462,7 @@ def make_sft_dataset(source, proc: Processors, *, batch_size: int, max_len: int,
                 num_epochs=num_epochs, shuffle=True)
   fn = _swift_sft_example if gives_pairs(source) else _sft_example  # pair records: SFT on the chosen side
   ds = ds.map(_Guard(functools.partial(fn, source=source, proc=proc, max_len=max_len), policy, skips))
-  return _finish(ds, batch_size, worker_count, buckets, ("",))
+  return _finish(_batched(ds, batch_size), worker_count, buckets, ("",))
 
 
 def make_cpo_dataset(source, proc: Processors, *, batch_size: int, max_len: int, seed: int = 0,
@@ -494,7 +493,7 @@ def make_cpo_dataset(source, proc: Processors, *, batch_size: int, max_len: int,
                   num_epochs=num_epochs, shuffle=True)
     ds = ds.map(_Guard(functools.partial(_swift_cpo_example, source=source, proc=proc, max_len=max_len),
                        policy, skips))
-    return _finish(ds, batch_size, worker_count, buckets, _PAIR_SIDES)
+    return _finish(_batched(ds, batch_size), worker_count, buckets, _PAIR_SIDES)
   graph = graph or load_graph(getattr(source, "domain", "driving"))
   if perception_mode != "counterfactual":  # counterfactual negatives need no index over the split
     pair_index = pair_index or pairs_lib.PairIndex.from_source(source)
@@ -505,20 +504,18 @@ def make_cpo_dataset(source, proc: Processors, *, batch_size: int, max_len: int,
     return ds.random_map(_Guard(functools.partial(
         _cpo_example, source=source, proc=proc, graph=graph, index=pair_index, max_len=max_len,
         thinking_fraction=fraction, perception_mode=perception_mode), policy, skips), seed=seed + 1 + stream)
-  if pair_layout is None:
-    return _finish(pairs(thinking_fraction, 0), batch_size, worker_count, buckets, _PAIR_SIDES)
-  t, g = pair_layout
-  if (t, g) != pair_layout_for(thinking_fraction, batch_size):
+  if pair_layout is not None and tuple(pair_layout) != pair_layout_for(thinking_fraction, batch_size):
     raise ValueError(f"pair_layout {pair_layout} does not match thinking_fraction {thinking_fraction} and "
                      f"batch size {batch_size}; expected {pair_layout_for(thinking_fraction, batch_size)}")
-  if t in (0, g):  # one kind only: nothing to interleave
-    return _finish(pairs(thinking_fraction, 0), batch_size, worker_count, buckets, _PAIR_SIDES)
+  t, g = pair_layout or (0, 1)
+  if t in (0, g):  # mixed, or one kind only: nothing to interleave
+    return _finish(_batched(pairs(thinking_fraction, 0), batch_size), worker_count, buckets, _PAIR_SIDES)
   # Two streams, each over the whole (shuffled) split: thinking pairs and perception pairs,
   # batched by their share of the batch and interleaved group by group.
   groups = batch_size // g
   zipped = grain.experimental.ZipIterDataset(
       parents=[_batched(pairs(1.0, 0), groups * t), _batched(pairs(0.0, _PERCEPTION_STREAM), groups * (g - t))])
-  return _finish(zipped.map(_InterleaveGroups(t, g)), batch_size, worker_count, buckets, _PAIR_SIDES)
+  return _finish(zipped.map(_InterleaveGroups(t, g)), worker_count, buckets, _PAIR_SIDES)
 
 
 def make_sft_iterator(source, proc: Processors, **kw) -> grain.DatasetIterator:
