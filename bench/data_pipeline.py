@@ -3,6 +3,7 @@
   JAX_PLATFORMS=cpu python bench/data_pipeline.py [--workers 0] [--batches 30]
 Compare with the train step's consumption: batch_size / step_time pairs/s.
 """
+
 import argparse
 import io
 import time
@@ -24,7 +25,8 @@ class Upscaled:
   def __getitem__(self, i):
     r = dict(self.src[i])
     im = Image.open(io.BytesIO(r["image"])).resize((self.size, self.size), Image.BILINEAR)
-    buf = io.BytesIO(); im.save(buf, format="PNG", compress_level=1)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", compress_level=1)
     r["image"] = buf.getvalue()
     return r
 
@@ -37,7 +39,9 @@ def measure(size, workers, batches, batch_size=8):
   src = P.make_source("synth_drive", "train", num_examples=2048)
   src = src if size == 112 else Upscaled(src, size)
   n_img = (size // 28) ** 2
-  it = P.make_cpo_iterator(src, proc, batch_size=batch_size, max_len=96 + n_img, seed=0, worker_count=workers)
+  it = P.make_cpo_iterator(
+    src, proc, batch_size=batch_size, max_len=96 + n_img, seed=0, worker_count=workers
+  )
   next(it)
   t = time.perf_counter()
   for _ in range(batches):
@@ -51,5 +55,7 @@ if __name__ == "__main__":
   ap.add_argument("--batches", type=int, default=30)
   args = ap.parse_args()
   for size in (112, 448):
-    print(f"synth_drive CPO pairs/s at {size}x{size}, workers={args.workers}: "
-          f"{measure(size, args.workers, args.batches):.0f}")
+    print(
+      f"synth_drive CPO pairs/s at {size}x{size}, workers={args.workers}: "
+      f"{measure(size, args.workers, args.batches):.0f}"
+    )

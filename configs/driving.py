@@ -5,24 +5,25 @@ and the `tiny` Qwen2.5-VL-shaped model, SFT -> CPO++ -> eval, in minutes on a CP
     python -m cpo_jax.main --config=configs/driving.py:model=qwen2_5_vl_7b,data=codalm \
             --config.data.manual_dir=/data/coda_lm --workdir=gs://bucket/drive1
 """
+
 from cpo_jax import config_defaults
 
 
 def get_config(arg=None):
-    c = config_defaults.base_config(arg, domain='driving', data='synth_drive')
-    if c.model.preset == 'tiny':
-        # The embedded default: small enough for a 2-core CPU, long enough to learn.
-        c.sft.num_steps = 500
-        c.sft.batch_size = 16
-        c.sft.optimizer.lr = 2e-3
-        c.cpo.num_steps = 150
-        c.cpo.batch_size = 16
-        # The CPO++ script's rate. Higher rates reach the same reward accuracy sooner but
-        # hurt ood accuracy on this data (measured: 3e-4 -> 0.75, 1e-3 -> 0.47; SFT 0.77).
-        c.cpo.optimizer.lr = 1e-4
-        c.eval.max_examples = 256
-        # synth_drive rows are 74-76 tokens: batches cut to 80 instead of 96 (exact, faster).
-        c.data.length_buckets = '80'
-    c.data.num_examples = dict(train=4000, test=512, ood=512)
-    c.data.spurious_correlation = 0.9
-    return c
+  c = config_defaults.base_config(arg, domain='driving', data='synth_drive')
+  if c.model.preset == 'tiny':
+    # The embedded default: small enough for a 2-core CPU, long enough to learn.
+    c.sft.num_steps = 500
+    c.sft.batch_size = 16
+    c.sft.optimizer.lr = 2e-3
+    c.cpo.num_steps = 150
+    c.cpo.batch_size = 16
+    # The CPO++ script's rate. Higher rates reach the same reward accuracy sooner but
+    # hurt ood accuracy on this data (measured: 3e-4 -> 0.75, 1e-3 -> 0.47; SFT 0.77).
+    c.cpo.optimizer.lr = 1e-4
+    c.eval.max_examples = 256
+    # synth_drive rows are 74-76 tokens: batches cut to 80 instead of 96 (exact, faster).
+    c.data.length_buckets = '80'
+  c.data.num_examples = dict(train=4000, test=512, ood=512)
+  c.data.spurious_correlation = 0.9
+  return c

@@ -5,16 +5,17 @@ real runs point `data.manual_dir` at MIMIC-CXR + CXR-CounterFact or swift JSONL 
     python -m cpo_jax.main --config=configs/medical.py:model=qwen2_5_vl_7b,data=mimic_ccf \
             --config.data.manual_dir=/data/mimic --workdir=gs://bucket/run1
 """
+
 from cpo_jax import config_defaults
 
 
 def get_config(arg=None):
-    c = config_defaults.base_config(arg, domain='medical', data='synth_cxr')
-    if c.model.preset == 'tiny':
-        c.sft.num_steps = 500
-        c.sft.optimizer.lr = 2e-3
-        c.cpo.num_steps = 150
-        c.cpo.optimizer.lr = 1e-4
-    c.data.num_examples = dict(train=4000, test=512, ood=512)
-    c.data.spurious_correlation = 0.9
-    return c
+  c = config_defaults.base_config(arg, domain='medical', data='synth_cxr')
+  if c.model.preset == 'tiny':
+    c.sft.num_steps = 500
+    c.sft.optimizer.lr = 2e-3
+    c.cpo.num_steps = 150
+    c.cpo.optimizer.lr = 1e-4
+  c.data.num_examples = dict(train=4000, test=512, ood=512)
+  c.data.spurious_correlation = 0.9
+  return c

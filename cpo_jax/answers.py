@@ -4,6 +4,7 @@ Answers come from the model's own greedy chain (`<think> ... </think> The decisi
 parsed with the domain's concept graph, so a model that never closes its chain or names no
 decision is counted wrong (and counted as `unparsed`), not skipped.
 """
+
 import jax
 import numpy as np
 import tqdm
@@ -12,52 +13,61 @@ from cpo_jax import generate as generate_lib
 
 
 def classification_metrics(predicted, gold, class_names):
-    """Accuracy, per-class precision/recall/F1 and the confusion matrix.
+  """Accuracy, per-class precision/recall/F1 and the confusion matrix.
 
-    `predicted` holds class indices or -1 for an answer that names no class (always wrong).
-    """
-    predicted, gold = np.asarray(predicted), np.asarray(gold)
-    k = len(class_names)
-    confusion = np.zeros((k, k + 1), np.int64)  # last column: unparsed.
-    for p, g in zip(predicted, gold):
-        confusion[g, p if p >= 0 else k] += 1
-    per_class = {}
-    for i, name in enumerate(class_names):
-        tp = confusion[i, i]
-        fp = confusion[:, i].sum() - tp
-        fn = confusion[i].sum() - tp
-        precision = tp / max(tp + fp, 1)
-        recall = tp / max(tp + fn, 1)
-        f1 = 2 * precision * recall / max(precision + recall, 1e-12)
-        per_class[name] = {'precision': float(precision), 'recall': float(recall),
-                           'f1': float(f1), 'support': int(confusion[i].sum())}
-    n = len(gold)
-    return {
-        'n': int(n),
-        'accuracy': float((predicted == gold).mean()) if n else float('nan'),
-        'macro_f1': float(np.mean([c['f1'] for c in per_class.values()])),
-        'unparsed': int((predicted < 0).sum()),
-        'per_class': per_class,
-        'confusion': confusion.tolist(),
+  `predicted` holds class indices or -1 for an answer that names no class (always wrong).
+  """
+  predicted, gold = np.asarray(predicted), np.asarray(gold)
+  k = len(class_names)
+  confusion = np.zeros((k, k + 1), np.int64)  # last column: unparsed.
+  for p, g in zip(predicted, gold):
+    confusion[g, p if p >= 0 else k] += 1
+  per_class = {}
+  for i, name in enumerate(class_names):
+    tp = confusion[i, i]
+    fp = confusion[:, i].sum() - tp
+    fn = confusion[i].sum() - tp
+    precision = tp / max(tp + fp, 1)
+    recall = tp / max(tp + fn, 1)
+    f1 = 2 * precision * recall / max(precision + recall, 1e-12)
+    per_class[name] = {
+      'precision': float(precision),
+      'recall': float(recall),
+      'f1': float(f1),
+      'support': int(confusion[i].sum()),
     }
+  n = len(gold)
+  return {
+    'n': int(n),
+    'accuracy': float((predicted == gold).mean()) if n else float('nan'),
+    'macro_f1': float(np.mean([c['f1'] for c in per_class.values()])),
+    'unparsed': int((predicted < 0).sum()),
+    'per_class': per_class,
+    'confusion': confusion.tolist(),
+  }
 
 
 def predict_decisions(model, batches, *, tokenizer, graph, max_new_tokens, desc='eval'):
-    """Greedy-decodes each batch and parses the decision. Returns (pred ids, gold ids, texts)."""
-    predicted, gold, texts = [], [], []
-    for batch in tqdm.tqdm(batches, desc=desc, unit='batch', leave=False):
-        tokens = generate_lib.generate(
-            model, batch['input_ids'], batch['attention_mask'], batch['pixel_values'],
-            batch['image_grid_thw'], max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.convert_tokens_to_ids('<|im_end|>'),
-            pad_token_id=tokenizer.pad_token_id)
-        valid = np.asarray(batch['valid'], bool)  # the last batch is padded to a static shape.
-        for row, keep, label in zip(np.asarray(jax.device_get(tokens)), valid, batch['decision']):
-            if not keep:
-                continue
-            text = tokenizer.decode(row, skip_special_tokens=True)
-            decision = graph.parse_decision(text)
-            predicted.append(graph.decision_id(decision) if decision is not None else -1)
-            gold.append(int(label))
-            texts.append(text)
-    return np.array(predicted, np.int64), np.array(gold, np.int64), texts
+  """Greedy-decodes each batch and parses the decision. Returns (pred ids, gold ids, texts)."""
+  predicted, gold, texts = [], [], []
+  for batch in tqdm.tqdm(batches, desc=desc, unit='batch', leave=False):
+    tokens = generate_lib.generate(
+      model,
+      batch['input_ids'],
+      batch['attention_mask'],
+      batch['pixel_values'],
+      batch['image_grid_thw'],
+      max_new_tokens=max_new_tokens,
+      eos_token_id=tokenizer.convert_tokens_to_ids('<|im_end|>'),
+      pad_token_id=tokenizer.pad_token_id,
+    )
+    valid = np.asarray(batch['valid'], bool)  # the last batch is padded to a static shape.
+    for row, keep, label in zip(np.asarray(jax.device_get(tokens)), valid, batch['decision']):
+      if not keep:
+        continue
+      text = tokenizer.decode(row, skip_special_tokens=True)
+      decision = graph.parse_decision(text)
+      predicted.append(graph.decision_id(decision) if decision is not None else -1)
+      gold.append(int(label))
+      texts.append(text)
+  return np.array(predicted, np.int64), np.array(gold, np.int64), texts

@@ -4,118 +4,121 @@ Configs follow big_vision: `get_config(arg)` where `arg` is a comma-separated `k
 string (`configs/driving.py:model=tiny,data=synth_drive`). Everything a run uses lives in
 the returned ConfigDict so that `--config.a.b=value` can change it.
 """
+
 import ml_collections
 
 
 def parse_arg(arg, **defaults):
-    """Parses 'k1=v1,k2=v2' into a ConfigDict over `defaults`, typed like the defaults."""
-    out = ml_collections.ConfigDict(defaults)
-    for item in filter(None, (arg or '').split(',')):
-        key, sep, value = item.partition('=')
-        if not sep:
-            raise ValueError(f'Config arg {item!r} is not key=value (full arg: {arg!r}).')
-        if key not in defaults:
-            raise ValueError(f'Unknown config arg key {key!r}; known: {sorted(defaults)}.')
-        kind = type(defaults[key])
-        out[key] = (value.lower() in ('1', 'true', 'yes')) if kind is bool else kind(value)
-    return out
+  """Parses 'k1=v1,k2=v2' into a ConfigDict over `defaults`, typed like the defaults."""
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise ValueError(f'Config arg {item!r} is not key=value (full arg: {arg!r}).')
+    if key not in defaults:
+      raise ValueError(f'Unknown config arg key {key!r}; known: {sorted(defaults)}.')
+    kind = type(defaults[key])
+    out[key] = (value.lower() in ('1', 'true', 'yes')) if kind is bool else kind(value)
+  return out
 
 
 def base_config(arg, *, domain, data):
-    """The knobs every domain shares; the domain config fills in data and eval."""
-    arg = parse_arg(arg, model='tiny', data=data, lora_rank=8)
-    c = ml_collections.ConfigDict()
-    c.domain = domain
-    c.seed = 0
-    # Comma-separated so `--config.stages=sft,eval` works from the shell.
-    c.stages = 'sft,cpo_plus,eval'
-    c.log_every_steps = 10
+  """The knobs every domain shares; the domain config fills in data and eval."""
+  arg = parse_arg(arg, model='tiny', data=data, lora_rank=8)
+  c = ml_collections.ConfigDict()
+  c.domain = domain
+  c.seed = 0
+  # Comma-separated so `--config.stages=sft,eval` works from the shell.
+  c.stages = 'sft,cpo_plus,eval'
+  c.log_every_steps = 10
 
-    c.model = ml_collections.ConfigDict()
-    c.model.preset = arg.model
-    c.model.init_from = ''        # a Hugging Face directory (save_pretrained); '' = random init.
-    c.model.dtype = 'float32'     # compute dtype (bfloat16 on TPU).
-    c.model.param_dtype = 'float32'
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = arg.model
+  c.model.init_from = ''  # a Hugging Face directory (save_pretrained); '' = random init.
+  c.model.dtype = 'float32'  # compute dtype (bfloat16 on TPU).
+  c.model.param_dtype = 'float32'
 
-    # The paper: LoRA r=8, alpha=32 on all linear layers of the LLM, ViT frozen in CPO.
-    c.lora = ml_collections.ConfigDict()
-    c.lora.rank = arg.lora_rank
-    c.lora.alpha = 32.0
-    c.lora.dropout = 0.0
-    c.lora.targets = 'q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj'
-    c.lora.include_vision = False
+  # The paper: LoRA r=8, alpha=32 on all linear layers of the LLM, ViT frozen in CPO.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = arg.lora_rank
+  c.lora.alpha = 32.0
+  c.lora.dropout = 0.0
+  c.lora.targets = 'q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj'
+  c.lora.include_vision = False
 
-    c.data = ml_collections.ConfigDict()
-    c.data.name = arg.data
-    c.data.manual_dir = ''        # where users put real data (MIMIC, CODA-LM, swift JSONL).
-    c.data.data_dir = ''          # where prepared datasets are written; '' = <workdir>/data.
-    c.data.image_size = 112      # square side the processor keeps (static patch grid).
-    # Completion positions projected to the vocabulary; 0 = all that can hold completion
-    # tokens (max_len minus the image tokens). A longer completion is an error, never cut.
-    c.data.max_completion_len = 0
-    c.data.max_len = 96           # static sequence length; longer records are skipped or raise.
-    # Shorter static lengths a training batch may be cut to, e.g. '64,80' (max_len is always
-    # the last): each batch gets the smallest that holds all its rows, one compile per bucket.
-    # '' = off (every batch padded to max_len).
-    c.data.length_buckets = ''
-    c.data.on_bad_record = 'raise'  # 'raise' | 'skip' (counted and reported).
-    c.data.thinking_fraction = 0.5  # share of CPO pairs that are thinking pairs (rest: perception).
-    # 'grouped': every batch holds exactly that share, in fixed row groups, so the step
-    # encodes a thinking pair's image once (pairs made by the pipeline); 'mixed': each pair
-    # is thinking with that probability.
-    c.data.pair_layout = 'grouped'
-    # 'hard' | 'far' | 'random' pick another image (METHOD.md section 4); 'counterfactual'
-    # re-renders the same synthetic scene with one concept flipped (a minimal pair).
-    c.data.perception_negative = 'hard'
-    c.data.worker_count = 0       # Grain worker processes (0 = in-process).
+  c.data = ml_collections.ConfigDict()
+  c.data.name = arg.data
+  c.data.manual_dir = ''  # where users put real data (MIMIC, CODA-LM, swift JSONL).
+  c.data.data_dir = ''  # where prepared datasets are written; '' = <workdir>/data.
+  c.data.image_size = 112  # square side the processor keeps (static patch grid).
+  # Completion positions projected to the vocabulary; 0 = all that can hold completion
+  # tokens (max_len minus the image tokens). A longer completion is an error, never cut.
+  c.data.max_completion_len = 0
+  c.data.max_len = 96  # static sequence length; longer records are skipped or raise.
+  # Shorter static lengths a training batch may be cut to, e.g. '64,80' (max_len is always
+  # the last): each batch gets the smallest that holds all its rows, one compile per bucket.
+  # '' = off (every batch padded to max_len).
+  c.data.length_buckets = ''
+  c.data.on_bad_record = 'raise'  # 'raise' | 'skip' (counted and reported).
+  c.data.thinking_fraction = 0.5  # share of CPO pairs that are thinking pairs (rest: perception).
+  # 'grouped': every batch holds exactly that share, in fixed row groups, so the step
+  # encodes a thinking pair's image once (pairs made by the pipeline); 'mixed': each pair
+  # is thinking with that probability.
+  c.data.pair_layout = 'grouped'
+  # 'hard' | 'far' | 'random' pick another image (METHOD.md section 4); 'counterfactual'
+  # re-renders the same synthetic scene with one concept flipped (a minimal pair).
+  c.data.perception_negative = 'hard'
+  c.data.worker_count = 0  # Grain worker processes (0 = in-process).
 
-    # SFT: the paper uses lr 1e-4 cosine with LoRA on a pretrained model. The embedded default
-    # trains a random-init tiny model, so it trains all weights at a higher rate.
-    c.sft = ml_collections.ConfigDict()
-    c.sft.num_steps = 660
-    c.sft.batch_size = 16
-    c.sft.trainable = 'all'       # 'all' | 'lora'
-    c.sft.optimizer = _adamw(lr=1e-4)
+  # SFT: the paper uses lr 1e-4 cosine with LoRA on a pretrained model. The embedded default
+  # trains a random-init tiny model, so it trains all weights at a higher rate.
+  c.sft = ml_collections.ConfigDict()
+  c.sft.num_steps = 660
+  c.sft.batch_size = 16
+  c.sft.trainable = 'all'  # 'all' | 'lora'
+  c.sft.optimizer = _adamw(lr=1e-4)
 
-    # CPO++ (METHOD.md section 3): new LoRA adapters on the SFT model, reference = adapters off.
-    c.cpo = ml_collections.ConfigDict()
-    c.cpo.num_steps = 7750
-    c.cpo.batch_size = 16
-    c.cpo.beta = 0.1
-    c.cpo.loss_type = 'sigmoid'   # 'sigmoid' | 'ipo' | 'hinge' | 'robust'
-    c.cpo.label_smoothing = 0.0
-    c.cpo.rpo_alpha = 0.1
-    c.cpo.reference = 'adapters_off'  # 'adapters_off' | 'frozen_copy' | 'precomputed'
-    c.cpo.source_weights = (1.0, 1.0, 1.0)  # thinking, perception, other.
-    c.cpo.normalize_weights = True
-    # Extra perception pairs made on device each step: 'kind:severity,...' (kinds of
-    # perturb.PERCEPTION_MASKS, applied inside the row's evidence boxes); '' = off.
-    c.cpo.device_perturbations = ''
-    c.cpo.optimizer = _adamw(lr=1e-4)
+  # CPO++ (METHOD.md section 3): new LoRA adapters on the SFT model, reference = adapters off.
+  c.cpo = ml_collections.ConfigDict()
+  c.cpo.num_steps = 7750
+  c.cpo.batch_size = 16
+  c.cpo.beta = 0.1
+  c.cpo.loss_type = 'sigmoid'  # 'sigmoid' | 'ipo' | 'hinge' | 'robust'
+  c.cpo.label_smoothing = 0.0
+  c.cpo.rpo_alpha = 0.1
+  c.cpo.reference = 'adapters_off'  # 'adapters_off' | 'frozen_copy' | 'precomputed'
+  c.cpo.source_weights = (1.0, 1.0, 1.0)  # thinking, perception, other.
+  c.cpo.normalize_weights = True
+  # Extra perception pairs made on device each step: 'kind:severity,...' (kinds of
+  # perturb.PERCEPTION_MASKS, applied inside the row's evidence boxes); '' = off.
+  c.cpo.device_perturbations = ''
+  c.cpo.optimizer = _adamw(lr=1e-4)
 
-    c.eval = ml_collections.ConfigDict()
-    c.eval.splits = 'test,ood'
-    c.eval.max_examples = 256
-    c.eval.batch_size = 32
-    c.eval.max_prompt_len = 64    # eval prompts are left-padded to this (static) length.
-    c.eval.max_new_tokens = 48
-    # Interference curves and the drift probe (METHOD.md section 5) on one split.
-    c.eval.robustness = True
-    c.eval.robustness_split = 'test'
-    c.eval.robustness_max_examples = 128
+  c.eval = ml_collections.ConfigDict()
+  c.eval.splits = 'test,ood'
+  c.eval.max_examples = 256
+  c.eval.batch_size = 32
+  c.eval.max_prompt_len = 64  # eval prompts are left-padded to this (static) length.
+  c.eval.max_new_tokens = 48
+  # Interference curves and the drift probe (METHOD.md section 5) on one split.
+  c.eval.robustness = True
+  c.eval.robustness_split = 'test'
+  c.eval.robustness_max_examples = 128
 
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = 200
-    c.checkpoint.max_to_keep = 2
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 200
+  c.checkpoint.max_to_keep = 2
 
-    # Mesh axes (DESIGN.md, Scale); -1 takes the remaining devices.
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.shape = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    return c
+  # Mesh axes (DESIGN.md, Scale); -1 takes the remaining devices.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  return c
 
 
 def _adamw(lr):
-    # Paper: AdamW (0.9, 0.98), weight decay 0.05, 5% warm-up, cosine to ~0.
-    return ml_collections.ConfigDict(dict(
-        lr=lr, end_lr_ratio=1e-3, warmup_frac=0.05, b1=0.9, b2=0.98,
-        weight_decay=0.05, grad_clip=1.0))
+  # Paper: AdamW (0.9, 0.98), weight decay 0.05, 5% warm-up, cosine to ~0.
+  return ml_collections.ConfigDict(
+    dict(
+      lr=lr, end_lr_ratio=1e-3, warmup_frac=0.05, b1=0.9, b2=0.98, weight_decay=0.05, grad_clip=1.0
+    )
+  )

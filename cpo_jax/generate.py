@@ -5,14 +5,15 @@ cache has a fixed size prompt_len + max_new_tokens, so one compiled program serv
 batch of the same shapes. Positions follow transformers: the prompt gets 3D M-RoPE ids
 from get_rope_index; generated token t sits at (max prompt position + 1 + t) on all axes.
 """
+
 from __future__ import annotations
 
 import functools
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from cpo_jax.models import lora
 from cpo_jax.models.qwen2_5_vl import get_rope_index
@@ -35,14 +36,31 @@ def sample_token(logits, rng, temperature, top_p, greedy: bool):
 
 
 @functools.partial(nnx.jit, static_argnames=('grid', 'max_new_tokens', 'pad', 'greedy'))
-def _generate(model, input_ids, attention_mask, pixel_values, position_ids, next_position, temperature, top_p, eos,
-              rng, *, grid, max_new_tokens, pad, greedy):
+def _generate(
+  model,
+  input_ids,
+  attention_mask,
+  pixel_values,
+  position_ids,
+  next_position,
+  temperature,
+  top_p,
+  eos,
+  rng,
+  *,
+  grid,
+  max_new_tokens,
+  pad,
+  greedy,
+):
   b, p = input_ids.shape
   s = p + max_new_tokens
   grid_np = None if grid is None else np.asarray(grid, np.int64).reshape(-1, 3)
   x = model.embed(input_ids, pixel_values, grid_np)
   cos, sin = model.rotary(position_ids)
-  kv_valid = jnp.concatenate([attention_mask.astype(bool), jnp.zeros((b, max_new_tokens), bool)], axis=1)
+  kv_valid = jnp.concatenate(
+    [attention_mask.astype(bool), jnp.zeros((b, max_new_tokens), bool)], axis=1
+  )
   k_idx = jnp.arange(s)
   mask = (k_idx[None, :] <= jnp.arange(p)[:, None])[None] & kv_valid[:, None, :]
   cache = model.init_cache(b, s)
@@ -63,7 +81,7 @@ def _generate(model, input_ids, attention_mask, pixel_values, position_ids, next
     kv_valid = jax.lax.dynamic_update_slice(kv_valid, jnp.ones((b, 1), bool), (0, slot))
     pos = jnp.broadcast_to((next_position + t - 1)[None, :, None], (3, b, 1))
     c, s_ = m.rotary(pos)
-    step_mask = ((k_idx <= slot)[None, None, :] & kv_valid[:, None, :])
+    step_mask = (k_idx <= slot)[None, None, :] & kv_valid[:, None, :]
     h, cache = m.decoder(m.embed(tok[:, None]), c, s_, step_mask, cache=cache, cache_index=slot)
     nxt = sample_token(m.logits_from_hidden(h[:, -1]), rngs[t], temperature, top_p, greedy)
     nxt = jnp.where(done, pad, nxt)
@@ -74,8 +92,20 @@ def _generate(model, input_ids, attention_mask, pixel_values, position_ids, next
   return out
 
 
-def generate(model, input_ids, attention_mask, pixel_values, image_grid_thw, *, max_new_tokens: int,
-             eos_token_id, pad_token_id: int, temperature: float = 0.0, top_p: float = 1.0, rng=None):
+def generate(
+  model,
+  input_ids,
+  attention_mask,
+  pixel_values,
+  image_grid_thw,
+  *,
+  max_new_tokens: int,
+  eos_token_id,
+  pad_token_id: int,
+  temperature: float = 0.0,
+  top_p: float = 1.0,
+  rng=None,
+):
   """New tokens [B, max_new_tokens] for left-padded prompts; after EOS a row holds pad_token_id.
 
   eos_token_id: an int or a sequence of ints. Greedy when temperature == 0.
@@ -83,18 +113,35 @@ def generate(model, input_ids, attention_mask, pixel_values, image_grid_thw, *, 
   input_ids = np.asarray(input_ids)
   attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
   if np.any(attention_mask[:, -1] == 0):
-    raise ValueError('generate expects LEFT-padded prompts (attention_mask[:, -1] must be 1 for every row)')
+    raise ValueError(
+      'generate expects LEFT-padded prompts (attention_mask[:, -1] must be 1 for every row)'
+    )
   if max_new_tokens < 1:
     raise ValueError('max_new_tokens must be >= 1')
   position_ids, deltas = get_rope_index(input_ids, attention_mask, image_grid_thw, model.config)
   next_position = deltas[:, 0] + attention_mask.sum(-1)  # = max prompt position + 1
   eos = tuple(int(e) for e in np.atleast_1d(eos_token_id))
-  grid = None if image_grid_thw is None else tuple(np.asarray(image_grid_thw, np.int64).reshape(-1).tolist())
+  grid = (
+    None
+    if image_grid_thw is None
+    else tuple(np.asarray(image_grid_thw, np.int64).reshape(-1).tolist())
+  )
   greedy = temperature == 0.0
   rng = jax.random.key(0) if rng is None else rng
   with lora.deterministic(model):  # no LoRA dropout while sampling
-    return _generate(model, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
-                     None if pixel_values is None else jnp.asarray(pixel_values),
-                     jnp.asarray(position_ids, jnp.int32), jnp.asarray(next_position, jnp.int32),
-                     jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p), jnp.asarray(eos, jnp.int32),
-                     rng, grid=grid, max_new_tokens=int(max_new_tokens), pad=int(pad_token_id), greedy=greedy)
+    return _generate(
+      model,
+      jnp.asarray(input_ids, jnp.int32),
+      jnp.asarray(attention_mask, jnp.int32),
+      None if pixel_values is None else jnp.asarray(pixel_values),
+      jnp.asarray(position_ids, jnp.int32),
+      jnp.asarray(next_position, jnp.int32),
+      jnp.float32(temperature if not greedy else 1.0),
+      jnp.float32(top_p),
+      jnp.asarray(eos, jnp.int32),
+      rng,
+      grid=grid,
+      max_new_tokens=int(max_new_tokens),
+      pad=int(pad_token_id),
+      greedy=greedy,
+    )

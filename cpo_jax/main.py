@@ -8,136 +8,153 @@ Modes: `train` runs the stages in `config.stages` (resuming from the workdir's c
 directory (adapters merged) to --export_dir; `plan` compiles the train step for the configured
 preset and mesh without allocating it and prints bytes per device as one JSON line.
 """
+
 import json
 import os
 
-import jax
 from absl import app
 from absl import flags
 from absl import logging
 from flax import nnx
+import jax
 from ml_collections import config_flags
 
 from cpo_jax import evaluate
-from cpo_jax import sharding
-from cpo_jax import train
 from cpo_jax import models
 from cpo_jax import plan as plan_lib
+from cpo_jax import sharding
+from cpo_jax import train
 from cpo_jax.data import streams
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).')
 _WORKDIR = flags.DEFINE_string('workdir', 'workdir', 'Where checkpoints, metrics and reports go.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'export', 'plan'], 'What to run.')
 _EXPORT_DIR = flags.DEFINE_string('export_dir', None, 'Where --mode=export writes.')
-_PLAN_STAGE = flags.DEFINE_enum('plan_stage', 'cpo_plus', ['sft', 'cpo_plus'],
-                                'Which train step --mode=plan compiles.')
+_PLAN_STAGE = flags.DEFINE_enum(
+  'plan_stage', 'cpo_plus', ['sft', 'cpo_plus'], 'Which train step --mode=plan compiles.'
+)
 _DISTRIBUTED = flags.DEFINE_bool(
-    'distributed', False, 'Call jax.distributed.initialize() (multi-host TPU pods).')
+  'distributed', False, 'Call jax.distributed.initialize() (multi-host TPU pods).'
+)
 
 STAGES = ('sft', 'cpo_plus', 'eval')
 
 
 def parse_stages(stages):
-    names = [s.strip() for s in stages.split(',') if s.strip()]
-    unknown = [s for s in names if s not in STAGES]
-    if unknown:
-        raise ValueError(f'config.stages has unknown stage(s) {unknown}; known: {STAGES}.')
-    return names
+  names = [s.strip() for s in stages.split(',') if s.strip()]
+  unknown = [s for s in names if s not in STAGES]
+  if unknown:
+    raise ValueError(f'config.stages has unknown stage(s) {unknown}; known: {STAGES}.')
+  return names
 
 
 def build_model(cfg, data):
-    """A random-init preset sized to the tokenizer, or a Hugging Face checkpoint."""
-    dtype = getattr(jax.numpy, cfg.model.dtype)
-    if cfg.model.init_from:
-        return models.load_hf(cfg.model.init_from, dtype=dtype)
-    config = models.get_config_for_tokens(cfg.model.preset, data.processors.ids)
-    return models.Qwen2_5_VL(config, dtype=dtype, param_dtype=getattr(jax.numpy, cfg.model.param_dtype),
-                             rngs=nnx.Rngs(cfg.seed))
+  """A random-init preset sized to the tokenizer, or a Hugging Face checkpoint."""
+  dtype = getattr(jax.numpy, cfg.model.dtype)
+  if cfg.model.init_from:
+    return models.load_hf(cfg.model.init_from, dtype=dtype)
+  config = models.get_config_for_tokens(cfg.model.preset, data.processors.ids)
+  return models.Qwen2_5_VL(
+    config,
+    dtype=dtype,
+    param_dtype=getattr(jax.numpy, cfg.model.param_dtype),
+    rngs=nnx.Rngs(cfg.seed),
+  )
 
 
 def restore_latest(cfg, workdir):
-    """The model of the workdir's latest checkpoints (SFT, plus CPO++ adapters if any)."""
-    return run(cfg, workdir, mode='restore')
+  """The model of the workdir's latest checkpoints (SFT, plus CPO++ adapters if any)."""
+  return run(cfg, workdir, mode='restore')
 
 
 def export(cfg, workdir, export_dir):
-    """Writes the latest model (LoRA merged) + tokenizer + image processor for transformers."""
-    model, data = restore_latest(cfg, workdir)
-    models.save_hf(model, export_dir)
-    data.processors.tokenizer.save_pretrained(export_dir)
-    data.processors.image_processor.save_pretrained(export_dir)
+  """Writes the latest model (LoRA merged) + tokenizer + image processor for transformers."""
+  model, data = restore_latest(cfg, workdir)
+  models.save_hf(model, export_dir)
+  data.processors.tokenizer.save_pretrained(export_dir)
+  data.processors.image_processor.save_pretrained(export_dir)
 
 
 def run(cfg, workdir, mode='train'):
-    """Runs the configured stages; returns the eval report (or None without an eval stage).
+  """Runs the configured stages; returns the eval report (or None without an eval stage).
 
-    mode='eval' restores the latest checkpoints and evaluates; mode='restore' returns
-    (model, data) of the latest checkpoints.
-    """
-    stages = parse_stages(cfg.stages) if mode == 'train' else ['eval']
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, 'config.json'), 'w') as f:
-            f.write(cfg.to_json_best_effort(indent=2))
-    mesh = sharding.make_mesh(cfg.mesh.shape)
-    data = streams.RunData(cfg, workdir)
-    model = build_model(cfg, data)
-    writer = train.MetricsWriter(workdir)
-    common = dict(mesh=mesh, grid=data.grid, workdir=workdir, writer=writer)
+  mode='eval' restores the latest checkpoints and evaluates; mode='restore' returns
+  (model, data) of the latest checkpoints.
+  """
+  stages = parse_stages(cfg.stages) if mode == 'train' else ['eval']
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(cfg.to_json_best_effort(indent=2))
+  mesh = sharding.make_mesh(cfg.mesh.shape)
+  data = streams.RunData(cfg, workdir)
+  model = build_model(cfg, data)
+  writer = train.MetricsWriter(workdir)
+  common = dict(mesh=mesh, grid=data.grid, workdir=workdir, writer=writer)
 
-    # Eval restores whatever checkpoints exist; training runs (or resumes) each listed stage.
-    # Each stage starts from the previous stage's final model, so cpo_plus needs sft's.
-    trained = []
-    restoring = mode in ('eval', 'restore')
-    if 'sft' in stages or restoring or 'cpo_plus' in stages:
-        model = train.train_sft(model, cfg, make_batches=data.sft_batches,
-                                train='sft' in stages, **common)
-        trained.append('sft')
-    if 'cpo_plus' in stages or (restoring and train.has_checkpoint(workdir, 'cpo_plus')):
-        model = train.train_cpo(model, cfg, make_batches=data.cpo_batches,
-                                image_processor=data.processors.image_processor,
-                                pair_layout=data.pair_layout, train='cpo_plus' in stages, **common)
-        trained.append('cpo_plus')
-    data.log_skips()
-    if mode == 'restore':
-        return model, data
-    if 'eval' not in stages:
-        return None
-    report = evaluate.run_eval(model, cfg, data, stage=trained[-1] if trained else 'init')
-    evaluate.write_report(report, workdir)
-    return report
+  # Eval restores whatever checkpoints exist; training runs (or resumes) each listed stage.
+  # Each stage starts from the previous stage's final model, so cpo_plus needs sft's.
+  trained = []
+  restoring = mode in ('eval', 'restore')
+  if 'sft' in stages or restoring or 'cpo_plus' in stages:
+    model = train.train_sft(
+      model, cfg, make_batches=data.sft_batches, train='sft' in stages, **common
+    )
+    trained.append('sft')
+  if 'cpo_plus' in stages or (restoring and train.has_checkpoint(workdir, 'cpo_plus')):
+    model = train.train_cpo(
+      model,
+      cfg,
+      make_batches=data.cpo_batches,
+      image_processor=data.processors.image_processor,
+      pair_layout=data.pair_layout,
+      train='cpo_plus' in stages,
+      **common,
+    )
+    trained.append('cpo_plus')
+  data.log_skips()
+  if mode == 'restore':
+    return model, data
+  if 'eval' not in stages:
+    return None
+  report = evaluate.run_eval(model, cfg, data, stage=trained[-1] if trained else 'init')
+  evaluate.write_report(report, workdir)
+  return report
 
 
 def main(argv):
-    del argv
-    if not flags.FLAGS['verbosity'].present:
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize()
-    cfg, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
-    if mode == 'plan':
-        print(json.dumps(plan_lib.plan(cfg, _PLAN_STAGE.value)))
-    elif mode == 'export':
-        if not _EXPORT_DIR.value:
-            raise app.UsageError('--mode=export needs --export_dir.')
-        export(cfg, workdir, _EXPORT_DIR.value)
-    else:
-        report = run(cfg, workdir, mode)
-        if report is not None and jax.process_index() == 0:
-            print(json.dumps(summary(report)))
+  del argv
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  cfg, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
+  if mode == 'plan':
+    print(json.dumps(plan_lib.plan(cfg, _PLAN_STAGE.value)))
+  elif mode == 'export':
+    if not _EXPORT_DIR.value:
+      raise app.UsageError('--mode=export needs --export_dir.')
+    export(cfg, workdir, _EXPORT_DIR.value)
+  else:
+    report = run(cfg, workdir, mode)
+    if report is not None and jax.process_index() == 0:
+      print(json.dumps(summary(report)))
 
 
 def summary(report):
-    """The headline numbers of a report: accuracy and n per split (and the SFT baseline)."""
-    brief = lambda splits: {s: {'accuracy': round(r['accuracy'], 4), 'n': r['n']}
-                            for s, r in splits.items()}
-    out = {'stage': report['stage'], 'splits': brief(report['splits'])}
-    if 'baseline' in report:
-        out['baseline'] = {'stage': report['baseline']['stage'],
-                           'splits': brief(report['baseline']['splits'])}
-    return out
+  """The headline numbers of a report: accuracy and n per split (and the SFT baseline)."""
+  brief = lambda splits: {
+    s: {'accuracy': round(r['accuracy'], 4), 'n': r['n']} for s, r in splits.items()
+  }
+  out = {'stage': report['stage'], 'splits': brief(report['splits'])}
+  if 'baseline' in report:
+    out['baseline'] = {
+      'stage': report['baseline']['stage'],
+      'splits': brief(report['baseline']['splits']),
+    }
+  return out
 
 
 if __name__ == '__main__':
-    flags.mark_flag_as_required('config')
-    app.run(main)
+  flags.mark_flag_as_required('config')
+  app.run(main)

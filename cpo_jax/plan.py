@@ -5,10 +5,10 @@ Nothing is allocated: the model, the optimizer state and the batch are abstract
 (`XLA_FLAGS=--xla_force_host_platform_device_count=256`) can be sized on a laptop.
 """
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from cpo_jax import models
 from cpo_jax import sharding
@@ -19,90 +19,104 @@ PATCH_DIM = 3 * 2 * 14 * 14  # channels x temporal patch x patch x patch (Qwen2.
 
 
 def _build(cfg):
-    return models.Qwen2_5_VL(models.get_config(cfg.model.preset),
-                             dtype=getattr(jnp, cfg.model.dtype),
-                             param_dtype=getattr(jnp, cfg.model.param_dtype), rngs=nnx.Rngs(0))
+  return models.Qwen2_5_VL(
+    models.get_config(cfg.model.preset),
+    dtype=getattr(jnp, cfg.model.dtype),
+    param_dtype=getattr(jnp, cfg.model.param_dtype),
+    rngs=nnx.Rngs(0),
+  )
 
 
 def _abstract_model(cfg):
-    return nnx.eval_shape(lambda: _build(cfg))
+  return nnx.eval_shape(lambda: _build(cfg))
 
 
 def _abstract_batch(cfg, stage, grid, num_perturbations=0):
-    """A batch of the pipeline's static shapes (see cpo_jax/data/pipeline.py), with what the
-    CPO++ config adds: evidence boxes for device-made pairs, streamed reference log-probs."""
-    batch = cfg.sft.batch_size if stage == 'sft' else cfg.cpo.batch_size
-    length = cfg.data.max_len
-    patches = int(np.prod(grid))
-    if patches // 4 >= length:
-        raise ValueError(f'data.max_len={length} cannot hold {patches // 4} image tokens.')
-    seq = lambda dtype=jnp.int32: jax.ShapeDtypeStruct((batch, length), dtype)
-    side = {'input_ids': seq(), 'attention_mask': seq(), 'loss_mask': seq(),
-            'pixel_values': jax.ShapeDtypeStruct((batch * patches, PATCH_DIM), jnp.float32),
-            'position_ids': jax.ShapeDtypeStruct((batch, 3, length), jnp.int32)}
-    if stage == 'sft':
-        return side
-    out = {f'{p}{k}': v for p in ('chosen_', 'rejected_') for k, v in side.items()}
-    out['source'] = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    out['sample_weight'] = jax.ShapeDtypeStruct((batch,), jnp.float32)
-    if num_perturbations:
-        out['boxes'] = jax.ShapeDtypeStruct((batch, 1, 4), jnp.float32)
-    if cfg.cpo.reference == 'precomputed':
-        out['reference_logps'] = jax.ShapeDtypeStruct((batch, 2 + num_perturbations), jnp.float32)
-    return out
+  """A batch of the pipeline's static shapes (see cpo_jax/data/pipeline.py), with what the
+  CPO++ config adds: evidence boxes for device-made pairs, streamed reference log-probs."""
+  batch = cfg.sft.batch_size if stage == 'sft' else cfg.cpo.batch_size
+  length = cfg.data.max_len
+  patches = int(np.prod(grid))
+  if patches // 4 >= length:
+    raise ValueError(f'data.max_len={length} cannot hold {patches // 4} image tokens.')
+  seq = lambda dtype=jnp.int32: jax.ShapeDtypeStruct((batch, length), dtype)
+  side = {
+    'input_ids': seq(),
+    'attention_mask': seq(),
+    'loss_mask': seq(),
+    'pixel_values': jax.ShapeDtypeStruct((batch * patches, PATCH_DIM), jnp.float32),
+    'position_ids': jax.ShapeDtypeStruct((batch, 3, length), jnp.int32),
+  }
+  if stage == 'sft':
+    return side
+  out = {f'{p}{k}': v for p in ('chosen_', 'rejected_') for k, v in side.items()}
+  out['source'] = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  out['sample_weight'] = jax.ShapeDtypeStruct((batch,), jnp.float32)
+  if num_perturbations:
+    out['boxes'] = jax.ShapeDtypeStruct((batch, 1, 4), jnp.float32)
+  if cfg.cpo.reference == 'precomputed':
+    out['reference_logps'] = jax.ShapeDtypeStruct((batch, 2 + num_perturbations), jnp.float32)
+  return out
 
 
 def plan(cfg, stage='cpo_plus'):
-    """Compiles `stage`'s train step for the configured preset and mesh; returns a summary."""
-    mesh = sharding.make_mesh(cfg.mesh.shape)
-    side = cfg.data.image_size // 28 * 2  # 14 px patches, merged 2x2: whole merge windows.
-    grid = np.array([1, side, side])
-    num_perturbations = len(train.parse_device_perturbations(cfg.cpo.device_perturbations))
-    pair_layout = None
-    if stage == 'sft':
-        stage_obj = train.sft_stage(_abstract_model(cfg), cfg, grid)[0]
-    else:
-        adapted = nnx.eval_shape(lambda: train.attach_adapters(_build(cfg), cfg))
-        if cfg.data.pair_layout == 'grouped':  # as for pipeline-made pairs
-            pair_layout = pipeline.pair_layout_for(cfg.data.thinking_fraction, cfg.cpo.batch_size)
-        stage_obj = train.cpo_stage(adapted, cfg, grid, pair_layout=pair_layout)[0]
-    trainable, frozen, tx = stage_obj.trainable, stage_obj.frozen, stage_obj.tx
-    trainable_sh = sharding.state_shardings(trainable, mesh)
-    frozen_sh = sharding.state_shardings(frozen, mesh)
-    opt_state = jax.eval_shape(tx.init, trainable)
-    opt_sh = train.opt_state_shardings(tx, trainable, trainable_sh, mesh)
-    step = train.make_train_step(stage_obj, mesh, (trainable_sh, frozen_sh, opt_sh))
-    batch = _abstract_batch(cfg, stage, grid, num_perturbations if stage != 'sft' else 0)
-    compiled = step.lower(trainable, frozen, opt_state, batch).compile()
-    memory = compiled.memory_analysis()
-    nbytes = lambda tree: int(sum(np.prod(x.shape) * x.dtype.itemsize
-                                  for x in jax.tree.leaves(tree)))
-    per_device = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                  + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-    return {
-        'preset': cfg.model.preset, 'stage': stage,
-        'mesh': {k: int(v) for k, v in mesh.shape.items()},
-        'devices': int(mesh.devices.size),
-        'bytes_per_device': int(per_device),
-        'argument_bytes_per_device': int(memory.argument_size_in_bytes),
-        'temp_bytes_per_device': int(memory.temp_size_in_bytes),
-        'param_bytes_total': nbytes(trainable) + nbytes(frozen),
-        'trainable_bytes_total': nbytes(trainable),
-        'batch': {k: list(v.shape) for k, v in batch.items() if k.endswith('input_ids')},
-        'work_per_step': _work(cfg, stage, num_perturbations, pair_layout),
-    }
+  """Compiles `stage`'s train step for the configured preset and mesh; returns a summary."""
+  mesh = sharding.make_mesh(cfg.mesh.shape)
+  side = cfg.data.image_size // 28 * 2  # 14 px patches, merged 2x2: whole merge windows.
+  grid = np.array([1, side, side])
+  num_perturbations = len(train.parse_device_perturbations(cfg.cpo.device_perturbations))
+  pair_layout = None
+  if stage == 'sft':
+    stage_obj = train.sft_stage(_abstract_model(cfg), cfg, grid)[0]
+  else:
+    adapted = nnx.eval_shape(lambda: train.attach_adapters(_build(cfg), cfg))
+    if cfg.data.pair_layout == 'grouped':  # as for pipeline-made pairs
+      pair_layout = pipeline.pair_layout_for(cfg.data.thinking_fraction, cfg.cpo.batch_size)
+    stage_obj = train.cpo_stage(adapted, cfg, grid, pair_layout=pair_layout)[0]
+  trainable, frozen, tx = stage_obj.trainable, stage_obj.frozen, stage_obj.tx
+  trainable_sh = sharding.state_shardings(trainable, mesh)
+  frozen_sh = sharding.state_shardings(frozen, mesh)
+  opt_state = jax.eval_shape(tx.init, trainable)
+  opt_sh = train.opt_state_shardings(tx, trainable, trainable_sh, mesh)
+  step = train.make_train_step(stage_obj, mesh, (trainable_sh, frozen_sh, opt_sh))
+  batch = _abstract_batch(cfg, stage, grid, num_perturbations if stage != 'sft' else 0)
+  compiled = step.lower(trainable, frozen, opt_state, batch).compile()
+  memory = compiled.memory_analysis()
+  nbytes = lambda tree: int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+  per_device = (
+    memory.argument_size_in_bytes
+    + memory.output_size_in_bytes
+    + memory.temp_size_in_bytes
+    - memory.alias_size_in_bytes
+  )
+  return {
+    'preset': cfg.model.preset,
+    'stage': stage,
+    'mesh': {k: int(v) for k, v in mesh.shape.items()},
+    'devices': int(mesh.devices.size),
+    'bytes_per_device': int(per_device),
+    'argument_bytes_per_device': int(memory.argument_size_in_bytes),
+    'temp_bytes_per_device': int(memory.temp_size_in_bytes),
+    'param_bytes_total': nbytes(trainable) + nbytes(frozen),
+    'trainable_bytes_total': nbytes(trainable),
+    'batch': {k: list(v.shape) for k, v in batch.items() if k.endswith('input_ids')},
+    'work_per_step': _work(cfg, stage, num_perturbations, pair_layout),
+  }
 
 
 def _work(cfg, stage, k, pair_layout):
-    """What one step computes, in sequences and images (the rows `cpo_loss_fn` forwards)."""
-    if stage == 'sft':
-        n = cfg.sft.batch_size
-        return {'policy_sequences': n, 'reference_sequences': 0, 'images_encoded': n}
-    n = cfg.cpo.batch_size
-    t, g = pair_layout or (0, 1)
-    rows = (2 + k) * n  # chosen, rejected, and k device-made rejected sides per pair
-    images = n + n * (g - t) // g + k * n
-    encodes = 1 if not cfg.lora.include_vision else 2  # a ViT with adapters: per model
-    reference = 0 if cfg.cpo.reference == 'precomputed' else rows
-    return {'policy_sequences': rows, 'reference_sequences': reference,
-            'images_encoded': images * (encodes if reference else 1)}
+  """What one step computes, in sequences and images (the rows `cpo_loss_fn` forwards)."""
+  if stage == 'sft':
+    n = cfg.sft.batch_size
+    return {'policy_sequences': n, 'reference_sequences': 0, 'images_encoded': n}
+  n = cfg.cpo.batch_size
+  t, g = pair_layout or (0, 1)
+  rows = (2 + k) * n  # chosen, rejected, and k device-made rejected sides per pair
+  images = n + n * (g - t) // g + k * n
+  encodes = 1 if not cfg.lora.include_vision else 2  # a ViT with adapters: per model
+  reference = 0 if cfg.cpo.reference == 'precomputed' else rows
+  return {
+    'policy_sequences': rows,
+    'reference_sequences': reference,
+    'images_encoded': images * (encodes if reference else 1),
+  }

@@ -1,23 +1,29 @@
 """mimic_ccf: MIMIC-CXR-JPG layout + CheXpert/split CSVs + CXR-CounterFact JSON -> TFDS -> batches."""
+
 import csv
 import gzip
 import io
 import json
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from cpo_jax.data import mimic_ccf
 from cpo_jax.data import pipeline as P
 from cpo_jax.data import tokenizer as tok_lib
 
 HEADER = ["subject_id", "study_id", *mimic_ccf.FINDINGS]
-REPORTS = ["The heart size is normal. There is a small left pleural effusion.",
-           "The lungs are clear. The heart is enlarged.",
-           "There is a focal consolidation in the right lower lobe.",
-           "No pleural effusion or pneumothorax is seen."]
-CF = {"Pneumothorax": "A pleural line is visible at the apex.", "Cardiomegaly": "The heart is enlarged."}
+REPORTS = [
+  "The heart size is normal. There is a small left pleural effusion.",
+  "The lungs are clear. The heart is enlarged.",
+  "There is a focal consolidation in the right lower lobe.",
+  "No pleural effusion or pneumothorax is seen.",
+]
+CF = {
+  "Pneumothorax": "A pleural line is visible at the apex.",
+  "Cardiomegaly": "The heart is enlarged.",
+}
 
 
 def _jpeg(seed):
@@ -42,9 +48,16 @@ def _write(root, extra=(), drop_image=None):
     vals[mimic_ccf.FINDINGS.index("Cardiomegaly")] = "-1.0" if k == 1 else ""
     chex_rows.append([subj, study, *vals])
     split_rows.append([dicom, study, subj, split_of[k]])
-    recs.append({"dicom_id": dicom, "sid": f"s{study}", "pid": f"p{subj}", "report": REPORTS[k],
-                 "diagnose": ["Pleural Effusion", "Cardiomegaly", "Pneumonia", "No Finding"][k],
-                 "counterfact": CF if k != 1 else {}})
+    recs.append(
+      {
+        "dicom_id": dicom,
+        "sid": f"s{study}",
+        "pid": f"p{subj}",
+        "report": REPORTS[k],
+        "diagnose": ["Pleural Effusion", "Cardiomegaly", "Pneumonia", "No Finding"][k],
+        "counterfact": CF if k != 1 else {},
+      }
+    )
   buf = io.StringIO()
   csv.writer(buf).writerows([HEADER, *chex_rows])
   with gzip.open(root / "mimic-cxr-2.0.0-chexpert.csv.gz", "wt") as f:  # published gzipped
@@ -58,8 +71,14 @@ def _write(root, extra=(), drop_image=None):
 @pytest.fixture(scope="module")
 def proc(tmp_path_factory):
   d = tmp_path_factory.mktemp("tok")
-  words = REPORTS + list(CF.values()) + [mimic_ccf.ANSWER.format(x) for x in
-                                         ("Pleural Effusion, Cardiomegaly, Pneumonia, No Finding, Pneumothorax",)]
+  words = (
+    REPORTS
+    + list(CF.values())
+    + [
+      mimic_ccf.ANSWER.format(x)
+      for x in ("Pleural Effusion, Cardiomegaly, Pneumonia, No Finding, Pneumothorax",)
+    ]
+  )
   tok_lib.save_tokenizer(tok_lib.build_tokenizer(extra_texts=words), str(d))
   return P.make_processors(str(d))
 
@@ -72,10 +91,13 @@ def test_mimic_prepares_and_feeds_sft_cpo_eval(proc, tmp_path):
   # perception row each (their label sets differ: each is the other's hard negative)
   assert len(src) == 5
   rows = [src[i] for i in range(5)]
-  assert rows[0]["chosen"] == (f"<think> {REPORTS[0]} </think> The disease of this patient is Pleural Effusion.")
+  assert rows[0]["chosen"] == (
+    f"<think> {REPORTS[0]} </think> The disease of this patient is Pleural Effusion."
+  )
   assert [r["rejected"] for r in rows[:2]] == [
-      f"<think> {CF['Pneumothorax']} </think> The disease of this patient is Pneumothorax.",
-      f"<think> {CF['Cardiomegaly']} </think> The disease of this patient is Cardiomegaly."]
+    f"<think> {CF['Pneumothorax']} </think> The disease of this patient is Pneumothorax.",
+    f"<think> {CF['Cardiomegaly']} </think> The disease of this patient is Cardiomegaly.",
+  ]
   assert [r["source"] for r in rows] == [0, 0, 2, 1, 1]
   assert [r["sample_weight"] for r in rows] == [1.0, 1.0, 0.0, 1.0, 1.0]
   assert rows[2]["rejected"] == rows[2]["chosen"] and rows[3]["rejected"] == rows[3]["chosen"]
@@ -90,15 +112,26 @@ def test_mimic_prepares_and_feeds_sft_cpo_eval(proc, tmp_path):
   # the diagnosis names one decision of the medical graph: its id (a multi-label diagnosis gives -1)
   assert rows[0]["decision"] == g.decision_id("pleural_effusion")
   assert rows[2]["decision"] == g.decision_id("cardiomegaly")
-  assert mimic_ccf.decision_id(["Pleural Effusion", "Cardiomegaly"], g) == -1 == mimic_ccf.decision_id(["Edema"], g)
+  assert (
+    mimic_ccf.decision_id(["Pleural Effusion", "Cardiomegaly"], g)
+    == -1
+    == mimic_ccf.decision_id(["Edema"], g)
+  )
   # the TFDS files read back directly, raw CheXpert values kept (NaN = blank), the thumbnail stored
   raw = src._src[1]
   np.testing.assert_array_equal(raw["thumbnail"], P.pairs_lib.thumbnail(img1))
-  assert raw["chexpert"][card] == -1.0 and np.isnan(raw["chexpert"][0]) and int(raw["study_id"]) == 50000001
+  assert (
+    raw["chexpert"][card] == -1.0
+    and np.isnan(raw["chexpert"][0])
+    and int(raw["study_id"]) == 50000001
+  )
 
   cpo = next(P.make_cpo_iterator(src, proc, batch_size=5, max_len=128, seed=0, num_epochs=1))
   assert cpo["chosen_input_ids"].shape == (5, 128) == cpo["rejected_input_ids"].shape
-  assert cpo["chosen_pixel_values"].shape == (5 * 64, 1176) and cpo["image_grid_thw"].tolist() == [[1, 8, 8]] * 5
+  assert (
+    cpo["chosen_pixel_values"].shape == (5 * 64, 1176)
+    and cpo["image_grid_thw"].tolist() == [[1, 8, 8]] * 5
+  )
   by = {int(i): r for r, i in enumerate(cpo["index"])}
   tok = proc.tokenizer
   r0 = by[0]
@@ -124,11 +157,14 @@ def test_mimic_prepares_and_feeds_sft_cpo_eval(proc, tmp_path):
 
 
 BAD = [
-    ({"dicom_id": "d99-none", "report": "x", "diagnose": "Edema", "counterfact": {}}, "missing_split"),
-    ({"dicom_id": "d00-abc", "report": "   ", "diagnose": "Edema", "counterfact": {}}, "empty_chain"),
-    ({"dicom_id": "d00-abc", "report": "x", "counterfact": {}}, "missing_field"),
-    ({"dicom_id": "d00-abc", "report": "x", "diagnose": 3, "counterfact": {}}, "bad_type"),
-    ("not a record", "bad_type"),
+  (
+    {"dicom_id": "d99-none", "report": "x", "diagnose": "Edema", "counterfact": {}},
+    "missing_split",
+  ),
+  ({"dicom_id": "d00-abc", "report": "   ", "diagnose": "Edema", "counterfact": {}}, "empty_chain"),
+  ({"dicom_id": "d00-abc", "report": "x", "counterfact": {}}, "missing_field"),
+  ({"dicom_id": "d00-abc", "report": "x", "diagnose": 3, "counterfact": {}}, "bad_type"),
+  ("not a record", "bad_type"),
 ]
 
 
@@ -140,24 +176,47 @@ def test_mimic_bad_records_skip_by_reason_or_raise_naming_record_and_field(tmp_p
   lines = gzip.open(root / "mimic-cxr-2.0.0-chexpert.csv.gz", "rt").read().splitlines()
   with gzip.open(root / "mimic-cxr-2.0.0-chexpert.csv.gz", "wt") as f:
     f.write("\n".join(lines[:-1]) + "\n")
-  recs[0]["counterfact"] = dict(CF, Edema="")  # one empty counterfactual: the record keeps the others
+  recs[0]["counterfact"] = dict(
+    CF, Edema=""
+  )  # one empty counterfactual: the record keeps the others
   data = json.loads((root / "cxr_counterfact.json").read_text())
   data[0] = recs[0]
   (root / "cxr_counterfact.json").write_text(json.dumps(data))
-  src = P.make_source("mimic_ccf", "train", data_dir=str(root), on_bad_record="skip",
-                      prepared_dir=str(tmp_path / "prep"))
-  assert src.skipped == {"missing_split": 1, "empty_chain": 2, "missing_field": 1, "bad_type": 2,
-                         "bad_image": 1, "missing_label": 1}
+  src = P.make_source(
+    "mimic_ccf",
+    "train",
+    data_dir=str(root),
+    on_bad_record="skip",
+    prepared_dir=str(tmp_path / "prep"),
+  )
+  assert src.skipped == {
+    "missing_split": 1,
+    "empty_chain": 2,
+    "missing_field": 1,
+    "bad_type": 2,
+    "bad_image": 1,
+    "missing_label": 1,
+  }
   assert len(src) == 5  # the train records survive
   with pytest.raises(ValueError, match="no split 'validate'"):  # its only record had no image
-    P.make_source("mimic_ccf", "validate", data_dir=str(root), on_bad_record="skip",
-                  prepared_dir=str(tmp_path / "prep"))
-  with pytest.raises(P.BadRecordError, match=r"cxr_counterfact.json\[0\] \(dicom_id=d00-abc\) counterfact\['Edema'\]"):
+    P.make_source(
+      "mimic_ccf",
+      "validate",
+      data_dir=str(root),
+      on_bad_record="skip",
+      prepared_dir=str(tmp_path / "prep"),
+    )
+  with pytest.raises(
+    P.BadRecordError, match=r"cxr_counterfact.json\[0\] \(dicom_id=d00-abc\) counterfact\['Edema'\]"
+  ):
     P.make_source("mimic_ccf", "train", data_dir=str(root), prepared_dir=str(tmp_path / "prep"))
   data[0]["counterfact"] = CF
   (root / "cxr_counterfact.json").write_text(json.dumps(data))
-  with pytest.raises(P.BadRecordError, match=r"cxr_counterfact.json\[2\] \(dicom_id=d02-abc\): field 'dicom_id': "
-                                             r"cannot read image .*d02-abc.jpg.*reason=bad_image"):
+  with pytest.raises(
+    P.BadRecordError,
+    match=r"cxr_counterfact.json\[2\] \(dicom_id=d02-abc\): field 'dicom_id': "
+    r"cannot read image .*d02-abc.jpg.*reason=bad_image",
+  ):
     P.make_source("mimic_ccf", "train", data_dir=str(root), prepared_dir=str(tmp_path / "prep2"))
 
 
@@ -171,12 +230,20 @@ def test_hard_negatives_pick_the_nearest_thumbnail_with_another_label_set_and_st
   # are nearest to each other but share a study, so both take 3 (205)
   assert neg.tolist() == [2, 3, 0, 1, 2, 3]
   assert (studies[neg] != studies).all() and ((labels[neg] != labels).any(1)).all()
-  assert mimic_ccf.hard_negatives(np.ones((3, 14)), thumbs[:3], studies[:3]).tolist() == [-1, -1, -1]
-  np.testing.assert_array_equal(neg, mimic_ccf.hard_negatives(labels, thumbs, studies))  # deterministic
+  assert mimic_ccf.hard_negatives(np.ones((3, 14)), thumbs[:3], studies[:3]).tolist() == [
+    -1,
+    -1,
+    -1,
+  ]
+  np.testing.assert_array_equal(
+    neg, mimic_ccf.hard_negatives(labels, thumbs, studies)
+  )  # deterministic
 
 
 def test_mimic_undecodable_image_is_a_bad_record(tmp_path):
   _write(tmp_path)
   (tmp_path / "files/p10/p10000001/s50000001/d01-abc.jpg").write_bytes(b"not a jpeg")
   src = P.make_source("mimic_ccf", "train", data_dir=str(tmp_path), on_bad_record="skip")
-  assert src.skipped == {"bad_image": 1} and len(src) == 2  # record 0's two thinking rows, no perception row
+  assert (
+    src.skipped == {"bad_image": 1} and len(src) == 2
+  )  # record 0's two thinking rows, no perception row

@@ -1,13 +1,15 @@
 """Tokenizer, pair making and the Grain batches: formats, validity, determinism, resume."""
+
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from cpo_jax.data import pairs as pairs_lib
 from cpo_jax.data import pipeline as P
 from cpo_jax.data import synth_drive
 from cpo_jax.data import tokenizer as tok_lib
-from cpo_jax.knowledge import load_graph, validate_counterfactual
+from cpo_jax.knowledge import load_graph
+from cpo_jax.knowledge import validate_counterfactual
 
 L = 96
 
@@ -24,7 +26,11 @@ def train():
 
 def test_tokenizer_round_trip_and_save_load(proc, tmp_path):
   tok = proc.tokenizer
-  texts = [load_graph(d).completion_text(a) for d in ("driving", "medical") for a in load_graph(d).all_assignments()[:10]]
+  texts = [
+    load_graph(d).completion_text(a)
+    for d in ("driving", "medical")
+    for a in load_graph(d).all_assignments()[:10]
+  ]
   texts += load_graph("driving").all_sentences() + load_graph("medical").all_sentences()
   for t in texts:
     ids = tok(t, add_special_tokens=False)["input_ids"]
@@ -36,10 +42,16 @@ def test_tokenizer_round_trip_and_save_load(proc, tmp_path):
   tok2 = tok_lib.load_tokenizer(str(tmp_path))
   assert tok2(texts[0])["input_ids"] == tok(texts[0])["input_ids"]
   assert tok_lib.special_ids(tok2) == tok_lib.special_ids(tok)
-  msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What should the car do?"}]}]
+  msgs = [
+    {
+      "role": "user",
+      "content": [{"type": "image"}, {"type": "text", "text": "What should the car do?"}],
+    }
+  ]
   assert tok2.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == (
-      "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-      "<|vision_start|><|image_pad|><|vision_end|>What should the car do?<|im_end|>\n<|im_start|>assistant\n")
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    "<|vision_start|><|image_pad|><|vision_end|>What should the car do?<|im_end|>\n<|im_start|>assistant\n"
+  )
 
 
 def test_sft_batch_format(proc, train):
@@ -53,12 +65,14 @@ def test_sft_batch_format(proc, train):
     row, lm, am = b["input_ids"][r], b["loss_mask"][r], b["attention_mask"][r]
     assert (row == ids["image_token_id"]).sum() == 16
     n = am.sum()
-    assert am[:n].all() and not am[n:].any() and (row[n:] == ids["pad_token_id"]).all()  # right padded
-    assert lm[b["prompt_length"][r]:n].all() and lm.sum() == n - b["prompt_length"][r]
+    assert (
+      am[:n].all() and not am[n:].any() and (row[n:] == ids["pad_token_id"]).all()
+    )  # right padded
+    assert lm[b["prompt_length"][r] : n].all() and lm.sum() == n - b["prompt_length"][r]
     assert row[n - 1] == ids["eos_token_id"] and lm[n - 1] == 1
     rec = train[int(b["index"][r])]
     assert proc.tokenizer.decode(row[lm == 1]) == pairs_lib.completion_of(rec) + "<|im_end|>"
-    assert proc.tokenizer.decode(row[:b["prompt_length"][r]]).endswith("<|im_start|>assistant\n")
+    assert proc.tokenizer.decode(row[: b["prompt_length"][r]]).endswith("<|im_start|>assistant\n")
 
 
 def _cpo(proc, src, **kw):
@@ -74,14 +88,23 @@ def test_cpo_pairs_are_valid_counterfactuals(proc, train):
   for _ in range(4):
     b = next(it)
     assert b["chosen_pixel_values"].shape == b["rejected_pixel_values"].shape == (8 * 64, 1176)
-    for k in ("chosen_input_ids", "rejected_input_ids", "chosen_loss_mask", "rejected_attention_mask"):
+    for k in (
+      "chosen_input_ids",
+      "rejected_input_ids",
+      "chosen_loss_mask",
+      "rejected_attention_mask",
+    ):
       assert b[k].shape == (8, L) and b[k].dtype == np.int32
     assert b["source"].dtype == np.int32 and b["sample_weight"].dtype == np.float32
     assert b["boxes"].shape == (8, 4, 4)
     for r in range(8):
       P_ = slice(r * 64, (r + 1) * 64)
-      ch = tok.decode(b["chosen_input_ids"][r][b["chosen_loss_mask"][r] == 1]).removesuffix("<|im_end|>")
-      rj = tok.decode(b["rejected_input_ids"][r][b["rejected_loss_mask"][r] == 1]).removesuffix("<|im_end|>")
+      ch = tok.decode(b["chosen_input_ids"][r][b["chosen_loss_mask"][r] == 1]).removesuffix(
+        "<|im_end|>"
+      )
+      rj = tok.decode(b["rejected_input_ids"][r][b["rejected_loss_mask"][r] == 1]).removesuffix(
+        "<|im_end|>"
+      )
       pl = b["prompt_length"][r]
       np.testing.assert_array_equal(b["chosen_input_ids"][r][:pl], b["rejected_input_ids"][r][:pl])
       assert b["chosen_decision"][r] != b["rejected_decision"][r]
@@ -89,7 +112,9 @@ def test_cpo_pairs_are_valid_counterfactuals(proc, train):
       if b["source"][r] == 0:  # thinking: same image, counterfactual text
         np.testing.assert_array_equal(b["chosen_pixel_values"][P_], b["rejected_pixel_values"][P_])
         target = g.parse_decision(rj)
-        assert validate_counterfactual(g, rj, original_decision=g.parse_decision(ch), target=target)[0]
+        assert validate_counterfactual(
+          g, rj, original_decision=g.parse_decision(ch), target=target
+        )[0]
         assert g.decision_id(target) == b["rejected_decision"][r]
       else:  # perception: same text, an image with another decision
         assert b["source"][r] == 1 and ch == rj
@@ -129,8 +154,9 @@ def test_same_seed_same_batches_other_seed_differs(proc, train):
   assert not np.array_equal(x["index"], z["index"])
 
 
-@pytest.mark.parametrize("host,buckets,layout", [(None, (), None), (1, (), None), (None, (75, 76), None),
-                                                (1, (), (1, 2))])  # host 1 of 2 simulated
+@pytest.mark.parametrize(
+  "host,buckets,layout", [(None, (), None), (1, (), None), (None, (75, 76), None), (1, (), (1, 2))]
+)  # host 1 of 2 simulated
 def test_iterator_state_resume(proc, train, host, buckets, layout):
   shard = {} if host is None else dict(shard_index=host, shard_count=2)
   kw = dict(batch_size=4, length_buckets=buckets, pair_layout=layout, **shard)
@@ -150,7 +176,9 @@ def test_iterator_state_resume(proc, train, host, buckets, layout):
 
 def test_parse_length_buckets():
   assert P.parse_length_buckets("", 96) == P.parse_length_buckets((), 96) == (96,)
-  assert P.parse_length_buckets("64, 80", 96) == P.parse_length_buckets((64, 80), 96) == (64, 80, 96)
+  assert (
+    P.parse_length_buckets("64, 80", 96) == P.parse_length_buckets((64, 80), 96) == (64, 80, 96)
+  )
   assert P.parse_length_buckets("64,96", 96) == (64, 96)
   for bad in ("80,64", "64,64", "0,64", "64,x", "2.5", "128"):
     with pytest.raises(ValueError, match=r"data.length_buckets="):
@@ -165,7 +193,9 @@ def test_length_buckets_cut_only_trailing_padding(proc, kind):
   make = P.make_sft_iterator if kind == "sft" else P.make_cpo_iterator
   sides = ("",) if kind == "sft" else ("chosen_", "rejected_")
   seq_keys = {p + k for p in sides for k in ("input_ids", "attention_mask", "loss_mask")}
-  full, cut = (make(train, proc, batch_size=4, max_len=L, seed=0, length_buckets=b) for b in ("", "91,93"))
+  full, cut = (
+    make(train, proc, batch_size=4, max_len=L, seed=0, length_buckets=b) for b in ("", "91,93")
+  )
   widths = set()
   for _ in range(6):
     a, b = next(full), next(cut)
@@ -189,8 +219,9 @@ def test_length_buckets_cut_only_trailing_padding(proc, kind):
 def test_host_shards_are_disjoint(proc, train):
   seen = []
   for h in range(2):
-    it = P.make_sft_iterator(train, proc, batch_size=8, max_len=L, seed=0, shard_index=h, shard_count=2,
-                             num_epochs=1)
+    it = P.make_sft_iterator(
+      train, proc, batch_size=8, max_len=L, seed=0, shard_index=h, shard_count=2, num_epochs=1
+    )
     seen.append({int(i) for _ in range(4) for i in next(it)["index"]})
   assert len(seen[0]) == len(seen[1]) == 32 and not seen[0] & seen[1]
 
@@ -201,8 +232,9 @@ def test_overlong_raise_names_record_or_skip_counts(proc, train):
   # 75 tokens fit the short chains (74-75) but not the longest (76): some skipped, none cut.
   skips = P.SkipCounter()
   small = P.make_source("synth_drive", "train", num_examples=128, seed=0)
-  it = P.make_sft_iterator(small, proc, batch_size=8, max_len=75, seed=0, on_overlong="skip", skips=skips,
-                           num_epochs=1)
+  it = P.make_sft_iterator(
+    small, proc, batch_size=8, max_len=75, seed=0, on_overlong="skip", skips=skips, num_epochs=1
+  )
   n_rows = sum(b["input_ids"].shape[0] for b in it)
   assert skips.counts["overlong"] > 0
   assert n_rows + skips.total() >= len(small) - 7  # every record either batched or counted
@@ -221,7 +253,7 @@ def test_eval_batches_left_padded_with_labels(proc):
   assert (b["input_ids"][:, -1] == nl).all() and b["attention_mask"][:, -1].all()
   n = b["attention_mask"].sum(1)
   for r in range(4):
-    assert not b["attention_mask"][r, :48 - n[r]].any()
+    assert not b["attention_mask"][r, : 48 - n[r]].any()
     rec = src[int(b["index"][r])]
     assert b["decision"][r] == rec["decision"] and b["nuisance"][r] == rec["nuisance"]
     np.testing.assert_array_equal(b["concepts"][r], rec["concepts"])
@@ -233,9 +265,15 @@ def test_medical_pairs_use_the_medical_graph(proc):
   b = next(P.make_cpo_iterator(src, proc, batch_size=8, max_len=112, seed=0, thinking_fraction=1.0))
   tok = proc.tokenizer
   for r in range(8):
-    ch = tok.decode(b["chosen_input_ids"][r][b["chosen_loss_mask"][r] == 1]).removesuffix("<|im_end|>")
-    rj = tok.decode(b["rejected_input_ids"][r][b["rejected_loss_mask"][r] == 1]).removesuffix("<|im_end|>")
-    assert validate_counterfactual(g, rj, original_decision=g.parse_decision(ch), target=g.parse_decision(rj))[0]
+    ch = tok.decode(b["chosen_input_ids"][r][b["chosen_loss_mask"][r] == 1]).removesuffix(
+      "<|im_end|>"
+    )
+    rj = tok.decode(b["rejected_input_ids"][r][b["rejected_loss_mask"][r] == 1]).removesuffix(
+      "<|im_end|>"
+    )
+    assert validate_counterfactual(
+      g, rj, original_decision=g.parse_decision(ch), target=g.parse_decision(rj)
+    )[0]
 
 
 def test_fast_image_path_equals_transformers_processor(proc, train):
@@ -274,6 +312,7 @@ def test_probe_batches(proc, kind):
 
 class _Corrupted:
   """Wraps a source; every 4th record is broken in one of four ways."""
+
   kinds = ("bad_image", "missing_field", "empty_chain", "overlong")
 
   def __init__(self, src):
@@ -293,7 +332,9 @@ class _Corrupted:
       elif kind == "empty_chain":
         r["chain"] = " "
       else:
-        r["chain"] = r["chain"].replace("</think>", "The lane is clear of cones. " * 20 + "</think>")
+        r["chain"] = r["chain"].replace(
+          "</think>", "The lane is clear of cones. " * 20 + "</think>"
+        )
     return r
 
   def labels(self):
@@ -306,8 +347,9 @@ class _Corrupted:
 def test_bad_records_skip_counts_by_reason_or_raise_names_record(proc):
   src = _Corrupted(P.make_source("synth_drive", "train", num_examples=64, seed=0))
   skips = P.SkipCounter()
-  it = P.make_sft_iterator(src, proc, batch_size=8, max_len=L, seed=0, num_epochs=1, on_bad_record="skip",
-                           skips=skips)
+  it = P.make_sft_iterator(
+    src, proc, batch_size=8, max_len=L, seed=0, num_epochs=1, on_bad_record="skip", skips=skips
+  )
   rows = sum(len(b["index"]) for b in it)
   assert dict(skips.counts) == {k: 4 for k in _Corrupted.kinds}
   assert rows == 48
@@ -315,16 +357,30 @@ def test_bad_records_skip_counts_by_reason_or_raise_names_record(proc):
     for _ in P.make_sft_iterator(src, proc, batch_size=8, max_len=L, seed=0, num_epochs=1):
       pass
   skips = P.SkipCounter()
-  it = P.make_cpo_iterator(src, proc, batch_size=8, max_len=L, seed=0, num_epochs=1, on_bad_record="skip",
-                           skips=skips, thinking_fraction=1.0)
+  it = P.make_cpo_iterator(
+    src,
+    proc,
+    batch_size=8,
+    max_len=L,
+    seed=0,
+    num_epochs=1,
+    on_bad_record="skip",
+    skips=skips,
+    thinking_fraction=1.0,
+  )
   assert sum(len(b["index"]) for b in it) == 48 and skips.total() == 16
 
 
 def test_tfds_files_give_the_same_batches_as_rendering(proc, tmp_path):
   files = P.make_source("synth_drive", "train", num_examples=64, seed=0, data_dir=str(tmp_path))
   mem = P.make_source("synth_drive", "train", num_examples=64, seed=0)
-  for mode in ("hard", "counterfactual"):  # counterfactual: the files' source re-renders the same scenes
-    a = next(P.make_cpo_iterator(files, proc, batch_size=8, max_len=L, seed=0, perception_mode=mode))
+  for mode in (
+    "hard",
+    "counterfactual",
+  ):  # counterfactual: the files' source re-renders the same scenes
+    a = next(
+      P.make_cpo_iterator(files, proc, batch_size=8, max_len=L, seed=0, perception_mode=mode)
+    )
     b = next(P.make_cpo_iterator(mem, proc, batch_size=8, max_len=L, seed=0, perception_mode=mode))
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
@@ -339,13 +395,17 @@ def test_counterfactual_image_is_the_same_scene_with_one_concept_changed():
   for i in range(len(src)):
     rec = src[i]
     a = g.assignment_from_ids(rec["concepts"])
-    np.testing.assert_array_equal(src.counterfactual(i, a)["image"], rec["image"])  # same scene re-rendered
+    np.testing.assert_array_equal(
+      src.counterfactual(i, a)["image"], rec["image"]
+    )  # same scene re-rendered
     ci, v = pairs_lib.counterfactual_flip(g, a, np.random.default_rng([1, i]))
     assert (ci, v) == pairs_lib.counterfactual_flip(g, a, np.random.default_rng([1, i]))  # seeded
     b = {**a, g.concepts[ci].name: v}
     assert sum(a[k] != b[k] for k in a) == 1 and g.is_valid(b)
     cf = src.counterfactual(i, b)
-    assert (cf["concepts"] != rec["concepts"]).sum() == 1 and cf["concepts"][ci] != rec["concepts"][ci]
+    assert (cf["concepts"] != rec["concepts"]).sum() == 1 and cf["concepts"][ci] != rec["concepts"][
+      ci
+    ]
     single_flips = [{**a, c.name: w} for c in g.concepts for w in c.values if w != a[c.name]]
     if any(g.decide(x) != g.decide(a) for x in single_flips):
       assert cf["decision"] != rec["decision"]
@@ -355,7 +415,7 @@ def test_counterfactual_image_is_the_same_scene_with_one_concept_changed():
     allowed = np.zeros_like(diff)
     for box in (rec["boxes"][ci], cf["boxes"][ci]):
       x0, y0, x1, y1 = synth_drive.painted_region(g.concepts[ci].name, box)
-      allowed[y0:y1 + 1, x0:x1 + 1] = True
+      allowed[y0 : y1 + 1, x0 : x1 + 1] = True
     assert diff.any() and not (diff & ~allowed).any(), (i, g.concepts[ci].name)
     np.testing.assert_array_equal(np.delete(cf["boxes"], ci, 0), np.delete(rec["boxes"], ci, 0))
     flipped[ci] += 1
@@ -386,12 +446,18 @@ def test_counterfactual_cpo_batches(proc, train):
       c = g.concepts[ci]
       # the rejected pixels are the scene re-rendered with concept ci set to one of its other values
       renders = [train.counterfactual(i, {**a, c.name: v}) for v in c.values if v != a[c.name]]
-      got = b["rejected_pixel_values"][r * 64:(r + 1) * 64]
+      got = b["rejected_pixel_values"][r * 64 : (r + 1) * 64]
       match = [x for x in renders if np.array_equal(proc.image_inputs(x["image"])[0], got)]
       assert len(match) == 1 and match[0]["decision"] == b["rejected_decision"][r]
-      np.testing.assert_array_equal(proc.image_inputs(rec["image"])[0], b["chosen_pixel_values"][r * 64:(r + 1) * 64])
+      np.testing.assert_array_equal(
+        proc.image_inputs(rec["image"])[0], b["chosen_pixel_values"][r * 64 : (r + 1) * 64]
+      )
   assert n_perc >= 8
-  x, y, z = next(_cpo(proc, train, seed=7, **kw)), next(_cpo(proc, train, seed=7, **kw)), next(_cpo(proc, train, seed=8, **kw))
+  x, y, z = (
+    next(_cpo(proc, train, seed=7, **kw)),
+    next(_cpo(proc, train, seed=7, **kw)),
+    next(_cpo(proc, train, seed=8, **kw)),
+  )
   for k in x:
     np.testing.assert_array_equal(x[k], y[k])
   assert not np.array_equal(x["index"], z["index"])
@@ -407,6 +473,7 @@ def test_counterfactual_needs_a_source_that_can_render(proc, train):
 
 def test_grouped_pair_layout_holds_the_share_exactly_and_is_what_the_step_checks(proc, train):
   from cpo_jax import train as train_lib
+
   assert P.pair_layout_for(0.5, 8) == (1, 2) and P.pair_layout_for(0.25, 8) == (1, 4)
   assert P.pair_layout_for(1.0, 8) == (1, 1) and P.pair_layout_for(0.75, 8) == (3, 4)
   for bad in (0.3, 0.125):  # 3/10 and 1/8 do not fit a batch of 4
@@ -430,8 +497,12 @@ def test_boxes_follow_the_image_when_the_processor_resizes_it(proc, train, tmp_p
   small_b, big_b = (next(_cpo(p, train, batch_size=4, max_len=160)) for p in (proc, big))
   assert big_b["chosen_pixel_values"].shape[0] == 4 * small_b["chosen_pixel_values"].shape[0]
   np.testing.assert_array_equal(big_b["boxes"], 2 * small_b["boxes"])
-  ev_small, ev_big = (next(P.make_eval_batches(train, p, batch_size=2, max_prompt_len=120)) for p in (proc, big))
+  ev_small, ev_big = (
+    next(P.make_eval_batches(train, p, batch_size=2, max_prompt_len=120)) for p in (proc, big)
+  )
   np.testing.assert_array_equal(ev_big["boxes"], 2 * ev_small["boxes"])
-  assert (ev_small["boxes"][..., 2] > ev_small["boxes"][..., 0]).any()  # real boxes, not padding only
+  assert (
+    ev_small["boxes"][..., 2] > ev_small["boxes"][..., 0]
+  ).any()  # real boxes, not padding only
   image = Image.new("RGB", (300, 150))
   np.testing.assert_array_equal(big.boxes_for([[30, 15, 60, 75]], image), [[22, 22, 45, 112]])

@@ -1,4 +1,5 @@
 """swift_jsonl ingestion: the authors' ms-swift preference records -> CPO batches."""
+
 import json
 
 import numpy as np
@@ -26,19 +27,39 @@ def _write(tmp_path, extra_lines=()):
   other = g.completion_text(a[-1])
   user = {"role": "user", "content": Q}
   recs = [
-      {"messages": [user, {"role": "assistant", "content": chosen}], "images": ["imgs/0.png"],
-       "rejected_messages": [user, {"role": "assistant", "content": other}], "rejected_images": ["imgs/0.png"],
-       "cpo_source": "reasoning"},
-      {"messages": [user, {"role": "assistant", "content": chosen}], "images": ["imgs/0.png"],
-       "rejected_messages": [user, {"role": "assistant", "content": chosen}], "rejected_images": ["imgs/1.png"],
-       "cpo_source": "vision", "cpo_sample_weight": 0.5},
-      {"messages": [{"role": "system", "content": "You are a helpful assistant."}, user,
-                    {"role": "assistant", "content": chosen}],
-       "images": [str(tmp_path / "imgs" / "2.png")], "rejected_response": other},  # source inferred: thinking
-      {"messages": [{"role": "user", "content": "What is the disease of this patient?"},
-                    {"role": "assistant", "content": chosen}],
-       "images": [{"path": "imgs/1.png"}], "rejected_messages": [user, {"role": "assistant", "content": chosen}],
-       "rejected_images": ["imgs/2.png"]},  # no <image> tag; source inferred: perception
+    {
+      "messages": [user, {"role": "assistant", "content": chosen}],
+      "images": ["imgs/0.png"],
+      "rejected_messages": [user, {"role": "assistant", "content": other}],
+      "rejected_images": ["imgs/0.png"],
+      "cpo_source": "reasoning",
+    },
+    {
+      "messages": [user, {"role": "assistant", "content": chosen}],
+      "images": ["imgs/0.png"],
+      "rejected_messages": [user, {"role": "assistant", "content": chosen}],
+      "rejected_images": ["imgs/1.png"],
+      "cpo_source": "vision",
+      "cpo_sample_weight": 0.5,
+    },
+    {
+      "messages": [
+        {"role": "system", "content": "You are a helpful assistant."},
+        user,
+        {"role": "assistant", "content": chosen},
+      ],
+      "images": [str(tmp_path / "imgs" / "2.png")],
+      "rejected_response": other,
+    },  # source inferred: thinking
+    {
+      "messages": [
+        {"role": "user", "content": "What is the disease of this patient?"},
+        {"role": "assistant", "content": chosen},
+      ],
+      "images": [{"path": "imgs/1.png"}],
+      "rejected_messages": [user, {"role": "assistant", "content": chosen}],
+      "rejected_images": ["imgs/2.png"],
+    },  # no <image> tag; source inferred: perception
   ]
   lines = [json.dumps(r) for r in recs] + list(extra_lines)
   (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
@@ -64,29 +85,60 @@ def test_swift_records_become_cpo_batches(proc, tmp_path):
     rj = tok.decode(b["rejected_input_ids"][r][b["rejected_loss_mask"][r] == 1])
     assert ch == chosen + "<|im_end|>"
     assert rj == (other if i in (0, 2) else chosen) + "<|im_end|>"
-    assert (b["chosen_input_ids"][r] == img).sum() == 16 == (b["rejected_input_ids"][r] == img).sum()
-    same_img = np.array_equal(b["chosen_pixel_values"][r * 64:(r + 1) * 64], b["rejected_pixel_values"][r * 64:(r + 1) * 64])
+    assert (
+      (b["chosen_input_ids"][r] == img).sum() == 16 == (b["rejected_input_ids"][r] == img).sum()
+    )
+    same_img = np.array_equal(
+      b["chosen_pixel_values"][r * 64 : (r + 1) * 64],
+      b["rejected_pixel_values"][r * 64 : (r + 1) * 64],
+    )
     assert same_img == (i in (0, 2))
-  prompt = tok.decode(b["chosen_input_ids"][by[3]][:b["prompt_length"][by[3]]])
-  assert prompt.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>")
-  assert prompt.endswith("<|vision_end|>What is the disease of this patient?<|im_end|>\n<|im_start|>assistant\n")
+  prompt = tok.decode(b["chosen_input_ids"][by[3]][: b["prompt_length"][by[3]]])
+  assert prompt.startswith(
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+  )
+  assert prompt.endswith(
+    "<|vision_end|>What is the disease of this patient?<|im_end|>\n<|im_start|>assistant\n"
+  )
   sft = next(P.make_sft_iterator(src, proc, batch_size=2, max_len=112, seed=0))
   assert sft["input_ids"].shape == (2, 112)
 
 
 def test_swift_bad_lines_skip_by_reason_or_raise_with_line(proc, tmp_path):
-  _write(tmp_path, extra_lines=[
+  _write(
+    tmp_path,
+    extra_lines=[
       '{"messages": [{"role": "user", "content": "x"}',  # truncated JSON
-      json.dumps({"messages": "hello", "images": ["imgs/0.png"], "rejected_response": "x"}),  # wrong type
-      json.dumps({"messages": [{"role": "user", "content": Q}, {"role": "assistant", "content": "The heart is enlarged."}],
-                  "images": ["imgs/missing.png"], "rejected_response": "The lungs are clear."}),  # missing image
-      json.dumps({"messages": [{"role": "user", "content": Q}, {"role": "assistant", "content": "zebra unicorn"}],
-                  "images": ["imgs/0.png"], "rejected_response": "The lungs are clear."}),  # out of vocabulary
-  ])
+      json.dumps(
+        {"messages": "hello", "images": ["imgs/0.png"], "rejected_response": "x"}
+      ),  # wrong type
+      json.dumps(
+        {
+          "messages": [
+            {"role": "user", "content": Q},
+            {"role": "assistant", "content": "The heart is enlarged."},
+          ],
+          "images": ["imgs/missing.png"],
+          "rejected_response": "The lungs are clear.",
+        }
+      ),  # missing image
+      json.dumps(
+        {
+          "messages": [
+            {"role": "user", "content": Q},
+            {"role": "assistant", "content": "zebra unicorn"},
+          ],
+          "images": ["imgs/0.png"],
+          "rejected_response": "The lungs are clear.",
+        }
+      ),  # out of vocabulary
+    ],
+  )
   src = P.make_source("swift_jsonl", "train", data_dir=str(tmp_path))
   skips = P.SkipCounter()
-  it = P.make_cpo_iterator(src, proc, batch_size=2, max_len=112, seed=0, num_epochs=1, on_bad_record="skip",
-                           skips=skips)
+  it = P.make_cpo_iterator(
+    src, proc, batch_size=2, max_len=112, seed=0, num_epochs=1, on_bad_record="skip", skips=skips
+  )
   assert sum(len(b["index"]) for b in it) == 4
   assert dict(skips.counts) == {"bad_json": 1, "bad_type": 1, "bad_image": 1, "unknown_token": 1}
   with pytest.raises(P.BadRecordError, match=r"train.jsonl:\d+: "):
@@ -99,17 +151,33 @@ def test_fuzz_1000_corrupted_records_are_counted_never_crash(proc, tmp_path):
   (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
   good = json.loads((tmp_path / "train.jsonl").read_text().splitlines()[0])
   rng = np.random.default_rng(0)
-  kinds = ["truncated", "wrong_type", "broken_image", "huge_text", "not_object", "bad_source", "bad_weight",
-           "no_rejected"]
-  expect = {"truncated": "bad_json", "wrong_type": "bad_type", "broken_image": "bad_image", "huge_text": "overlong",
-            "not_object": "bad_type", "bad_source": "bad_type", "bad_weight": "bad_type", "no_rejected": "missing_field"}
+  kinds = [
+    "truncated",
+    "wrong_type",
+    "broken_image",
+    "huge_text",
+    "not_object",
+    "bad_source",
+    "bad_weight",
+    "no_rejected",
+  ]
+  expect = {
+    "truncated": "bad_json",
+    "wrong_type": "bad_type",
+    "broken_image": "bad_image",
+    "huge_text": "overlong",
+    "not_object": "bad_type",
+    "bad_source": "bad_type",
+    "bad_weight": "bad_type",
+    "no_rejected": "missing_field",
+  }
   lines, want = [], {}
   for n in range(1000):
     kind = kinds[n % len(kinds)]
     r = json.loads(json.dumps(good))
     if kind == "truncated":
       s = json.dumps(r)
-      line = s[:int(rng.integers(1, len(s) - 1))]
+      line = s[: int(rng.integers(1, len(s) - 1))]
     else:
       if kind == "wrong_type":
         field = ["messages", "images", "rejected_messages"][n % 3]
@@ -131,11 +199,16 @@ def test_fuzz_1000_corrupted_records_are_counted_never_crash(proc, tmp_path):
     want[expect[kind]] = want.get(expect[kind], 0) + 1
   (tmp_path / "fuzz.jsonl").write_text("\n".join(lines) + "\n")
   from cpo_jax.data.swift_jsonl import SwiftJsonlSource
+
   src = SwiftJsonlSource(str(tmp_path / "fuzz.jsonl"), root=str(tmp_path))
   assert len(src) == 1000
   skips = P.SkipCounter()
-  rows = sum(len(b["index"]) for b in P.make_cpo_iterator(src, proc, batch_size=1, max_len=112, seed=0,
-                                                          num_epochs=1, on_bad_record="skip", skips=skips))
+  rows = sum(
+    len(b["index"])
+    for b in P.make_cpo_iterator(
+      src, proc, batch_size=1, max_len=112, seed=0, num_epochs=1, on_bad_record="skip", skips=skips
+    )
+  )
   assert rows == 0 and dict(skips.counts) == want
   with pytest.raises(P.BadRecordError, match=r"fuzz.jsonl:\d+: .*reason="):
     next(P.make_cpo_iterator(src, proc, batch_size=1, max_len=112, seed=0, num_epochs=1))

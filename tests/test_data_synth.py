@@ -1,4 +1,5 @@
 """synth_drive: determinism, the built-in shortcut, evidence visibility, the TFDS round trip."""
+
 import collections
 
 import numpy as np
@@ -23,7 +24,9 @@ def _labels(split, n=2000):
   return src.labels()
 
 
-@pytest.mark.parametrize("split,lo,hi", [("train", 0.87, 0.93), ("test", 0.87, 0.93), ("ood", 0.21, 0.29)])
+@pytest.mark.parametrize(
+  "split,lo,hi", [("train", 0.87, 0.93), ("test", 0.87, 0.93), ("ood", 0.21, 0.29)]
+)
 def test_shortcut_agreement_per_split(split, lo, hi):
   d, _, n = _labels(split)
   agree = float((d == n).mean())  # nuisance value i is the shortcut for decision i
@@ -46,7 +49,7 @@ def test_chain_and_decision_follow_the_graph():
 
 def _has_colour(img, box, colour, tol=30):
   x0, y0, x1, y1 = (int(v) for v in box)
-  patch = img[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1].astype(int)
+  patch = img[max(y0, 0) : y1 + 1, max(x0, 0) : x1 + 1].astype(int)
   return bool((np.abs(patch - np.array(colour)).max(-1) < tol).any())
 
 
@@ -82,6 +85,7 @@ def test_nuisance_is_global_background():
 
 def test_tfds_array_record_round_trip(tmp_path):
   from cpo_jax.data import tfds_synth
+
   cfg = tfds_synth.SynthConfig(name="t", seed=3, num_train=6, num_test=4, num_ood=4)
   src = tfds_synth.data_source("synth_drive", str(tmp_path), "ood", cfg)
   assert len(src) == 4
@@ -95,6 +99,7 @@ def test_tfds_array_record_round_trip(tmp_path):
   assert list((tmp_path / "synth_drive" / "t" / "1.0.0").glob("*.array_record*"))
   cx = tfds_synth.data_source("synth_cxr", str(tmp_path), "train", cfg)
   from cpo_jax.data import synth_cxr
+
   assert cx.domain == "medical" and cx[5]["image"] == synth_cxr.make_example(3, "train", 5)["image"]
 
 
@@ -102,8 +107,16 @@ def test_shortcut_strength_is_a_knob_and_tfds_source_matches(tmp_path):
   d, _, n = sd.SynthDriveSource("train", 2000, seed=0, agreement=0.5).labels()
   assert 0.46 <= float((d == n).mean()) <= 0.54
   from cpo_jax.data.sources import make_source
-  files = make_source("synth_drive", "test", num_examples=5, seed=2, data_dir=str(tmp_path), shortcut_agreement=0.7,
-                        split_sizes={"train": 3, "ood": 3})
+
+  files = make_source(
+    "synth_drive",
+    "test",
+    num_examples=5,
+    seed=2,
+    data_dir=str(tmp_path),
+    shortcut_agreement=0.7,
+    split_sizes={"train": 3, "ood": 3},
+  )
   mem = make_source("synth_drive", "test", num_examples=5, seed=2, shortcut_agreement=0.7)
   assert len(files) == len(mem) == 5
   assert [files[i]["image"] for i in range(5)] == [mem[i]["image"] for i in range(5)]
@@ -111,6 +124,7 @@ def test_shortcut_strength_is_a_knob_and_tfds_source_matches(tmp_path):
 
 def test_synth_cxr_deterministic_consistent_and_shortcut():
   from cpo_jax.data import synth_cxr as cx
+
   g = cx.graph()
   assert cx.make_example(0, "train", 5)["image"] == cx.make_example(0, "train", 5)["image"]
   for i in range(30):
@@ -127,6 +141,7 @@ def test_synth_cxr_renders_pneumothorax_beside_volume_loss():
   # These records pair a pneumothorax line with a shrunken lung that ends left of it; they
   # used to crash the renderer (an air rectangle of negative width).
   from cpo_jax.data import synth_cxr
+
   for split, n, i in (("train", 4096, 566), ("test", 512, 219), ("ood", 512, 285)):
     record = synth_cxr.SynthCxrSource(split, n, 0)[i]
     assert record["image"][:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,5 @@
 """KV-cache generation equals transformers' generate (greedy), stops on EOS, samples sanely."""
+
 import numpy as np
 import pytest
 
@@ -8,8 +9,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
-from cpo_jax.generate import generate, sample_token  # noqa: E402
-from cpo_jax.models import load_hf, testing  # noqa: E402
+from cpo_jax.generate import generate  # noqa: E402
+from cpo_jax.generate import sample_token  # noqa: E402
+from cpo_jax.models import load_hf  # noqa: E402
+from cpo_jax.models import testing  # noqa: E402
 
 STEPS = 32
 
@@ -23,21 +26,38 @@ def setup(tmp_path_factory):
   path = str(tmp_path_factory.mktemp('gen'))
   tmodel.save_pretrained(path)
   # left padding; second sample has two images
-  inp = testing.make_inputs([[(1, 8, 8)], [(1, 4, 4), (1, 4, 8)]], [(5, 4), (1, 2)], np.random.default_rng(0))
+  inp = testing.make_inputs(
+    [[(1, 8, 8)], [(1, 4, 4), (1, 4, 8)]], [(5, 4), (1, 2)], np.random.default_rng(0)
+  )
   mm = (inp['input_ids'] == testing.IMAGE).astype(np.int64)
   with torch.no_grad():
     ref = tmodel.generate(
-        input_ids=torch.tensor(inp['input_ids']), attention_mask=torch.tensor(inp['attention_mask']),
-        pixel_values=torch.tensor(inp['pixel_values']), image_grid_thw=torch.tensor(inp['image_grid_thw']),
-        mm_token_type_ids=torch.tensor(mm), max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
-        eos_token_id=None, pad_token_id=testing.PAD)
-  return load_hf(path), inp, ref[:, inp['input_ids'].shape[1]:].numpy()
+      input_ids=torch.tensor(inp['input_ids']),
+      attention_mask=torch.tensor(inp['attention_mask']),
+      pixel_values=torch.tensor(inp['pixel_values']),
+      image_grid_thw=torch.tensor(inp['image_grid_thw']),
+      mm_token_type_ids=torch.tensor(mm),
+      max_new_tokens=STEPS,
+      min_new_tokens=STEPS,
+      do_sample=False,
+      eos_token_id=None,
+      pad_token_id=testing.PAD,
+    )
+  return load_hf(path), inp, ref[:, inp['input_ids'].shape[1] :].numpy()
 
 
 def _gen(model, inp, **kw):
   kw = {'max_new_tokens': STEPS, 'eos_token_id': [-1, 10_000], 'pad_token_id': testing.PAD, **kw}
-  return np.asarray(generate(model, inp['input_ids'], inp['attention_mask'], inp['pixel_values'],
-                             inp['image_grid_thw'], **kw))
+  return np.asarray(
+    generate(
+      model,
+      inp['input_ids'],
+      inp['attention_mask'],
+      inp['pixel_values'],
+      inp['image_grid_thw'],
+      **kw,
+    )
+  )
 
 
 def test_greedy_matches_transformers(setup):
@@ -53,14 +73,16 @@ def test_stops_at_eos_and_pads(setup):
   first = [int(np.argmax(r == eos)) if (r == eos).any() else STEPS for r in ref]
   got = _gen(model, inp, eos_token_id=[eos, 10_000])
   for row, f in zip(range(len(ref)), first):
-    np.testing.assert_array_equal(got[row, :f + 1], ref[row, :f + 1])
-    assert (got[row, f + 1:] == testing.PAD).all()
+    np.testing.assert_array_equal(got[row, : f + 1], ref[row, : f + 1])
+    assert (got[row, f + 1 :] == testing.PAD).all()
 
 
 def test_sampling(setup):
   model, inp, ref = setup
   # a vanishing nucleus is greedy
-  np.testing.assert_array_equal(_gen(model, inp, temperature=1.0, top_p=1e-6, rng=jax.random.key(3)), ref)
+  np.testing.assert_array_equal(
+    _gen(model, inp, temperature=1.0, top_p=1e-6, rng=jax.random.key(3)), ref
+  )
   a = _gen(model, inp, temperature=5.0, rng=jax.random.key(1))
   assert a.shape == ref.shape and a.min() >= 0 and a.max() < testing.VOCAB
   assert (a != ref).any()

@@ -1,9 +1,10 @@
 """`hard` perception negatives without nuisance labels: the nearest image by thumbnail."""
+
 import io
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from cpo_jax.data import pairs
 
@@ -21,7 +22,7 @@ def _visual_groups(n_groups=40, per_group=6, seed=0):
       img = np.clip(base + rng.normal(0, 8, base.shape), 0, 255)
       for f in range(3):  # the decisive evidence: small and local
         if code >> f & 1:
-          img[6 + 18 * f:12 + 18 * f, 50:56] = 255
+          img[6 + 18 * f : 12 + 18 * f, 50:56] = 255
       buf = io.BytesIO()
       Image.fromarray(img.astype(np.uint8)).save(buf, format="JPEG")
       for dup in range(2 if k % 4 == 0 else 1):
@@ -45,8 +46,10 @@ def test_hard_picks_the_visually_similar_image_far_more_often_than_random():
     share[mode] = float((vis[picks] == vis).mean())
   # ~6 of the ~310 candidates are in the same visual group: random finds one ~2% of the time
   assert share["hard"] > 0.95 and share["random"] < 0.1 and share["far"] < 0.2, share
-  np.testing.assert_array_equal(idx.hard_negatives(), pairs.PairIndex(
-      codes, labels, thumbnails=thumbs, group=scene).hard_negatives())  # deterministic
+  np.testing.assert_array_equal(
+    idx.hard_negatives(),
+    pairs.PairIndex(codes, labels, thumbnails=thumbs, group=scene).hard_negatives(),
+  )  # deterministic
   # without scene ids, the same-scene twin (identical pixels) is what `hard` would take
   twins = pairs.PairIndex(codes, labels, thumbnails=thumbs).hard_negatives()
   assert (scene[twins] == scene).mean() > 0.4
@@ -56,6 +59,7 @@ def test_hard_picks_the_visually_similar_image_far_more_often_than_random():
 def test_nearest_thumbnail_recovers_the_hidden_nuisance(name):
   """On the synthetic sets the nuisance is known: hidden from the index, the thumbnail still finds it."""
   from cpo_jax.data.sources import make_source
+
   src = make_source(name, "ood", num_examples=300)  # ood: nuisance independent of the decision
   d, c, n = src.labels()
   thumbs = np.stack([pairs.thumbnail(src[i]["image"]) for i in range(len(src))])
@@ -63,7 +67,9 @@ def test_nearest_thumbnail_recovers_the_hidden_nuisance(name):
   rng = np.random.default_rng(0)
   rand = np.array([pairs.PairIndex(d, c).pick(i, "random", rng) for i in range(len(d))])
   assert (d[hard] != d).all()
-  assert (n[hard] == n).mean() > 0.95 and (n[rand] == n).mean() < 0.35  # 4 nuisance values: ~25% by chance
+  assert (n[hard] == n).mean() > 0.95 and (
+    n[rand] == n
+  ).mean() < 0.35  # 4 nuisance values: ~25% by chance
 
 
 def test_bounded_pool_at_scale():
@@ -73,7 +79,9 @@ def test_bounded_pool_at_scale():
   n = 100_000
   dec, nuis = rng.integers(0, 50, n), rng.integers(0, 3, n)
   thumbs = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
-  idx = pairs.PairIndex(dec, dec[:, None], nuis, thumbnails=thumbs, group=np.arange(n) // 2, pool_size=256)
+  idx = pairs.PairIndex(
+    dec, dec[:, None], nuis, thumbnails=thumbs, group=np.arange(n) // 2, pool_size=256
+  )
   neg = idx.hard_negatives()
   assert (neg >= 0).all() and (dec[neg] != dec).all() and (nuis[neg] == nuis).all()
   assert (neg // 2 != np.arange(n) // 2).all()

@@ -1,4 +1,5 @@
 """load_hf / save_hf: round trips through transformers, sharding, dtypes, errors, memory."""
+
 import json
 import os
 import subprocess
@@ -10,11 +11,15 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
-import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
-from cpo_jax.models import get_rope_index, hf_io, load_hf, save_hf, testing  # noqa: E402
+from cpo_jax.models import get_rope_index  # noqa: E402
+from cpo_jax.models import hf_io  # noqa: E402
+from cpo_jax.models import load_hf  # noqa: E402
+from cpo_jax.models import save_hf  # noqa: E402
+from cpo_jax.models import testing  # noqa: E402
 
 
 @pytest.fixture(scope='module')
@@ -35,17 +40,33 @@ def inputs():
 def _torch_logits(tmodel, inp):
   mm = (inp['input_ids'] == testing.IMAGE).astype(np.int64)
   with torch.no_grad():
-    return tmodel(input_ids=torch.tensor(inp['input_ids']), attention_mask=torch.tensor(inp['attention_mask']),
-                  pixel_values=torch.tensor(inp['pixel_values']), image_grid_thw=torch.tensor(inp['image_grid_thw']),
-                  mm_token_type_ids=torch.tensor(mm)).logits.float().numpy()
+    return (
+      tmodel(
+        input_ids=torch.tensor(inp['input_ids']),
+        attention_mask=torch.tensor(inp['attention_mask']),
+        pixel_values=torch.tensor(inp['pixel_values']),
+        image_grid_thw=torch.tensor(inp['image_grid_thw']),
+        mm_token_type_ids=torch.tensor(mm),
+      )
+      .logits.float()
+      .numpy()
+    )
 
 
 def _state(model):
-  return {'/'.join(map(str, k)): np.asarray(v[...]) for k, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
+  return {
+    '/'.join(map(str, k)): np.asarray(v[...])
+    for k, v in nnx.iter_graph(model)
+    if isinstance(v, nnx.Variable)
+  }
 
 
 def _files(path):
-  return {n: open(os.path.join(path, n), 'rb').read() for n in os.listdir(path) if n.endswith('.safetensors')}
+  return {
+    n: open(os.path.join(path, n), 'rb').read()
+    for n in os.listdir(path)
+    if n.endswith('.safetensors')
+  }
 
 
 @pytest.mark.parametrize('shard_bytes', [None, 60_000])
@@ -79,13 +100,19 @@ def test_bf16_checkpoint(hf_dir, inputs, tmp_path):
   out = str(tmp_path / 'bf16_export')
   save_hf(model, out)
   assert _files(out) == _files(bf) or all(  # byte-identical tensors, maybe in another order
-      np.array_equal(hf_io.SafetensorsReader(os.path.join(out, 'model.safetensors')).read(n).view(np.uint16),
-                     hf_io.SafetensorsReader(os.path.join(bf, 'model.safetensors')).read(n).view(np.uint16))
-      for n in hf_io.SafetensorsReader(os.path.join(bf, 'model.safetensors')).keys())
-  pos, _ = get_rope_index(inputs['input_ids'], inputs['attention_mask'], inputs['image_grid_thw'], model.config)
+    np.array_equal(
+      hf_io.SafetensorsReader(os.path.join(out, 'model.safetensors')).read(n).view(np.uint16),
+      hf_io.SafetensorsReader(os.path.join(bf, 'model.safetensors')).read(n).view(np.uint16),
+    )
+    for n in hf_io.SafetensorsReader(os.path.join(bf, 'model.safetensors')).keys()
+  )
+  pos, _ = get_rope_index(
+    inputs['input_ids'], inputs['attention_mask'], inputs['image_grid_thw'], model.config
+  )
   grid = inputs['image_grid_thw']
   got = nnx.jit(lambda m, ids, mask, pix, pos: m(ids, mask, pix, grid, pos))(
-      model, inputs['input_ids'], inputs['attention_mask'], inputs['pixel_values'], pos)
+    model, inputs['input_ids'], inputs['attention_mask'], inputs['pixel_values'], pos
+  )
   got = np.asarray(got).astype(np.float32)
   want = _torch_logits(tmodel, inputs)
   valid = inputs['attention_mask'].astype(bool)
@@ -102,8 +129,10 @@ def _rewrite(src, dst, edit_tensors=None, edit_config=None):
   tensors = {n: r.read(n) for n in r.keys()}
   if edit_tensors:
     edit_tensors(tensors)
-  hf_io.write_safetensors(os.path.join(dst, 'model.safetensors'),
-                          [(n, a.dtype, a.shape, lambda a=a: a) for n, a in tensors.items()])
+  hf_io.write_safetensors(
+    os.path.join(dst, 'model.safetensors'),
+    [(n, a.dtype, a.shape, lambda a=a: a) for n, a in tensors.items()],
+  )
   return dst
 
 
@@ -113,16 +142,31 @@ def test_clear_errors(hf_dir, tmp_path):
   bad = _rewrite(path, str(tmp_path / 'missing'), edit_tensors=lambda t: t.pop(name))
   with pytest.raises(KeyError, match=name.replace('.', r'\.')):
     load_hf(bad)
-  bad = _rewrite(path, str(tmp_path / 'unexpected'),
-                 edit_tensors=lambda t: t.__setitem__('model.layers.0.extra.weight', np.zeros(3, np.float32)))
+  bad = _rewrite(
+    path,
+    str(tmp_path / 'unexpected'),
+    edit_tensors=lambda t: t.__setitem__('model.layers.0.extra.weight', np.zeros(3, np.float32)),
+  )
   with pytest.raises(ValueError, match=r'model\.layers\.0\.extra\.weight'):
     load_hf(bad)
-  bad = _rewrite(path, str(tmp_path / 'shape'), edit_tensors=lambda t: t.__setitem__(
-      'visual.blocks.0.attn.proj.weight', np.zeros((32, 31), np.float32)))
-  with pytest.raises(ValueError, match=r'shape mismatch for tensor .visual\.blocks\.0\.attn\.proj\.weight'):
+  bad = _rewrite(
+    path,
+    str(tmp_path / 'shape'),
+    edit_tensors=lambda t: t.__setitem__(
+      'visual.blocks.0.attn.proj.weight', np.zeros((32, 31), np.float32)
+    ),
+  )
+  with pytest.raises(
+    ValueError, match=r'shape mismatch for tensor .visual\.blocks\.0\.attn\.proj\.weight'
+  ):
     load_hf(bad)
-  bad = _rewrite(path, str(tmp_path / 'arch'), edit_config=lambda c: c.update(
-      model_type='qwen2_vl', architectures=['Qwen2VLForConditionalGeneration']))
+  bad = _rewrite(
+    path,
+    str(tmp_path / 'arch'),
+    edit_config=lambda c: c.update(
+      model_type='qwen2_vl', architectures=['Qwen2VLForConditionalGeneration']
+    ),
+  )
   with pytest.raises(ValueError, match='unsupported architecture'):
     load_hf(bad)
   os.makedirs(tmp_path / 'pickle')
@@ -135,16 +179,26 @@ def test_clear_errors(hf_dir, tmp_path):
 def test_loader_memory_is_bounded(hf_dir, tmp_path):
   """Peak host RSS while loading stays well under twice the model's bytes (~200 MB model)."""
   path = str(tmp_path / 'big')
-  cfg = testing.tiny_hf_config(hidden=512, heads=8, kv_heads=2, intermediate=1536, layers=10, vocab=8192,
-                               tied=False, mrope=(8, 12, 12))
+  cfg = testing.tiny_hf_config(
+    hidden=512,
+    heads=8,
+    kv_heads=2,
+    intermediate=1536,
+    layers=10,
+    vocab=8192,
+    tied=False,
+    mrope=(8, 12, 12),
+  )
   with torch.device('meta'):
     meta = Qwen2_5_VLForConditionalGeneration(cfg)
   n_bytes = sum(p.numel() for p in meta.parameters()) * 4
   assert n_bytes > 150e6
   # write the checkpoint tensor by tensor (random values) without building the torch model
   shapes = {hf_io.canonical_name(k): tuple(v.shape) for k, v in meta.state_dict().items()}
-  hf_io.write_safetensors(os.path.join(path + '.st'), [
-      (n, np.float32, s, lambda s=s: np.full(s, 0.01, np.float32)) for n, s in shapes.items()])
+  hf_io.write_safetensors(
+    os.path.join(path + '.st'),
+    [(n, np.float32, s, lambda s=s: np.full(s, 0.01, np.float32)) for n, s in shapes.items()],
+  )
   os.makedirs(path)
   os.replace(path + '.st', os.path.join(path, 'model.safetensors'))
   cfg.save_pretrained(path)
@@ -158,8 +212,13 @@ def test_loader_memory_is_bounded(hf_dir, tmp_path):
       model = load_hf({path!r})
       print((peak() - before) / {n_bytes})
   ''')
-  out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
-                       env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, timeout=300)
+  out = subprocess.run(
+    [sys.executable, '-c', script],
+    capture_output=True,
+    text=True,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   ratio = float(out.stdout.strip().splitlines()[-1])
   print(f'peak RSS growth while loading = {ratio:.2f} x model bytes')

@@ -1,10 +1,15 @@
 """Concept graphs load and validate; the rewriter's counterfactuals pass the validator."""
+
 import dataclasses
 import itertools
 
 import pytest
 
-from cpo_jax.knowledge import GraphError, load_graph, rewrite, rewrite_chain, validate_counterfactual
+from cpo_jax.knowledge import GraphError
+from cpo_jax.knowledge import load_graph
+from cpo_jax.knowledge import rewrite
+from cpo_jax.knowledge import rewrite_chain
+from cpo_jax.knowledge import validate_counterfactual
 from cpo_jax.knowledge.graph import validate_graph
 
 
@@ -30,7 +35,9 @@ def test_driving_rule(drive):
 
 
 def test_validation_rejects_inconsistent_relations(drive):
-  bad = dataclasses.replace(drive, association=drive.association + (("lead_vehicle", "far", "stop"),))
+  bad = dataclasses.replace(
+    drive, association=drive.association + (("lead_vehicle", "far", "stop"),)
+  )
   with pytest.raises(GraphError, match="association"):
     validate_graph(bad)
   bad = dataclasses.replace(drive, exclusion=drive.exclusion + (("lead_vehicle", "near", "stop"),))
@@ -50,7 +57,9 @@ def test_rewriter_all_assignments_all_targets_valid(name):
     cfs = rewrite(g, a, k=len(g.decisions) - 1, seed=seed)
     assert {c.decision for c in cfs} == set(g.decisions) - {orig}
     for cf in cfs:
-      ok, why = validate_counterfactual(g, cf.completion, original_decision=orig, target=cf.decision)
+      ok, why = validate_counterfactual(
+        g, cf.completion, original_decision=orig, target=cf.decision
+      )
       assert ok, why
       assert cf.changed and not cf.used_fallback  # relations alone suffice for the shipped graphs
       n += 1
@@ -65,26 +74,37 @@ def test_rewriter_deterministic_and_seed_dependent(drive):
 
 
 def test_rewrite_chain_keeps_synonym_wording(drive):
-  text = ("<think> The signal is green. Nobody is on the crosswalk. The car ahead is close. "
-          "The lane has no cones. </think> The decision is slow down.")
+  text = (
+    "<think> The signal is green. Nobody is on the crosswalk. The car ahead is close. "
+    "The lane has no cones. </think> The decision is slow down."
+  )
   assert drive.parse_decision(text) == "slow_down"
   for cf in rewrite_chain(drive, text, k=3, seed=0):
-    assert validate_counterfactual(drive, cf.completion, original_decision="slow_down", target=cf.decision)[0]
+    assert validate_counterfactual(
+      drive, cf.completion, original_decision="slow_down", target=cf.decision
+    )[0]
     for c in set(drive.concept_names) - set(cf.changed):
-      assert drive.parse_chain(text)[1][c] in cf.completion  # unchanged concepts keep their sentence
+      assert (
+        drive.parse_chain(text)[1][c] in cf.completion
+      )  # unchanged concepts keep their sentence
 
 
 def test_validator_rejects_invalid_counterfactuals(drive):
   good = "<think> The traffic light is red. No pedestrian is crossing. The lead vehicle is far. The lane is clear of cones. </think> The decision is stop."
   assert validate_counterfactual(drive, good, original_decision="proceed", target="stop")[0]
   cases = {
-      "same as original": (good, "stop", "stop"),
-      "chain supports other": (good.replace("red", "green"), "slow_down", "stop"),
-      "answer mismatch": (good.replace("is stop", "is proceed"), "proceed", "stop"),
-      "missing concept": (good.replace(" The lead vehicle is far.", ""), "proceed", "stop"),
-      "contradiction": (good.replace("The lead vehicle is far.", "The lead vehicle is far. The lead vehicle is near."),
-                        "proceed", "stop"),
-      "no answer": (good.split("</think>")[0] + "</think>", "proceed", "stop"),
+    "same as original": (good, "stop", "stop"),
+    "chain supports other": (good.replace("red", "green"), "slow_down", "stop"),
+    "answer mismatch": (good.replace("is stop", "is proceed"), "proceed", "stop"),
+    "missing concept": (good.replace(" The lead vehicle is far.", ""), "proceed", "stop"),
+    "contradiction": (
+      good.replace(
+        "The lead vehicle is far.", "The lead vehicle is far. The lead vehicle is near."
+      ),
+      "proceed",
+      "stop",
+    ),
+    "no answer": (good.split("</think>")[0] + "</think>", "proceed", "stop"),
   }
   for name, (text, orig, target) in cases.items():
     ok, why = validate_counterfactual(drive, text, original_decision=orig, target=target)
@@ -100,6 +120,7 @@ def test_parse_decision(drive):
 
 def test_drift_edits(drive):
   from cpo_jax.knowledge import drift
+
   assert drift.answer_prefix(drive) == "The decision is"
   for i, a in enumerate(drive.all_assignments()):
     syn = drift.edit_chain(drive, a, "synonym", seed=i)
@@ -114,7 +135,11 @@ def test_drift_edits(drive):
 
 def _fixture_report(g, a, rng):
   """A free-text report stating assignment `a` in varied words, negations and fillers."""
-  fill = ["Comparison is made to the prior study.", "Support devices are unchanged.", "Osseous structures are intact."]
+  fill = [
+    "Comparison is made to the prior study.",
+    "Support devices are unchanged.",
+    "Osseous structures are intact.",
+  ]
   pos = ["{T}.", "Findings of {t}.", "There is {t} on the right."]
   neg = ["No {t}.", "There is no {t}.", "Negative for {t}.", "The study is free of {t}."]
   out, negs = [], []
@@ -135,8 +160,10 @@ def _fixture_report(g, a, rng):
 
 
 def test_free_text_parse_and_rewrite_200_reports():
-  from cpo_jax.knowledge import free_text
   import numpy as np
+
+  from cpo_jax.knowledge import free_text
+
   g = load_graph("medical")
   rng = np.random.default_rng(0)
   assigns = g.all_assignments()
@@ -147,7 +174,9 @@ def test_free_text_parse_and_rewrite_200_reports():
     parsed, _ = free_text.parse_report(g, text)
     assert parsed == a, text
     for cf in free_text.rewrite_report(g, text, k=2, seed=i):
-      ok, why = free_text.validate_report(g, cf.completion, original_decision=g.decide(a), target=cf.decision)
+      ok, why = free_text.validate_report(
+        g, cf.completion, original_decision=g.decide(a), target=cf.decision
+      )
       assert ok, why
       n += 1
   assert n == 400
@@ -155,17 +184,33 @@ def test_free_text_parse_and_rewrite_200_reports():
 
 def test_free_text_negation_and_invalid_reports():
   from cpo_jax.knowledge import free_text
+
   g = load_graph("medical")
   m = free_text.sentence_mentions
   assert m(g, "No pleural effusion.") == {"effusion": "absent"}
   assert m(g, "Small pleural effusion is present.") == {"effusion": "present"}
   assert m(g, "No effusion or pneumothorax, but there is a right lower lobe opacity.") == {
-      "effusion": "absent", "pneumothorax_line": "absent", "consolidation": "present"}
+    "effusion": "absent",
+    "pneumothorax_line": "absent",
+    "consolidation": "present",
+  }
   assert m(g, "The heart is enlarged.") == {"heart_size": "enlarged"}
   bad = {
-      "supports original": ("<think> Small pleural effusion. </think> The disease of this patient is pneumonia.", "pleural_effusion", "pneumonia"),
-      "answer mismatch": ("<think> Right lower lobe opacity. </think> The disease of this patient is cardiomegaly.", "no_finding", "pneumonia"),
-      "negated evidence": ("<think> No consolidation. </think> The disease of this patient is pneumonia.", "no_finding", "pneumonia"),
+    "supports original": (
+      "<think> Small pleural effusion. </think> The disease of this patient is pneumonia.",
+      "pleural_effusion",
+      "pneumonia",
+    ),
+    "answer mismatch": (
+      "<think> Right lower lobe opacity. </think> The disease of this patient is cardiomegaly.",
+      "no_finding",
+      "pneumonia",
+    ),
+    "negated evidence": (
+      "<think> No consolidation. </think> The disease of this patient is pneumonia.",
+      "no_finding",
+      "pneumonia",
+    ),
   }
   for name, (text, orig, target) in bad.items():
     assert not free_text.validate_report(g, text, original_decision=orig, target=target)[0], name
@@ -175,6 +220,7 @@ def test_free_text_negation_and_invalid_reports():
 def test_every_graph_sentence_parses_as_free_text(name):
   """The rewriter writes the graph's sentences into free-text reports: its terms must read them back."""
   from cpo_jax.knowledge import free_text
+
   g = load_graph(name)
   for c in g.concepts:
     for v in c.values:
@@ -186,27 +232,50 @@ def test_every_graph_sentence_parses_as_free_text(name):
 def test_free_text_slots_gaps_aliases_and_containment(drive):
   from cpo_jax.knowledge import free_text
   from cpo_jax.knowledge.graph import expand_slots
+
   assert expand_slots("{cone} in the {lane}", {"cone": ["cone", "cones"], "lane": ["lane"]}) == [
-      "cone in the lane", "cones in the lane"]
+    "cone in the lane",
+    "cones in the lane",
+  ]
   m = free_text.sentence_mentions
-  assert m(drive, "The traffic light at the busy intersection is red.") == {"traffic_light": "red"}  # '...' gap
-  assert m(drive, "The traffic light is green and the truck is red.") == {"traffic_light": "green"}  # not across 'and'
-  assert m(drive, "A truck ahead in the distance.") == {"lead_vehicle": "far"}  # 'truck ahead' is inside it
+  assert m(drive, "The traffic light at the busy intersection is red.") == {
+    "traffic_light": "red"
+  }  # '...' gap
+  assert m(drive, "The traffic light is green and the truck is red.") == {
+    "traffic_light": "green"
+  }  # not across 'and'
+  assert m(drive, "A truck ahead in the distance.") == {
+    "lead_vehicle": "far"
+  }  # 'truck ahead' is inside it
   assert m(drive, "A truck ahead in the adjacent lane.") == {"lead_vehicle": "none"}
   assert m(drive, "There are no cones in the lane and a bus is directly ahead.") == {
-      "cone": "none", "lead_vehicle": "near"}  # the negation ends with its clause
-  assert drive.parse_decision("The ego car should proceed with caution.") == "slow_down"  # not also 'proceed'
-  assert drive.parse_decision("Wait at the stop line, then change lanes.") == "change_lane"  # 'stop line' names none
-  assert free_text.answer_decision(drive, "There is no need to stop. Slow down for the truck ahead.") == "slow_down"
+    "cone": "none",
+    "lead_vehicle": "near",
+  }  # the negation ends with its clause
+  assert (
+    drive.parse_decision("The ego car should proceed with caution.") == "slow_down"
+  )  # not also 'proceed'
+  assert (
+    drive.parse_decision("Wait at the stop line, then change lanes.") == "change_lane"
+  )  # 'stop line' names none
+  assert (
+    free_text.answer_decision(drive, "There is no need to stop. Slow down for the truck ahead.")
+    == "slow_down"
+  )
   assert free_text.answer_decision(drive, "Slow down, or stop if the truck ahead brakes.") is None
 
 
 def test_graph_rejects_ambiguous_terms_and_decision_names(drive):
   c = drive.concepts[0]
-  bad = dataclasses.replace(drive, concepts=(dataclasses.replace(c, terms={**c.terms, "green": ("red light",)}),)
-                            + drive.concepts[1:])
+  bad = dataclasses.replace(
+    drive,
+    concepts=(dataclasses.replace(c, terms={**c.terms, "green": ("red light",)}),)
+    + drive.concepts[1:],
+  )
   with pytest.raises(GraphError, match="term 'red light' given for 'red' and 'green'"):
     validate_graph(bad)
-  bad = dataclasses.replace(drive, decision_aliases={**drive.decision_aliases, "proceed": ("halt",)})
+  bad = dataclasses.replace(
+    drive, decision_aliases={**drive.decision_aliases, "proceed": ("halt",)}
+  )
   with pytest.raises(GraphError, match="decision name 'halt' used for 'stop' and 'proceed'"):
     validate_graph(bad)

@@ -1,16 +1,30 @@
 """LoRA: zero-init B is the base model, adapters off is the base model, merge equals adapted."""
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jax
-import jax.numpy as jnp
-from flax import nnx
+from cpo_jax.models import Qwen2_5_VL
+from cpo_jax.models import get_config
+from cpo_jax.models import get_rope_index
+from cpo_jax.models import load_hf
+from cpo_jax.models import save_hf
+from cpo_jax.models import testing
+from cpo_jax.models.lora import LoRAParam
+from cpo_jax.models.lora import adapters_disabled
+from cpo_jax.models.lora import apply_lora
+from cpo_jax.models.lora import lora_state
+from cpo_jax.models.lora import merge_lora
 
-from cpo_jax.models import Qwen2_5_VL, get_config, get_rope_index, load_hf, save_hf, testing
-from cpo_jax.models.lora import LoRAParam, adapters_disabled, apply_lora, lora_state, merge_lora
-
-CFG = get_config('tiny', vocab_size=testing.VOCAB, image_token_id=testing.IMAGE,
-                 vision_start_token_id=testing.VSTART, vision_end_token_id=testing.VEND)
+CFG = get_config(
+  'tiny',
+  vocab_size=testing.VOCAB,
+  image_token_id=testing.IMAGE,
+  vision_start_token_id=testing.VSTART,
+  vision_end_token_id=testing.VEND,
+)
 INP = testing.make_inputs([[(1, 4, 4)], [(1, 4, 4)]], [(2, 3), (1, 1)], np.random.default_rng(0))
 POS, _ = get_rope_index(INP['input_ids'], INP['attention_mask'], INP['image_grid_thw'], CFG)
 GRID = INP['image_grid_thw']
@@ -45,7 +59,17 @@ def base():
 def test_zero_b_adapters_off_merge_and_export(base, tmp_path):
   model, want = base
   model = nnx.clone(model)
-  targets = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj', 'qkv', 'proj')
+  targets = (
+    'q_proj',
+    'k_proj',
+    'v_proj',
+    'o_proj',
+    'gate_proj',
+    'up_proj',
+    'down_proj',
+    'qkv',
+    'proj',
+  )
   paths = apply_lora(model, rank=4, alpha=8, targets=targets, include_vision=True, rngs=nnx.Rngs(1))
   assert {p.split('/')[-1] for p in paths} == set(targets)
   assert any(p.startswith('visual') for p in paths)
@@ -65,7 +89,11 @@ def test_zero_b_adapters_off_merge_and_export(base, tmp_path):
   np.testing.assert_allclose(np.asarray(logits(merged)), adapted, atol=2e-5)
   # export merges too: the written weights are the merged ones
   save_hf(model, str(tmp_path))
-  loaded = {k: np.asarray(v[...]) for k, v in nnx.iter_graph(load_hf(str(tmp_path))) if isinstance(v, nnx.Variable)}
+  loaded = {
+    k: np.asarray(v[...])
+    for k, v in nnx.iter_graph(load_hf(str(tmp_path)))
+    if isinstance(v, nnx.Variable)
+  }
   for k, v in nnx.iter_graph(merged):
     if isinstance(v, nnx.Variable):
       np.testing.assert_array_equal(loaded[k], np.asarray(v[...]), err_msg=str(k))

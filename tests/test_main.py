@@ -1,12 +1,12 @@
 """The CLI contract (DESIGN.md): stages, workdir layout, report fields, resume, --mode=eval."""
+
 import json
 import os
 
-import pytest
 from absl import flags
 from ml_collections import config_flags
-
 import numpy as np
+import pytest
 
 from cpo_jax import main
 from cpo_jax import models
@@ -14,92 +14,111 @@ from cpo_jax import plan
 
 
 def _config(workdir, *overrides):
-    argv = ['prog', '--config=configs/driving.py', f'--workdir={workdir}',
-            '--config.sft.num_steps=4', '--config.cpo.num_steps=2',
-            '--config.sft.batch_size=8', '--config.cpo.batch_size=8',
-            '--config.log_every_steps=1', '--config.checkpoint.every_steps=2',
-            '--config.data.num_examples.train=32', '--config.data.num_examples.test=8',
-            '--config.data.num_examples.ood=8', '--config.eval.batch_size=8',
-            '--config.eval.max_new_tokens=8', '--config.eval.robustness_max_examples=8',
-            *overrides]
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file('config', flag_values=fv, sys_argv=argv)
-    fv(argv, known_only=True)
-    return fv.config
+  argv = [
+    'prog',
+    '--config=configs/driving.py',
+    f'--workdir={workdir}',
+    '--config.sft.num_steps=4',
+    '--config.cpo.num_steps=2',
+    '--config.sft.batch_size=8',
+    '--config.cpo.batch_size=8',
+    '--config.log_every_steps=1',
+    '--config.checkpoint.every_steps=2',
+    '--config.data.num_examples.train=32',
+    '--config.data.num_examples.test=8',
+    '--config.data.num_examples.ood=8',
+    '--config.eval.batch_size=8',
+    '--config.eval.max_new_tokens=8',
+    '--config.eval.robustness_max_examples=8',
+    *overrides,
+  ]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=fv, sys_argv=argv)
+  fv(argv, known_only=True)
+  return fv.config
 
 
 def _rows(workdir):
-    return [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  return [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
 
 
 def test_default_stages_write_the_contract_files_and_resume(tmp_path):
-    workdir = str(tmp_path)
-    report = main.run(_config(workdir), workdir)
-    rows = _rows(workdir)
-    assert [(r['stage'], r['step']) for r in rows] == (
-        [('sft', s) for s in (1, 2, 3, 4)] + [('cpo_plus', s) for s in (1, 2)])
-    assert all('loss' in r for r in rows)
-    cpo = rows[-1]
-    for key in ('rewards/accuracies', 'rewards/margins', 'rewards/chosen', 'rewards/rejected'):
-        assert key in cpo
-    assert any(k.startswith(('thinking/', 'perception/')) for k in cpo)
+  workdir = str(tmp_path)
+  report = main.run(_config(workdir), workdir)
+  rows = _rows(workdir)
+  assert [(r['stage'], r['step']) for r in rows] == (
+    [('sft', s) for s in (1, 2, 3, 4)] + [('cpo_plus', s) for s in (1, 2)]
+  )
+  assert all('loss' in r for r in rows)
+  cpo = rows[-1]
+  for key in ('rewards/accuracies', 'rewards/margins', 'rewards/chosen', 'rewards/rejected'):
+    assert key in cpo
+  assert any(k.startswith(('thinking/', 'perception/')) for k in cpo)
 
-    on_disk = json.load(open(tmp_path / 'eval' / 'report.json'))
-    assert on_disk == json.loads(json.dumps(report))
-    for split in ('test', 'ood'):
-        assert on_disk['splits'][split]['n'] == 8
-        assert 0.0 <= on_disk['splits'][split]['accuracy'] <= 1.0
-        assert on_disk['baseline']['splits'][split]['n'] == 8  # the SFT model, same examples.
-    for kind in ('occlude', 'noise', 'image_swap', 'synonym'):
-        assert all(0.0 <= acc <= 1.0 for acc in on_disk['interference'][kind].values())
-    assert 0.0 <= on_disk['drift']['outcome_shift'] <= 1.0
-    assert 'outcome_shift' in on_disk['baseline']['drift']
-    assert (tmp_path / 'eval' / 'robustness.png').stat().st_size > 0
-    assert (tmp_path / 'eval' / 'accuracy.png').stat().st_size > 0
-    assert (tmp_path / 'eval' / 'training_curves.png').stat().st_size > 0
-    for stage in ('sft', 'cpo_plus'):
-        assert os.listdir(tmp_path / 'checkpoints' / stage)
+  on_disk = json.load(open(tmp_path / 'eval' / 'report.json'))
+  assert on_disk == json.loads(json.dumps(report))
+  for split in ('test', 'ood'):
+    assert on_disk['splits'][split]['n'] == 8
+    assert 0.0 <= on_disk['splits'][split]['accuracy'] <= 1.0
+    assert on_disk['baseline']['splits'][split]['n'] == 8  # the SFT model, same examples.
+  for kind in ('occlude', 'noise', 'image_swap', 'synonym'):
+    assert all(0.0 <= acc <= 1.0 for acc in on_disk['interference'][kind].values())
+  assert 0.0 <= on_disk['drift']['outcome_shift'] <= 1.0
+  assert 'outcome_shift' in on_disk['baseline']['drift']
+  assert (tmp_path / 'eval' / 'robustness.png').stat().st_size > 0
+  assert (tmp_path / 'eval' / 'accuracy.png').stat().st_size > 0
+  assert (tmp_path / 'eval' / 'training_curves.png').stat().st_size > 0
+  for stage in ('sft', 'cpo_plus'):
+    assert os.listdir(tmp_path / 'checkpoints' / stage)
 
-    # The same command again resumes: nothing is retrained, the report is the same model's.
-    again = main.run(_config(workdir), workdir)
-    assert len(_rows(workdir)) == len(rows)
-    assert main.summary(again) == main.summary(report)
-    # --mode=eval evaluates the latest checkpoints.
-    evaluated = main.run(_config(workdir), workdir, mode='eval')
-    assert main.summary(evaluated) == main.summary(report)
-    # --mode=export writes a Hugging Face directory (adapters merged) with its tokenizer.
-    export_dir = tmp_path / 'hf'
-    main.export(_config(workdir), workdir, str(export_dir))
-    for name in ('config.json', 'model.safetensors', 'tokenizer.json',
-                 'preprocessor_config.json'):
-        assert (export_dir / name).exists(), name
-    model, _ = main.restore_latest(_config(workdir), workdir)
-    exported = models.load_hf(str(export_dir))
-    ids = np.array([[3, 4, 5, 6]])
-    np.testing.assert_allclose(exported(ids), model(ids), atol=1e-5)
+  # The same command again resumes: nothing is retrained, the report is the same model's.
+  again = main.run(_config(workdir), workdir)
+  assert len(_rows(workdir)) == len(rows)
+  assert main.summary(again) == main.summary(report)
+  # --mode=eval evaluates the latest checkpoints.
+  evaluated = main.run(_config(workdir), workdir, mode='eval')
+  assert main.summary(evaluated) == main.summary(report)
+  # --mode=export writes a Hugging Face directory (adapters merged) with its tokenizer.
+  export_dir = tmp_path / 'hf'
+  main.export(_config(workdir), workdir, str(export_dir))
+  for name in ('config.json', 'model.safetensors', 'tokenizer.json', 'preprocessor_config.json'):
+    assert (export_dir / name).exists(), name
+  model, _ = main.restore_latest(_config(workdir), workdir)
+  exported = models.load_hf(str(export_dir))
+  ids = np.array([[3, 4, 5, 6]])
+  np.testing.assert_allclose(exported(ids), model(ids), atol=1e-5)
 
 
 def test_plan_compiles_the_step_for_a_mesh_without_allocating():
-    cfg = _config('unused', '--config.mesh.shape.fsdp=2', '--config.mesh.shape.tensor=2')
-    summary = plan.plan(cfg, 'cpo_plus')
-    assert summary['mesh'] == {'data': 2, 'fsdp': 2, 'tensor': 2}
-    assert summary['bytes_per_device'] >= summary['temp_bytes_per_device'] > 0
-    assert 0 < summary['trainable_bytes_total'] < summary['param_bytes_total']  # LoRA only.
-    # 8 pairs, half thinking (grouped): 8 chosen + 4 perception rejected images, encoded
-    # once for policy and reference.
-    assert summary['work_per_step'] == {'policy_sequences': 16, 'reference_sequences': 16,
-                                        'images_encoded': 12}
+  cfg = _config('unused', '--config.mesh.shape.fsdp=2', '--config.mesh.shape.tensor=2')
+  summary = plan.plan(cfg, 'cpo_plus')
+  assert summary['mesh'] == {'data': 2, 'fsdp': 2, 'tensor': 2}
+  assert summary['bytes_per_device'] >= summary['temp_bytes_per_device'] > 0
+  assert 0 < summary['trainable_bytes_total'] < summary['param_bytes_total']  # LoRA only.
+  # 8 pairs, half thinking (grouped): 8 chosen + 4 perception rejected images, encoded
+  # once for policy and reference.
+  assert summary['work_per_step'] == {
+    'policy_sequences': 16,
+    'reference_sequences': 16,
+    'images_encoded': 12,
+  }
 
 
 def test_plan_counts_device_made_pairs_and_a_precomputed_reference():
-    cfg = _config('unused', '--config.cpo.device_perturbations=occlude:1.0,noise:0.5',
-                  '--config.cpo.reference=precomputed')
-    summary = plan.plan(cfg, 'cpo_plus')
-    # + 2 perturbed rejected sides per pair; no reference forward at all.
-    assert summary['work_per_step'] == {'policy_sequences': 32, 'reference_sequences': 0,
-                                        'images_encoded': 12 + 16}
+  cfg = _config(
+    'unused',
+    '--config.cpo.device_perturbations=occlude:1.0,noise:0.5',
+    '--config.cpo.reference=precomputed',
+  )
+  summary = plan.plan(cfg, 'cpo_plus')
+  # + 2 perturbed rejected sides per pair; no reference forward at all.
+  assert summary['work_per_step'] == {
+    'policy_sequences': 32,
+    'reference_sequences': 0,
+    'images_encoded': 12 + 16,
+  }
 
 
 def test_unknown_stage_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"unknown stage\(s\) \['dpo'\]"):
-        main.parse_stages('sft,dpo')
+  with pytest.raises(ValueError, match=r"unknown stage\(s\) \['dpo'\]"):
+    main.parse_stages('sft,dpo')

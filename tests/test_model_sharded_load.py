@@ -1,4 +1,5 @@
 """load_hf places each parameter straight onto the sharding its logical names map to."""
+
 import os
 import subprocess
 import sys
@@ -37,6 +38,11 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_load_onto_shardings():
-  out = subprocess.run([sys.executable, '-c', SCRIPT], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  out = subprocess.run(
+    [sys.executable, '-c', SCRIPT],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )
   assert out.returncode == 0 and out.stdout.strip().endswith('ok'), out.stderr[-3000:]

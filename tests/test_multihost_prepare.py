@@ -3,6 +3,7 @@ codalm; the synthetic TFDS files of a data_dir: synth_drive): process 0 prepares
 while the other waits, then both read the same records.
 
 The worker is this file run as a script (see the bottom)."""
+
 import hashlib
 import io
 import json
@@ -13,11 +14,13 @@ import sys
 import time
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-ANSWERS = ["The traffic light at the intersection is red, so the ego car should come to a stop.",
-           "Slow down for the truck ahead in the same lane."]
+ANSWERS = [
+  "The traffic light at the intersection is red, so the ego car should come to a stop.",
+  "Slow down for the truck ahead in the same lane.",
+]
 
 
 def _write_codalm(root, n=4, bad=False):
@@ -25,10 +28,17 @@ def _write_codalm(root, n=4, bad=False):
   (root / "CODA-LM" / "Train").mkdir(parents=True)
   for k in range(n):
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(k).integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    Image.fromarray(np.random.default_rng(k).integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(
+      buf, format="JPEG"
+    )
     (root / "val" / "images" / f"{k:04d}.jpg").write_bytes(buf.getvalue())
-    ann = {"general_perception": {"description and explanation": f"Scene {k}: a truck ahead in the same lane."},
-           "region_perception": {}, "driving_suggestion": ANSWERS[k % 2]}
+    ann = {
+      "general_perception": {
+        "description and explanation": f"Scene {k}: a truck ahead in the same lane."
+      },
+      "region_perception": {},
+      "driving_suggestion": ANSWERS[k % 2],
+    }
     if bad and k == 2:
       del ann["driving_suggestion"]
     (root / "CODA-LM" / "Train" / f"val_{k:04d}.json").write_text(json.dumps(ann))
@@ -44,8 +54,16 @@ def _run_two(data_dir, name="codalm", on_bad_record="raise"):
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device per process
   env["JAX_PLATFORMS"] = "cpu"
-  procs = [subprocess.Popen([sys.executable, __file__, name, str(data_dir), on_bad_record, str(port), str(i)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, __file__, name, str(data_dir), on_bad_record, str(port), str(i)],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=env,
+    )
+    for i in range(2)
+  ]
   outs = []
   for p in procs:
     try:
@@ -86,14 +104,18 @@ def test_a_failure_on_process_0_stops_every_process(tmp_path):
 
 
 def _files(root):
-  return sorted((os.path.relpath(os.path.join(d, f), root), os.stat(os.path.join(d, f)).st_mtime_ns)
-                for d, _, fs in os.walk(root) for f in fs)
+  return sorted(
+    (os.path.relpath(os.path.join(d, f), root), os.stat(os.path.join(d, f)).st_mtime_ns)
+    for d, _, fs in os.walk(root)
+    for f in fs
+  )
 
 
 def _worker(name, data_dir, on_bad_record, port, process_id):
   import logging
 
   from absl import logging as absl_logging
+
   generated = []  # TFDS's own log line, once per generation of a dataset
 
   class _Seen(logging.Handler):
@@ -104,10 +126,17 @@ def _worker(name, data_dir, on_bad_record, port, process_id):
   absl_logging.set_verbosity("info")
   logging.getLogger("absl").addHandler(_Seen())
   import jax
-  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
-                             initialization_timeout=60)
+
+  jax.distributed.initialize(
+    coordinator_address=f"127.0.0.1:{port}",
+    num_processes=2,
+    process_id=process_id,
+    initialization_timeout=60,
+  )
   from jax.experimental import multihost_utils
+
   from cpo_jax.data.sources import make_source
+
   out = {"pid": os.getpid(), "error": None}
   try:
     src = make_source(name, "train", data_dir=data_dir, on_bad_record=on_bad_record, num_examples=8)
@@ -126,7 +155,9 @@ def _worker(name, data_dir, on_bad_record, port, process_id):
         h.update(r["image"] + r["chain"])
     out.update(n=len(src), rows=h.hexdigest())
     if name == "codalm":
-      with open(os.path.join(prepared, "codalm", on_bad_record, "1.1.0", "cpo_jax_report.json")) as f:
+      with open(
+        os.path.join(prepared, "codalm", on_bad_record, "1.1.0", "cpo_jax_report.json")
+      ) as f:
         out["prepared_by"] = json.load(f)["prepared_by"]["pid"]
     multihost_utils.sync_global_devices("read")  # both have read before the final listing
     out["files_at_end"] = _files(prepared)

@@ -4,6 +4,7 @@ agree on the longest (sharding.pad_to_common_length) and the step is the one-dev
 both halves.
 
 The worker is this file run as a script (see the bottom)."""
+
 import functools
 import json
 import os
@@ -12,9 +13,9 @@ import subprocess
 import sys
 import time
 
+from flax import nnx
 import jax
 import numpy as np
-from flax import nnx
 
 from cpo_jax import config_defaults
 from cpo_jax import models
@@ -29,149 +30,180 @@ BUCKETS, MAX_LEN, SEEDS = '75,76', 96, {'sft': 0, 'cpo': 3}
 
 
 def _setup():
-    proc = pipeline.make_processors(None)
-    ids = proc.ids
-    model_config = models.get_config_for_tokens('tiny', ids)
-    source = pipeline.make_source('synth_drive', 'train', num_examples=64)
-    return proc, model_config, source
+  proc = pipeline.make_processors(None)
+  ids = proc.ids
+  model_config = models.get_config_for_tokens('tiny', ids)
+  source = pipeline.make_source('synth_drive', 'train', num_examples=64)
+  return proc, model_config, source
 
 
 def _batches(kind, proc, source, host):
-    make = {'sft': pipeline.make_sft_iterator, 'cpo': pipeline.make_cpo_iterator}[kind]
-    return make(source, proc, batch_size=PER_HOST, max_len=MAX_LEN, seed=SEEDS[kind],
-                length_buckets=BUCKETS, shard_index=host, shard_count=2)
+  make = {'sft': pipeline.make_sft_iterator, 'cpo': pipeline.make_cpo_iterator}[kind]
+  return make(
+    source,
+    proc,
+    batch_size=PER_HOST,
+    max_len=MAX_LEN,
+    seed=SEEDS[kind],
+    length_buckets=BUCKETS,
+    shard_index=host,
+    shard_count=2,
+  )
 
 
 def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
 
 
 def _run_two(kind, workdir):
-    port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS='cpu')
-    # One CPU device per process; compiling dominates the run, and unoptimised code compiles
-    # in about half the time (the losses agree with the optimised test process's to 1e-5).
-    env['XLA_FLAGS'] = '--xla_backend_optimization_level=0'
-    procs = [subprocess.Popen([sys.executable, __file__, kind, str(workdir), str(port), str(i)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for i in range(2)]
-    outs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=120)
-            lines = [ln for ln in out.splitlines() if ln.startswith('{')]
-            assert p.returncode == 0 and lines, err[-3000:]
-            outs.append(json.loads(lines[-1]))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return outs
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  # One CPU device per process; compiling dominates the run, and unoptimised code compiles
+  # in about half the time (the losses agree with the optimised test process's to 1e-5).
+  env['XLA_FLAGS'] = '--xla_backend_optimization_level=0'
+  procs = [
+    subprocess.Popen(
+      [sys.executable, __file__, kind, str(workdir), str(port), str(i)],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=env,
+    )
+    for i in range(2)
+  ]
+  outs = []
+  try:
+    for p in procs:
+      out, err = p.communicate(timeout=120)
+      lines = [ln for ln in out.splitlines() if ln.startswith('{')]
+      assert p.returncode == 0 and lines, err[-3000:]
+      outs.append(json.loads(lines[-1]))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return outs
 
 
 def _pad(batch, length):
-    return {k: np.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, length - v.shape[-1])])
-            if k.endswith(('input_ids', 'attention_mask', 'loss_mask')) else v
-            for k, v in batch.items()}
+  return {
+    k: np.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, length - v.shape[-1])])
+    if k.endswith(('input_ids', 'attention_mask', 'loss_mask'))
+    else v
+    for k, v in batch.items()
+  }
 
 
 def test_two_hosts_with_different_buckets_train_on_one_global_batch(tmp_path):
-    t0 = time.time()
-    p0, p1 = _run_two('sft', tmp_path)
-    elapsed = time.time() - t0
-    proc, model_config, source = _setup()
-    iters = [_batches('sft', proc, source, host) for host in (0, 1)]
-    steps = [[next(it) for it in iters] for _ in range(2)]  # [step][host]
-    widths = [[b['input_ids'].shape[1] for b in step] for step in steps]
-    assert widths == [[76, 75], [75, 76]]  # each host pads at one of the steps
-    # Each host cut its own rows to its own bucket, and both placed one [8, 76] array.
-    assert [p['local'] for p in (p0, p1)] == [list(w) for w in zip(*widths)]
-    assert p0['placed'] == p1['placed'] == [[2 * PER_HOST, 76]] * 2
-    # Global rows: host 0's, then host 1's (jax.devices() lists process 0's devices first).
-    assert (p0['row_start'], p1['row_start']) == (0, PER_HOST)
+  t0 = time.time()
+  p0, p1 = _run_two('sft', tmp_path)
+  elapsed = time.time() - t0
+  proc, model_config, source = _setup()
+  iters = [_batches('sft', proc, source, host) for host in (0, 1)]
+  steps = [[next(it) for it in iters] for _ in range(2)]  # [step][host]
+  widths = [[b['input_ids'].shape[1] for b in step] for step in steps]
+  assert widths == [[76, 75], [75, 76]]  # each host pads at one of the steps
+  # Each host cut its own rows to its own bucket, and both placed one [8, 76] array.
+  assert [p['local'] for p in (p0, p1)] == [list(w) for w in zip(*widths)]
+  assert p0['placed'] == p1['placed'] == [[2 * PER_HOST, 76]] * 2
+  # Global rows: host 0's, then host 1's (jax.devices() lists process 0's devices first).
+  assert (p0['row_start'], p1['row_start']) == (0, PER_HOST)
 
-    rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
-    assert [(r['stage'], r['step']) for r in rows] == [('sft', 1), ('sft', 2)]
-    # Warm-up starts at lr 0, so both steps' losses are the initial model's: each must be the
-    # one-device loss over both hosts' rows of that step.
-    assert rows[0]['lr'] == 0
-    grid = np.asarray(steps[0][0]['image_grid_thw'][0])
-    model = models.Qwen2_5_VL(model_config, rngs=nnx.Rngs(0))
-    loss_fn = jax.jit(functools.partial(train.sft_loss_fn, grid=grid))
+  rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  assert [(r['stage'], r['step']) for r in rows] == [('sft', 1), ('sft', 2)]
+  # Warm-up starts at lr 0, so both steps' losses are the initial model's: each must be the
+  # one-device loss over both hosts' rows of that step.
+  assert rows[0]['lr'] == 0
+  grid = np.asarray(steps[0][0]['image_grid_thw'][0])
+  model = models.Qwen2_5_VL(model_config, rngs=nnx.Rngs(0))
+  loss_fn = jax.jit(functools.partial(train.sft_loss_fn, grid=grid))
 
-    def loss(parts):  # the hosts' rows of a step, host 0's first, padded to 76 columns
-        batch = {k: np.concatenate([_pad(b, 76)[k] for b in parts]) for k in parts[0]}
-        return float(loss_fn(model, train.step_inputs(batch, grid, model_config))[0])
-    for row, step in zip(rows, steps):
-        np.testing.assert_allclose(row['loss'], loss(step), rtol=1e-5)
-    # Not a loss that one host's rows alone would give (the same rows twice: the same shape).
-    assert abs(loss([steps[0][0]] * 2) - rows[0]['loss']) > 1e-3
-    print(f'two-process SFT, 2 steps: {elapsed:.1f}s')
+  def loss(parts):  # the hosts' rows of a step, host 0's first, padded to 76 columns
+    batch = {k: np.concatenate([_pad(b, 76)[k] for b in parts]) for k in parts[0]}
+    return float(loss_fn(model, train.step_inputs(batch, grid, model_config))[0])
+
+  for row, step in zip(rows, steps):
+    np.testing.assert_allclose(row['loss'], loss(step), rtol=1e-5)
+  # Not a loss that one host's rows alone would give (the same rows twice: the same shape).
+  assert abs(loss([steps[0][0]] * 2) - rows[0]['loss']) > 1e-3
+  print(f'two-process SFT, 2 steps: {elapsed:.1f}s')
 
 
 def test_two_hosts_precompute_the_reference_and_train_cpo(tmp_path):
-    t0 = time.time()
-    p0, p1 = _run_two('cpo', tmp_path)
-    elapsed = time.time() - t0
-    proc, _, source = _setup()
-    widths = [next(_batches('cpo', proc, source, host))['chosen_input_ids'].shape[1]
-              for host in (0, 1)]
-    assert widths[0] != widths[1]
-    # Two passes over the stream (reference, then training), each padded per step.
-    for p, w in zip((p0, p1), widths):
-        assert p['local'][0] == p['local'][2] == w and p['placed'][0] == [2 * PER_HOST, max(widths)]
-    for host in (0, 1):
-        with np.load(tmp_path / 'reference' / f'cpo_plus.process{host}.npz') as f:
-            # [steps, this host's pairs, (chosen, rejected)]
-            assert f['rows'].shape == (2, PER_HOST, 2)
-    rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
-    assert [(r['stage'], r['step']) for r in rows] == [('cpo_plus', 1), ('cpo_plus', 2)]
-    # New adapters start at zero, so at step 1 the policy is its reference: every reward is 0
-    # (no pair's chosen reward above its rejected one) only if each host's reference rows came
-    # back to the pairs they were computed for; mixed-up rows would give nonzero ones.
-    rewards = {k: v for k, v in rows[0].items() if 'rewards/' in k}
-    assert {f'{s}rewards/accuracies' for s in ('', 'thinking/', 'perception/')} <= set(rewards)
-    assert rewards['rewards/accuracies'] == 0, rewards
-    assert all(abs(v) < 1e-4 for v in rewards.values()), rewards
-    print(f'two-process CPO++ with a precomputed reference, 2 steps: {elapsed:.1f}s')
+  t0 = time.time()
+  p0, p1 = _run_two('cpo', tmp_path)
+  elapsed = time.time() - t0
+  proc, _, source = _setup()
+  widths = [
+    next(_batches('cpo', proc, source, host))['chosen_input_ids'].shape[1] for host in (0, 1)
+  ]
+  assert widths[0] != widths[1]
+  # Two passes over the stream (reference, then training), each padded per step.
+  for p, w in zip((p0, p1), widths):
+    assert p['local'][0] == p['local'][2] == w and p['placed'][0] == [2 * PER_HOST, max(widths)]
+  for host in (0, 1):
+    with np.load(tmp_path / 'reference' / f'cpo_plus.process{host}.npz') as f:
+      # [steps, this host's pairs, (chosen, rejected)]
+      assert f['rows'].shape == (2, PER_HOST, 2)
+  rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  assert [(r['stage'], r['step']) for r in rows] == [('cpo_plus', 1), ('cpo_plus', 2)]
+  # New adapters start at zero, so at step 1 the policy is its reference: every reward is 0
+  # (no pair's chosen reward above its rejected one) only if each host's reference rows came
+  # back to the pairs they were computed for; mixed-up rows would give nonzero ones.
+  rewards = {k: v for k, v in rows[0].items() if 'rewards/' in k}
+  assert {f'{s}rewards/accuracies' for s in ('', 'thinking/', 'perception/')} <= set(rewards)
+  assert rewards['rewards/accuracies'] == 0, rewards
+  assert all(abs(v) < 1e-4 for v in rewards.values()), rewards
+  print(f'two-process CPO++ with a precomputed reference, 2 steps: {elapsed:.1f}s')
 
 
 def _worker(kind, workdir, port, process_id):
-    jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=2,
-                               process_id=process_id, initialization_timeout=60)
-    seen = {'local': [], 'placed': []}
-    pad, place = sharding.pad_to_common_length, sharding.global_batch
+  jax.distributed.initialize(
+    coordinator_address=f'127.0.0.1:{port}',
+    num_processes=2,
+    process_id=process_id,
+    initialization_timeout=60,
+  )
+  seen = {'local': [], 'placed': []}
+  pad, place = sharding.pad_to_common_length, sharding.global_batch
 
-    def seq_len(batch):
-        return next(v.shape[-1] for k, v in batch.items() if k.endswith('input_ids'))
+  def seq_len(batch):
+    return next(v.shape[-1] for k, v in batch.items() if k.endswith('input_ids'))
 
-    def recording_pad(batch):
-        seen['local'].append(seq_len(batch))
-        return pad(batch)
+  def recording_pad(batch):
+    seen['local'].append(seq_len(batch))
+    return pad(batch)
 
-    def recording_place(batch, mesh):
-        out = place(batch, mesh)
-        ids = next(v for k, v in out.items() if k.endswith('input_ids'))
-        seen['placed'].append(list(ids.shape))
-        seen['row_start'] = min(s.index[0].start or 0 for s in ids.addressable_shards)
-        return out
-    sharding.pad_to_common_length, sharding.global_batch = recording_pad, recording_place
+  def recording_place(batch, mesh):
+    out = place(batch, mesh)
+    ids = next(v for k, v in out.items() if k.endswith('input_ids'))
+    seen['placed'].append(list(ids.shape))
+    seen['row_start'] = min(s.index[0].start or 0 for s in ids.addressable_shards)
+    return out
 
-    proc, model_config, source = _setup()
-    cfg = config_defaults.base_config('', domain='driving', data='synth_drive')
-    cfg.log_every_steps, cfg.checkpoint.every_steps = 1, 100
-    cfg.sft.num_steps = cfg.cpo.num_steps = 2
-    cfg.cpo.reference = 'precomputed'
-    mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
-    grid = np.asarray(next(_batches(kind, proc, source, process_id))['image_grid_thw'][0])
-    stage = {'sft': train.train_sft, 'cpo': train.train_cpo}[kind]
-    stage(models.Qwen2_5_VL(model_config, rngs=nnx.Rngs(0)), cfg, grid=grid, mesh=mesh,
-          make_batches=lambda: _batches(kind, proc, source, process_id), workdir=workdir,
-          writer=train.MetricsWriter(workdir))
-    print(json.dumps(seen), flush=True)
+  sharding.pad_to_common_length, sharding.global_batch = recording_pad, recording_place
+
+  proc, model_config, source = _setup()
+  cfg = config_defaults.base_config('', domain='driving', data='synth_drive')
+  cfg.log_every_steps, cfg.checkpoint.every_steps = 1, 100
+  cfg.sft.num_steps = cfg.cpo.num_steps = 2
+  cfg.cpo.reference = 'precomputed'
+  mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+  grid = np.asarray(next(_batches(kind, proc, source, process_id))['image_grid_thw'][0])
+  stage = {'sft': train.train_sft, 'cpo': train.train_cpo}[kind]
+  stage(
+    models.Qwen2_5_VL(model_config, rngs=nnx.Rngs(0)),
+    cfg,
+    grid=grid,
+    mesh=mesh,
+    make_batches=lambda: _batches(kind, proc, source, process_id),
+    workdir=workdir,
+    writer=train.MetricsWriter(workdir),
+  )
+  print(json.dumps(seen), flush=True)
 
 
 if __name__ == '__main__':
-    _worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+  _worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

@@ -1,13 +1,14 @@
 """Training: steps lower their loss, the reference is the adapters-off model, and a resumed
 stage ends exactly where an uninterrupted one does (params, optimizer and data order)."""
+
 import functools
 import json
 
+from flax import nnx
 import grain
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from cpo_jax import config_defaults
 from cpo_jax import models
@@ -19,181 +20,199 @@ from cpo_jax.models import lora
 
 @pytest.fixture(scope='module')
 def setup():
-    proc = pipeline.make_processors(None)
-    source = pipeline.make_source('synth_drive', 'train', num_examples=64)
-    ids = proc.ids
-    model_config = models.get_config_for_tokens('tiny', ids)
-    cfg = config_defaults.base_config('', domain='driving', data='synth_drive')
-    cfg.sft.optimizer.lr = 3e-3
-    cfg.cpo.optimizer.lr = 3e-3
-    cfg.sft.optimizer.warmup_frac = cfg.cpo.optimizer.warmup_frac = 0.0
-    mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})  # 8 simulated devices.
-    return proc, source, model_config, cfg, mesh
+  proc = pipeline.make_processors(None)
+  source = pipeline.make_source('synth_drive', 'train', num_examples=64)
+  ids = proc.ids
+  model_config = models.get_config_for_tokens('tiny', ids)
+  cfg = config_defaults.base_config('', domain='driving', data='synth_drive')
+  cfg.sft.optimizer.lr = 3e-3
+  cfg.cpo.optimizer.lr = 3e-3
+  cfg.sft.optimizer.warmup_frac = cfg.cpo.optimizer.warmup_frac = 0.0
+  mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})  # 8 simulated devices.
+  return proc, source, model_config, cfg, mesh
 
 
 def _model(model_config, seed=0):
-    return models.Qwen2_5_VL(model_config, rngs=nnx.Rngs(seed))
+  return models.Qwen2_5_VL(model_config, rngs=nnx.Rngs(seed))
 
 
 def _sft_iter(proc, source, batch_size=8):
-    return pipeline.make_sft_iterator(source, proc, batch_size=batch_size, max_len=128, seed=0)
+  return pipeline.make_sft_iterator(source, proc, batch_size=batch_size, max_len=128, seed=0)
 
 
 def _cpo_iter(proc, source, batch_size=8):
-    return pipeline.make_cpo_iterator(source, proc, batch_size=batch_size, max_len=128, seed=1)
+  return pipeline.make_cpo_iterator(source, proc, batch_size=batch_size, max_len=128, seed=1)
 
 
 def _run(stage_fn, model, cfg, mesh, grid, make_batches, workdir):
-    return stage_fn(model, cfg, mesh=mesh, grid=grid, make_batches=make_batches,
-                    workdir=str(workdir), writer=train.MetricsWriter(str(workdir)))
+  return stage_fn(
+    model,
+    cfg,
+    mesh=mesh,
+    grid=grid,
+    make_batches=make_batches,
+    workdir=str(workdir),
+    writer=train.MetricsWriter(str(workdir)),
+  )
 
 
 def _rows(workdir):
-    return [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  return [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
 
 
 def test_sft_lowers_the_loss_on_the_mesh(setup, tmp_path):
-    proc, source, model_config, cfg, mesh = setup
-    cfg = cfg.copy_and_resolve_references()
-    cfg.sft.num_steps, cfg.log_every_steps, cfg.checkpoint.every_steps = 12, 1, 100
-    grid = np.asarray(next(_sft_iter(proc, source))['image_grid_thw'][0])
-    # Always the same batch: the loss on it must fall.
-    fixed = next(_sft_iter(proc, source))
-    _run(train.train_sft, _model(model_config), cfg, mesh, grid,
-         lambda: _Repeat(fixed), tmp_path)
-    losses = [r['loss'] for r in _rows(tmp_path)]
-    assert len(losses) == 12 and all(r['stage'] == 'sft' for r in _rows(tmp_path))
-    assert losses[-1] < 0.8 * losses[0], losses
+  proc, source, model_config, cfg, mesh = setup
+  cfg = cfg.copy_and_resolve_references()
+  cfg.sft.num_steps, cfg.log_every_steps, cfg.checkpoint.every_steps = 12, 1, 100
+  grid = np.asarray(next(_sft_iter(proc, source))['image_grid_thw'][0])
+  # Always the same batch: the loss on it must fall.
+  fixed = next(_sft_iter(proc, source))
+  _run(train.train_sft, _model(model_config), cfg, mesh, grid, lambda: _Repeat(fixed), tmp_path)
+  losses = [r['loss'] for r in _rows(tmp_path)]
+  assert len(losses) == 12 and all(r['stage'] == 'sft' for r in _rows(tmp_path))
+  assert losses[-1] < 0.8 * losses[0], losses
 
 
 def test_cpo_starts_at_the_reference_and_learns_the_preference(setup, tmp_path):
-    proc, source, model_config, cfg, mesh = setup
-    cfg = cfg.copy_and_resolve_references()
-    cfg.cpo.num_steps, cfg.log_every_steps, cfg.checkpoint.every_steps = 10, 1, 100
-    fixed = next(_cpo_iter(proc, source))
-    assert set(np.unique(fixed['source'])) == {0, 1}  # both pair sources in the batch.
-    grid = np.asarray(fixed['image_grid_thw'][0])
-    model = _run(train.train_cpo, _model(model_config), cfg, mesh, grid,
-                 lambda: _Repeat(fixed), tmp_path)
-    rows = _rows(tmp_path)
-    first, last = rows[0], rows[-1]
-    # Step 1 is computed before any update: policy == reference (LoRA B = 0), every reward
-    # is 0, a tie is not accurate, and the sigmoid loss is log 2 (+ rpo_alpha * NLL).
-    assert first['rewards/accuracies'] == 0.0 and abs(first['rewards/margins']) < 1e-6
-    np.testing.assert_allclose(first['preference_loss'], np.log(2), rtol=1e-5)
-    np.testing.assert_allclose(first['loss'], np.log(2) + 0.1 * first['nll'], rtol=1e-5)
-    assert last['rewards/margins'] > 0 and last['preference_loss'] < first['preference_loss']
-    for src in ('thinking', 'perception'):
-        assert f'{src}/rewards/accuracies' in last and last[f'{src}/count'] > 0
-    # Only the adapters trained: switching them off gives back the base (reference) model.
-    base = _model(model_config)
-    batch = train.step_inputs(fixed, grid, model_config, ('chosen_',), extra=())
-    args = dict(attention_mask=batch['chosen_attention_mask'],
-                pixel_values=fixed['chosen_pixel_values'],
-                image_grid_thw=np.tile(grid, (8, 1)),
-                position_ids=batch['chosen_position_ids'].transpose(1, 0, 2))
-    with lora.adapters_disabled(model):
-        off = model(fixed['chosen_input_ids'], **args)
-    np.testing.assert_allclose(off, base(fixed['chosen_input_ids'], **args), atol=1e-5)
-    assert np.abs(model(fixed['chosen_input_ids'], **args) - off).max() > 1e-4
+  proc, source, model_config, cfg, mesh = setup
+  cfg = cfg.copy_and_resolve_references()
+  cfg.cpo.num_steps, cfg.log_every_steps, cfg.checkpoint.every_steps = 10, 1, 100
+  fixed = next(_cpo_iter(proc, source))
+  assert set(np.unique(fixed['source'])) == {0, 1}  # both pair sources in the batch.
+  grid = np.asarray(fixed['image_grid_thw'][0])
+  model = _run(
+    train.train_cpo, _model(model_config), cfg, mesh, grid, lambda: _Repeat(fixed), tmp_path
+  )
+  rows = _rows(tmp_path)
+  first, last = rows[0], rows[-1]
+  # Step 1 is computed before any update: policy == reference (LoRA B = 0), every reward
+  # is 0, a tie is not accurate, and the sigmoid loss is log 2 (+ rpo_alpha * NLL).
+  assert first['rewards/accuracies'] == 0.0 and abs(first['rewards/margins']) < 1e-6
+  np.testing.assert_allclose(first['preference_loss'], np.log(2), rtol=1e-5)
+  np.testing.assert_allclose(first['loss'], np.log(2) + 0.1 * first['nll'], rtol=1e-5)
+  assert last['rewards/margins'] > 0 and last['preference_loss'] < first['preference_loss']
+  for src in ('thinking', 'perception'):
+    assert f'{src}/rewards/accuracies' in last and last[f'{src}/count'] > 0
+  # Only the adapters trained: switching them off gives back the base (reference) model.
+  base = _model(model_config)
+  batch = train.step_inputs(fixed, grid, model_config, ('chosen_',), extra=())
+  args = dict(
+    attention_mask=batch['chosen_attention_mask'],
+    pixel_values=fixed['chosen_pixel_values'],
+    image_grid_thw=np.tile(grid, (8, 1)),
+    position_ids=batch['chosen_position_ids'].transpose(1, 0, 2),
+  )
+  with lora.adapters_disabled(model):
+    off = model(fixed['chosen_input_ids'], **args)
+  np.testing.assert_allclose(off, base(fixed['chosen_input_ids'], **args), atol=1e-5)
+  assert np.abs(model(fixed['chosen_input_ids'], **args) - off).max() > 1e-4
 
 
 def test_resume_matches_an_uninterrupted_run(setup, tmp_path):
-    proc, source, model_config, cfg, mesh = setup
-    cfg = cfg.copy_and_resolve_references()
-    cfg.sft.num_steps, cfg.log_every_steps, cfg.checkpoint.every_steps = 4, 1, 2
-    grid = np.asarray(next(_sft_iter(proc, source))['image_grid_thw'][0])
-    make = functools.partial(_sft_iter, proc, source)
+  proc, source, model_config, cfg, mesh = setup
+  cfg = cfg.copy_and_resolve_references()
+  cfg.sft.num_steps, cfg.log_every_steps, cfg.checkpoint.every_steps = 4, 1, 2
+  grid = np.asarray(next(_sft_iter(proc, source))['image_grid_thw'][0])
+  make = functools.partial(_sft_iter, proc, source)
 
-    straight = _run(train.train_sft, _model(model_config), cfg, mesh, grid, make,
-                    tmp_path / 'a')
-    # Preempted after step 2 (checkpointed there), then the same command again, with a
-    # differently initialised model: params, optimizer and data order come from the checkpoint.
-    with pytest.raises(_Preemption):
-        _run(train.train_sft, _model(model_config), cfg, mesh, grid,
-             lambda: _Preempted(make(), after=3), tmp_path / 'b')
-    resumed = _run(train.train_sft, _model(model_config, seed=1), cfg, mesh, grid, make,
-                   tmp_path / 'b')
-    for a, b in zip(jax.tree.leaves(nnx.state(straight)), jax.tree.leaves(nnx.state(resumed))):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    losses = lambda d: {r['step']: r['loss'] for r in _rows(d)}
-    assert losses(tmp_path / 'a') == losses(tmp_path / 'b')
-    # A finished stage is not trained again.
-    n_rows = len(_rows(tmp_path / 'b'))
-    _run(train.train_sft, _model(model_config), cfg, mesh, grid, make, tmp_path / 'b')
-    assert len(_rows(tmp_path / 'b')) == n_rows
+  straight = _run(train.train_sft, _model(model_config), cfg, mesh, grid, make, tmp_path / 'a')
+  # Preempted after step 2 (checkpointed there), then the same command again, with a
+  # differently initialised model: params, optimizer and data order come from the checkpoint.
+  with pytest.raises(_Preemption):
+    _run(
+      train.train_sft,
+      _model(model_config),
+      cfg,
+      mesh,
+      grid,
+      lambda: _Preempted(make(), after=3),
+      tmp_path / 'b',
+    )
+  resumed = _run(
+    train.train_sft, _model(model_config, seed=1), cfg, mesh, grid, make, tmp_path / 'b'
+  )
+  for a, b in zip(jax.tree.leaves(nnx.state(straight)), jax.tree.leaves(nnx.state(resumed))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  losses = lambda d: {r['step']: r['loss'] for r in _rows(d)}
+  assert losses(tmp_path / 'a') == losses(tmp_path / 'b')
+  # A finished stage is not trained again.
+  n_rows = len(_rows(tmp_path / 'b'))
+  _run(train.train_sft, _model(model_config), cfg, mesh, grid, make, tmp_path / 'b')
+  assert len(_rows(tmp_path / 'b')) == n_rows
 
 
 def test_non_finite_metrics_stop_the_run():
-    with pytest.raises(FloatingPointError, match='sft step 3: metric loss is nan'):
-        train._to_row('sft', 3, {'loss': np.float32('nan')}, 0.1)
+  with pytest.raises(FloatingPointError, match='sft step 3: metric loss is nan'):
+    train._to_row('sft', 3, {'loss': np.float32('nan')}, 0.1)
 
 
 class _Preemption(Exception):
-    pass
+  pass
 
 
 class _Preempted(grain.DatasetIterator):
-    """A Grain iterator that dies on its `after`-th batch, as a preempted host would."""
+  """A Grain iterator that dies on its `after`-th batch, as a preempted host would."""
 
-    def __init__(self, inner, after):
-        super().__init__()
-        self._inner, self._left = inner, after
+  def __init__(self, inner, after):
+    super().__init__()
+    self._inner, self._left = inner, after
 
-    def __next__(self):
-        self._left -= 1
-        if self._left <= 0:
-            raise _Preemption()
-        return next(self._inner)
+  def __next__(self):
+    self._left -= 1
+    if self._left <= 0:
+      raise _Preemption()
+    return next(self._inner)
 
-    def get_state(self):
-        return self._inner.get_state()
+  def get_state(self):
+    return self._inner.get_state()
 
-    def set_state(self, state):
-        self._inner.set_state(state)
+  def set_state(self, state):
+    self._inner.set_state(state)
 
 
 class _Repeat(grain.DatasetIterator):
-    """One batch forever (no state to checkpoint)."""
+  """One batch forever (no state to checkpoint)."""
 
-    def __init__(self, batch):
-        super().__init__()
-        self.batch = batch
+  def __init__(self, batch):
+    super().__init__()
+    self.batch = batch
 
-    def __next__(self):
-        return self.batch
+  def __next__(self):
+    return self.batch
 
-    def get_state(self):
-        return {}
+  def get_state(self):
+    return {}
 
-    def set_state(self, state):
-        del state
+  def set_state(self, state):
+    del state
 
 
 def test_precomputed_reference_trains_like_adapters_off_and_guards_its_rows(setup, tmp_path):
-    proc, source, model_config, cfg, mesh = setup
-    cfg = cfg.copy_and_resolve_references()
-    cfg.cpo.num_steps, cfg.log_every_steps, cfg.checkpoint.every_steps = 3, 1, 100
-    make = functools.partial(_cpo_iter, proc, source)
-    grid = np.asarray(next(make())['image_grid_thw'][0])
-    sft_model = _model(model_config)
-    runs = {}
-    for mode in ('adapters_off', 'precomputed'):
-        cfg.cpo.reference = mode
-        runs[mode] = _run(train.train_cpo, nnx.clone(sft_model), cfg, mesh, grid, make, tmp_path / mode)
-    off, pre = (_rows(tmp_path / m) for m in ('adapters_off', 'precomputed'))
-    assert [r['step'] for r in pre] == [1, 2, 3]
-    for a, b in zip(off, pre):
-        for key in ('loss', 'rewards/margins', 'rewards/chosen', 'logps/rejected'):
-            np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=key)
-    assert abs(pre[-1]['rewards/margins']) > 1e-5  # the reference mattered after step 1
-    for a, b in zip(jax.tree.leaves(nnx.state(runs['adapters_off'], lora.LoRAParam)),
-                    jax.tree.leaves(nnx.state(runs['precomputed'], lora.LoRAParam))):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
-    # The table on disk: one row of [pairs, 2] (chosen, rejected) per step, plain arrays.
-    path = tmp_path / 'precomputed' / 'reference' / 'cpo_plus.process0.npz'
-    with np.load(path, allow_pickle=False) as f:
-        assert f['rows'].shape == (3, 8, 2) and f['fingerprints'].shape == (3,)
-    table = train.ReferenceTable(np.zeros((3, 8, 2), np.float32), np.zeros(3, np.uint64), str(path))
-    with pytest.raises(ValueError, match='step 1: the batch is not the one'):
-        table.attach({'source': np.zeros(8, np.int32)}, 1)
+  proc, source, model_config, cfg, mesh = setup
+  cfg = cfg.copy_and_resolve_references()
+  cfg.cpo.num_steps, cfg.log_every_steps, cfg.checkpoint.every_steps = 3, 1, 100
+  make = functools.partial(_cpo_iter, proc, source)
+  grid = np.asarray(next(make())['image_grid_thw'][0])
+  sft_model = _model(model_config)
+  runs = {}
+  for mode in ('adapters_off', 'precomputed'):
+    cfg.cpo.reference = mode
+    runs[mode] = _run(train.train_cpo, nnx.clone(sft_model), cfg, mesh, grid, make, tmp_path / mode)
+  off, pre = (_rows(tmp_path / m) for m in ('adapters_off', 'precomputed'))
+  assert [r['step'] for r in pre] == [1, 2, 3]
+  for a, b in zip(off, pre):
+    for key in ('loss', 'rewards/margins', 'rewards/chosen', 'logps/rejected'):
+      np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  assert abs(pre[-1]['rewards/margins']) > 1e-5  # the reference mattered after step 1
+  for a, b in zip(
+    jax.tree.leaves(nnx.state(runs['adapters_off'], lora.LoRAParam)),
+    jax.tree.leaves(nnx.state(runs['precomputed'], lora.LoRAParam)),
+  ):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  # The table on disk: one row of [pairs, 2] (chosen, rejected) per step, plain arrays.
+  path = tmp_path / 'precomputed' / 'reference' / 'cpo_plus.process0.npz'
+  with np.load(path, allow_pickle=False) as f:
+    assert f['rows'].shape == (3, 8, 2) and f['fingerprints'].shape == (3,)
+  table = train.ReferenceTable(np.zeros((3, 8, 2), np.float32), np.zeros(3, np.uint64), str(path))
+  with pytest.raises(ValueError, match='step 1: the batch is not the one'):
+    table.attach({'source': np.zeros(8, np.int32)}, 1)

@@ -1,13 +1,14 @@
 """The CPO++ step does less work with the same numbers: images encoded once and shared by
 policy and reference, vocabulary projection only at completion positions, a frozen-copy
 reference equal to adapters-off; a completion that does not fit is an error."""
+
 import functools
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from cpo_jax import config_defaults
 from cpo_jax import models
@@ -19,187 +20,203 @@ from cpo_jax.models import lora
 
 @pytest.fixture(scope='module')
 def setup():
-    proc = pipeline.make_processors(None)
-    source = pipeline.make_source('synth_drive', 'train', num_examples=32)
-    raw = next(pipeline.make_cpo_iterator(source, proc, batch_size=4, max_len=128, seed=1))
-    assert set(np.unique(raw['source'])) == {0, 1}  # thinking and perception pairs.
-    grid = np.asarray(raw['image_grid_thw'][0])
-    ids = proc.ids
-    make_config = functools.partial(models.get_config_for_tokens, 'tiny', ids)
-    batch = train.step_inputs(raw, grid, make_config(), ('chosen_', 'rejected_'),
-                              extra=('source', 'sample_weight'))
-    cfg = config_defaults.base_config('', domain='driving', data='synth_drive').cpo
-    return raw, batch, grid, make_config, cfg
+  proc = pipeline.make_processors(None)
+  source = pipeline.make_source('synth_drive', 'train', num_examples=32)
+  raw = next(pipeline.make_cpo_iterator(source, proc, batch_size=4, max_len=128, seed=1))
+  assert set(np.unique(raw['source'])) == {0, 1}  # thinking and perception pairs.
+  grid = np.asarray(raw['image_grid_thw'][0])
+  ids = proc.ids
+  make_config = functools.partial(models.get_config_for_tokens, 'tiny', ids)
+  batch = train.step_inputs(
+    raw, grid, make_config(), ('chosen_', 'rejected_'), extra=('source', 'sample_weight')
+  )
+  cfg = config_defaults.base_config('', domain='driving', data='synth_drive').cpo
+  return raw, batch, grid, make_config, cfg
 
 
 def _policy(make_config, *, tied=True, include_vision=False):
-    """An 'SFT' model and its policy: adapters with random B, so policy != reference."""
-    model = models.Qwen2_5_VL(make_config(tie_word_embeddings=tied), rngs=nnx.Rngs(0))
-    sft_copy = nnx.clone(model)
-    lora.apply_lora(model, rank=4, alpha=8.0, include_vision=include_vision, rngs=nnx.Rngs(1))
-    adapters = nnx.state(model, lora.LoRAParam)
-    keys = iter(jax.random.split(jax.random.key(2), len(jax.tree.leaves(adapters))))
-    nnx.update(model, jax.tree.map(lambda x: 0.05 * jax.random.normal(next(keys), x.shape), adapters))
-    return model, sft_copy
+  """An 'SFT' model and its policy: adapters with random B, so policy != reference."""
+  model = models.Qwen2_5_VL(make_config(tie_word_embeddings=tied), rngs=nnx.Rngs(0))
+  sft_copy = nnx.clone(model)
+  lora.apply_lora(model, rank=4, alpha=8.0, include_vision=include_vision, rngs=nnx.Rngs(1))
+  adapters = nnx.state(model, lora.LoRAParam)
+  keys = iter(jax.random.split(jax.random.key(2), len(jax.tree.leaves(adapters))))
+  nnx.update(model, jax.tree.map(lambda x: 0.05 * jax.random.normal(next(keys), x.shape), adapters))
+  return model, sft_copy
 
 
 def _loss_and_grads(model, batch, grid, cfg, grads=True, **kw):
-    """Jitted loss metrics (and gradients w.r.t. the adapters) of `train.cpo_loss_fn`."""
-    graphdef, trainable, rest = nnx.split(model, lora.LoRAParam, ...)
+  """Jitted loss metrics (and gradients w.r.t. the adapters) of `train.cpo_loss_fn`."""
+  graphdef, trainable, rest = nnx.split(model, lora.LoRAParam, ...)
 
-    def f(tr):
-        return train.cpo_loss_fn(nnx.merge(graphdef, tr, rest, copy=True), batch, grid, cfg, **kw)
-    if not grads:
-        return jax.jit(f)(trainable)[1], None
-    (_, metrics), g = jax.jit(jax.value_and_grad(f, has_aux=True))(trainable)
-    return metrics, g
+  def f(tr):
+    return train.cpo_loss_fn(nnx.merge(graphdef, tr, rest, copy=True), batch, grid, cfg, **kw)
+
+  if not grads:
+    return jax.jit(f)(trainable)[1], None
+  (_, metrics), g = jax.jit(jax.value_and_grad(f, has_aux=True))(trainable)
+  return metrics, g
 
 
 def _assert_same(a, b, atol=1e-5):
-    ma, ga = a
-    mb, gb = b
-    assert set(ma) == set(mb)
-    for k in ma:
-        np.testing.assert_allclose(np.asarray(ma[k]), np.asarray(mb[k]), rtol=1e-5, atol=atol, err_msg=k)
-    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=atol)
+  ma, ga = a
+  mb, gb = b
+  assert set(ma) == set(mb)
+  for k in ma:
+    np.testing.assert_allclose(
+      np.asarray(ma[k]), np.asarray(mb[k]), rtol=1e-5, atol=atol, err_msg=k
+    )
+  for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=atol)
 
 
 @pytest.mark.parametrize('tied,include_vision', [(True, False), (False, True)])
 def test_optimized_step_equals_the_straightforward_one(setup, tied, include_vision):
-    # (False, True): untied lm_head kernel, and adapters in the ViT (each forward encodes).
-    raw, batch, grid, make_config, cfg = setup
-    model, _ = _policy(make_config, tied=tied, include_vision=include_vision)
-    assert train.vision_has_adapters(model) == include_vision
-    # Gradients once (compiling a backward pass is the slow part on 2 cores).
-    fast = _loss_and_grads(model, batch, grid, cfg, grads=tied)
-    naive = _loss_and_grads(model, batch, grid, cfg, grads=tied, naive=True)
-    _assert_same(fast, naive)
-    metrics = fast[0]
-    assert abs(float(metrics['rewards/margins'])) > 1e-4  # a real policy/reference gap was compared.
-    assert int(metrics['completion_tokens_dropped']) == 0
-    # The compact slab is much shorter than the sequence: image tokens are never projected.
-    length = raw['chosen_input_ids'].shape[1]
-    assert train.completion_positions(length, grid, model) == length - 16
+  # (False, True): untied lm_head kernel, and adapters in the ViT (each forward encodes).
+  raw, batch, grid, make_config, cfg = setup
+  model, _ = _policy(make_config, tied=tied, include_vision=include_vision)
+  assert train.vision_has_adapters(model) == include_vision
+  # Gradients once (compiling a backward pass is the slow part on 2 cores).
+  fast = _loss_and_grads(model, batch, grid, cfg, grads=tied)
+  naive = _loss_and_grads(model, batch, grid, cfg, grads=tied, naive=True)
+  _assert_same(fast, naive)
+  metrics = fast[0]
+  assert abs(float(metrics['rewards/margins'])) > 1e-4  # a real policy/reference gap was compared.
+  assert int(metrics['completion_tokens_dropped']) == 0
+  # The compact slab is much shorter than the sequence: image tokens are never projected.
+  length = raw['chosen_input_ids'].shape[1]
+  assert train.completion_positions(length, grid, model) == length - 16
 
 
 def test_frozen_copy_reference_equals_adapters_off(setup):
-    raw, batch, grid, make_config, cfg = setup
-    model, sft_copy = _policy(make_config)
-    pair = train.PolicyAndReference(model, sft_copy)
-    # The copy is frozen state: the trainable split holds only the policy's adapters.
-    trainable = nnx.state(pair, lora.LoRAParam)
-    assert jax.tree.leaves(trainable) and all(
-        'policy' == path[0] for path, _ in nnx.to_flat_state(trainable))
-    _assert_same(_loss_and_grads(pair, batch, grid, cfg, grads=False),
-                 _loss_and_grads(model, batch, grid, cfg, grads=False))
+  raw, batch, grid, make_config, cfg = setup
+  model, sft_copy = _policy(make_config)
+  pair = train.PolicyAndReference(model, sft_copy)
+  # The copy is frozen state: the trainable split holds only the policy's adapters.
+  trainable = nnx.state(pair, lora.LoRAParam)
+  assert jax.tree.leaves(trainable) and all(
+    'policy' == path[0] for path, _ in nnx.to_flat_state(trainable)
+  )
+  _assert_same(
+    _loss_and_grads(pair, batch, grid, cfg, grads=False),
+    _loss_and_grads(model, batch, grid, cfg, grads=False),
+  )
 
 
 def test_sft_loss_projects_only_completions_with_the_same_value(setup):
-    raw, _, grid, make_config, _ = setup
-    model, _ = _policy(make_config)
-    side = {k[len('chosen_'):]: raw[k] for k in raw if k.startswith('chosen_')}
-    side['image_grid_thw'] = raw['image_grid_thw']
-    batch = train.step_inputs(side, grid, make_config())
-    fast = train.sft_loss_fn(model, batch, grid)[0]
-    naive = train.sft_loss_fn(model, batch, grid, naive=True)[0]
-    np.testing.assert_allclose(float(fast), float(naive), rtol=1e-6)
+  raw, _, grid, make_config, _ = setup
+  model, _ = _policy(make_config)
+  side = {k[len('chosen_') :]: raw[k] for k in raw if k.startswith('chosen_')}
+  side['image_grid_thw'] = raw['image_grid_thw']
+  batch = train.step_inputs(side, grid, make_config())
+  fast = train.sft_loss_fn(model, batch, grid)[0]
+  naive = train.sft_loss_fn(model, batch, grid, naive=True)[0]
+  np.testing.assert_allclose(float(fast), float(naive), rtol=1e-6)
 
 
 def test_a_completion_longer_than_the_slab_is_an_error_not_a_truncation(setup):
-    raw, batch, grid, make_config, cfg = setup
-    model, _ = _policy(make_config)
-    longest = int(raw['chosen_loss_mask'][:, 1:].sum(1).max())
-    # Host check (what the stage's prepare runs on every batch).
-    train.check_completion_lengths(raw, longest, ('chosen_', 'rejected_'))
-    with pytest.raises(ValueError, match='completion tokens but the step keeps'):
-        train.check_completion_lengths(raw, longest - 1, ('chosen_',))
-    # Eager: raises. Under jit: the loss is NaN (the loop stops on it) and the count says why.
-    with pytest.raises(ValueError, match='do not fit'):
-        train.cpo_loss_fn(model, batch, grid, cfg, max_completion_len=longest - 1)
-    metrics, _ = _loss_and_grads(model, batch, grid, cfg, grads=False, max_completion_len=longest - 1)
-    assert np.isnan(metrics['loss']) and int(metrics['completion_tokens_dropped']) > 0
+  raw, batch, grid, make_config, cfg = setup
+  model, _ = _policy(make_config)
+  longest = int(raw['chosen_loss_mask'][:, 1:].sum(1).max())
+  # Host check (what the stage's prepare runs on every batch).
+  train.check_completion_lengths(raw, longest, ('chosen_', 'rejected_'))
+  with pytest.raises(ValueError, match='completion tokens but the step keeps'):
+    train.check_completion_lengths(raw, longest - 1, ('chosen_',))
+  # Eager: raises. Under jit: the loss is NaN (the loop stops on it) and the count says why.
+  with pytest.raises(ValueError, match='do not fit'):
+    train.cpo_loss_fn(model, batch, grid, cfg, max_completion_len=longest - 1)
+  metrics, _ = _loss_and_grads(model, batch, grid, cfg, grads=False, max_completion_len=longest - 1)
+  assert np.isnan(metrics['loss']) and int(metrics['completion_tokens_dropped']) > 0
 
 
 def _grouped_batch(raw, grid, make_config, pattern):
-    """The pipeline batch's rows rearranged so row r is a thinking pair iff pattern[r]."""
-    rows = {True: list(np.flatnonzero(raw['source'] == 0)), False: list(np.flatnonzero(raw['source'] != 0))}
-    order = [rows[thinking][i % len(rows[thinking])] for i, thinking in
-             enumerate(pattern)]
-    n = raw['source'].shape[0]
-    out = {}
-    for key, value in raw.items():
-        value = np.asarray(value)
-        if key.endswith('pixel_values'):
-            out[key] = value.reshape(n, -1, value.shape[-1])[order].reshape(-1, value.shape[-1])
-        elif value.shape[:1] == (n,):
-            out[key] = value[order]
-    return out, train.step_inputs(out, grid, make_config(), ('chosen_', 'rejected_'),
-                                  extra=('source', 'sample_weight'))
+  """The pipeline batch's rows rearranged so row r is a thinking pair iff pattern[r]."""
+  rows = {
+    True: list(np.flatnonzero(raw['source'] == 0)),
+    False: list(np.flatnonzero(raw['source'] != 0)),
+  }
+  order = [rows[thinking][i % len(rows[thinking])] for i, thinking in enumerate(pattern)]
+  n = raw['source'].shape[0]
+  out = {}
+  for key, value in raw.items():
+    value = np.asarray(value)
+    if key.endswith('pixel_values'):
+      out[key] = value.reshape(n, -1, value.shape[-1])[order].reshape(-1, value.shape[-1])
+    elif value.shape[:1] == (n,):
+      out[key] = value[order]
+  return out, train.step_inputs(
+    out, grid, make_config(), ('chosen_', 'rejected_'), extra=('source', 'sample_weight')
+  )
 
 
 @pytest.mark.parametrize('include_vision', [False, True])
-def test_thinking_pairs_encode_their_image_once_with_the_same_numbers(setup, include_vision, monkeypatch):
-    raw, _, grid, make_config, cfg = setup
-    grouped_raw, batch = _grouped_batch(raw, grid, make_config, [True, False, True, False])
-    train.check_pair_layout(grouped_raw, (1, 2))
-    model, _ = _policy(make_config, include_vision=include_vision)
-    encoded = []
-    original = models.Qwen2_5_VL.encode_images
+def test_thinking_pairs_encode_their_image_once_with_the_same_numbers(
+  setup, include_vision, monkeypatch
+):
+  raw, _, grid, make_config, cfg = setup
+  grouped_raw, batch = _grouped_batch(raw, grid, make_config, [True, False, True, False])
+  train.check_pair_layout(grouped_raw, (1, 2))
+  model, _ = _policy(make_config, include_vision=include_vision)
+  encoded = []
+  original = models.Qwen2_5_VL.encode_images
 
-    def counting(self, pixel_values, image_grid_thw):
-        encoded.append(len(image_grid_thw))  # images per call, counted while tracing
-        return original(self, pixel_values, image_grid_thw)
-    monkeypatch.setattr(models.Qwen2_5_VL, 'encode_images', counting)
-    shared = _loss_and_grads(model, batch, grid, cfg, grads=not include_vision, pair_layout=(1, 2))
-    images_shared, encoded[:] = sum(encoded), []
-    plain = _loss_and_grads(model, batch, grid, cfg, grads=not include_vision)
-    _assert_same(shared, plain)
-    # 4 pairs, 2 thinking: 4 chosen + 2 perception rejected images instead of 8, once for
-    # both models (frozen ViT) or once per model (adapters in the ViT: policy and reference).
-    per_model = 2 if include_vision else 1
-    assert (images_shared, sum(encoded)) == (6 * per_model, 8 * per_model)
-    assert abs(float(shared[0]['rewards/margins'])) > 1e-4
+  def counting(self, pixel_values, image_grid_thw):
+    encoded.append(len(image_grid_thw))  # images per call, counted while tracing
+    return original(self, pixel_values, image_grid_thw)
+
+  monkeypatch.setattr(models.Qwen2_5_VL, 'encode_images', counting)
+  shared = _loss_and_grads(model, batch, grid, cfg, grads=not include_vision, pair_layout=(1, 2))
+  images_shared, encoded[:] = sum(encoded), []
+  plain = _loss_and_grads(model, batch, grid, cfg, grads=not include_vision)
+  _assert_same(shared, plain)
+  # 4 pairs, 2 thinking: 4 chosen + 2 perception rejected images instead of 8, once for
+  # both models (frozen ViT) or once per model (adapters in the ViT: policy and reference).
+  per_model = 2 if include_vision else 1
+  assert (images_shared, sum(encoded)) == (6 * per_model, 8 * per_model)
+  assert abs(float(shared[0]['rewards/margins'])) > 1e-4
 
 
 def test_a_batch_off_its_pair_layout_is_an_error(setup):
-    raw, _, grid, make_config, _ = setup
-    grouped_raw, _ = _grouped_batch(raw, grid, make_config, [True, False, False, True])
-    with pytest.raises(ValueError, match='do not follow the pair layout'):
-        train.check_pair_layout(grouped_raw, (1, 2))
-    grouped_raw, _ = _grouped_batch(raw, grid, make_config, [True, False, True, False])
-    grouped_raw['rejected_pixel_values'] = grouped_raw['rejected_pixel_values'] + 1.0
-    with pytest.raises(ValueError, match='rejected image that differs'):
-        train.check_pair_layout(grouped_raw, (1, 2))
+  raw, _, grid, make_config, _ = setup
+  grouped_raw, _ = _grouped_batch(raw, grid, make_config, [True, False, False, True])
+  with pytest.raises(ValueError, match='do not follow the pair layout'):
+    train.check_pair_layout(grouped_raw, (1, 2))
+  grouped_raw, _ = _grouped_batch(raw, grid, make_config, [True, False, True, False])
+  grouped_raw['rejected_pixel_values'] = grouped_raw['rejected_pixel_values'] + 1.0
+  with pytest.raises(ValueError, match='rejected image that differs'):
+    train.check_pair_layout(grouped_raw, (1, 2))
 
 
 @pytest.mark.parametrize('dropout', [0.0, 0.5])
 def test_lora_dropout_draws_fresh_masks_each_step_and_the_same_on_a_rerun(setup, dropout):
-    raw, batch, grid, make_config, cfg = setup
-    model = models.Qwen2_5_VL(make_config(), rngs=nnx.Rngs(0))
-    lora.apply_lora(model, rank=4, alpha=8.0, dropout=dropout, rngs=nnx.Rngs(1))
-    adapters = nnx.state(model, lora.LoRAParam)  # random B: the adapters (and dropout) matter
-    nnx.update(model, jax.tree.map(lambda x: 0.05 * jax.random.normal(jax.random.key(2), x.shape), adapters))
-    run_cfg = config_defaults.base_config('', domain='driving', data='synth_drive')
-    run_cfg.cpo.optimizer.lr = 0.0  # params stay put: only the masks can move the loss
-    stage, _ = train.cpo_stage(model, run_cfg, grid)
-    mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
-    shardings = [sharding.state_shardings(s, mesh) for s in (stage.trainable, stage.frozen)]
-    opt_sh = train.opt_state_shardings(stage.tx, stage.trainable, shardings[0], mesh)
-    step = train.make_train_step(stage, mesh, (*shardings, opt_sh))
+  raw, batch, grid, make_config, cfg = setup
+  model = models.Qwen2_5_VL(make_config(), rngs=nnx.Rngs(0))
+  lora.apply_lora(model, rank=4, alpha=8.0, dropout=dropout, rngs=nnx.Rngs(1))
+  adapters = nnx.state(model, lora.LoRAParam)  # random B: the adapters (and dropout) matter
+  nnx.update(
+    model, jax.tree.map(lambda x: 0.05 * jax.random.normal(jax.random.key(2), x.shape), adapters)
+  )
+  run_cfg = config_defaults.base_config('', domain='driving', data='synth_drive')
+  run_cfg.cpo.optimizer.lr = 0.0  # params stay put: only the masks can move the loss
+  stage, _ = train.cpo_stage(model, run_cfg, grid)
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
+  shardings = [sharding.state_shardings(s, mesh) for s in (stage.trainable, stage.frozen)]
+  opt_sh = train.opt_state_shardings(stage.tx, stage.trainable, shardings[0], mesh)
+  step = train.make_train_step(stage, mesh, (*shardings, opt_sh))
 
-    def losses_of_two_steps():
-        # A copy: the step donates its inputs.
-        trainable = jax.device_put(jax.tree.map(jnp.array, stage.trainable), shardings[0])
-        opt_state = jax.jit(stage.tx.init, out_shardings=opt_sh)(trainable)
-        out = []
-        for _ in range(2):
-            trainable, opt_state, metrics = step(trainable, stage.frozen, opt_state, batch)
-            out.append(float(metrics['loss']))
-        return out
-    first, second = losses_of_two_steps(), losses_of_two_steps()
-    assert first == second  # a rerun (or a resumed run) draws the same masks
-    if dropout:
-        assert abs(first[0] - first[1]) > 1e-4, first  # step 1 drew other masks than step 0
-    else:
-        assert first[0] == first[1]
+  def losses_of_two_steps():
+    # A copy: the step donates its inputs.
+    trainable = jax.device_put(jax.tree.map(jnp.array, stage.trainable), shardings[0])
+    opt_state = jax.jit(stage.tx.init, out_shardings=opt_sh)(trainable)
+    out = []
+    for _ in range(2):
+      trainable, opt_state, metrics = step(trainable, stage.frozen, opt_state, batch)
+      out.append(float(metrics['loss']))
+    return out
+
+  first, second = losses_of_two_steps(), losses_of_two_steps()
+  assert first == second  # a rerun (or a resumed run) draws the same masks
+  if dropout:
+    assert abs(first[0] - first[1]) > 1e-4, first  # step 1 drew other masks than step 0
+  else:
+    assert first[0] == first[1]

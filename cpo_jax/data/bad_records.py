@@ -3,6 +3,7 @@
 `data.on_bad_record = raise | skip`: raise stops at the first bad record with its id and the
 problem; skip drops it and counts it by reason (never a silent NaN, never silent truncation).
 """
+
 from __future__ import annotations
 
 import collections
@@ -13,7 +14,9 @@ class BadRecordError(ValueError):
   """A record that cannot become a training example; `reason` is the SkipCounter key."""
 
   def __init__(self, reason: str, record_id, message: str):
-    super().__init__(f"record {record_id}: {message} [reason={reason}; data.on_bad_record='skip' drops and counts such records]")
+    super().__init__(
+      f"record {record_id}: {message} [reason={reason}; data.on_bad_record='skip' drops and counts such records]"
+    )
     self.reason, self.record_id, self.message = reason, record_id, message
 
   def __reduce__(self):  # picklable across grain worker processes

@@ -42,6 +42,7 @@ undecodable image, missing field, empty answer, wrong types) follow data.on_bad_
 files are prepared ('skip' counts them by reason: `source.skipped`; 'raise' names the file and the
 field).
 """
+
 from __future__ import annotations
 
 import glob
@@ -51,28 +52,44 @@ import os
 from typing import Any
 
 import numpy as np
+from PIL import Image
+from PIL import ImageDraw
 import tensorflow_datasets as tfds
-from PIL import Image, ImageDraw
 
-from cpo_jax.data.bad_records import BadRecordError, BadRecordPolicy
-from cpo_jax.data.manual_tfds import ManualBuilder, load_thumbnails, prepare_manual, thumbnail_feature
+from cpo_jax.data.bad_records import BadRecordError
+from cpo_jax.data.bad_records import BadRecordPolicy
+from cpo_jax.data.manual_tfds import ManualBuilder
 from cpo_jax.data.manual_tfds import as_str as _s
+from cpo_jax.data.manual_tfds import load_thumbnails
+from cpo_jax.data.manual_tfds import prepare_manual
 from cpo_jax.data.manual_tfds import text as _text
-from cpo_jax.data.pairs import SOURCE_IDS, PairIndex, thumbnail
+from cpo_jax.data.manual_tfds import thumbnail_feature
+from cpo_jax.data.pairs import SOURCE_IDS
+from cpo_jax.data.pairs import PairIndex
+from cpo_jax.data.pairs import thumbnail
 from cpo_jax.knowledge import free_text
-from cpo_jax.knowledge.graph import THINK_CLOSE, THINK_OPEN, load_graph
+from cpo_jax.knowledge.graph import THINK_CLOSE
+from cpo_jax.knowledge.graph import THINK_OPEN
+from cpo_jax.knowledge.graph import load_graph
 
-SPLITS = {"train": "Train", "val": "Val", "validation": "Val", "validate": "Val", "test": "Test", "mini": "Mini"}
+SPLITS = {
+  "train": "Train",
+  "val": "Val",
+  "validation": "Val",
+  "validate": "Val",
+  "test": "Test",
+  "mini": "Mini",
+}
 TASKS = ("general_perception", "region_perception", "driving_suggestion")
 # convert2vqa.py's questions, verbatim
 QUESTIONS = {
-    "general_perception": "There is an image of traffic captured from the perspective of the ego car. Please focus "
-                          "on objects that have a great influence on ego car driving behavior in the scene, describe "
-                          "these objects and the reasons why they influence ego car driving.",
-    "driving_suggestion": "There is an image of traffic captured from the perspective of the ego car. Please provide "
-                          "driving suggestions for the ego car based on the current scene.",
-    "region_perception": "Please describe the object inside the red rectangle in the image and explain why it affect "
-                         "ego car driving.",
+  "general_perception": "There is an image of traffic captured from the perspective of the ego car. Please focus "
+  "on objects that have a great influence on ego car driving behavior in the scene, describe "
+  "these objects and the reasons why they influence ego car driving.",
+  "driving_suggestion": "There is an image of traffic captured from the perspective of the ego car. Please provide "
+  "driving suggestions for the ego car based on the current scene.",
+  "region_perception": "Please describe the object inside the red rectangle in the image and explain why it affect "
+  "ego car driving.",
 }
 
 
@@ -114,11 +131,13 @@ def examples(manual_dir: str, split_dir: str, bad) -> list[dict[str, Any]]:
   root = os.path.join(manual_dir, "CODA-LM", split_dir)
   files = sorted(glob.glob(os.path.join(root, "*_*.json")))
   if not files:
-    raise FileNotFoundError(f"codalm: no CODA-LM/{split_dir}/<img_dir>_<name>.json annotation files in {manual_dir}")
+    raise FileNotFoundError(
+      f"codalm: no CODA-LM/{split_dir}/<img_dir>_<name>.json annotation files in {manual_dir}"
+    )
   graph, out = load_graph("driving"), []
   for path in files:
     fname = os.path.basename(path)
-    img_dir, name = fname[:-len(".json")].split("_", 1)
+    img_dir, name = fname[: -len(".json")].split("_", 1)
     try:
       with open(path, encoding="utf-8") as f:
         ann = json.load(f)
@@ -132,33 +151,58 @@ def examples(manual_dir: str, split_dir: str, bad) -> list[dict[str, Any]]:
     try:
       with open(img_path, "rb") as f:
         image = f.read()
-      thumb = thumbnail(image)  # of the scene: its regions' thin red boxes barely touch an 8x8 thumbnail
+      thumb = thumbnail(
+        image
+      )  # of the scene: its regions' thin red boxes barely touch an 8x8 thumbnail
     except OSError as e:
       bad(BadRecordError("bad_image", fname, f"cannot read image {img_path}: {e.strerror}"))
       continue
     except Exception as e:  # PIL raises several types for a truncated or foreign file
       bad(BadRecordError("bad_image", fname, f"cannot decode image {img_path}: {e!r}"))
       continue
-    base = {"image_id": f"{img_dir}/{name}", "region": -1, "box": np.zeros(4, np.float32), "category": ""}
+    base = {
+      "image_id": f"{img_dir}/{name}",
+      "region": -1,
+      "box": np.zeros(4, np.float32),
+      "category": "",
+    }
     tasks = []  # (task, answer, meta, image), in file order; bad ones are raised/counted on the spot
     gp = ann.get("general_perception")
     for task, get in (
-        ("general_perception", lambda: _answer(gp.get("description and explanation") if isinstance(gp, dict) else gp,
-                                               "general_perception.description and explanation", fname)),
-        ("driving_suggestion", lambda: _answer(ann.get("driving_suggestion"), "driving_suggestion", fname))):
+      (
+        "general_perception",
+        lambda: _answer(
+          gp.get("description and explanation") if isinstance(gp, dict) else gp,
+          "general_perception.description and explanation",
+          fname,
+        ),
+      ),
+      (
+        "driving_suggestion",
+        lambda: _answer(ann.get("driving_suggestion"), "driving_suggestion", fname),
+      ),
+    ):
       try:
         tasks.append((task, get(), base, image))
       except BadRecordError as e:
         bad(e)
     regions = ann.get("region_perception", {})
     if not isinstance(regions, dict):
-      bad(BadRecordError("bad_type", fname, "field 'region_perception' must be an object {index: region}"))
+      bad(
+        BadRecordError(
+          "bad_type", fname, "field 'region_perception' must be an object {index: region}"
+        )
+      )
       regions = {}
     for k, reg in sorted(regions.items(), key=lambda kv: (len(kv[0]), kv[0])):
       rid = f"{fname} region_perception[{k!r}]"
       try:
-        if not isinstance(reg, dict) or not isinstance(reg.get("box"), list) or len(reg["box"]) != 4 or \
-           not all(isinstance(v, (int, float)) for v in reg["box"]):
+        if (
+          not isinstance(reg, dict)
+          or not isinstance(reg.get("box"), list)
+          or len(reg["box"]) != 4
+          or not all(isinstance(v, (int, float)) for v in reg["box"])
+        ):
           raise BadRecordError("bad_type", rid, "a region needs 'box': [x, y, w, h] numbers")
         text = _answer(reg.get("description and explanation"), "description and explanation", rid)
         pre = os.path.join(manual_dir, img_dir, "images_w_boxes", f"{name}_object_{k}.jpg")
@@ -169,18 +213,34 @@ def examples(manual_dir: str, split_dir: str, bad) -> list[dict[str, Any]]:
           try:
             boxed = boxed_image(image, reg["box"])
           except Exception as e:
-            raise BadRecordError("bad_image", rid, f"cannot draw the box on {img_path}: {e!r}") from e
+            raise BadRecordError(
+              "bad_image", rid, f"cannot draw the box on {img_path}: {e!r}"
+            ) from e
       except BadRecordError as e:
         bad(e)
         continue
-      meta = {"image_id": f"{img_dir}/{name}", "region": int(k) if str(k).isdigit() else -1,
-              "box": np.asarray(reg["box"], np.float32), "category": str(reg.get("category_name", ""))}
+      meta = {
+        "image_id": f"{img_dir}/{name}",
+        "region": int(k) if str(k).isdigit() else -1,
+        "box": np.asarray(reg["box"], np.float32),
+        "category": str(reg.get("category_name", "")),
+      }
       tasks.append(("region_perception", text, meta, boxed))
     for task, answer, meta, img in tasks:
       pair = thinking_pair(answer, graph)
-      out.append({"image": img, "thumbnail": thumb, "question": QUESTIONS[task], "answer": answer, "task": task,
-                  "chosen": pair[0] if pair else answer, "rejected": pair[1] if pair else "",
-                  "decision": np.int32(graph.decision_id(graph.parse_decision(pair[0])) if pair else -1), **meta})
+      out.append(
+        {
+          "image": img,
+          "thumbnail": thumb,
+          "question": QUESTIONS[task],
+          "answer": answer,
+          "task": task,
+          "chosen": pair[0] if pair else answer,
+          "rejected": pair[1] if pair else "",
+          "decision": np.int32(graph.decision_id(graph.parse_decision(pair[0])) if pair else -1),
+          **meta,
+        }
+      )
   return out
 
 
@@ -193,47 +253,69 @@ with tfds.core.registered.skip_registration():
 
     def _info(self) -> tfds.core.DatasetInfo:
       return self.dataset_info_from_configs(
-          features=tfds.features.FeaturesDict({
-              "image": _text(),  # JPEG bytes (regions: with the red box drawn)
-              "thumbnail": thumbnail_feature(),  # pairs.thumbnail of the scene image (without the box)
-              "question": _text(), "answer": _text(), "task": _text(), "image_id": _text(), "category": _text(),
-              "chosen": _text(), "rejected": _text(),  # rejected '' = no counterfactual (SFT/eval only)
-              "region": tfds.features.Scalar(dtype=np.int32),
-              "decision": tfds.features.Scalar(dtype=np.int32),  # driving decision id of a thinking pair, else -1
-              "box": tfds.features.Tensor(shape=(4,), dtype=np.float32),  # xywh pixels, zeros without region
-              "index": tfds.features.Scalar(dtype=np.int64),
-          }),
-          supervised_keys=None, disable_shuffling=True,
-          homepage="https://github.com/DLUT-LYZ/CODA-LM")
+        features=tfds.features.FeaturesDict(
+          {
+            "image": _text(),  # JPEG bytes (regions: with the red box drawn)
+            "thumbnail": thumbnail_feature(),  # pairs.thumbnail of the scene image (without the box)
+            "question": _text(),
+            "answer": _text(),
+            "task": _text(),
+            "image_id": _text(),
+            "category": _text(),
+            "chosen": _text(),
+            "rejected": _text(),  # rejected '' = no counterfactual (SFT/eval only)
+            "region": tfds.features.Scalar(dtype=np.int32),
+            "decision": tfds.features.Scalar(
+              dtype=np.int32
+            ),  # driving decision id of a thinking pair, else -1
+            "box": tfds.features.Tensor(
+              shape=(4,), dtype=np.float32
+            ),  # xywh pixels, zeros without region
+            "index": tfds.features.Scalar(dtype=np.int64),
+          }
+        ),
+        supervised_keys=None,
+        disable_shuffling=True,
+        homepage="https://github.com/DLUT-LYZ/CODA-LM",
+      )
 
     def _split_generators(self, dl_manager):
       self.policy = BadRecordPolicy(self.builder_config.name)
       root = os.path.join(str(dl_manager.manual_dir), "CODA-LM")
       present = sorted({v for v in SPLITS.values() if os.path.isdir(os.path.join(root, v))})
       if not present:
-        raise FileNotFoundError(f"codalm: no CODA-LM/{{Train,Val,Test,Mini}} in {dl_manager.manual_dir}")
-      self.per_split = {s.lower(): examples(str(dl_manager.manual_dir), s, self.policy) for s in present}
+        raise FileNotFoundError(
+          f"codalm: no CODA-LM/{{Train,Val,Test,Mini}} in {dl_manager.manual_dir}"
+        )
+      self.per_split = {
+        s.lower(): examples(str(dl_manager.manual_dir), s, self.policy) for s in present
+      }
       return {s: self._generate_examples(exs) for s, exs in self.per_split.items() if exs}
 
 
-def data_source(manual_dir: str, split: str, *, on_bad_record: str = "raise",
-                prepared_dir: str | None = None) -> "CodalmSource":
+def data_source(
+  manual_dir: str, split: str, *, on_bad_record: str = "raise", prepared_dir: str | None = None
+) -> "CodalmSource":
   if split not in SPLITS:
     raise ValueError(f"codalm has no split {split!r} (names: {sorted(SPLITS)})")
   builder, report = prepare_manual(Codalm, manual_dir, prepared_dir, on_bad_record, _sidecar)
   s = SPLITS[split].lower()
   if s not in builder.info.splits:
-    raise ValueError(f"codalm: split {split!r} (CODA-LM/{SPLITS[split]}) is not in {manual_dir} or has no usable "
-                     f"record (prepared: {sorted(builder.info.splits)})")
+    raise ValueError(
+      f"codalm: split {split!r} (CODA-LM/{SPLITS[split]}) is not in {manual_dir} or has no usable "
+      f"record (prepared: {sorted(builder.info.splits)})"
+    )
   return CodalmSource(builder.as_data_source(split=s), s, report, load_thumbnails(builder, s))
 
 
 def _sidecar(builder) -> dict:
   """Per split: decisions, scene ids and whether the image has a box (the perception index)."""
   per = {s: exs for s, exs in builder.per_split.items() if exs}
-  return {"decisions": {s: [int(e["decision"]) for e in exs] for s, exs in per.items()},
-          "image_ids": {s: [e["image_id"] for e in exs] for s, exs in per.items()},
-          "boxed": {s: [int(e["region"] >= 0) for e in exs] for s, exs in per.items()}}
+  return {
+    "decisions": {s: [int(e["decision"]) for e in exs] for s, exs in per.items()},
+    "image_ids": {s: [e["image_id"] for e in exs] for s, exs in per.items()},
+    "boxed": {s: [int(e["region"] >= 0) for e in exs] for s, exs in per.items()},
+  }
 
 
 def hard_negatives(decisions, image_ids, boxed, thumbnails, seed: int = 0) -> np.ndarray:
@@ -246,8 +328,14 @@ def hard_negatives(decisions, image_ids, boxed, thumbnails, seed: int = 0) -> np
   if len(np.unique(dec[ok])) < 2:
     return out
   scene = np.unique(np.asarray(image_ids), return_inverse=True)[1].reshape(-1)
-  idx = PairIndex(dec[ok], dec[ok, None], np.asarray(boxed)[ok], thumbnails=np.asarray(thumbnails)[ok],
-                  group=scene[ok], seed=seed)
+  idx = PairIndex(
+    dec[ok],
+    dec[ok, None],
+    np.asarray(boxed)[ok],
+    thumbnails=np.asarray(thumbnails)[ok],
+    group=scene[ok],
+    seed=seed,
+  )
   neg = idx.hard_negatives()
   out[ok] = np.where(neg >= 0, ok[neg], -1)
   return out
@@ -262,8 +350,12 @@ class CodalmSource:
 
   def __init__(self, src, split: str, report: dict, thumbnails: np.ndarray):
     self._src, self.split, self.skipped = src, split, report["skipped"]
-    neg = hard_negatives(report["decisions"][split], report["image_ids"][split], report["boxed"][split], thumbnails)
-    self._rows = [(i, -1) for i in range(len(src))] + [(i, int(j)) for i, j in enumerate(neg) if j >= 0]
+    neg = hard_negatives(
+      report["decisions"][split], report["image_ids"][split], report["boxed"][split], thumbnails
+    )
+    self._rows = [(i, -1) for i in range(len(src))] + [
+      (i, int(j)) for i, j in enumerate(neg) if j >= 0
+    ]
 
   def __len__(self) -> int:
     return len(self._rows)
@@ -279,13 +371,29 @@ class CodalmSource:
     user = [{"role": "user", "content": "<image>" + _s(ex["question"])}]
     chosen, rejected = _s(ex["chosen"]), _s(ex["rejected"])
     rid = f"codalm/{self.split}[{k}] ({_s(ex['image_id'])} {_s(ex['task'])})"
-    row = {"prompt_messages": user, "chosen": chosen, "rejected_prompt_messages": user,
-           "rejected": rejected or chosen, "image": ex["image"], "rejected_image": ex["image"],
-           "source": SOURCE_IDS["thinking" if rejected else "other"], "sample_weight": 1.0 if rejected else 0.0,
-           "index": i, "record_id": rid, "task": _s(ex["task"]), "answer": _s(ex["answer"]),
-           "region": int(ex["region"]), "box": np.asarray(ex["box"], np.float32), "decision": int(ex["decision"])}
+    row = {
+      "prompt_messages": user,
+      "chosen": chosen,
+      "rejected_prompt_messages": user,
+      "rejected": rejected or chosen,
+      "image": ex["image"],
+      "rejected_image": ex["image"],
+      "source": SOURCE_IDS["thinking" if rejected else "other"],
+      "sample_weight": 1.0 if rejected else 0.0,
+      "index": i,
+      "record_id": rid,
+      "task": _s(ex["task"]),
+      "answer": _s(ex["answer"]),
+      "region": int(ex["region"]),
+      "box": np.asarray(ex["box"], np.float32),
+      "decision": int(ex["decision"]),
+    }
     if j >= 0:  # perception: same text, the hard negative's image
       neg = self._src[j]
-      row.update(rejected=chosen, rejected_image=neg["image"], source=SOURCE_IDS["perception"],
-                 record_id=f"{rid} vs [{j}] ({_s(neg['image_id'])} {_s(neg['task'])})")
+      row.update(
+        rejected=chosen,
+        rejected_image=neg["image"],
+        source=SOURCE_IDS["perception"],
+        record_id=f"{rid} vs [{j}] ({_s(neg['image_id'])} {_s(neg['task'])})",
+      )
     return row

@@ -7,6 +7,7 @@ JSON report of the records it skipped and `thumbnails.<split>.npy`, every exampl
 without decoding an image again. Version 1.1.0 added the thumbnails: files prepared at 1.0.0 are
 left alone and prepared again once under 1.1.0 (delete the 1.0.0 folder).
 """
+
 from __future__ import annotations
 
 import json
@@ -40,15 +41,22 @@ with tfds.core.registered.skip_registration():
     split's list to `_generate_examples`."""
 
     VERSION = tfds.core.Version("1.1.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release.", "1.1.0": "A thumbnail per example (hard perception negatives)."}
-    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=p, description=f"on_bad_record={p}") for p in ("raise", "skip")]
+    RELEASE_NOTES = {
+      "1.0.0": "Initial release.",
+      "1.1.0": "A thumbnail per example (hard perception negatives).",
+    }
+    BUILDER_CONFIGS = [
+      tfds.core.BuilderConfig(name=p, description=f"on_bad_record={p}") for p in ("raise", "skip")
+    ]
 
     def _generate_examples(self, exs):
       for i, ex in enumerate(exs):
         yield i, dict(ex, index=i)
 
 
-def prepare_manual(builder_cls, manual_dir: str, prepared_dir: str | None, on_bad_record: str, sidecar):
+def prepare_manual(
+  builder_cls, manual_dir: str, prepared_dir: str | None, on_bad_record: str, sidecar
+):
   """download_and_prepare once from manual_dir; the skip report (+ which host and process
   prepared the files, + `sidecar(builder)`, a dict of extra per-split facts) is saved as JSON
   beside the files, written last: it marks a finished preparation. Returns (builder, report).
@@ -58,13 +66,21 @@ def prepare_manual(builder_cls, manual_dir: str, prepared_dir: str | None, on_ba
   report_path = os.path.join(builder.data_dir, "cpo_jax_report.json")
   if not os.path.exists(report_path):
     # files without a report are from an interrupted preparation: generate them again
-    builder.download_and_prepare(file_format="array_record", download_config=tfds.download.DownloadConfig(
-        manual_dir=manual_dir, download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS))
+    builder.download_and_prepare(
+      file_format="array_record",
+      download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir, download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
+      ),
+    )
     for split, exs in builder.per_split.items():
       if exs:
         np.save(_thumbnails_path(builder, split), np.stack([e["thumbnail"] for e in exs]))
-    report = {"skipped": dict(builder.policy.counts), "skipped_examples": dict(builder.policy.examples),
-              "prepared_by": {"host": socket.gethostname(), "pid": os.getpid()}, **sidecar(builder)}
+    report = {
+      "skipped": dict(builder.policy.counts),
+      "skipped_examples": dict(builder.policy.examples),
+      "prepared_by": {"host": socket.gethostname(), "pid": os.getpid()},
+      **sidecar(builder),
+    }
     with open(report_path, "w") as f:
       json.dump(report, f)
   with open(report_path) as f:

@@ -35,6 +35,7 @@ split CSV), missing_label (study not in the CheXpert CSV), bad_image (image file
 image).
 Prepared files go to `prepared_dir` (default <manual_dir>/_tfds); delete them to re-prepare.
 """
+
 from __future__ import annotations
 
 import collections
@@ -49,25 +50,52 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cpo_jax.data.manual_tfds import ManualBuilder, load_thumbnails, prepare_manual, thumbnail_feature
+from cpo_jax.data.bad_records import BadRecordError
+from cpo_jax.data.bad_records import BadRecordPolicy
+from cpo_jax.data.manual_tfds import ManualBuilder
 from cpo_jax.data.manual_tfds import as_str as _s
+from cpo_jax.data.manual_tfds import load_thumbnails
+from cpo_jax.data.manual_tfds import prepare_manual
 from cpo_jax.data.manual_tfds import text as _text
-from cpo_jax.data.bad_records import BadRecordError, BadRecordPolicy
-from cpo_jax.data.pairs import SOURCE_IDS, PairIndex, thumbnail
-from cpo_jax.knowledge.graph import THINK_CLOSE, THINK_OPEN, load_graph
+from cpo_jax.data.manual_tfds import thumbnail_feature
+from cpo_jax.data.pairs import SOURCE_IDS
+from cpo_jax.data.pairs import PairIndex
+from cpo_jax.data.pairs import thumbnail
+from cpo_jax.knowledge.graph import THINK_CLOSE
+from cpo_jax.knowledge.graph import THINK_OPEN
+from cpo_jax.knowledge.graph import load_graph
 
-FINDINGS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
-            "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
-            "Pneumothorax", "Support Devices")  # CheXpert's 14, in the CSV's column order
+FINDINGS = (
+  "Atelectasis",
+  "Cardiomegaly",
+  "Consolidation",
+  "Edema",
+  "Enlarged Cardiomediastinum",
+  "Fracture",
+  "Lung Lesion",
+  "Lung Opacity",
+  "No Finding",
+  "Pleural Effusion",
+  "Pleural Other",
+  "Pneumonia",
+  "Pneumothorax",
+  "Support Devices",
+)  # CheXpert's 14, in the CSV's column order
 SPLITS = ("train", "validate", "test")
-SPLIT_ALIASES = {"train": "train", "validate": "validate", "validation": "validate", "val": "validate",
-                 "test": "test"}
+SPLIT_ALIASES = {
+  "train": "train",
+  "validate": "validate",
+  "validation": "validate",
+  "val": "validate",
+  "test": "test",
+}
 QUESTION = "What is the disease of this patient?"
 ANSWER = "The disease of this patient is {}."
 CHEXPERT_CSV, SPLIT_CSV = "mimic-cxr-2.0.0-chexpert.csv", "mimic-cxr-2.0.0-split.csv"
 
 
 # ---- reading the published files -------------------------------------------------------
+
 
 def _open_csv(manual_dir: str, name: str):
   for p in (os.path.join(manual_dir, name), os.path.join(manual_dir, name + ".gz")):
@@ -91,8 +119,12 @@ def read_chexpert(manual_dir: str) -> dict[tuple[int, int], np.ndarray]:
     missing = [c for c in ("subject_id", "study_id") + FINDINGS if c not in (rows.fieldnames or ())]
     if missing:
       raise ValueError(f"{path}: missing columns {missing}")
-    return {(int(r["subject_id"]), int(r["study_id"])):
-            np.array([float(r[c]) if r[c].strip() else math.nan for c in FINDINGS], np.float32) for r in rows}
+    return {
+      (int(r["subject_id"]), int(r["study_id"])): np.array(
+        [float(r[c]) if r[c].strip() else math.nan for c in FINDINGS], np.float32
+      )
+      for r in rows
+    }
 
 
 def read_split(manual_dir: str) -> dict[str, tuple[int, int, str]]:
@@ -102,13 +134,17 @@ def read_split(manual_dir: str) -> dict[str, tuple[int, int, str]]:
     rows = csv.DictReader(f)
     if not {"dicom_id", "study_id", "subject_id", "split"} <= set(rows.fieldnames or ()):
       raise ValueError(f"{path}: needs columns dicom_id, study_id, subject_id, split")
-    return {r["dicom_id"]: (int(r["subject_id"]), int(r["study_id"]), r["split"].strip()) for r in rows}
+    return {
+      r["dicom_id"]: (int(r["subject_id"]), int(r["study_id"]), r["split"].strip()) for r in rows
+    }
 
 
 def find_ccf_json(manual_dir: str) -> str:
   found = sorted(glob.glob(os.path.join(manual_dir, "*.json")))
   if len(found) != 1:
-    raise FileNotFoundError(f"mimic_ccf: expected exactly one CXR-CounterFact .json in {manual_dir}, found {found}")
+    raise FileNotFoundError(
+      f"mimic_ccf: expected exactly one CXR-CounterFact .json in {manual_dir}, found {found}"
+    )
   return found[0]
 
 
@@ -123,7 +159,9 @@ def _diseases(diagnose, rid) -> list[str]:
   elif isinstance(diagnose, list) and all(isinstance(d, str) for d in diagnose):
     out = [d.strip() for d in diagnose]
   else:
-    raise BadRecordError("bad_type", rid, f"field 'diagnose' must be a string or a list of strings, got {diagnose!r}")
+    raise BadRecordError(
+      "bad_type", rid, f"field 'diagnose' must be a string or a list of strings, got {diagnose!r}"
+    )
   out = [d for d in out if d]
   if not out:
     raise BadRecordError("missing_field", rid, "field 'diagnose' is empty")
@@ -180,29 +218,43 @@ def _example(manual_dir, r, rid, chex, splits, bad, graph) -> dict[str, Any]:
     raise BadRecordError("empty_chain", rid, "field 'report' is empty")
   diseases = _diseases(r["diagnose"], rid)
   cfs = r["counterfact"]
-  if not isinstance(cfs, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in cfs.items()):
+  if not isinstance(cfs, dict) or not all(
+    isinstance(k, str) and isinstance(v, str) for k, v in cfs.items()
+  ):
     raise BadRecordError("bad_type", rid, "field 'counterfact' must be an object {disease: text}")
   if dicom not in splits:
     raise BadRecordError("missing_split", rid, f"dicom_id not in {SPLIT_CSV}")
   subject, study, split = splits[dicom]
   try:  # CCF's own pid/sid must agree with the split CSV when given
-    if ("pid" in r and _id(r["pid"], "p") != subject) or ("sid" in r and _id(r["sid"], "s") != study):
-      raise BadRecordError("bad_type", rid, f"fields 'pid'/'sid' ({r.get('pid')}/{r.get('sid')}) disagree with "
-                                            f"{SPLIT_CSV} (p{subject}/s{study})")
+    if ("pid" in r and _id(r["pid"], "p") != subject) or (
+      "sid" in r and _id(r["sid"], "s") != study
+    ):
+      raise BadRecordError(
+        "bad_type",
+        rid,
+        f"fields 'pid'/'sid' ({r.get('pid')}/{r.get('sid')}) disagree with "
+        f"{SPLIT_CSV} (p{subject}/s{study})",
+      )
   except ValueError as e:
     raise BadRecordError("bad_type", rid, f"fields 'pid'/'sid' are not ids: {e}") from e
   if (subject, study) not in chex:
-    raise BadRecordError("missing_label", rid, f"study s{study} of p{subject} not in {CHEXPERT_CSV}")
+    raise BadRecordError(
+      "missing_label", rid, f"study s{study} of p{subject} not in {CHEXPERT_CSV}"
+    )
   img = image_path(manual_dir, subject, study, dicom)
   try:
     with open(img, "rb") as f:
       image = f.read()
   except OSError as e:
-    raise BadRecordError("bad_image", rid, f"field 'dicom_id': cannot read image {img}: {e.strerror}") from e
+    raise BadRecordError(
+      "bad_image", rid, f"field 'dicom_id': cannot read image {img}: {e.strerror}"
+    ) from e
   try:
     thumb = thumbnail(image)
   except Exception as e:  # PIL raises several types for a truncated or foreign file
-    raise BadRecordError("bad_image", rid, f"field 'dicom_id': cannot decode image {img}: {e!r}") from e
+    raise BadRecordError(
+      "bad_image", rid, f"field 'dicom_id': cannot decode image {img}: {e!r}"
+    ) from e
   rejected = []
   for disease, text in cfs.items():
     if not text.strip() or not disease.strip():
@@ -210,10 +262,21 @@ def _example(manual_dir, r, rid, chex, splits, bad, graph) -> dict[str, Any]:
       continue
     rejected.append([disease, completion(text, [disease.strip()])])
   raw = chex[(subject, study)]
-  return {"image": image, "thumbnail": thumb, "question": QUESTION, "chosen": completion(r["report"], diseases),
-          "counterfactuals": json.dumps(rejected), "diagnose": ", ".join(diseases),
-          "labels": (raw == 1.0).astype(np.int32), "chexpert": raw, "decision": np.int32(decision_id(diseases, graph)),
-          "dicom_id": dicom, "subject_id": subject, "study_id": study, "split": SPLIT_ALIASES.get(split, split)}
+  return {
+    "image": image,
+    "thumbnail": thumb,
+    "question": QUESTION,
+    "chosen": completion(r["report"], diseases),
+    "counterfactuals": json.dumps(rejected),
+    "diagnose": ", ".join(diseases),
+    "labels": (raw == 1.0).astype(np.int32),
+    "chexpert": raw,
+    "decision": np.int32(decision_id(diseases, graph)),
+    "dicom_id": dicom,
+    "subject_id": subject,
+    "study_id": study,
+    "split": SPLIT_ALIASES.get(split, split),
+  }
 
 
 # ---- TFDS builder -----------------------------------------------------------------------
@@ -227,27 +290,37 @@ with tfds.core.registered.skip_registration():
 
     def _info(self) -> tfds.core.DatasetInfo:
       return self.dataset_info_from_configs(
-          features=tfds.features.FeaturesDict({
-              "image": _text(),  # JPEG bytes as published
-              "thumbnail": thumbnail_feature(),  # pairs.thumbnail(image)
-              "question": _text(), "chosen": _text(), "counterfactuals": _text(),  # JSON [[disease, completion]]
-              "diagnose": _text(), "dicom_id": _text(),
-              "labels": tfds.features.Tensor(shape=(len(FINDINGS),), dtype=np.int32),
-              "chexpert": tfds.features.Tensor(shape=(len(FINDINGS),), dtype=np.float32),
-              "decision": tfds.features.Scalar(dtype=np.int32),
-              "subject_id": tfds.features.Scalar(dtype=np.int64), "study_id": tfds.features.Scalar(dtype=np.int64),
-              "index": tfds.features.Scalar(dtype=np.int64),
-          }),
-          supervised_keys=None, disable_shuffling=True,  # record i = the split's i-th CCF record
-          homepage="https://physionet.org/content/mimic-cxr-jpg/2.0.0/",
-          metadata=tfds.core.MetadataDict(findings=list(FINDINGS)))
+        features=tfds.features.FeaturesDict(
+          {
+            "image": _text(),  # JPEG bytes as published
+            "thumbnail": thumbnail_feature(),  # pairs.thumbnail(image)
+            "question": _text(),
+            "chosen": _text(),
+            "counterfactuals": _text(),  # JSON [[disease, completion]]
+            "diagnose": _text(),
+            "dicom_id": _text(),
+            "labels": tfds.features.Tensor(shape=(len(FINDINGS),), dtype=np.int32),
+            "chexpert": tfds.features.Tensor(shape=(len(FINDINGS),), dtype=np.float32),
+            "decision": tfds.features.Scalar(dtype=np.int32),
+            "subject_id": tfds.features.Scalar(dtype=np.int64),
+            "study_id": tfds.features.Scalar(dtype=np.int64),
+            "index": tfds.features.Scalar(dtype=np.int64),
+          }
+        ),
+        supervised_keys=None,
+        disable_shuffling=True,  # record i = the split's i-th CCF record
+        homepage="https://physionet.org/content/mimic-cxr-jpg/2.0.0/",
+        metadata=tfds.core.MetadataDict(findings=list(FINDINGS)),
+      )
 
     def _split_generators(self, dl_manager):
       self.policy = BadRecordPolicy(self.builder_config.name)
       self.per_split = examples(str(dl_manager.manual_dir), self.policy)
       if not self.per_split:
-        raise ValueError(f"mimic_ccf: no usable record in {dl_manager.manual_dir} "
-                         f"(skipped: {dict(self.policy.counts)})")
+        raise ValueError(
+          f"mimic_ccf: no usable record in {dl_manager.manual_dir} "
+          f"(skipped: {dict(self.policy.counts)})"
+        )
       return {s: self._generate_examples(exs) for s, exs in self.per_split.items()}
 
 
@@ -255,35 +328,59 @@ def _sidecar(builder) -> dict:
   """Per split: counterfactuals per record, the label multi-hots and the study ids (for the row
   index and the perception negatives without reading every record back)."""
   per = builder.per_split
-  return {"num_counterfactuals": {s: [len(json.loads(e["counterfactuals"])) for e in exs] for s, exs in per.items()},
-          "labels": {s: [e["labels"].tolist() for e in exs] for s, exs in per.items()},
-          "study_ids": {s: [int(e["study_id"]) for e in exs] for s, exs in per.items()}}
+  return {
+    "num_counterfactuals": {
+      s: [len(json.loads(e["counterfactuals"])) for e in exs] for s, exs in per.items()
+    },
+    "labels": {s: [e["labels"].tolist() for e in exs] for s, exs in per.items()},
+    "study_ids": {s: [int(e["study_id"]) for e in exs] for s, exs in per.items()},
+  }
 
 
-def hard_negatives(labels: np.ndarray, thumbnails: np.ndarray, study_ids: np.ndarray, seed: int = 0) -> np.ndarray:
+def hard_negatives(
+  labels: np.ndarray, thumbnails: np.ndarray, study_ids: np.ndarray, seed: int = 0
+) -> np.ndarray:
   """[N] index of each record's perception negative, -1 if none (METHOD.md section 4 'hard'): among
   the records whose 14-finding label set differs and whose study differs, the nearest by thumbnail
   (pairs.PairIndex.hard_negatives: bounded candidate pools, no N x N matrix)."""
   labels = np.asarray(labels, np.int64).reshape(len(labels), -1)
-  codes = (labels << np.arange(labels.shape[1])).sum(-1)  # the label set as one int: the decisive label
+  codes = (labels << np.arange(labels.shape[1])).sum(
+    -1
+  )  # the label set as one int: the decisive label
   if len(np.unique(codes)) < 2:  # one label set in the split: no perception pair possible
     return np.full(len(labels), -1, np.int64)
-  return PairIndex(codes, labels, thumbnails=thumbnails, group=np.asarray(study_ids), seed=seed).hard_negatives()
+  return PairIndex(
+    codes, labels, thumbnails=thumbnails, group=np.asarray(study_ids), seed=seed
+  ).hard_negatives()
 
 
-def data_source(manual_dir: str, split: str, *, view: str | None = None, on_bad_record: str = "raise",
-                prepared_dir: str | None = None) -> "MimicCcfSource":
+def data_source(
+  manual_dir: str,
+  split: str,
+  *,
+  view: str | None = None,
+  on_bad_record: str = "raise",
+  prepared_dir: str | None = None,
+) -> "MimicCcfSource":
   split = SPLIT_ALIASES.get(split, split)
   builder, report = prepare_manual(MimicCcf, manual_dir, prepared_dir, on_bad_record, _sidecar)
   if split not in builder.info.splits:
-    raise ValueError(f"mimic_ccf has no split {split!r} here (splits: {sorted(builder.info.splits)}; "
-                     f"names: {sorted(SPLIT_ALIASES)})")
+    raise ValueError(
+      f"mimic_ccf has no split {split!r} here (splits: {sorted(builder.info.splits)}; "
+      f"names: {sorted(SPLIT_ALIASES)})"
+    )
   view = view or ("pairs" if split == "train" else "records")
-  return MimicCcfSource(builder.as_data_source(split=split), split, report, view,
-                        load_thumbnails(builder, split) if view == "pairs" else None)
+  return MimicCcfSource(
+    builder.as_data_source(split=split),
+    split,
+    report,
+    view,
+    load_thumbnails(builder, split) if view == "pairs" else None,
+  )
 
 
 # ---- the pair-level source the pipeline reads --------------------------------------------
+
 
 class MimicCcfSource:
   """Pair records in the swift_jsonl format (+ labels, decision, dicom_id); see the module doc."""
@@ -291,14 +388,20 @@ class MimicCcfSource:
   kind = "pairs"
   domain = "medical"
 
-  def __init__(self, src, split: str, report: dict, view: str, thumbnails: np.ndarray | None = None):
+  def __init__(
+    self, src, split: str, report: dict, view: str, thumbnails: np.ndarray | None = None
+  ):
     if view not in ("pairs", "records"):
       raise ValueError(f"view {view!r}; expected 'pairs' or 'records'")
     self._src, self.split, self.view = src, split, view
     self.skipped = report["skipped"]  # reason -> count, from preparing the files
     n_cf = report["num_counterfactuals"][split]
     if view == "pairs":  # (record, counterfactual j or -1 - negative record for a perception row)
-      neg = hard_negatives(report["labels"][split], thumbnails, report["study_ids"][split]) if n_cf else []
+      neg = (
+        hard_negatives(report["labels"][split], thumbnails, report["study_ids"][split])
+        if n_cf
+        else []
+      )
       self._rows = [(i, j) for i, n in enumerate(n_cf) for j in range(max(n, 1))]
       self._rows += [(i, -1 - int(v)) for i, v in enumerate(neg) if v >= 0]
     else:
@@ -321,15 +424,34 @@ class MimicCcfSource:
     rid = f"mimic_ccf/{self.split}[{k}] (dicom_id={_s(ex['dicom_id'])})"
     if j < 0:  # perception: same text, the hard negative's image
       neg = self._src[-1 - j]
-      return {"prompt_messages": user, "chosen": chosen, "rejected_prompt_messages": user, "rejected": chosen,
-              "image": ex["image"], "rejected_image": neg["image"], "source": SOURCE_IDS["perception"],
-              "sample_weight": 1.0, "index": i, "labels": np.asarray(ex["labels"], np.int32),
-              "record_id": f"{rid} vs [{-1 - j}] (dicom_id={_s(neg['dicom_id'])})",
-              "decision": int(ex["decision"]), "dicom_id": _s(ex["dicom_id"])}
+      return {
+        "prompt_messages": user,
+        "chosen": chosen,
+        "rejected_prompt_messages": user,
+        "rejected": chosen,
+        "image": ex["image"],
+        "rejected_image": neg["image"],
+        "source": SOURCE_IDS["perception"],
+        "sample_weight": 1.0,
+        "index": i,
+        "labels": np.asarray(ex["labels"], np.int32),
+        "record_id": f"{rid} vs [{-1 - j}] (dicom_id={_s(neg['dicom_id'])})",
+        "decision": int(ex["decision"]),
+        "dicom_id": _s(ex["dicom_id"]),
+      }
     has_cf = j < len(cfs)
-    return {"prompt_messages": user, "chosen": chosen, "rejected_prompt_messages": user,
-            "rejected": cfs[j][1] if has_cf else chosen, "image": ex["image"], "rejected_image": ex["image"],
-            "source": SOURCE_IDS["thinking" if has_cf else "other"], "sample_weight": 1.0 if has_cf else 0.0,
-            "index": i, "record_id": rid,
-            "labels": np.asarray(ex["labels"], np.int32), "decision": int(ex["decision"]),
-            "dicom_id": _s(ex["dicom_id"])}
+    return {
+      "prompt_messages": user,
+      "chosen": chosen,
+      "rejected_prompt_messages": user,
+      "rejected": cfs[j][1] if has_cf else chosen,
+      "image": ex["image"],
+      "rejected_image": ex["image"],
+      "source": SOURCE_IDS["thinking" if has_cf else "other"],
+      "sample_weight": 1.0 if has_cf else 0.0,
+      "index": i,
+      "record_id": rid,
+      "labels": np.asarray(ex["labels"], np.int32),
+      "decision": int(ex["decision"]),
+      "dicom_id": _s(ex["dicom_id"]),
+    }

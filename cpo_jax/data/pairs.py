@@ -12,10 +12,12 @@
   the easiest one; the minimal pair can only be told apart by the flipped concept's evidence.
 A pair here is still text + image bytes; tokenization and pixels happen in pipeline.py.
 """
+
 from __future__ import annotations
 
 import io
-from typing import Any, Sequence
+from typing import Any
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -70,14 +72,25 @@ class PairIndex:
   and scene ids; swift_jsonl records bring their own rejected image (no index).
   """
 
-  def __init__(self, decision: np.ndarray, concepts: np.ndarray, nuisance: np.ndarray | None = None, *,
-               thumbnails: np.ndarray | None = None, group: np.ndarray | None = None, pool_size: int = 1024,
-               seed: int = 0):
+  def __init__(
+    self,
+    decision: np.ndarray,
+    concepts: np.ndarray,
+    nuisance: np.ndarray | None = None,
+    *,
+    thumbnails: np.ndarray | None = None,
+    group: np.ndarray | None = None,
+    pool_size: int = 1024,
+    seed: int = 0,
+  ):
     self.decision = np.asarray(decision, np.int64)
     self.concepts = np.asarray(concepts, np.int32).reshape(len(self.decision), -1)
     self.nuisance = None if nuisance is None else np.asarray(nuisance, np.int64)
-    self.embedding = None if thumbnails is None else \
-        np.asarray(thumbnails, np.float32).reshape(len(self.decision), -1) / 255.0
+    self.embedding = (
+      None
+      if thumbnails is None
+      else np.asarray(thumbnails, np.float32).reshape(len(self.decision), -1) / 255.0
+    )
     self.group = None if group is None else np.asarray(group)
     self.pool_size, self.seed, self._hard = pool_size, seed, None
     if len(set(self.decision.tolist())) < 2:
@@ -88,8 +101,11 @@ class PairIndex:
     if hasattr(source, "labels"):  # procedural source: labels without rendering
       return cls(*source.labels())
     recs = [source[i] for i in range(len(source))]
-    return cls(np.array([r["decision"] for r in recs]), np.stack([r["concepts"] for r in recs]),
-               np.array([r["nuisance"] for r in recs]))
+    return cls(
+      np.array([r["decision"] for r in recs]),
+      np.stack([r["concepts"] for r in recs]),
+      np.array([r["nuisance"] for r in recs]),
+    )
 
   def __len__(self) -> int:
     return len(self.decision)
@@ -97,11 +113,18 @@ class PairIndex:
   def pick(self, i: int, mode: str, rng: np.random.Generator) -> int:
     """Index of the rejected image for chosen index i (`hard` with thumbnails: `hard_negatives`)."""
     if mode not in INDEX_MODES:
-      raise ValueError(f"perception mode {mode!r} is not an index pick; expected one of {INDEX_MODES}")
-    j = int(self.hard_negatives()[i]) if mode == "hard" and self.embedding is not None else \
-        self._pick_by_labels(i, mode, rng)
+      raise ValueError(
+        f"perception mode {mode!r} is not an index pick; expected one of {INDEX_MODES}"
+      )
+    j = (
+      int(self.hard_negatives()[i])
+      if mode == "hard" and self.embedding is not None
+      else self._pick_by_labels(i, mode, rng)
+    )
     if j < 0:
-      raise ValueError(f"record {i} has no perception negative (every other decision is from its own scene)")
+      raise ValueError(
+        f"record {i} has no perception negative (every other decision is from its own scene)"
+      )
     return j
 
   def _pick_by_labels(self, i: int, mode: str, rng: np.random.Generator) -> int:
@@ -117,7 +140,9 @@ class PairIndex:
       cands = np.flatnonzero(differ & (ham == ham[differ].max()))
     else:  # hard
       same = differ if self.nuisance is None else differ & (self.nuisance == self.nuisance[i])
-      pool = same if same.any() else differ  # fall back when the nuisance value has no other decision
+      pool = (
+        same if same.any() else differ
+      )  # fall back when the nuisance value has no other decision
       cands = np.flatnonzero(pool & (ham == ham[pool].min()))
     return int(cands[rng.integers(len(cands))])
 
@@ -144,7 +169,10 @@ class PairIndex:
     sn, sd = nuis[order], self.decision[order]
     starts = np.flatnonzero(np.r_[True, (sn[1:] != sn[:-1]) | (sd[1:] != sd[:-1])])
     ends = np.r_[starts[1:], n]
-    block_lo, block_hi = np.searchsorted(sn, sn[starts], "left"), np.searchsorted(sn, sn[starts], "right")
+    block_lo, block_hi = (
+      np.searchsorted(sn, sn[starts], "left"),
+      np.searchsorted(sn, sn[starts], "right"),
+    )
     by_dec = np.argsort(self.decision, kind="stable")
     dec_sorted = self.decision[by_dec]
     sq = (e * e).sum(-1)
@@ -154,33 +182,49 @@ class PairIndex:
       if block_hi[b] - block_lo[b] > t - s:  # same nuisance, another decision
         base, lo, hi, skip_lo, skip_hi = order, block_lo[b], block_hi[b], s, t
       else:  # the nuisance value has no other decision: any other decision
-        d_lo, d_hi = np.searchsorted(dec_sorted, sd[s], "left"), np.searchsorted(dec_sorted, sd[s], "right")
+        d_lo, d_hi = (
+          np.searchsorted(dec_sorted, sd[s], "left"),
+          np.searchsorted(dec_sorted, sd[s], "right"),
+        )
         base, lo, hi, skip_lo, skip_hi = by_dec, 0, n, d_lo, d_hi
       n_cands = hi - lo - (skip_hi - skip_lo)
-      r = lo + np.random.default_rng([self.seed, b]).choice(n_cands, min(n_cands, self.pool_size), replace=False)
+      r = lo + np.random.default_rng([self.seed, b]).choice(
+        n_cands, min(n_cands, self.pool_size), replace=False
+      )
       cands = base[np.where(r >= skip_lo, r + (skip_hi - skip_lo), r)]  # step over the skipped run
       ec, sqc = e[cands], sq[cands]
       for q0 in range(s, t, chunk):
-        q = order[q0:min(q0 + chunk, t)]
+        q = order[q0 : min(q0 + chunk, t)]
         d = sqc[None] - 2.0 * (e[q] @ ec.T)  # + |q|^2, the same along a row
         if self.group is not None:  # scene ids rarely collide: compare only the rows that have one
           rows = np.flatnonzero(np.isin(self.group[q], self.group[cands]))
-          d[rows] = np.where(self.group[q[rows]][:, None] == self.group[cands][None], np.inf, d[rows])
+          d[rows] = np.where(
+            self.group[q[rows]][:, None] == self.group[cands][None], np.inf, d[rows]
+          )
         best = d.argmin(1)
         out[q] = np.where(np.isfinite(d[np.arange(len(q)), best]), cands[best], -1)
     self._hard = out
     return out
 
 
-def thinking_pair(record: dict[str, Any], graph: ConceptGraph, rng: np.random.Generator) -> dict[str, Any]:
+def thinking_pair(
+  record: dict[str, Any], graph: ConceptGraph, rng: np.random.Generator
+) -> dict[str, Any]:
   a = graph.assignment_from_ids(record["concepts"])
   cf = rewrite(graph, a, k=1, seed=rng)[0]
-  return {"chosen_image": record["image"], "rejected_image": record["image"],
-          "chosen_completion": completion_of(record), "rejected_completion": cf.completion,
-          "rejected_decision": graph.decision_id(cf.decision), "rejected_index": int(record["index"])}
+  return {
+    "chosen_image": record["image"],
+    "rejected_image": record["image"],
+    "chosen_completion": completion_of(record),
+    "rejected_completion": cf.completion,
+    "rejected_decision": graph.decision_id(cf.decision),
+    "rejected_index": int(record["index"]),
+  }
 
 
-def counterfactual_flip(graph: ConceptGraph, a: dict[str, str], rng: np.random.Generator) -> tuple[int, str]:
+def counterfactual_flip(
+  graph: ConceptGraph, a: dict[str, str], rng: np.random.Generator
+) -> tuple[int, str]:
   """(concept index, new value) for a minimal counterfactual of assignment `a`.
 
   Uniform over the concepts with at least one valid other value that changes graph.decide,
@@ -204,34 +248,63 @@ def counterfactual_flip(graph: ConceptGraph, a: dict[str, str], rng: np.random.G
   return ci, options[ci][int(rng.integers(len(options[ci])))]
 
 
-def counterfactual_perception_pair(record: dict[str, Any], source, graph: ConceptGraph,
-                                   rng: np.random.Generator) -> dict[str, Any]:
+def counterfactual_perception_pair(
+  record: dict[str, Any], source, graph: ConceptGraph, rng: np.random.Generator
+) -> dict[str, Any]:
   """Same text; the rejected image is the chosen scene re-rendered with one concept flipped."""
   if not hasattr(source, "counterfactual"):
-    raise ValueError(f"perception_mode='counterfactual' re-renders the chosen scene with one concept changed; "
-                     f"dataset {source!r} cannot re-render its images (only synth_drive and synth_cxr can); "
-                     f"use perception_mode in {INDEX_MODES}")
+    raise ValueError(
+      f"perception_mode='counterfactual' re-renders the chosen scene with one concept changed; "
+      f"dataset {source!r} cannot re-render its images (only synth_drive and synth_cxr can); "
+      f"use perception_mode in {INDEX_MODES}"
+    )
   a = graph.assignment_from_ids(record["concepts"])
   ci, v = counterfactual_flip(graph, a, rng)
   cf = source.counterfactual(int(record["index"]), {**a, graph.concepts[ci].name: v})
-  return {"chosen_image": record["image"], "rejected_image": cf["image"],
-          "chosen_completion": completion_of(record), "rejected_completion": completion_of(record),
-          "rejected_decision": int(cf["decision"]), "rejected_index": int(record["index"]), "flipped_concept": ci}
+  return {
+    "chosen_image": record["image"],
+    "rejected_image": cf["image"],
+    "chosen_completion": completion_of(record),
+    "rejected_completion": completion_of(record),
+    "rejected_decision": int(cf["decision"]),
+    "rejected_index": int(record["index"]),
+    "flipped_concept": ci,
+  }
 
 
-def perception_pair(record: dict[str, Any], source, index: PairIndex, position: int, mode: str,
-                    rng: np.random.Generator) -> dict[str, Any]:
+def perception_pair(
+  record: dict[str, Any],
+  source,
+  index: PairIndex,
+  position: int,
+  mode: str,
+  rng: np.random.Generator,
+) -> dict[str, Any]:
   """`position` is the record's position in `source` (== record['index'] for synth_drive)."""
   j = index.pick(position, mode, rng)
   other = source[j]
-  return {"chosen_image": record["image"], "rejected_image": other["image"],
-          "chosen_completion": completion_of(record), "rejected_completion": completion_of(record),
-          "rejected_decision": int(other["decision"]), "rejected_index": j}
+  return {
+    "chosen_image": record["image"],
+    "rejected_image": other["image"],
+    "chosen_completion": completion_of(record),
+    "rejected_completion": completion_of(record),
+    "rejected_decision": int(other["decision"]),
+    "rejected_index": j,
+  }
 
 
-def make_pair(record: dict[str, Any], position: int, rng: np.random.Generator, *, graph: ConceptGraph,
-              source, index: PairIndex, thinking_fraction: float = 0.5, perception_mode: str = "hard",
-              source_weights: Sequence[float] | None = None) -> dict[str, Any]:
+def make_pair(
+  record: dict[str, Any],
+  position: int,
+  rng: np.random.Generator,
+  *,
+  graph: ConceptGraph,
+  source,
+  index: PairIndex,
+  thinking_fraction: float = 0.5,
+  perception_mode: str = "hard",
+  source_weights: Sequence[float] | None = None,
+) -> dict[str, Any]:
   """A pair dict: chosen/rejected image bytes + completions, question, source id, weight, boxes."""
   kind = "thinking" if rng.random() < thinking_fraction else "perception"
   if kind == "thinking":
@@ -241,9 +314,13 @@ def make_pair(record: dict[str, Any], position: int, rng: np.random.Generator, *
   else:
     pair = perception_pair(record, source, index, position, perception_mode, rng)
   pair.setdefault("flipped_concept", -1)  # the concept changed in a counterfactual image, else -1
-  pair.update(question=as_text(record["question"]), source=SOURCE_IDS[kind],
-              # per-example weight (cpo_sample_weight); per-source weights are the loss's job
-              sample_weight=float(record.get("cpo_sample_weight", 1.0)),
-              chosen_decision=int(record["decision"]), boxes=np.asarray(record["boxes"], np.int32),
-              index=int(record["index"]))
+  pair.update(
+    question=as_text(record["question"]),
+    source=SOURCE_IDS[kind],
+    # per-example weight (cpo_sample_weight); per-source weights are the loss's job
+    sample_weight=float(record.get("cpo_sample_weight", 1.0)),
+    chosen_decision=int(record["decision"]),
+    boxes=np.asarray(record["boxes"], np.int32),
+    index=int(record["index"]),
+  )
   return pair

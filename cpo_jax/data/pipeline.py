@@ -40,6 +40,7 @@ image whose patch grid differs): `on_bad_record='raise'` (default) raises BadRec
 (OverlongError for length) naming the record and the problem; 'skip' drops the record and
 counts it by reason in `skips` (a SkipCounter; counts are per process). Never truncated.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,7 +49,8 @@ import functools
 import io
 import json
 import os
-from typing import Any, Iterator
+from typing import Any
+from typing import Iterator
 
 import grain
 import numpy as np
@@ -56,13 +58,16 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from cpo_jax.data import pairs as pairs_lib
-from cpo_jax.data.bad_records import BadRecordError, OverlongError, SkipCounter  # noqa: F401 (re-exported)
 from cpo_jax.data import tokenizer as tok_lib
+from cpo_jax.data.bad_records import BadRecordError  # noqa: F401 (re-exported)
+from cpo_jax.data.bad_records import OverlongError  # noqa: F401 (re-exported)
+from cpo_jax.data.bad_records import SkipCounter  # noqa: F401 (re-exported)
 from cpo_jax.data.sources import make_source  # noqa: F401  (re-exported: P.make_source)
-from cpo_jax.knowledge.graph import ConceptGraph, load_graph
-
+from cpo_jax.knowledge.graph import ConceptGraph
+from cpo_jax.knowledge.graph import load_graph
 
 # ---- processors -----------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class Processors:
@@ -83,14 +88,23 @@ class Processors:
       # (static shapes). Real data with a native aspect needs buckets (issue 5), not this.
       pil = image if isinstance(image, Image.Image) else Image.fromarray(arr)
       arr = np.asarray(pil.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC))
-    if self.image_size is not None and arr.shape == (self.image_size, self.image_size, 3) and arr.dtype == np.uint8:
+    if (
+      self.image_size is not None
+      and arr.shape == (self.image_size, self.image_size, 3)
+      and arr.dtype == np.uint8
+    ):
       # Fast path (~10x): at the target size the processor's resize is the identity, so only
       # rescale + normalize + HF's own patchify remain. Equal to the processor (tested).
       x = arr.transpose(2, 0, 1).astype(np.float64) * ip.rescale_factor
-      x = (x.astype(np.float32) - np.asarray(ip.image_mean, np.float32)[:, None, None]) / \
-          np.asarray(ip.image_std, np.float32)[:, None, None]
-      pv, gh, gw = ip.patchify(x, patch_size=ip.patch_size, merge_size=ip.merge_size,
-                               temporal_patch_size=ip.temporal_patch_size)
+      x = (
+        x.astype(np.float32) - np.asarray(ip.image_mean, np.float32)[:, None, None]
+      ) / np.asarray(ip.image_std, np.float32)[:, None, None]
+      pv, gh, gw = ip.patchify(
+        x,
+        patch_size=ip.patch_size,
+        merge_size=ip.merge_size,
+        temporal_patch_size=ip.temporal_patch_size,
+      )
       return np.ascontiguousarray(pv, np.float32), np.array([1, gh, gw], np.int32)
     out = ip(images=image, return_tensors="np")
     return out["pixel_values"].astype(np.float32), out["image_grid_thw"][0].astype(np.int32)
@@ -137,6 +151,7 @@ class Processors:
     """Prompt for ms-swift style messages (JSON string: hashable for the cache), all turns
     but the last assistant one, + the assistant header."""
     from cpo_jax.data.swift_jsonl import to_chat
+
     msgs = to_chat(json.loads(messages_json))
     text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     text = text.replace(tok_lib.IMAGE_PAD, tok_lib.IMAGE_PAD * num_image_tokens)
@@ -162,39 +177,57 @@ def make_processors(tokenizer_dir: str | None = None, image_size: int = 112) -> 
     tok = tok_lib.build_tokenizer()
     if tokenizer_dir:
       tok_lib.save_tokenizer(tok, tokenizer_dir)
-  ip = Qwen2VLImageProcessorPil(min_pixels=image_size * image_size, max_pixels=image_size * image_size)
+  ip = Qwen2VLImageProcessorPil(
+    min_pixels=image_size * image_size, max_pixels=image_size * image_size
+  )
   return Processors(tok, ip, tok_lib.special_ids(tok), image_size if image_size % 28 == 0 else None)
 
 
 # ---- packing ------------------------------------------------------------------------
 
-def pack_right(prompt: tuple[int, ...], completion: tuple[int, ...], max_len: int, pad_id: int,
-               record_id, unk_id: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+
+def pack_right(
+  prompt: tuple[int, ...],
+  completion: tuple[int, ...],
+  max_len: int,
+  pad_id: int,
+  record_id,
+  unk_id: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   if unk_id is not None and (unk_id in completion or unk_id in prompt):
     # the small word-level tokenizer maps unseen words to <unk>: that text is not learnable
-    raise BadRecordError("unknown_token", record_id, "text has words outside the tokenizer vocabulary "
-                         "(build_tokenizer(extra_texts=...) or use the model's own tokenizer)")
+    raise BadRecordError(
+      "unknown_token",
+      record_id,
+      "text has words outside the tokenizer vocabulary "
+      "(build_tokenizer(extra_texts=...) or use the model's own tokenizer)",
+    )
   n = len(prompt) + len(completion)
   if n > max_len:
-    raise OverlongError(record_id, f"{n} tokens ({len(prompt)} prompt + {len(completion)} completion) "
-                                   f"> max_len {max_len}; raise max_len (never truncated)")
+    raise OverlongError(
+      record_id,
+      f"{n} tokens ({len(prompt)} prompt + {len(completion)} completion) "
+      f"> max_len {max_len}; raise max_len (never truncated)",
+    )
   ids = np.full(max_len, pad_id, np.int32)
   ids[:n] = prompt + completion
   attn = np.zeros(max_len, np.int32)
   attn[:n] = 1
   loss = np.zeros(max_len, np.int32)
-  loss[len(prompt):n] = 1
+  loss[len(prompt) : n] = 1
   return ids, attn, loss
 
 
-def pack_left(prompt: tuple[int, ...], max_len: int, pad_id: int, record_id) -> tuple[np.ndarray, np.ndarray]:
+def pack_left(
+  prompt: tuple[int, ...], max_len: int, pad_id: int, record_id
+) -> tuple[np.ndarray, np.ndarray]:
   n = len(prompt)
   if n > max_len:
     raise OverlongError(record_id, f"prompt of {n} tokens > max_prompt_len {max_len}")
   ids = np.full(max_len, pad_id, np.int32)
-  ids[max_len - n:] = prompt
+  ids[max_len - n :] = prompt
   attn = np.zeros(max_len, np.int32)
-  attn[max_len - n:] = 1
+  attn[max_len - n :] = 1
   return ids, attn
 
 
@@ -206,10 +239,18 @@ def parse_length_buckets(spec, max_len: int) -> tuple[int, ...]:
   try:
     out = [int(s) for s in items]
   except ValueError:
-    raise ValueError(f"data.length_buckets={spec!r}: expected comma-separated ints such as '64,80'") from None
-  if any(b <= 0 for b in out) or any(a >= b for a, b in zip(out, out[1:])) or (out and out[-1] > max_len):
-    raise ValueError(f"data.length_buckets={spec!r}: expected strictly increasing positive lengths, each <= "
-                     f"data.max_len ({max_len}); max_len is always the last bucket")
+    raise ValueError(
+      f"data.length_buckets={spec!r}: expected comma-separated ints such as '64,80'"
+    ) from None
+  if (
+    any(b <= 0 for b in out)
+    or any(a >= b for a, b in zip(out, out[1:]))
+    or (out and out[-1] > max_len)
+  ):
+    raise ValueError(
+      f"data.length_buckets={spec!r}: expected strictly increasing positive lengths, each <= "
+      f"data.max_len ({max_len}); max_len is always the last bucket"
+    )
   return tuple(out) if out and out[-1] == max_len else tuple(out) + (max_len,)
 
 
@@ -246,6 +287,7 @@ def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 # ---- per-example transforms -----------------------------------------------------------
+
 
 class _Guard:
   """Applies the bad-record policy around a per-example transform (picklable for workers)."""
@@ -287,8 +329,12 @@ def _image(proc: Processors, image, rid: str, want_grid=None):
   except Exception as e:
     raise BadRecordError("bad_image", rid, f"image cannot be decoded/processed: {e!r}") from e
   if want_grid is not None and not np.array_equal(grid, want_grid):
-    raise BadRecordError("bad_image", rid, f"image grid {grid.tolist()} != {np.asarray(want_grid).tolist()}; "
-                                           "set min_pixels == max_pixels so batches have one shape")
+    raise BadRecordError(
+      "bad_image",
+      rid,
+      f"image grid {grid.tolist()} != {np.asarray(want_grid).tolist()}; "
+      "set min_pixels == max_pixels so batches have one shape",
+    )
   return pv, grid
 
 
@@ -297,40 +343,93 @@ def _sft_example(i: int, *, source, proc: Processors, max_len: int):
   rid = f"{source!r}[{i}]"
   pv, grid = _image(proc, rec["image"], rid)
   prompt = proc.prompt_ids(pairs_lib.as_text(rec["question"]), proc.num_image_tokens(grid))
-  ids, attn, loss = pack_right(prompt, proc.completion_ids(pairs_lib.completion_of(rec)), max_len,
-                               proc.ids["pad_token_id"], rid, proc.tokenizer.unk_token_id)
-  return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "pixel_values": pv,
-          "image_grid_thw": grid, "prompt_length": np.int32(len(prompt)),
-          "decision": np.int32(rec["decision"]), "index": np.int32(i)}
+  ids, attn, loss = pack_right(
+    prompt,
+    proc.completion_ids(pairs_lib.completion_of(rec)),
+    max_len,
+    proc.ids["pad_token_id"],
+    rid,
+    proc.tokenizer.unk_token_id,
+  )
+  return {
+    "input_ids": ids,
+    "attention_mask": attn,
+    "loss_mask": loss,
+    "pixel_values": pv,
+    "image_grid_thw": grid,
+    "prompt_length": np.int32(len(prompt)),
+    "decision": np.int32(rec["decision"]),
+    "index": np.int32(i),
+  }
 
 
-def _cpo_example(i: int, rng: np.random.Generator, *, source, proc: Processors, graph: ConceptGraph,
-                 index: pairs_lib.PairIndex, max_len: int, thinking_fraction: float, perception_mode: str):
+def _cpo_example(
+  i: int,
+  rng: np.random.Generator,
+  *,
+  source,
+  proc: Processors,
+  graph: ConceptGraph,
+  index: pairs_lib.PairIndex,
+  max_len: int,
+  thinking_fraction: float,
+  perception_mode: str,
+):
   rec = _read(source, i)
   rid = f"{source!r}[{i}]"
-  pair = pairs_lib.make_pair(rec, i, rng, graph=graph, source=source, index=index,
-                             thinking_fraction=thinking_fraction, perception_mode=perception_mode)
+  pair = pairs_lib.make_pair(
+    rec,
+    i,
+    rng,
+    graph=graph,
+    source=source,
+    index=index,
+    thinking_fraction=thinking_fraction,
+    perception_mode=perception_mode,
+  )
   c_pv, grid = _image(proc, pair["chosen_image"], rid)
   if pair["source"] == pairs_lib.SOURCE_IDS["thinking"]:
     r_pv = c_pv
   else:
-    r_pv = _image(proc, pair["rejected_image"], f"{source!r}[{pair['rejected_index']}] (rejected image for {i})",
-                  want_grid=grid)[0]
+    r_pv = _image(
+      proc,
+      pair["rejected_image"],
+      f"{source!r}[{pair['rejected_index']}] (rejected image for {i})",
+      want_grid=grid,
+    )[0]
   prompt = proc.prompt_ids(pair["question"], proc.num_image_tokens(grid))
   pad = proc.ids["pad_token_id"]
   unk = proc.tokenizer.unk_token_id
-  c = pack_right(prompt, proc.completion_ids(pair["chosen_completion"]), max_len, pad, f"{rid} chosen", unk)
-  r = pack_right(prompt, proc.completion_ids(pair["rejected_completion"]), max_len, pad,
-                 f"{rid} rejected ({'thinking' if pair['source'] == 0 else 'perception'})", unk)
+  c = pack_right(
+    prompt, proc.completion_ids(pair["chosen_completion"]), max_len, pad, f"{rid} chosen", unk
+  )
+  r = pack_right(
+    prompt,
+    proc.completion_ids(pair["rejected_completion"]),
+    max_len,
+    pad,
+    f"{rid} rejected ({'thinking' if pair['source'] == 0 else 'perception'})",
+    unk,
+  )
   return {
-      "chosen_input_ids": c[0], "chosen_attention_mask": c[1], "chosen_loss_mask": c[2], "chosen_pixel_values": c_pv,
-      "rejected_input_ids": r[0], "rejected_attention_mask": r[1], "rejected_loss_mask": r[2],
-      "rejected_pixel_values": r_pv, "image_grid_thw": grid,
-      "source": np.int32(pair["source"]), "sample_weight": np.float32(pair["sample_weight"]),
-      "prompt_length": np.int32(len(prompt)), "rejected_prompt_length": np.int32(len(prompt)),
-      "boxes": proc.boxes_for(pair["boxes"], pair["chosen_image"]),
-      "chosen_decision": np.int32(pair["chosen_decision"]), "rejected_decision": np.int32(pair["rejected_decision"]),
-      "index": np.int32(i), "flipped_concept": np.int32(pair["flipped_concept"]),
+    "chosen_input_ids": c[0],
+    "chosen_attention_mask": c[1],
+    "chosen_loss_mask": c[2],
+    "chosen_pixel_values": c_pv,
+    "rejected_input_ids": r[0],
+    "rejected_attention_mask": r[1],
+    "rejected_loss_mask": r[2],
+    "rejected_pixel_values": r_pv,
+    "image_grid_thw": grid,
+    "source": np.int32(pair["source"]),
+    "sample_weight": np.float32(pair["sample_weight"]),
+    "prompt_length": np.int32(len(prompt)),
+    "rejected_prompt_length": np.int32(len(prompt)),
+    "boxes": proc.boxes_for(pair["boxes"], pair["chosen_image"]),
+    "chosen_decision": np.int32(pair["chosen_decision"]),
+    "rejected_decision": np.int32(pair["rejected_decision"]),
+    "index": np.int32(i),
+    "flipped_concept": np.int32(pair["flipped_concept"]),
   }
 
 
@@ -339,8 +438,14 @@ def _swift_side(proc: Processors, rec, prefix: str, max_len: int, want_grid=None
   msgs = rec[f"{prefix}prompt_messages"]
   prompt = proc.prompt_ids_from_json(json.dumps(msgs), proc.num_image_tokens(grid))
   text = rec["chosen"] if prefix == "" else rec["rejected"]
-  packed = pack_right(prompt, proc.completion_ids(text), max_len, proc.ids["pad_token_id"],
-                      f"{rec['record_id']} {'chosen' if prefix == '' else 'rejected'}", proc.tokenizer.unk_token_id)
+  packed = pack_right(
+    prompt,
+    proc.completion_ids(text),
+    max_len,
+    proc.ids["pad_token_id"],
+    f"{rec['record_id']} {'chosen' if prefix == '' else 'rejected'}",
+    proc.tokenizer.unk_token_id,
+  )
   return packed, pv, grid, len(prompt)
 
 
@@ -350,23 +455,40 @@ def _swift_cpo_example(i: int, *, source, proc: Processors, max_len: int):
   (r, r_pv, _, r_len) = _swift_side(proc, rec, "rejected_", max_len, want_grid=grid)
   S = proc.image_size or 0
   return {
-      "chosen_input_ids": c[0], "chosen_attention_mask": c[1], "chosen_loss_mask": c[2], "chosen_pixel_values": c_pv,
-      "rejected_input_ids": r[0], "rejected_attention_mask": r[1], "rejected_loss_mask": r[2],
-      "rejected_pixel_values": r_pv, "image_grid_thw": grid,
-      "source": np.int32(rec["source"]), "sample_weight": np.float32(rec["sample_weight"]),
-      "prompt_length": np.int32(c_len), "rejected_prompt_length": np.int32(r_len),
-      "boxes": np.array([[0, 0, S, S]], np.int32),  # no evidence boxes known: the whole image
-      "chosen_decision": np.int32(-1), "rejected_decision": np.int32(-1), "index": np.int32(i),
-      "flipped_concept": np.int32(-1),
+    "chosen_input_ids": c[0],
+    "chosen_attention_mask": c[1],
+    "chosen_loss_mask": c[2],
+    "chosen_pixel_values": c_pv,
+    "rejected_input_ids": r[0],
+    "rejected_attention_mask": r[1],
+    "rejected_loss_mask": r[2],
+    "rejected_pixel_values": r_pv,
+    "image_grid_thw": grid,
+    "source": np.int32(rec["source"]),
+    "sample_weight": np.float32(rec["sample_weight"]),
+    "prompt_length": np.int32(c_len),
+    "rejected_prompt_length": np.int32(r_len),
+    "boxes": np.array([[0, 0, S, S]], np.int32),  # no evidence boxes known: the whole image
+    "chosen_decision": np.int32(-1),
+    "rejected_decision": np.int32(-1),
+    "index": np.int32(i),
+    "flipped_concept": np.int32(-1),
   }
 
 
 def _swift_sft_example(i: int, *, source, proc: Processors, max_len: int):
   rec = source[i]
   (c, pv, grid, c_len) = _swift_side(proc, rec, "", max_len)
-  return {"input_ids": c[0], "attention_mask": c[1], "loss_mask": c[2], "pixel_values": pv,
-          "image_grid_thw": grid, "prompt_length": np.int32(c_len), "decision": np.int32(-1),
-          "index": np.int32(i)}
+  return {
+    "input_ids": c[0],
+    "attention_mask": c[1],
+    "loss_mask": c[2],
+    "pixel_values": pv,
+    "image_grid_thw": grid,
+    "prompt_length": np.int32(c_len),
+    "decision": np.int32(-1),
+    "index": np.int32(i),
+  }
 
 
 def gives_pairs(source) -> bool:
@@ -376,7 +498,10 @@ def gives_pairs(source) -> bool:
 
 # ---- datasets ------------------------------------------------------------------------
 
-def _indices(n: int, *, seed: int, shard_index: int, shard_count: int, num_epochs: int | None, shuffle: bool):
+
+def _indices(
+  n: int, *, seed: int, shard_index: int, shard_count: int, num_epochs: int | None, shuffle: bool
+):
   """Per-host slice of the positions, then (seeded, per-epoch) shuffle and repeat."""
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
@@ -393,8 +518,9 @@ def _batched(ds: grain.MapDataset, batch_size: int, read_threads: int = 1) -> gr
   return it.batch(batch_size, drop_remainder=True, batch_fn=_stack)
 
 
-def _finish(it: grain.IterDataset, worker_count: int, buckets: tuple[int, ...],
-            prefixes: tuple[str, ...]) -> grain.IterDataset:
+def _finish(
+  it: grain.IterDataset, worker_count: int, buckets: tuple[int, ...], prefixes: tuple[str, ...]
+) -> grain.IterDataset:
   if len(buckets) > 1:
     # Per batch: the rows and their order stay those of the unbucketed stream. Grouping rows
     # of similar length across batches would cut more padding where lengths spread widely,
@@ -402,7 +528,10 @@ def _finish(it: grain.IterDataset, worker_count: int, buckets: tuple[int, ...],
     # normalises its weights per batch.
     it = it.map(_TrimToBucket(buckets, prefixes))
   if worker_count > 0:
-    from absl import flags  # grain's worker processes read absl flags; outside absl.app they are unparsed
+    from absl import (
+      flags,  # grain's worker processes read absl flags; outside absl.app they are unparsed
+    )
+
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
@@ -423,8 +552,10 @@ def pair_layout_for(thinking_fraction: float, batch_size: int) -> tuple[int, int
   t / g == thinking_fraction and must divide the (per-host) batch."""
   fraction = fractions.Fraction(thinking_fraction).limit_denominator(batch_size)
   if float(fraction) != float(thinking_fraction) or batch_size % fraction.denominator:
-    raise ValueError(f"data.thinking_fraction={thinking_fraction} is not t / g with g dividing the batch size "
-                     f"{batch_size}; choose one that is (0.5, 0.25, ...) or set data.pair_layout='mixed'")
+    raise ValueError(
+      f"data.thinking_fraction={thinking_fraction} is not t / g with g dividing the batch size "
+      f"{batch_size}; choose one that is (0.5, 0.25, ...) or set data.pair_layout='mixed'"
+    )
   return fraction.numerator, fraction.denominator
 
 
@@ -440,38 +571,80 @@ class _InterleaveGroups:
     out = {}
     for k, a in thinking.items():
       b = perception[k]
-      rows_a = a.reshape(groups, self.t, -1, a.shape[-1]) if k.endswith("pixel_values") else \
-          a.reshape(groups, self.t, *a.shape[1:])
+      rows_a = (
+        a.reshape(groups, self.t, -1, a.shape[-1])
+        if k.endswith("pixel_values")
+        else a.reshape(groups, self.t, *a.shape[1:])
+      )
       rows_b = b.reshape(groups, self.g - self.t, *rows_a.shape[2:])
       rows = np.concatenate([rows_a, rows_b], axis=1)
-      out[k] = rows.reshape(-1, a.shape[-1]) if k.endswith("pixel_values") else rows.reshape(-1, *a.shape[1:])
+      out[k] = (
+        rows.reshape(-1, a.shape[-1])
+        if k.endswith("pixel_values")
+        else rows.reshape(-1, *a.shape[1:])
+      )
     return out
 
 
-def make_sft_dataset(source, proc: Processors, *, batch_size: int, max_len: int, seed: int = 0,
-                     shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = None,
-                     on_bad_record: str | None = None, on_overlong: str | None = None,
-                     skips: SkipCounter | None = None, worker_count: int = 0,
-                     length_buckets=()) -> grain.IterDataset:
+def make_sft_dataset(
+  source,
+  proc: Processors,
+  *,
+  batch_size: int,
+  max_len: int,
+  seed: int = 0,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  num_epochs: int | None = None,
+  on_bad_record: str | None = None,
+  on_overlong: str | None = None,
+  skips: SkipCounter | None = None,
+  worker_count: int = 0,
+  length_buckets=(),
+) -> grain.IterDataset:
   """SFT batches (see module doc). num_epochs=None repeats forever. `length_buckets` (see
   `parse_length_buckets`): each batch is cut to the smallest bucket that holds its rows."""
   policy = _policy(on_bad_record, on_overlong)
   buckets = parse_length_buckets(length_buckets, max_len)
   skips = SkipCounter() if skips is None else skips
-  ds = _indices(len(source), seed=seed, shard_index=shard_index, shard_count=shard_count,
-                num_epochs=num_epochs, shuffle=True)
-  fn = _swift_sft_example if gives_pairs(source) else _sft_example  # pair records: SFT on the chosen side
-  ds = ds.map(_Guard(functools.partial(fn, source=source, proc=proc, max_len=max_len), policy, skips))
+  ds = _indices(
+    len(source),
+    seed=seed,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    num_epochs=num_epochs,
+    shuffle=True,
+  )
+  fn = (
+    _swift_sft_example if gives_pairs(source) else _sft_example
+  )  # pair records: SFT on the chosen side
+  ds = ds.map(
+    _Guard(functools.partial(fn, source=source, proc=proc, max_len=max_len), policy, skips)
+  )
   return _finish(_batched(ds, batch_size), worker_count, buckets, ("",))
 
 
-def make_cpo_dataset(source, proc: Processors, *, batch_size: int, max_len: int, seed: int = 0,
-                     thinking_fraction: float = 0.5, perception_mode: str = "hard",
-                     graph: ConceptGraph | None = None, pair_index: pairs_lib.PairIndex | None = None,
-                     shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = None,
-                     on_bad_record: str | None = None, on_overlong: str | None = None,
-                     skips: SkipCounter | None = None, worker_count: int = 0,
-                     length_buckets=(), pair_layout: tuple[int, int] | None = None) -> grain.IterDataset:
+def make_cpo_dataset(
+  source,
+  proc: Processors,
+  *,
+  batch_size: int,
+  max_len: int,
+  seed: int = 0,
+  thinking_fraction: float = 0.5,
+  perception_mode: str = "hard",
+  graph: ConceptGraph | None = None,
+  pair_index: pairs_lib.PairIndex | None = None,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  num_epochs: int | None = None,
+  on_bad_record: str | None = None,
+  on_overlong: str | None = None,
+  skips: SkipCounter | None = None,
+  worker_count: int = 0,
+  length_buckets=(),
+  pair_layout: tuple[int, int] | None = None,
+) -> grain.IterDataset:
   """CPO++ pair batches (see module doc). Each pair is thinking with prob thinking_fraction
   (seeded per position), else perception with `perception_mode` in hard | far | random |
   counterfactual (the last re-renders the chosen scene: synthetic sources only). With
@@ -482,39 +655,85 @@ def make_cpo_dataset(source, proc: Processors, *, batch_size: int, max_len: int,
   if not 0.0 <= thinking_fraction <= 1.0:
     raise ValueError(f"thinking_fraction {thinking_fraction} not in [0, 1]")
   if perception_mode not in pairs_lib.PERCEPTION_MODES:
-    raise ValueError(f"perception_mode {perception_mode!r}; expected one of {pairs_lib.PERCEPTION_MODES}")
+    raise ValueError(
+      f"perception_mode {perception_mode!r}; expected one of {pairs_lib.PERCEPTION_MODES}"
+    )
   skips = SkipCounter() if skips is None else skips
   if perception_mode == "counterfactual" and not hasattr(source, "counterfactual"):
-    raise ValueError(f"perception_mode='counterfactual' re-renders the chosen scene with one concept changed; "
-                     f"dataset {source!r} cannot re-render its images (only synth_drive and synth_cxr can); "
-                     f"use perception_mode in {pairs_lib.INDEX_MODES}")
+    raise ValueError(
+      f"perception_mode='counterfactual' re-renders the chosen scene with one concept changed; "
+      f"dataset {source!r} cannot re-render its images (only synth_drive and synth_cxr can); "
+      f"use perception_mode in {pairs_lib.INDEX_MODES}"
+    )
   if gives_pairs(source):  # pairs given by the records (swift_jsonl): no rewriter, no image index
-    ds = _indices(len(source), seed=seed, shard_index=shard_index, shard_count=shard_count,
-                  num_epochs=num_epochs, shuffle=True)
-    ds = ds.map(_Guard(functools.partial(_swift_cpo_example, source=source, proc=proc, max_len=max_len),
-                       policy, skips))
+    ds = _indices(
+      len(source),
+      seed=seed,
+      shard_index=shard_index,
+      shard_count=shard_count,
+      num_epochs=num_epochs,
+      shuffle=True,
+    )
+    ds = ds.map(
+      _Guard(
+        functools.partial(_swift_cpo_example, source=source, proc=proc, max_len=max_len),
+        policy,
+        skips,
+      )
+    )
     return _finish(_batched(ds, batch_size), worker_count, buckets, _PAIR_SIDES)
   graph = graph or load_graph(getattr(source, "domain", "driving"))
   if perception_mode != "counterfactual":  # counterfactual negatives need no index over the split
     pair_index = pair_index or pairs_lib.PairIndex.from_source(source)
 
   def pairs(fraction, stream):
-    ds = _indices(len(source), seed=seed + stream, shard_index=shard_index, shard_count=shard_count,
-                  num_epochs=num_epochs, shuffle=True)
-    return ds.random_map(_Guard(functools.partial(
-        _cpo_example, source=source, proc=proc, graph=graph, index=pair_index, max_len=max_len,
-        thinking_fraction=fraction, perception_mode=perception_mode), policy, skips), seed=seed + 1 + stream)
-  if pair_layout is not None and tuple(pair_layout) != pair_layout_for(thinking_fraction, batch_size):
-    raise ValueError(f"pair_layout {pair_layout} does not match thinking_fraction {thinking_fraction} and "
-                     f"batch size {batch_size}; expected {pair_layout_for(thinking_fraction, batch_size)}")
+    ds = _indices(
+      len(source),
+      seed=seed + stream,
+      shard_index=shard_index,
+      shard_count=shard_count,
+      num_epochs=num_epochs,
+      shuffle=True,
+    )
+    return ds.random_map(
+      _Guard(
+        functools.partial(
+          _cpo_example,
+          source=source,
+          proc=proc,
+          graph=graph,
+          index=pair_index,
+          max_len=max_len,
+          thinking_fraction=fraction,
+          perception_mode=perception_mode,
+        ),
+        policy,
+        skips,
+      ),
+      seed=seed + 1 + stream,
+    )
+
+  if pair_layout is not None and tuple(pair_layout) != pair_layout_for(
+    thinking_fraction, batch_size
+  ):
+    raise ValueError(
+      f"pair_layout {pair_layout} does not match thinking_fraction {thinking_fraction} and "
+      f"batch size {batch_size}; expected {pair_layout_for(thinking_fraction, batch_size)}"
+    )
   t, g = pair_layout or (0, 1)
   if t in (0, g):  # mixed, or one kind only: nothing to interleave
-    return _finish(_batched(pairs(thinking_fraction, 0), batch_size), worker_count, buckets, _PAIR_SIDES)
+    return _finish(
+      _batched(pairs(thinking_fraction, 0), batch_size), worker_count, buckets, _PAIR_SIDES
+    )
   # Two streams, each over the whole (shuffled) split: thinking pairs and perception pairs,
   # batched by their share of the batch and interleaved group by group.
   groups = batch_size // g
   zipped = grain.experimental.ZipIterDataset(
-      parents=[_batched(pairs(1.0, 0), groups * t), _batched(pairs(0.0, _PERCEPTION_STREAM), groups * (g - t))])
+    parents=[
+      _batched(pairs(1.0, 0), groups * t),
+      _batched(pairs(0.0, _PERCEPTION_STREAM), groups * (g - t)),
+    ]
+  )
   return _finish(zipped.map(_InterleaveGroups(t, g)), worker_count, buckets, _PAIR_SIDES)
 
 
@@ -533,8 +752,11 @@ def _eval_row_from_pair(rec, proc: Processors, graph: ConceptGraph, max_prompt_l
   carries one (mimic_ccf's labels, codalm's parsed suggestion), else read from the chosen text
   with the graph (swift_jsonl); -1 where there is none. Concepts are read from the text."""
   from cpo_jax.knowledge import free_text
+
   pv, grid = proc.image_inputs(rec["image"])
-  prompt = proc.prompt_ids_from_json(json.dumps(rec["prompt_messages"]), proc.num_image_tokens(grid))
+  prompt = proc.prompt_ids_from_json(
+    json.dumps(rec["prompt_messages"]), proc.num_image_tokens(grid)
+  )
   ids, attn = pack_left(prompt, max_prompt_len, proc.ids["pad_token_id"], rec["record_id"])
   if "decision" in rec:
     decision = int(rec["decision"])
@@ -543,15 +765,29 @@ def _eval_row_from_pair(rec, proc: Processors, graph: ConceptGraph, max_prompt_l
     decision = -1 if d is None else graph.decision_id(d)
   a, _ = free_text.parse_report(graph, rec["chosen"])
   S = proc.image_size or 0
-  return {"input_ids": ids, "attention_mask": attn, "pixel_values": pv, "image_grid_thw": grid,
-          "decision": np.int32(decision),
-          "concepts": np.asarray(graph.value_ids(a), np.int32), "nuisance": np.int32(-1),
-          "boxes": np.array([[0, 0, S, S]], np.int32)}
+  return {
+    "input_ids": ids,
+    "attention_mask": attn,
+    "pixel_values": pv,
+    "image_grid_thw": grid,
+    "decision": np.int32(decision),
+    "concepts": np.asarray(graph.value_ids(a), np.int32),
+    "nuisance": np.int32(-1),
+    "boxes": np.array([[0, 0, S, S]], np.int32),
+  }
 
 
-def make_eval_batches(source, proc: Processors, *, batch_size: int, max_prompt_len: int,
-                      max_examples: int | None = None, shard_index: int = 0, shard_count: int = 1,
-                      graph: ConceptGraph | None = None) -> Iterator[dict[str, np.ndarray]]:
+def make_eval_batches(
+  source,
+  proc: Processors,
+  *,
+  batch_size: int,
+  max_prompt_len: int,
+  max_examples: int | None = None,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  graph: ConceptGraph | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
   """Left-padded prompts in source order (+ gold labels); the last batch is filled to the
   static size by repeating its first row with valid=False. `graph` (default: the source's
   domain, medical for ingested pairs) is only used to read labels from ingested pairs."""
@@ -561,20 +797,36 @@ def make_eval_batches(source, proc: Processors, *, batch_size: int, max_prompt_l
   positions = list(range(n))[shard_index::shard_count]
   pad = proc.ids["pad_token_id"]
   for s in range(0, len(positions), batch_size):
-    chunk = positions[s:s + batch_size]
+    chunk = positions[s : s + batch_size]
     rows = []
     for i in chunk:
       rec = source[i]
       if gives_pairs(source):
-        rows.append(dict(_eval_row_from_pair(rec, proc, graph, max_prompt_len), index=np.int32(i), valid=np.bool_(True)))
+        rows.append(
+          dict(
+            _eval_row_from_pair(rec, proc, graph, max_prompt_len),
+            index=np.int32(i),
+            valid=np.bool_(True),
+          )
+        )
         continue
       pv, grid = proc.image_inputs(rec["image"])
       prompt = proc.prompt_ids(pairs_lib.as_text(rec["question"]), proc.num_image_tokens(grid))
       ids, attn = pack_left(prompt, max_prompt_len, pad, f"{source!r}[{i}]")
-      rows.append({"input_ids": ids, "attention_mask": attn, "pixel_values": pv, "image_grid_thw": grid,
-                   "decision": np.int32(rec["decision"]), "concepts": np.asarray(rec["concepts"], np.int32),
-                   "nuisance": np.int32(rec["nuisance"]), "boxes": proc.boxes_for(rec["boxes"], rec["image"]),
-                   "index": np.int32(i), "valid": np.bool_(True)})
+      rows.append(
+        {
+          "input_ids": ids,
+          "attention_mask": attn,
+          "pixel_values": pv,
+          "image_grid_thw": grid,
+          "decision": np.int32(rec["decision"]),
+          "concepts": np.asarray(rec["concepts"], np.int32),
+          "nuisance": np.int32(rec["nuisance"]),
+          "boxes": proc.boxes_for(rec["boxes"], rec["image"]),
+          "index": np.int32(i),
+          "valid": np.bool_(True),
+        }
+      )
     while len(rows) < batch_size:
       rows.append(dict(rows[0], valid=np.bool_(False)))
     yield _stack(rows)
@@ -582,20 +834,31 @@ def make_eval_batches(source, proc: Processors, *, batch_size: int, max_prompt_l
 
 # ---- drift probe ---------------------------------------------------------------------
 
+
 def decision_token_ids(proc: Processors, graph: ConceptGraph) -> np.ndarray:
   """[num_decisions] id of each decision's first answer token (' stop', ' slow', ...), in
   graph.decisions order: the next-token distribution over these after the answer prefix is the
   outcome distribution (for AUC and the drift probe)."""
-  ids = [proc.tokenizer(" " + graph.decision_texts[d], add_special_tokens=False)["input_ids"][0]
-         for d in graph.decisions]
+  ids = [
+    proc.tokenizer(" " + graph.decision_texts[d], add_special_tokens=False)["input_ids"][0]
+    for d in graph.decisions
+  ]
   if len(set(ids)) != len(ids):
     raise ValueError(f"decisions share a first token: {dict(zip(graph.decisions, ids))}")
   return np.asarray(ids, np.int32)
 
 
-def make_probe_batches(source, proc: Processors, *, kind: str, batch_size: int, max_len: int,
-                       max_examples: int | None = None, seed: int = 0,
-                       graph: ConceptGraph | None = None) -> Iterator[dict[str, np.ndarray]]:
+def make_probe_batches(
+  source,
+  proc: Processors,
+  *,
+  kind: str,
+  batch_size: int,
+  max_len: int,
+  max_examples: int | None = None,
+  seed: int = 0,
+  graph: ConceptGraph | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
   """Teacher-forced drift-probe inputs: prompt + chain (kind 'none' = the gold chain,
   'synonym' / 'contradict' = one concept sentence edited, see knowledge/drift.py) + the answer
   prefix, LEFT padded to max_len, so logits[:, -1] over decision_token_ids is the outcome
@@ -603,6 +866,7 @@ def make_probe_batches(source, proc: Processors, *, kind: str, batch_size: int, 
   Keys: input_ids, attention_mask [B,max_len], pixel_values, image_grid_thw, decision (gold),
   expected_decision (the rule's decision for the edited chain), index, valid."""
   from cpo_jax.knowledge import drift
+
   graph = graph or load_graph(getattr(source, "domain", "driving"))
   prefix = drift.answer_prefix(graph)
   n = len(source) if max_examples is None else min(max_examples, len(source))
@@ -621,9 +885,18 @@ def make_probe_batches(source, proc: Processors, *, kind: str, batch_size: int, 
       prompt = proc.prompt_ids(pairs_lib.as_text(rec["question"]), proc.num_image_tokens(grid))
       body = tuple(proc.tokenizer(f"{chain} {prefix}", add_special_tokens=False)["input_ids"])
       ids, attn = pack_left(prompt + body, max_len, pad, f"{source!r}[{i}] ({kind} probe)")
-      rows.append({"input_ids": ids, "attention_mask": attn, "pixel_values": pv, "image_grid_thw": grid,
-                   "decision": np.int32(rec["decision"]), "expected_decision": np.int32(graph.decision_id(expected)),
-                   "index": np.int32(i), "valid": np.bool_(True)})
+      rows.append(
+        {
+          "input_ids": ids,
+          "attention_mask": attn,
+          "pixel_values": pv,
+          "image_grid_thw": grid,
+          "decision": np.int32(rec["decision"]),
+          "expected_decision": np.int32(graph.decision_id(expected)),
+          "index": np.int32(i),
+          "valid": np.bool_(True),
+        }
+      )
     while len(rows) < batch_size:
       rows.append(dict(rows[0], valid=np.bool_(False)))
     yield _stack(rows)

@@ -5,11 +5,12 @@ goes into the checkpoints) and the evaluator for eval batches per split. This pr
 only its own shard of the training data (`jax.process_index()` of `jax.process_count()`);
 every host evaluates the same batches.
 """
+
 import os
 
+from absl import logging
 import jax
 import numpy as np
-from absl import logging
 
 from cpo_jax.data import pipeline
 from cpo_jax.knowledge import load_graph
@@ -18,83 +19,118 @@ DATASETS = ('synth_drive', 'synth_cxr', 'swift_jsonl', 'mimic_ccf', 'codalm')
 
 
 class RunData:
+  def __init__(self, cfg, workdir):
+    self.cfg = cfg
+    name = cfg.data.name
+    if name not in DATASETS:
+      raise ValueError(f'config.data.name={name!r} is not available; known: {DATASETS}.')
+    self.graph = load_graph(cfg.domain)
+    data_dir = cfg.data.data_dir or os.path.join(workdir, 'data')
+    # A Hugging Face checkpoint brings its own tokenizer; synthetic runs build one.
+    tokenizer_dir = cfg.model.init_from or os.path.join(data_dir, 'tokenizer')
+    self.processors = pipeline.make_processors(
+      tokenizer_dir=tokenizer_dir, image_size=cfg.data.image_size
+    )
+    if name in ('swift_jsonl', 'mimic_ccf', 'codalm'):  # the user's files under manual_dir.
+      self.sources = {
+        split: pipeline.make_source(
+          name, split, data_dir=cfg.data.manual_dir, on_bad_record=cfg.data.on_bad_record
+        )
+        for split in ['train'] + cfg.eval.splits.split(',')
+      }
+    else:
+      self.sources = {
+        split: pipeline.make_source(
+          name,
+          split,
+          num_examples=n,
+          seed=cfg.seed,
+          data_dir=data_dir,
+          shortcut_agreement=cfg.data.spurious_correlation,
+        )
+        for split, n in cfg.data.num_examples.items()
+      }
+    self.skips = pipeline.SkipCounter()
+    self.shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+    first = pipeline.make_eval_batches(
+      self.sources['test'], self.processors, batch_size=1, max_prompt_len=cfg.eval.max_prompt_len
+    )
+    self.grid = np.asarray(next(first)['image_grid_thw'])[0]  # [3]: (t, h, w) patches.
+    self.length_buckets = self._length_buckets()
+    # Grouped pairs let the step encode a thinking pair's image once; pairs given by the
+    # records (swift_jsonl, mimic_ccf, codalm) come in their own order.
+    grouped = cfg.data.pair_layout == 'grouped' and not pipeline.gives_pairs(self.sources['train'])
+    if cfg.data.pair_layout not in ('grouped', 'mixed'):
+      raise ValueError(f"data.pair_layout={cfg.data.pair_layout!r}; expected 'grouped' or 'mixed'.")
+    self.pair_layout = (
+      pipeline.pair_layout_for(cfg.data.thinking_fraction, self._per_host(cfg.cpo.batch_size))
+      if grouped
+      else None
+    )
 
-    def __init__(self, cfg, workdir):
-        self.cfg = cfg
-        name = cfg.data.name
-        if name not in DATASETS:
-            raise ValueError(f'config.data.name={name!r} is not available; known: {DATASETS}.')
-        self.graph = load_graph(cfg.domain)
-        data_dir = cfg.data.data_dir or os.path.join(workdir, 'data')
-        # A Hugging Face checkpoint brings its own tokenizer; synthetic runs build one.
-        tokenizer_dir = cfg.model.init_from or os.path.join(data_dir, 'tokenizer')
-        self.processors = pipeline.make_processors(tokenizer_dir=tokenizer_dir,
-                                                   image_size=cfg.data.image_size)
-        if name in ('swift_jsonl', 'mimic_ccf', 'codalm'):  # the user's files under manual_dir.
-            self.sources = {split: pipeline.make_source(name, split, data_dir=cfg.data.manual_dir,
-                                                        on_bad_record=cfg.data.on_bad_record)
-                            for split in ['train'] + cfg.eval.splits.split(',')}
-        else:
-            self.sources = {
-                split: pipeline.make_source(name, split, num_examples=n, seed=cfg.seed,
-                                            data_dir=data_dir,
-                                            shortcut_agreement=cfg.data.spurious_correlation)
-                for split, n in cfg.data.num_examples.items()}
-        self.skips = pipeline.SkipCounter()
-        self.shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
-        first = pipeline.make_eval_batches(self.sources['test'], self.processors, batch_size=1,
-                                           max_prompt_len=cfg.eval.max_prompt_len)
-        self.grid = np.asarray(next(first)['image_grid_thw'])[0]  # [3]: (t, h, w) patches.
-        self.length_buckets = self._length_buckets()
-        # Grouped pairs let the step encode a thinking pair's image once; pairs given by the
-        # records (swift_jsonl, mimic_ccf, codalm) come in their own order.
-        grouped = cfg.data.pair_layout == 'grouped' and not pipeline.gives_pairs(self.sources['train'])
-        if cfg.data.pair_layout not in ('grouped', 'mixed'):
-            raise ValueError(f"data.pair_layout={cfg.data.pair_layout!r}; expected 'grouped' or 'mixed'.")
-        self.pair_layout = (pipeline.pair_layout_for(cfg.data.thinking_fraction, self._per_host(cfg.cpo.batch_size))
-                            if grouped else None)
+  def _length_buckets(self):
+    c = self.cfg
+    buckets = pipeline.parse_length_buckets(c.data.length_buckets, c.data.max_len)
+    n_image = self.processors.num_image_tokens(self.grid)
+    if buckets[0] <= n_image:
+      raise ValueError(
+        f'data.length_buckets={c.data.length_buckets!r}: bucket {buckets[0]} '
+        f'cannot hold the {n_image} image tokens of a row; use longer buckets.'
+      )
+    return buckets
 
-    def _length_buckets(self):
-        c = self.cfg
-        buckets = pipeline.parse_length_buckets(c.data.length_buckets, c.data.max_len)
-        n_image = self.processors.num_image_tokens(self.grid)
-        if buckets[0] <= n_image:
-            raise ValueError(f'data.length_buckets={c.data.length_buckets!r}: bucket {buckets[0]} '
-                             f'cannot hold the {n_image} image tokens of a row; use longer buckets.')
-        return buckets
+  def _per_host(self, batch_size):
+    if batch_size % jax.process_count():
+      raise ValueError(f'batch size {batch_size} does not split over {jax.process_count()} hosts.')
+    return batch_size // jax.process_count()
 
-    def _per_host(self, batch_size):
-        if batch_size % jax.process_count():
-            raise ValueError(f'batch size {batch_size} does not split over '
-                             f'{jax.process_count()} hosts.')
-        return batch_size // jax.process_count()
+  def sft_batches(self):
+    c = self.cfg
+    return pipeline.make_sft_iterator(
+      self.sources['train'],
+      self.processors,
+      batch_size=self._per_host(c.sft.batch_size),
+      max_len=c.data.max_len,
+      seed=c.seed,
+      on_bad_record=c.data.on_bad_record,
+      skips=self.skips,
+      worker_count=c.data.worker_count,
+      length_buckets=self.length_buckets,
+      **self.shard,
+    )
 
-    def sft_batches(self):
-        c = self.cfg
-        return pipeline.make_sft_iterator(
-            self.sources['train'], self.processors, batch_size=self._per_host(c.sft.batch_size),
-            max_len=c.data.max_len, seed=c.seed, on_bad_record=c.data.on_bad_record,
-            skips=self.skips, worker_count=c.data.worker_count,
-            length_buckets=self.length_buckets, **self.shard)
+  def cpo_batches(self):
+    c = self.cfg
+    return pipeline.make_cpo_iterator(
+      self.sources['train'],
+      self.processors,
+      batch_size=self._per_host(c.cpo.batch_size),
+      max_len=c.data.max_len,
+      seed=c.seed + 1,
+      graph=self.graph,
+      thinking_fraction=c.data.thinking_fraction,
+      perception_mode=c.data.perception_negative,
+      on_bad_record=c.data.on_bad_record,
+      skips=self.skips,
+      worker_count=c.data.worker_count,
+      length_buckets=self.length_buckets,
+      pair_layout=self.pair_layout,
+      **self.shard,
+    )
 
-    def cpo_batches(self):
-        c = self.cfg
-        return pipeline.make_cpo_iterator(
-            self.sources['train'], self.processors, batch_size=self._per_host(c.cpo.batch_size),
-            max_len=c.data.max_len, seed=c.seed + 1, graph=self.graph,
-            thinking_fraction=c.data.thinking_fraction,
-            perception_mode=c.data.perception_negative, on_bad_record=c.data.on_bad_record,
-            skips=self.skips, worker_count=c.data.worker_count,
-            length_buckets=self.length_buckets, pair_layout=self.pair_layout, **self.shard)
+  def eval_batches(self, split, max_examples=None):
+    c = self.cfg
+    return pipeline.make_eval_batches(
+      self.sources[split],
+      self.processors,
+      batch_size=c.eval.batch_size,
+      max_prompt_len=c.eval.max_prompt_len,
+      max_examples=max_examples or c.eval.max_examples,
+      graph=self.graph,
+    )
 
-    def eval_batches(self, split, max_examples=None):
-        c = self.cfg
-        return pipeline.make_eval_batches(
-            self.sources[split], self.processors, batch_size=c.eval.batch_size,
-            max_prompt_len=c.eval.max_prompt_len,
-            max_examples=max_examples or c.eval.max_examples, graph=self.graph)
-
-    def log_skips(self):
-        if self.skips.total():
-            logging.warning('skipped records: %s (examples: %s)', dict(self.skips.counts),
-                            dict(self.skips.examples))
+  def log_skips(self):
+    if self.skips.total():
+      logging.warning(
+        'skipped records: %s (examples: %s)', dict(self.skips.counts), dict(self.skips.examples)
+      )

@@ -10,6 +10,7 @@ One JSON object per line:
 Random access by line through a byte-offset index, so Grain can shuffle and shard it.
 Problems raise BadRecordError naming the file, the line and the field.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,21 +20,32 @@ from typing import Any
 from cpo_jax.data.bad_records import BadRecordError
 from cpo_jax.data.pairs import SOURCE_IDS
 
-SOURCE_ALIASES = {"thinking": "thinking", "reasoning": "thinking", "text": "thinking",
-                  "perception": "perception", "vision": "perception", "visual": "perception",
-                  "image": "perception", "other": "other"}
+SOURCE_ALIASES = {
+  "thinking": "thinking",
+  "reasoning": "thinking",
+  "text": "thinking",
+  "perception": "perception",
+  "vision": "perception",
+  "visual": "perception",
+  "image": "perception",
+  "other": "other",
+}
 IMAGE_TAG = "<image>"
 
 
 class SwiftJsonlSource:
   """Random-access source of normalised pair records from one .jsonl file."""
 
-  kind = "pairs"  # pair-level records: the pipeline takes pairs as given (no rewriter, no label index)
+  kind = (
+    "pairs"  # pair-level records: the pipeline takes pairs as given (no rewriter, no label index)
+  )
   domain = None
 
   def __init__(self, path: str, root: str | None = None):
     if not os.path.exists(path):
-      raise FileNotFoundError(f"swift_jsonl: {path} does not exist (expected <manual_dir>/<split>.jsonl)")
+      raise FileNotFoundError(
+        f"swift_jsonl: {path} does not exist (expected <manual_dir>/<split>.jsonl)"
+      )
     self.path, self.root = path, root or os.path.dirname(os.path.abspath(path))
     self._offsets = []
     with open(path, "rb") as f:
@@ -63,7 +75,9 @@ class SwiftJsonlSource:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise BadRecordError("bad_json", rid, f"not valid JSON: {e}") from e
     if not isinstance(raw, dict):
-      raise BadRecordError("bad_type", rid, f"a record must be a JSON object, got {type(raw).__name__}")
+      raise BadRecordError(
+        "bad_type", rid, f"a record must be a JSON object, got {type(raw).__name__}"
+      )
     msgs = _messages(raw, "messages", rid)
     if "rejected_messages" in raw:
       rmsgs = _messages(raw, "rejected_messages", rid)
@@ -74,22 +88,39 @@ class SwiftJsonlSource:
     else:
       raise BadRecordError("missing_field", rid, "needs 'rejected_messages' or 'rejected_response'")
     images = _images(raw.get("images", []), "images", rid)
-    rimages = _images(raw["rejected_images"], "rejected_images", rid) if "rejected_images" in raw else images
+    rimages = (
+      _images(raw["rejected_images"], "rejected_images", rid)
+      if "rejected_images" in raw
+      else images
+    )
     if len(images) != 1 or len(rimages) != 1:
-      raise BadRecordError("bad_images", rid, f"exactly one image per side is supported, got {len(images)}/{len(rimages)}")
+      raise BadRecordError(
+        "bad_images",
+        rid,
+        f"exactly one image per side is supported, got {len(images)}/{len(rimages)}",
+      )
     src = raw.get("cpo_source")
     if src is None:
       src = "perception" if rimages != images else ("thinking" if rmsgs != msgs else "other")
     if not isinstance(src, str) or src.lower() not in SOURCE_ALIASES:
-      raise BadRecordError("bad_type", rid, f"cpo_source {src!r} not one of {sorted(SOURCE_ALIASES)}")
+      raise BadRecordError(
+        "bad_type", rid, f"cpo_source {src!r} not one of {sorted(SOURCE_ALIASES)}"
+      )
     w = raw.get("cpo_sample_weight", 1.0)
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
       raise BadRecordError("bad_type", rid, f"cpo_sample_weight {w!r} must be a number >= 0")
-    return {"prompt_messages": msgs[:-1], "chosen": msgs[-1]["content"],
-            "rejected_prompt_messages": rmsgs[:-1], "rejected": rmsgs[-1]["content"],
-            "image": self._load(images[0], rid), "rejected_image": self._load(rimages[0], rid),
-            "source": SOURCE_IDS[SOURCE_ALIASES[src.lower()]], "sample_weight": float(w), "index": i,
-            "record_id": rid}
+    return {
+      "prompt_messages": msgs[:-1],
+      "chosen": msgs[-1]["content"],
+      "rejected_prompt_messages": rmsgs[:-1],
+      "rejected": rmsgs[-1]["content"],
+      "image": self._load(images[0], rid),
+      "rejected_image": self._load(rimages[0], rid),
+      "source": SOURCE_IDS[SOURCE_ALIASES[src.lower()]],
+      "sample_weight": float(w),
+      "index": i,
+      "record_id": rid,
+    }
 
   def _load(self, ref, rid) -> bytes:
     if isinstance(ref, bytes):
@@ -106,9 +137,17 @@ def _messages(raw, field, rid) -> list[dict[str, str]]:
   msgs = raw.get(field)
   if msgs is None:
     raise BadRecordError("missing_field", rid, f"missing field {field!r}")
-  if not isinstance(msgs, list) or not msgs or not all(
-      isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
-    raise BadRecordError("bad_type", rid, f"field {field!r} must be a non-empty list of {{role: str, content: str}}")
+  if (
+    not isinstance(msgs, list)
+    or not msgs
+    or not all(
+      isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+      for m in msgs
+    )
+  ):
+    raise BadRecordError(
+      "bad_type", rid, f"field {field!r} must be a non-empty list of {{role: str, content: str}}"
+    )
   if msgs[-1]["role"] != "assistant":
     raise BadRecordError("bad_type", rid, f"the last of {field!r} must be the assistant turn")
   if not msgs[-1]["content"].strip():

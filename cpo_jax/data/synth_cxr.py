@@ -8,10 +8,12 @@ nuisance is a bright corner marker (none/left/right/both), correlated 90% with t
 finding in train/test (value = decision id mod 4) and uniform in ood.
 Every example is a pure function of (seed, split, index). Medical concept graph: a sketch.
 """
+
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
+from PIL import ImageDraw
 
 from cpo_jax.data import synthetic
 
@@ -20,12 +22,12 @@ _BODY, _LUNG, _HEART, _CONSOL, _FLUID, _LINE, _AIR, _MARKER = 150, 55, 205, 185,
 
 # Nominal evidence regions (x0, y0, x1, y1), graph concept order.
 REGIONS = {
-    "pneumothorax_line": (80, 20, 94, 72),
-    "effusion": (18, 72, 52, 88),
-    "consolidation": (24, 38, 42, 56),
-    "heart_size": (36, 56, 80, 90),
-    "hyperinflation": (18, 84, 94, 100),
-    "volume_loss": (60, 18, 94, 88),
+  "pneumothorax_line": (80, 20, 94, 72),
+  "effusion": (18, 72, 52, 88),
+  "consolidation": (24, 38, 42, 56),
+  "heart_size": (36, 56, 80, 90),
+  "hyperinflation": (18, 84, 94, 100),
+  "volume_loss": (60, 18, 94, 88),
 }
 
 
@@ -33,7 +35,9 @@ def _j(rng, j=2):
   return int(rng.integers(-j, j + 1))
 
 
-def render(a: dict[str, str], nuisance: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def render(
+  a: dict[str, str], nuisance: str, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
   S = IMAGE_SIZE
   im = Image.new("L", (S, S), 0)
   dr = ImageDraw.Draw(im)
@@ -51,7 +55,8 @@ def render(a: dict[str, str], nuisance: str, rng: np.random.Generator) -> tuple[
       dr.ellipse(box, fill=_LUNG)
   for box in (right, left):  # faint vascular markings
     for _ in range(6):
-      x = int(rng.integers(box[0] + 4, box[2] - 4)); y = int(rng.integers(box[1] + 6, box[3] - 6))
+      x = int(rng.integers(box[0] + 4, box[2] - 4))
+      y = int(rng.integers(box[1] + 6, box[3] - 6))
       dr.line((x, y, x + _j(rng, 5), y + 6), fill=_LUNG + 25)
   boxes = np.zeros((6, 4), np.int32)
   # Pneumothorax: air without markings lateral to a thin bright pleural line (left lung, image right).
@@ -76,7 +81,8 @@ def render(a: dict[str, str], nuisance: str, rng: np.random.Generator) -> tuple[
   dx, dy = _j(rng, 3), _j(rng, 3)
   if a["consolidation"] == "present":
     for _ in range(4):
-      cx = int(rng.integers(x0 + 5, x1 - 5)) + dx; cy = int(rng.integers(y0 + 5, y1 - 5)) + dy
+      cx = int(rng.integers(x0 + 5, x1 - 5)) + dx
+      cy = int(rng.integers(y0 + 5, y1 - 5)) + dy
       dr.ellipse((cx - 5, cy - 5, cx + 5, cy + 5), fill=_CONSOL)
   boxes[2] = (x0 + dx, y0 + dy, x1 + dx, y1 + dy)
   # Heart: size is the evidence (cardiothoracic ratio).
@@ -92,7 +98,9 @@ def render(a: dict[str, str], nuisance: str, rng: np.random.Generator) -> tuple[
   if nuisance in ("right", "both"):
     dr.rectangle((S - 14, 2, S - 3, 13), fill=_MARKER)
   arr = np.asarray(im, np.uint8)
-  arr = np.clip(arr.astype(np.int16) + rng.integers(-6, 7, arr.shape), 0, 255).astype(np.uint8)  # film grain
+  arr = np.clip(arr.astype(np.int16) + rng.integers(-6, 7, arr.shape), 0, 255).astype(
+    np.uint8
+  )  # film grain
   return np.repeat(arr[..., None], 3, -1), boxes
 
 

@@ -9,10 +9,12 @@ easiest thing to see. In `train`/`test` nuisance value i co-occurs with decision
 time; in `ood` it is uniform, so a model that leans on the sky drops toward chance there.
 Every example is a pure function of (seed, split, index).
 """
+
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
+from PIL import ImageDraw
 
 from cpo_jax.data import synthetic
 
@@ -21,10 +23,12 @@ HORIZON = 40
 
 # Scene colours per nuisance value (graph order: night, fog, day, dusk): sky, road, grass, overlay.
 _PALETTES = {
-    "night": dict(sky=(14, 18, 52), road=(48, 48, 58), grass=(18, 40, 26), haze=None),
-    "fog": dict(sky=(196, 198, 200), road=(150, 150, 152), grass=(138, 156, 140), haze=(205, 205, 205)),
-    "day": dict(sky=(110, 175, 250), road=(105, 105, 108), grass=(70, 160, 64), haze=None),
-    "dusk": dict(sky=(246, 132, 74), road=(96, 84, 88), grass=(92, 104, 54), haze=None),
+  "night": dict(sky=(14, 18, 52), road=(48, 48, 58), grass=(18, 40, 26), haze=None),
+  "fog": dict(
+    sky=(196, 198, 200), road=(150, 150, 152), grass=(138, 156, 140), haze=(205, 205, 205)
+  ),
+  "day": dict(sky=(110, 175, 250), road=(105, 105, 108), grass=(70, 160, 64), haze=None),
+  "dusk": dict(sky=(246, 132, 74), road=(96, 84, 88), grass=(92, 104, 54), haze=None),
 }
 # Evidence colours are the same under every nuisance: only the evidence carries the decision.
 _LAMP_RED, _LAMP_GREEN, _LAMP_OFF = (255, 30, 30), (40, 235, 70), (75, 75, 75)
@@ -34,11 +38,11 @@ _CONE, _CONE_BAND = (255, 135, 0), (250, 250, 250)
 
 # Nominal evidence regions (x0, y0, x1, y1) before jitter; also the box reported when absent.
 REGIONS = {
-    "traffic_light": (90, 4, 101, 31),
-    "pedestrian": (19, 70, 28, 96),
-    "lead_vehicle_near": (38, 56, 74, 80),
-    "lead_vehicle_far": (50, 42, 62, 51),
-    "cone": (68, 84, 82, 102),
+  "traffic_light": (90, 4, 101, 31),
+  "pedestrian": (19, 70, 28, 96),
+  "lead_vehicle_near": (38, 56, 74, 80),
+  "lead_vehicle_far": (50, 42, 62, 51),
+  "cone": (68, 84, 82, 102),
 }
 
 
@@ -59,7 +63,9 @@ def _shade(rng, colour, amount=10):
   return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in colour)
 
 
-def render(a: dict[str, str], nuisance: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def render(
+  a: dict[str, str], nuisance: str, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
   """Draw the scene; returns (uint8 image [112,112,3], boxes int32 [4,4] in concept order).
 
   boxes: the drawn object's box (traffic_light, pedestrian, lead_vehicle, cone), or the
@@ -103,12 +109,18 @@ def render(a: dict[str, str], nuisance: str, rng: np.random.Generator) -> tuple[
   boxes[1] = b
   # Lead vehicle: size and height in the image encode the distance.
   lv = a["lead_vehicle"]
-  b = _jit(rng, REGIONS["lead_vehicle_far" if lv == "far" else "lead_vehicle_near"], j=2 if lv == "near" else 1)
+  b = _jit(
+    rng,
+    REGIONS["lead_vehicle_far" if lv == "far" else "lead_vehicle_near"],
+    j=2 if lv == "near" else 1,
+  )
   if lv != "none":
     x0, y0, x1, y1 = b
     h = y1 - y0
     dr.rectangle((x0, y0, x1, y1 - max(2, h // 6)), fill=_CAR)
-    dr.rectangle((x0 + 2 + (x1 - x0) // 8, y0 + 2, x1 - 2 - (x1 - x0) // 8, y0 + h // 3), fill=_CAR_WINDOW)
+    dr.rectangle(
+      (x0 + 2 + (x1 - x0) // 8, y0 + 2, x1 - 2 - (x1 - x0) // 8, y0 + h // 3), fill=_CAR_WINDOW
+    )
     w = max(2, (x1 - x0) // 6)
     dr.rectangle((x0 + 1, y1 - max(2, h // 6), x0 + w, y1), fill=_WHEEL)
     dr.rectangle((x1 - w, y1 - max(2, h // 6), x1 - 1, y1), fill=_WHEEL)

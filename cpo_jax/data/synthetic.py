@@ -6,17 +6,20 @@ concepts that yields it, then the nuisance, which equals `decision id mod #nuisa
 with probability `agreement` in train/test (the shortcut) and is uniform in ood.
 Every example is a pure function of (seed, split, index) and the domain's `stream`.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import io
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
 import numpy as np
 from PIL import Image
 
-from cpo_jax.knowledge.graph import ConceptGraph, load_graph
+from cpo_jax.knowledge.graph import ConceptGraph
+from cpo_jax.knowledge.graph import load_graph
 
 SPLITS = ("train", "test", "ood")
 SPLIT_IDS = {s: i for i, s in enumerate(SPLITS)}
@@ -57,8 +60,9 @@ class Synth:
   def graph(self) -> ConceptGraph:
     return _graph(self.graph_name)
 
-  def sample_labels(self, seed: int, split: str, index: int, agreement: float | None = None
-                    ) -> tuple[dict[str, str], str, int, np.random.Generator]:
+  def sample_labels(
+    self, seed: int, split: str, index: int, agreement: float | None = None
+  ) -> tuple[dict[str, str], str, int, np.random.Generator]:
     """(assignment, decision, nuisance id, rng for rendering) for one example.
 
     agreement: P(nuisance == the decision's value) in train/test (default 0.9); ood is uniform.
@@ -80,8 +84,15 @@ class Synth:
       nuis = int((target + 1 + rng.integers(n_vals - 1)) % n_vals)
     return dict(a), g.decisions[d], nuis, rng
 
-  def make_example(self, seed: int, split: str, index: int, *, encode_png: bool = True,
-                   agreement: float | None = None) -> dict[str, Any]:
+  def make_example(
+    self,
+    seed: int,
+    split: str,
+    index: int,
+    *,
+    encode_png: bool = True,
+    agreement: float | None = None,
+  ) -> dict[str, Any]:
     """One record (the TFDS feature dict): image PNG bytes (or uint8 array), texts, labels, boxes.
 
     boxes[i] is the evidence box for concept i (graph order) in pixels (x0, y0, x1, y1), also
@@ -91,19 +102,27 @@ class Synth:
     a, d, nuis, rng = self.sample_labels(seed, split, index, agreement)
     arr, boxes = self.render(a, g.nuisance_values[nuis], rng)
     return {
-        "image": png_bytes(arr) if encode_png else arr,
-        "question": g.question,
-        "chain": g.chain_text(a),
-        "answer": g.answer_text(d),
-        "decision": g.decision_id(d),
-        "concepts": np.asarray(g.value_ids(a), np.int32),
-        "nuisance": nuis,
-        "boxes": boxes,
-        "index": index,
+      "image": png_bytes(arr) if encode_png else arr,
+      "question": g.question,
+      "chain": g.chain_text(a),
+      "answer": g.answer_text(d),
+      "decision": g.decision_id(d),
+      "concepts": np.asarray(g.value_ids(a), np.int32),
+      "nuisance": nuis,
+      "boxes": boxes,
+      "index": index,
     }
 
-  def counterfactual(self, seed: int, split: str, index: int, assignment: dict[str, str], *,
-                     encode_png: bool = True, agreement: float | None = None) -> dict[str, Any]:
+  def counterfactual(
+    self,
+    seed: int,
+    split: str,
+    index: int,
+    assignment: dict[str, str],
+    *,
+    encode_png: bool = True,
+    agreement: float | None = None,
+  ) -> dict[str, Any]:
     """Example `index` re-rendered with `assignment` instead of its own concepts.
 
     Same nuisance and the same rng state as make_example, so whatever the renderer draws
@@ -119,8 +138,12 @@ class Synth:
     if not g.is_valid(assignment):
       raise ValueError(f"invalid {self.graph_name} assignment {assignment}")
     arr, boxes = self.render(assignment, g.nuisance_values[nuis], rng)
-    return {"image": png_bytes(arr) if encode_png else arr, "decision": g.decision_id(g.decide(assignment)),
-            "concepts": np.asarray(g.value_ids(assignment), np.int32), "boxes": boxes}
+    return {
+      "image": png_bytes(arr) if encode_png else arr,
+      "decision": g.decision_id(g.decide(assignment)),
+      "concepts": np.asarray(g.value_ids(assignment), np.int32),
+      "boxes": boxes,
+    }
 
 
 class SynthSource:
@@ -133,9 +156,20 @@ class SynthSource:
   synth: Synth
   domain: str  # concept graph name, read by the pipeline
 
-  def __init__(self, split: str, num_examples: int, seed: int = 0, encode_png: bool = True,
-               agreement: float | None = None):
-    self.split, self.num_examples, self.seed, self.encode_png = split, num_examples, seed, encode_png
+  def __init__(
+    self,
+    split: str,
+    num_examples: int,
+    seed: int = 0,
+    encode_png: bool = True,
+    agreement: float | None = None,
+  ):
+    self.split, self.num_examples, self.seed, self.encode_png = (
+      split,
+      num_examples,
+      seed,
+      encode_png,
+    )
     self.agreement = agreement
 
   def __len__(self) -> int:
@@ -144,13 +178,20 @@ class SynthSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     if not 0 <= index < self.num_examples:
       raise IndexError(index)
-    return self.synth.make_example(self.seed, self.split, int(index), encode_png=self.encode_png,
-                                   agreement=self.agreement)
+    return self.synth.make_example(
+      self.seed, self.split, int(index), encode_png=self.encode_png, agreement=self.agreement
+    )
 
   def counterfactual(self, index: int, assignment: dict[str, str]) -> dict[str, Any]:
     """Record `index` re-rendered with another concept assignment (Synth.counterfactual)."""
-    return self.synth.counterfactual(self.seed, self.split, int(index), assignment, encode_png=self.encode_png,
-                                     agreement=self.agreement)
+    return self.synth.counterfactual(
+      self.seed,
+      self.split,
+      int(index),
+      assignment,
+      encode_png=self.encode_png,
+      agreement=self.agreement,
+    )
 
   def labels(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(decision [N], concepts [N,C], nuisance [N]) without rendering (for the pair index)."""
@@ -158,7 +199,9 @@ class SynthSource:
     d, c, n = [], [], []
     for i in range(self.num_examples):
       a, dec, nuis, _ = self.synth.sample_labels(self.seed, self.split, i, self.agreement)
-      d.append(g.decision_id(dec)); c.append(g.value_ids(a)); n.append(nuis)
+      d.append(g.decision_id(dec))
+      c.append(g.value_ids(a))
+      n.append(nuis)
     return np.asarray(d, np.int32), np.asarray(c, np.int32), np.asarray(n, np.int32)
 
   def __repr__(self):

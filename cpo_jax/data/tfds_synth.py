@@ -4,6 +4,7 @@ The records are exactly the renderer's `make_example` (same seed -> same bytes),
 dataset and the on-the-fly sources are interchangeable. Read back with `tfds.data_source`
 (`builder.as_data_source`), a random-access source Grain can shuffle and shard.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +12,8 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cpo_jax.data import synth_cxr, synth_drive
+from cpo_jax.data import synth_cxr
+from cpo_jax.data import synth_drive
 
 
 @dataclasses.dataclass
@@ -38,8 +40,14 @@ with tfds.core.registered.skip_registration():
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     BUILDER_CONFIGS = [
-        SynthConfig(name="default", description="4096/512/512 examples, seed 0"),
-        SynthConfig(name="tiny", description="64/32/32 examples, for tests", num_train=64, num_test=32, num_ood=32),
+      SynthConfig(name="default", description="4096/512/512 examples, seed 0"),
+      SynthConfig(
+        name="tiny",
+        description="64/32/32 examples, for tests",
+        num_train=64,
+        num_test=32,
+        num_ood=32,
+      ),
     ]
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -47,25 +55,33 @@ with tfds.core.registered.skip_registration():
       C = len(g.concepts)
       text = lambda: tfds.features.Tensor(shape=(), dtype=np.object_)  # noqa: E731  (str/bytes, no TF decoding)
       return self.dataset_info_from_configs(
-          features=tfds.features.FeaturesDict({
-              "image": text(),  # PNG bytes, decoded in the pipeline (PIL)
-              "question": text(), "chain": text(), "answer": text(),
-              "decision": tfds.features.ClassLabel(names=list(g.decisions)),
-              "concepts": tfds.features.Tensor(shape=(C,), dtype=np.int32),
-              "nuisance": tfds.features.ClassLabel(names=list(g.nuisance_values)),
-              "boxes": tfds.features.Tensor(shape=(C, 4), dtype=np.int32),
-              "index": tfds.features.Scalar(dtype=np.int64),
-          }),
-          supervised_keys=None,
-          disable_shuffling=True,  # record i of a split is make_example(seed, split, i)
-          homepage="https://github.com/ (cpo_jax, generated)",
-          metadata=tfds.core.MetadataDict(image_size=self.RENDERER.IMAGE_SIZE, concepts=list(g.concept_names)),
+        features=tfds.features.FeaturesDict(
+          {
+            "image": text(),  # PNG bytes, decoded in the pipeline (PIL)
+            "question": text(),
+            "chain": text(),
+            "answer": text(),
+            "decision": tfds.features.ClassLabel(names=list(g.decisions)),
+            "concepts": tfds.features.Tensor(shape=(C,), dtype=np.int32),
+            "nuisance": tfds.features.ClassLabel(names=list(g.nuisance_values)),
+            "boxes": tfds.features.Tensor(shape=(C, 4), dtype=np.int32),
+            "index": tfds.features.Scalar(dtype=np.int64),
+          }
+        ),
+        supervised_keys=None,
+        disable_shuffling=True,  # record i of a split is make_example(seed, split, i)
+        homepage="https://github.com/ (cpo_jax, generated)",
+        metadata=tfds.core.MetadataDict(
+          image_size=self.RENDERER.IMAGE_SIZE, concepts=list(g.concept_names)
+        ),
       )
 
     def _split_generators(self, dl_manager):
       del dl_manager  # generated data: nothing to download
       # splits of size 0 are not generated (make_source prepares one split per config)
-      return {s: self._generate_examples(s, n) for s, n in self.builder_config.sizes().items() if n > 0}
+      return {
+        s: self._generate_examples(s, n) for s, n in self.builder_config.sizes().items() if n > 0
+      }
 
     def _generate_examples(self, split: str, n: int):
       cfg = self.builder_config
@@ -75,11 +91,13 @@ with tfds.core.registered.skip_registration():
 
 class SynthDrive(_SynthBuilder):
   """Procedural road scenes with a time-of-day shortcut (cpo_jax/data/synth_drive.py)."""
+
   RENDERER = synth_drive
 
 
 class SynthCxr(_SynthBuilder):
   """Procedural chest-X-ray-like images with a corner-marker shortcut (cpo_jax/data/synth_cxr.py)."""
+
   RENDERER = synth_cxr
 
 
@@ -109,8 +127,9 @@ class _WithDomain:
     self.domain = self._synth.graph_name
 
   def counterfactual(self, index: int, assignment: dict[str, str]):
-    return self._synth.counterfactual(self._cfg.seed, self._split, int(index), assignment,
-                                      agreement=self._cfg.agreement)
+    return self._synth.counterfactual(
+      self._cfg.seed, self._split, int(index), assignment, agreement=self._cfg.agreement
+    )
 
   def __len__(self):
     return len(self._src)

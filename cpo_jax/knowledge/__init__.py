@@ -1,3 +1,9 @@
 """Concept graphs (as JSON data) and the graph-guided counterfactual rewriter."""
-from cpo_jax.knowledge.graph import ConceptGraph, GraphError, load_graph
-from cpo_jax.knowledge.rewriter import Counterfactual, rewrite, rewrite_chain, validate_counterfactual
+
+from cpo_jax.knowledge.graph import ConceptGraph
+from cpo_jax.knowledge.graph import GraphError
+from cpo_jax.knowledge.graph import load_graph
+from cpo_jax.knowledge.rewriter import Counterfactual
+from cpo_jax.knowledge.rewriter import rewrite
+from cpo_jax.knowledge.rewriter import rewrite_chain
+from cpo_jax.knowledge.rewriter import validate_counterfactual

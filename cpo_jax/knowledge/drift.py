@@ -6,13 +6,15 @@
   what the graph's rule gives for the edited chain (it may or may not change).
 Deterministic from the seed.
 """
+
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
 
-from cpo_jax.knowledge.graph import Assignment, ConceptGraph
+from cpo_jax.knowledge.graph import Assignment
+from cpo_jax.knowledge.graph import ConceptGraph
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +31,9 @@ def edit_chain(g: ConceptGraph, a: Assignment, kind: str, seed=0) -> ChainEdit:
     cands = [c for c in g.concepts if c.synonyms.get(a[c.name])]
     c = cands[int(rng.integers(len(cands)))]
     syn = c.synonyms[a[c.name]]
-    return ChainEdit(g.chain_text(a, {c.name: syn[int(rng.integers(len(syn)))]}), c.name, kind, g.decide(a))
+    return ChainEdit(
+      g.chain_text(a, {c.name: syn[int(rng.integers(len(syn)))]}), c.name, kind, g.decide(a)
+    )
   if kind == "contradict":
     for i in rng.permutation(len(g.concepts)):
       c = g.concepts[i]

@@ -14,6 +14,7 @@ possible. Decisions named in free text follow the same negation rule ('no need t
 none). Known limit: a NegEx-lite scope (same clause, cue before the term), e.g. 'no change in
 the effusion' reads as negated.
 """
+
 from __future__ import annotations
 
 import functools
@@ -21,8 +22,13 @@ import re
 
 import numpy as np
 
-from cpo_jax.knowledge.graph import THINK_CLOSE, THINK_OPEN, ConceptGraph, GraphError, phrase_steps
-from cpo_jax.knowledge.rewriter import Counterfactual, counterfactual_assignment
+from cpo_jax.knowledge.graph import THINK_CLOSE
+from cpo_jax.knowledge.graph import THINK_OPEN
+from cpo_jax.knowledge.graph import ConceptGraph
+from cpo_jax.knowledge.graph import GraphError
+from cpo_jax.knowledge.graph import phrase_steps
+from cpo_jax.knowledge.rewriter import Counterfactual
+from cpo_jax.knowledge.rewriter import counterfactual_assignment
 
 # A negation reaches to the end of its clause: 'no cones in the lane and the car ahead is close'.
 _CLAUSE_BREAK = re.compile(r"\b(but|however|although|except|and|while|whereas|so|because)\b|[;,]")
@@ -71,7 +77,11 @@ def _term_hits(g: ConceptGraph, low: str) -> list[tuple[str, str, int, int]]:
         if negated and v == c.neutral:
           continue  # 'not normal' says nothing usable
         hits.append((c.name, c.neutral if negated else v, m.start(), m.end()))
-    out += [h for h in hits if not any(o[2] <= h[2] and h[3] <= o[3] and o[3] - o[2] > h[3] - h[2] for o in hits)]
+    out += [
+      h
+      for h in hits
+      if not any(o[2] <= h[2] and h[3] <= o[3] and o[3] - o[2] > h[3] - h[2] for o in hits)
+    ]
   return out
 
 
@@ -87,23 +97,32 @@ def sentence_mentions(g: ConceptGraph, sentence: str) -> dict[str, str]:
   return out
 
 
-def stated_decisions(g: ConceptGraph, sentence: str, *, evidence_too: bool = False) -> list[tuple[int, int, str]]:
+def stated_decisions(
+  g: ConceptGraph, sentence: str, *, evidence_too: bool = False
+) -> list[tuple[int, int, str]]:
   """(start, end, decision) a sentence concludes ('the ego car should slow down'): decision names
   not negated ('no need to stop') and, unless evidence_too, not part of a concept term (medical
   'pleural effusion' in a report is evidence, not a conclusion)."""
   low = sentence.lower()
   terms = [] if evidence_too else [(s, e) for _, _, s, e in _term_hits(g, low)]
-  return [d for d in g.decision_spans(sentence)
-          if not _negated(g, low, d[0]) and not any(s <= d[0] and d[1] <= e for s, e in terms)]
+  return [
+    d
+    for d in g.decision_spans(sentence)
+    if not _negated(g, low, d[0]) and not any(s <= d[0] and d[1] <= e for s, e in terms)
+  ]
 
 
 def answer_decision(g: ConceptGraph, text: str) -> str | None:
   """The one decision a free-text answer names (negation aware), else None."""
-  said = {d for s in _split_sentences(text) for _, _, d in stated_decisions(g, s, evidence_too=True)}
+  said = {
+    d for s in _split_sentences(text) for _, _, d in stated_decisions(g, s, evidence_too=True)
+  }
   return said.pop() if len(said) == 1 else None
 
 
-def parse_report(g: ConceptGraph, text: str) -> tuple[dict[str, str], list[tuple[str, dict[str, str]]]]:
+def parse_report(
+  g: ConceptGraph, text: str
+) -> tuple[dict[str, str], list[tuple[str, dict[str, str]]]]:
   """(assignment with neutral defaults, [(sentence, its mentions)])."""
   body = text.split(THINK_OPEN)[-1].split(THINK_CLOSE)[0] if THINK_OPEN in text else text
   sents = [(s, sentence_mentions(g, s)) for s in _split_sentences(body)]
@@ -150,11 +169,17 @@ def _conclude(g: ConceptGraph, sentence: str, target: str) -> str:
   for start, end, d in reversed(stated_decisions(g, sentence)):
     if d != target:
       said = sentence[start:end]
-      sentence = sentence[:start] + (name[:1].upper() + name[1:] if said[:1].isupper() else name) + sentence[end:]
+      sentence = (
+        sentence[:start]
+        + (name[:1].upper() + name[1:] if said[:1].isupper() else name)
+        + sentence[end:]
+      )
   return sentence
 
 
-def validate_report(g: ConceptGraph, completion: str, *, original_decision: str, target: str) -> tuple[bool, str]:
+def validate_report(
+  g: ConceptGraph, completion: str, *, original_decision: str, target: str
+) -> tuple[bool, str]:
   """Does a free-text completion support `target` (rule on its parsed report), name it, and
   conclude nothing else in the report?"""
   if target == original_decision:

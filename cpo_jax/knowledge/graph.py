@@ -10,6 +10,7 @@ one term per word listed under the slot 'vehicle'. Everything else (synthetic re
 rewriter, the drift probe, the tokenizer vocabulary) reads the graph, so a domain is
 changed by editing data, not code.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,7 +20,8 @@ import itertools
 import json
 import os
 import re
-from typing import Mapping, Sequence
+from typing import Mapping
+from typing import Sequence
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -38,7 +40,9 @@ class Concept:
   neutral: str
   phrases: Mapping[str, str]  # value -> canonical sentence
   synonyms: Mapping[str, tuple[str, ...]]  # value -> near-synonym sentences
-  terms: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # value -> free-text terms
+  terms: Mapping[str, tuple[str, ...]] = dataclasses.field(
+    default_factory=dict
+  )  # value -> free-text terms
 
   def sentences(self, value: str) -> tuple[str, ...]:
     return (self.phrases[value],) + tuple(self.synonyms.get(value, ()))
@@ -61,8 +65,12 @@ class ConceptGraph:
   nuisance_name: str
   nuisance_values: tuple[str, ...]
   negation_cues: tuple[str, ...] = ()  # free-text negation ('no', 'without', ...) before a term
-  decision_aliases: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # free-text names
-  not_decisions: tuple[str, ...] = ()  # phrases holding a decision name that name no decision ('stop sign')
+  decision_aliases: Mapping[str, tuple[str, ...]] = dataclasses.field(
+    default_factory=dict
+  )  # free-text names
+  not_decisions: tuple[
+    str, ...
+  ] = ()  # phrases holding a decision name that name no decision ('stop sign')
 
   # ---- lookups -------------------------------------------------------------
   @property
@@ -118,8 +126,9 @@ class ConceptGraph:
     body = " ".join(sentences.get(c.name, c.phrases[a[c.name]]) for c in self.concepts)
     return f"{THINK_OPEN} {body} {THINK_CLOSE}"
 
-  def completion_text(self, a: Assignment, decision: str | None = None,
-                      sentences: Mapping[str, str] | None = None) -> str:
+  def completion_text(
+    self, a: Assignment, decision: str | None = None, sentences: Mapping[str, str] | None = None
+  ) -> str:
     decision = self.decide(a) if decision is None else decision
     return f"{self.chain_text(a, sentences)} {self.answer_text(decision)}"
 
@@ -150,12 +159,23 @@ class ConceptGraph:
     another decision ('proceed' in 'proceed with caution') or in a `not_decisions` phrase ('stop
     sign') does not count."""
     low = text.lower()
-    spans = [(m.start(), m.end(), d) for d in self.decisions
-             for name in (self.decision_texts[d],) + tuple(self.decision_aliases.get(d, ()))
-             for m in phrase_regex(name).finditer(low)]
-    spans += [(m.start(), m.end(), None) for p in self.not_decisions for m in phrase_regex(p).finditer(low)]
-    return sorted(s for s in spans if s[2] is not None and not any(
-        o[2] != s[2] and o[0] <= s[0] and s[1] <= o[1] and o[1] - o[0] > s[1] - s[0] for o in spans))
+    spans = [
+      (m.start(), m.end(), d)
+      for d in self.decisions
+      for name in (self.decision_texts[d],) + tuple(self.decision_aliases.get(d, ()))
+      for m in phrase_regex(name).finditer(low)
+    ]
+    spans += [
+      (m.start(), m.end(), None) for p in self.not_decisions for m in phrase_regex(p).finditer(low)
+    ]
+    return sorted(
+      s
+      for s in spans
+      if s[2] is not None
+      and not any(
+        o[2] != s[2] and o[0] <= s[0] and s[1] <= o[1] and o[1] - o[0] > s[1] - s[0] for o in spans
+      )
+    )
 
   def parse_decision(self, text: str) -> str | None:
     """Decision named by the answer part (after </think> if present); None if none/ambiguous."""
@@ -200,7 +220,10 @@ def expand_slots(term: str, slots: Mapping[str, Sequence[str]]) -> list[str]:
   unknown = [n for n in names if n not in slots]
   if unknown:
     raise KeyError(f"term {term!r} uses unknown slots {unknown}")
-  return [term.format(**dict(zip(names, words))) for words in itertools.product(*(slots[n] for n in names))]
+  return [
+    term.format(**dict(zip(names, words)))
+    for words in itertools.product(*(slots[n] for n in names))
+  ]
 
 
 def _norm(s: str) -> str:
@@ -218,6 +241,7 @@ def _think_body(text: str) -> str:
 
 # ---- loading + validation ------------------------------------------------------
 
+
 def load_graph(name_or_path: str) -> ConceptGraph:
   """`load_graph('driving')`, `load_graph('medical')` or a path to a JSON graph file; validated."""
   if os.path.exists(name_or_path):
@@ -226,7 +250,9 @@ def load_graph(name_or_path: str) -> ConceptGraph:
   else:
     res = importlib.resources.files("cpo_jax.knowledge").joinpath(f"{name_or_path}.json")
     if not res.is_file():
-      raise FileNotFoundError(f"no concept graph {name_or_path!r} (not a path, not cpo_jax/knowledge/{name_or_path}.json)")
+      raise FileNotFoundError(
+        f"no concept graph {name_or_path!r} (not a path, not cpo_jax/knowledge/{name_or_path}.json)"
+      )
     raw, where = json.loads(res.read_text()), str(res)
   graph = _from_dict(raw, where)
   validate_graph(graph, where)
@@ -237,28 +263,42 @@ def _from_dict(raw: dict, where: str) -> ConceptGraph:
   try:
     slots = raw.get("term_slots", {})
     concepts = tuple(
-        Concept(name=c["name"], values=tuple(c["values"]), neutral=c["neutral"],
-                phrases=dict(c["phrases"]),
-                synonyms={k: tuple(v) for k, v in c.get("synonyms", {}).items()},
-                terms={k: tuple(dict.fromkeys(x for t in v for x in expand_slots(t, slots)))
-                       for k, v in c.get("terms", {}).items()})
-        for c in raw["concepts"])
+      Concept(
+        name=c["name"],
+        values=tuple(c["values"]),
+        neutral=c["neutral"],
+        phrases=dict(c["phrases"]),
+        synonyms={k: tuple(v) for k, v in c.get("synonyms", {}).items()},
+        terms={
+          k: tuple(dict.fromkeys(x for t in v for x in expand_slots(t, slots)))
+          for k, v in c.get("terms", {}).items()
+        },
+      )
+      for c in raw["concepts"]
+    )
     rel = raw.get("relations", {})
     return ConceptGraph(
-        domain=raw["domain"], question=raw["question"], answer_template=raw["answer_template"],
-        concepts=concepts,
-        decisions=tuple(d["name"] for d in raw["decisions"]),
-        decision_texts={d["name"]: d.get("text", d["name"]) for d in raw["decisions"]},
-        clauses=tuple((cl["decision"], tuple(tuple(x) for x in cl["any"])) for cl in raw["rule"]["clauses"]),
-        default=raw["rule"]["default"],
-        association=tuple(tuple(x) for x in rel.get("association", [])),
-        exclusion=tuple(tuple(x) for x in rel.get("exclusion", [])),
-        irrelevance=tuple(tuple(x) for x in rel.get("irrelevance", [])),
-        concept_exclusion=tuple(tuple(x) for x in raw.get("concept_exclusion", [])),
-        nuisance_name=raw["nuisance"]["name"], nuisance_values=tuple(raw["nuisance"]["values"]),
-        negation_cues=tuple(raw.get("negation_cues", ())),
-        decision_aliases={d["name"]: tuple(d["aliases"]) for d in raw["decisions"] if d.get("aliases")},
-        not_decisions=tuple(raw.get("not_decisions", ())),
+      domain=raw["domain"],
+      question=raw["question"],
+      answer_template=raw["answer_template"],
+      concepts=concepts,
+      decisions=tuple(d["name"] for d in raw["decisions"]),
+      decision_texts={d["name"]: d.get("text", d["name"]) for d in raw["decisions"]},
+      clauses=tuple(
+        (cl["decision"], tuple(tuple(x) for x in cl["any"])) for cl in raw["rule"]["clauses"]
+      ),
+      default=raw["rule"]["default"],
+      association=tuple(tuple(x) for x in rel.get("association", [])),
+      exclusion=tuple(tuple(x) for x in rel.get("exclusion", [])),
+      irrelevance=tuple(tuple(x) for x in rel.get("irrelevance", [])),
+      concept_exclusion=tuple(tuple(x) for x in raw.get("concept_exclusion", [])),
+      nuisance_name=raw["nuisance"]["name"],
+      nuisance_values=tuple(raw["nuisance"]["values"]),
+      negation_cues=tuple(raw.get("negation_cues", ())),
+      decision_aliases={
+        d["name"]: tuple(d["aliases"]) for d in raw["decisions"] if d.get("aliases")
+      },
+      not_decisions=tuple(raw.get("not_decisions", ())),
     )
   except (KeyError, TypeError) as e:
     raise GraphError(f"{where}: malformed graph, missing or wrong field: {e!r}") from e

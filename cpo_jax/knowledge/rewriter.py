@@ -9,14 +9,18 @@ rejected chain close to the chosen one, so the preference is about the decisive 
 Deterministic from the seed. A brute-force minimal-edit search is the fallback when a
 graph's relations are incomplete; the validator (the graph's rule) is the final judge.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence
+from typing import Mapping
+from typing import Sequence
 
 import numpy as np
 
-from cpo_jax.knowledge.graph import Assignment, ConceptGraph, GraphError
+from cpo_jax.knowledge.graph import Assignment
+from cpo_jax.knowledge.graph import ConceptGraph
+from cpo_jax.knowledge.graph import GraphError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +36,9 @@ def _rng(seed) -> np.random.Generator:
   return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
 
-def counterfactual_assignment(g: ConceptGraph, a: Assignment, target: str, seed=0) -> tuple[dict[str, str], bool]:
+def counterfactual_assignment(
+  g: ConceptGraph, a: Assignment, target: str, seed=0
+) -> tuple[dict[str, str], bool]:
   """Assignment supporting `target`, edited from `a` along the relations. Returns (a', used_fallback)."""
   rng = _rng(seed)
   out = dict(a)
@@ -72,8 +78,15 @@ def counterfactual_assignment(g: ConceptGraph, a: Assignment, target: str, seed=
   return dict(cands[int(best[rng.integers(len(best))])]), True
 
 
-def rewrite(g: ConceptGraph, a: Assignment, *, k: int = 1, seed=0, targets: Sequence[str] | None = None,
-            sentences: Mapping[str, str] | None = None) -> list[Counterfactual]:
+def rewrite(
+  g: ConceptGraph,
+  a: Assignment,
+  *,
+  k: int = 1,
+  seed=0,
+  targets: Sequence[str] | None = None,
+  sentences: Mapping[str, str] | None = None,
+) -> list[Counterfactual]:
   """k counterfactuals for distinct other decisions (seeded choice), each validated.
 
   `sentences` (concept -> sentence, e.g. from `ConceptGraph.parse_chain`) keeps the
@@ -108,8 +121,9 @@ def rewrite_chain(g: ConceptGraph, completion: str, *, k: int = 1, seed=0) -> li
   return rewrite(g, a, k=k, seed=seed, sentences=sents)
 
 
-def validate_counterfactual(g: ConceptGraph, completion: str, *, original_decision: str,
-                            target: str) -> tuple[bool, str]:
+def validate_counterfactual(
+  g: ConceptGraph, completion: str, *, original_decision: str, target: str
+) -> tuple[bool, str]:
   """Does `completion` support `target` (by the rule on its parsed chain) and not the original?"""
   if target == original_decision:
     return False, "target equals the original decision"

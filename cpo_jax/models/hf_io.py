@@ -7,16 +7,17 @@ Loading is streamed: the model is built abstractly (no random init), and each pa
 is assembled from its tensor(s) read lazily from the memory-mapped files, placed (on its
 sharding if given) and freed before the next one, so host memory stays near one copy.
 """
+
 from __future__ import annotations
 
 import json
 import os
 from typing import Callable
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from cpo_jax.models import lora as lora_lib
 from cpo_jax.models.qwen2_5_vl import Qwen2_5_VL
@@ -27,46 +28,46 @@ MODEL_TYPE = 'qwen2_5_vl'
 # (model path without the stack index, HF name template with {i} for the layer index, kind)
 # kind: 'linear' (torch [out, in] -> kernel [in, out]), 'copy', 'patch' (Conv3d -> [C*T*P*P, E]).
 _VISION_BLOCK = [
-    (('norm1', 'weight'), 'norm1.weight', 'copy'),
-    (('norm2', 'weight'), 'norm2.weight', 'copy'),
-    (('qkv', 'kernel'), 'attn.qkv.weight', 'linear'),
-    (('qkv', 'bias'), 'attn.qkv.bias', 'copy'),
-    (('proj', 'kernel'), 'attn.proj.weight', 'linear'),
-    (('proj', 'bias'), 'attn.proj.bias', 'copy'),
-    (('gate_proj', 'kernel'), 'mlp.gate_proj.weight', 'linear'),
-    (('gate_proj', 'bias'), 'mlp.gate_proj.bias', 'copy'),
-    (('up_proj', 'kernel'), 'mlp.up_proj.weight', 'linear'),
-    (('up_proj', 'bias'), 'mlp.up_proj.bias', 'copy'),
-    (('down_proj', 'kernel'), 'mlp.down_proj.weight', 'linear'),
-    (('down_proj', 'bias'), 'mlp.down_proj.bias', 'copy'),
+  (('norm1', 'weight'), 'norm1.weight', 'copy'),
+  (('norm2', 'weight'), 'norm2.weight', 'copy'),
+  (('qkv', 'kernel'), 'attn.qkv.weight', 'linear'),
+  (('qkv', 'bias'), 'attn.qkv.bias', 'copy'),
+  (('proj', 'kernel'), 'attn.proj.weight', 'linear'),
+  (('proj', 'bias'), 'attn.proj.bias', 'copy'),
+  (('gate_proj', 'kernel'), 'mlp.gate_proj.weight', 'linear'),
+  (('gate_proj', 'bias'), 'mlp.gate_proj.bias', 'copy'),
+  (('up_proj', 'kernel'), 'mlp.up_proj.weight', 'linear'),
+  (('up_proj', 'bias'), 'mlp.up_proj.bias', 'copy'),
+  (('down_proj', 'kernel'), 'mlp.down_proj.weight', 'linear'),
+  (('down_proj', 'bias'), 'mlp.down_proj.bias', 'copy'),
 ]
 _DECODER_LAYER = [
-    (('input_layernorm', 'weight'), 'input_layernorm.weight', 'copy'),
-    (('post_attention_layernorm', 'weight'), 'post_attention_layernorm.weight', 'copy'),
-    (('q_proj', 'kernel'), 'self_attn.q_proj.weight', 'linear'),
-    (('q_proj', 'bias'), 'self_attn.q_proj.bias', 'copy'),
-    (('k_proj', 'kernel'), 'self_attn.k_proj.weight', 'linear'),
-    (('k_proj', 'bias'), 'self_attn.k_proj.bias', 'copy'),
-    (('v_proj', 'kernel'), 'self_attn.v_proj.weight', 'linear'),
-    (('v_proj', 'bias'), 'self_attn.v_proj.bias', 'copy'),
-    (('o_proj', 'kernel'), 'self_attn.o_proj.weight', 'linear'),
-    (('gate_proj', 'kernel'), 'mlp.gate_proj.weight', 'linear'),
-    (('up_proj', 'kernel'), 'mlp.up_proj.weight', 'linear'),
-    (('down_proj', 'kernel'), 'mlp.down_proj.weight', 'linear'),
+  (('input_layernorm', 'weight'), 'input_layernorm.weight', 'copy'),
+  (('post_attention_layernorm', 'weight'), 'post_attention_layernorm.weight', 'copy'),
+  (('q_proj', 'kernel'), 'self_attn.q_proj.weight', 'linear'),
+  (('q_proj', 'bias'), 'self_attn.q_proj.bias', 'copy'),
+  (('k_proj', 'kernel'), 'self_attn.k_proj.weight', 'linear'),
+  (('k_proj', 'bias'), 'self_attn.k_proj.bias', 'copy'),
+  (('v_proj', 'kernel'), 'self_attn.v_proj.weight', 'linear'),
+  (('v_proj', 'bias'), 'self_attn.v_proj.bias', 'copy'),
+  (('o_proj', 'kernel'), 'self_attn.o_proj.weight', 'linear'),
+  (('gate_proj', 'kernel'), 'mlp.gate_proj.weight', 'linear'),
+  (('up_proj', 'kernel'), 'mlp.up_proj.weight', 'linear'),
+  (('down_proj', 'kernel'), 'mlp.down_proj.weight', 'linear'),
 ]
 
 
 def weight_map(config) -> dict[tuple, tuple[list[str], str]]:
   """Model param path -> (HF tensor names (one per stacked layer, else one), kind)."""
   out = {
-      ('visual', 'patch_embed', 'kernel'): (['visual.patch_embed.proj.weight'], 'patch'),
-      ('visual', 'merger', 'ln_q', 'weight'): (['visual.merger.ln_q.weight'], 'copy'),
-      ('visual', 'merger', 'fc1', 'kernel'): (['visual.merger.mlp.0.weight'], 'linear'),
-      ('visual', 'merger', 'fc1', 'bias'): (['visual.merger.mlp.0.bias'], 'copy'),
-      ('visual', 'merger', 'fc2', 'kernel'): (['visual.merger.mlp.2.weight'], 'linear'),
-      ('visual', 'merger', 'fc2', 'bias'): (['visual.merger.mlp.2.bias'], 'copy'),
-      ('embed_tokens',): (['model.embed_tokens.weight'], 'copy'),
-      ('norm', 'weight'): (['model.norm.weight'], 'copy'),
+    ('visual', 'patch_embed', 'kernel'): (['visual.patch_embed.proj.weight'], 'patch'),
+    ('visual', 'merger', 'ln_q', 'weight'): (['visual.merger.ln_q.weight'], 'copy'),
+    ('visual', 'merger', 'fc1', 'kernel'): (['visual.merger.mlp.0.weight'], 'linear'),
+    ('visual', 'merger', 'fc1', 'bias'): (['visual.merger.mlp.0.bias'], 'copy'),
+    ('visual', 'merger', 'fc2', 'kernel'): (['visual.merger.mlp.2.weight'], 'linear'),
+    ('visual', 'merger', 'fc2', 'bias'): (['visual.merger.mlp.2.bias'], 'copy'),
+    ('embed_tokens',): (['model.embed_tokens.weight'], 'copy'),
+    ('norm', 'weight'): (['model.norm.weight'], 'copy'),
   }
   if not config.tie_word_embeddings:
     out[('lm_head', 'kernel')] = (['lm_head.weight'], 'linear')
@@ -81,9 +82,9 @@ def weight_map(config) -> dict[tuple, tuple[list[str], str]]:
 def canonical_name(name: str) -> str:
   """transformers v5 in-memory names -> on-disk (v4) names."""
   if name.startswith('model.visual.'):
-    return name[len('model.'):]
+    return name[len('model.') :]
   if name.startswith('model.language_model.'):
-    return 'model.' + name[len('model.language_model.'):]
+    return 'model.' + name[len('model.language_model.') :]
   return name
 
 
@@ -93,8 +94,10 @@ def _to_model(arr, kind, target_shape, name):
   elif kind == 'patch':
     arr = arr.reshape(arr.shape[0], -1).T
   if tuple(arr.shape) != tuple(target_shape):
-    raise ValueError(f'shape mismatch for tensor {name!r}: checkpoint gives {tuple(arr.shape)} after layout '
-                     f'conversion ({kind}), model expects {tuple(target_shape)}')
+    raise ValueError(
+      f'shape mismatch for tensor {name!r}: checkpoint gives {tuple(arr.shape)} after layout '
+      f'conversion ({kind}), model expects {tuple(target_shape)}'
+    )
   return arr
 
 
@@ -103,26 +106,43 @@ def _from_model(arr, kind, config):
     return arr.T
   if kind == 'patch':
     vc = config.vision_config
-    return arr.T.reshape(arr.shape[1], vc.in_channels, vc.temporal_patch_size, vc.patch_size, vc.patch_size)
+    return arr.T.reshape(
+      arr.shape[1], vc.in_channels, vc.temporal_patch_size, vc.patch_size, vc.patch_size
+    )
   return arr
 
 
 def read_config(path):
   from transformers import Qwen2_5_VLConfig
+
   cfg_file = os.path.join(path, 'config.json')
   if not os.path.exists(cfg_file):
-    raise FileNotFoundError(f'{cfg_file} not found: expected a directory written by save_pretrained')
+    raise FileNotFoundError(
+      f'{cfg_file} not found: expected a directory written by save_pretrained'
+    )
   with open(cfg_file) as f:
     raw = json.load(f)
   archs = raw.get('architectures') or []
   if raw.get('model_type') != MODEL_TYPE or (archs and ARCHITECTURE not in archs):
-    raise ValueError(f'unsupported architecture in {cfg_file}: model_type={raw.get("model_type")!r}, '
-                     f'architectures={archs}; only {ARCHITECTURE} ({MODEL_TYPE}) is supported')
+    raise ValueError(
+      f'unsupported architecture in {cfg_file}: model_type={raw.get("model_type")!r}, '
+      f'architectures={archs}; only {ARCHITECTURE} ({MODEL_TYPE}) is supported'
+    )
   return Qwen2_5_VLConfig.from_pretrained(path)
 
 
-_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': jnp.bfloat16, 'I64': np.int64,
-           'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_}
+_DTYPES = {
+  'F64': np.float64,
+  'F32': np.float32,
+  'F16': np.float16,
+  'BF16': jnp.bfloat16,
+  'I64': np.int64,
+  'I32': np.int32,
+  'I16': np.int16,
+  'I8': np.int8,
+  'U8': np.uint8,
+  'BOOL': np.bool_,
+}
 
 
 class SafetensorsReader:
@@ -168,8 +188,10 @@ def _open_checkpoint(path):
     files = ['model.safetensors']
   else:
     if any(n.endswith(('.bin', '.pt', '.pth', '.ckpt')) for n in os.listdir(path)):
-      raise ValueError(f'{path} holds only pickle-based weights; cpo_jax reads safetensors only '
-                       '(convert with transformers: model.save_pretrained(dir, safe_serialization=True))')
+      raise ValueError(
+        f'{path} holds only pickle-based weights; cpo_jax reads safetensors only '
+        '(convert with transformers: model.save_pretrained(dir, safe_serialization=True))'
+      )
     raise FileNotFoundError(f'no model.safetensors or model.safetensors.index.json in {path}')
   readers, where = {}, {}
   for fn in files:
@@ -179,15 +201,21 @@ def _open_checkpoint(path):
   return readers, where
 
 
-def load_hf(path, dtype=jnp.float32, param_dtype=None,
-            sharding_for: Callable[[tuple], jax.sharding.Sharding | None] | None = None) -> Qwen2_5_VL:
+def load_hf(
+  path,
+  dtype=jnp.float32,
+  param_dtype=None,
+  sharding_for: Callable[[tuple], jax.sharding.Sharding | None] | None = None,
+) -> Qwen2_5_VL:
   """Loads a transformers Qwen2.5-VL directory. Params are stored in param_dtype (default dtype).
 
   sharding_for(logical_names) may return a Sharding to place each param on as it is read.
   """
   config = read_config(path)
   param_dtype = param_dtype or dtype
-  model = nnx.eval_shape(lambda: Qwen2_5_VL(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(
+    lambda: Qwen2_5_VL(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+  )
   readers, where = _open_checkpoint(path)
   wmap = weight_map(config)
   used = set()
@@ -196,7 +224,9 @@ def load_hf(path, dtype=jnp.float32, param_dtype=None,
       continue
     mpath = tuple(str(p) for p in mpath)
     if mpath not in wmap:
-      raise ValueError(f'model parameter {"/".join(mpath)} has no checkpoint mapping (internal error)')
+      raise ValueError(
+        f'model parameter {"/".join(mpath)} has no checkpoint mapping (internal error)'
+      )
     names, kind = wmap[mpath]
     for n in names:
       if n not in where:
@@ -214,15 +244,19 @@ def load_hf(path, dtype=jnp.float32, param_dtype=None,
         del layer
     else:
       fn, orig = where[names[0]]
-      host = np.ascontiguousarray(_to_model(readers[fn].read(orig), kind, shape, names[0]), dtype=param_dtype)
+      host = np.ascontiguousarray(
+        _to_model(readers[fn].read(orig), kind, shape, names[0]), dtype=param_dtype
+      )
       value = jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host)
       del host
     used.update(names)
     var.set_value(value)
   unexpected = sorted(set(where) - used - _ignorable(config))
   if unexpected:
-    raise ValueError(f'unexpected tensor(s) in checkpoint {path}: {unexpected[:10]}'
-                     f'{" ..." if len(unexpected) > 10 else ""} (not part of {ARCHITECTURE} with this config)')
+    raise ValueError(
+      f'unexpected tensor(s) in checkpoint {path}: {unexpected[:10]}'
+      f'{" ..." if len(unexpected) > 10 else ""} (not part of {ARCHITECTURE} with this config)'
+    )
   return model
 
 
@@ -256,8 +290,11 @@ def write_safetensors(filename, entries, metadata=None):
   header, offset = {}, 0
   for name, dtype, shape, _ in entries:
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    header[name] = {'dtype': _DTYPE_NAMES[np.dtype(dtype)], 'shape': list(shape),
-                    'data_offsets': [offset, offset + nbytes]}
+    header[name] = {
+      'dtype': _DTYPE_NAMES[np.dtype(dtype)],
+      'shape': list(shape),
+      'data_offsets': [offset, offset + nbytes],
+    }
     offset += nbytes
   if metadata:
     header['__metadata__'] = metadata
@@ -273,7 +310,7 @@ def write_safetensors(filename, entries, metadata=None):
       f.write(memoryview(arr.reshape(-1).view(np.uint8)))
 
 
-def save_hf(model: Qwen2_5_VL, path, max_shard_bytes: int = 5 * 1024 ** 3, dtype=None):
+def save_hf(model: Qwen2_5_VL, path, max_shard_bytes: int = 5 * 1024**3, dtype=None):
   """Writes config.json + safetensors (sharded with an index above max_shard_bytes) that
   transformers loads with Qwen2_5_VLForConditionalGeneration.from_pretrained. Tensors are
   streamed one at a time. LoRA adapters, if present, are merged into the written weights.
@@ -282,16 +319,20 @@ def save_hf(model: Qwen2_5_VL, path, max_shard_bytes: int = 5 * 1024 ** 3, dtype
     model = lora_lib.merge_lora(model)
   config = model.config
   os.makedirs(path, exist_ok=True)
-  params = {tuple(str(p) for p in k): v for k, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
+  params = {
+    tuple(str(p) for p in k): v for k, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)
+  }
   entries = []
   for mpath, (names, kind) in weight_map(config).items():
     var = params[mpath]
     store = np.dtype(dtype or var[...].dtype)
     per_layer = var.shape[1:] if _is_stacked(mpath) else var.shape
     for i, n in enumerate(names):
+
       def fetch(var=var, i=i, kind=kind, stacked=_is_stacked(mpath)):
         value = var[...][i] if stacked else var[...]
         return _from_model(np.asarray(jax.device_get(value)), kind, config)
+
       entries.append((n, store, _hf_shape(per_layer, kind, config), fetch))
   shards, cur, cur_bytes = [], [], 0
   for e in entries:

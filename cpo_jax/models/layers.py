@@ -5,14 +5,15 @@ train step places them through jit shardings derived from these names).
 Linear layers know about LoRA adapters (attached later by `lora.apply_lora`) so that
 the same module serves the policy (adapters on) and the reference (adapters off).
 """
+
 from __future__ import annotations
 
 import math
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 Names = tuple[str | None, ...]
 
@@ -66,7 +67,6 @@ def activation(name: str):
 
 
 class RMSNorm(nnx.Module):
-
   def __init__(self, dim: int, eps: float, *, dtype, param_dtype, stack: int | None = None):
     shape, names = stacked((dim,), ('norm',), stack)
     self.weight = param(jnp.ones(shape, param_dtype), names)
@@ -83,8 +83,18 @@ class Linear(nnx.Module):
   kernel is [in, out] (transposed w.r.t. torch's nn.Linear weight).
   """
 
-  def __init__(self, in_features: int, out_features: int, *, use_bias: bool,
-               names: Names, dtype, param_dtype, rngs: nnx.Rngs, stack: int | None = None):
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    use_bias: bool,
+    names: Names,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+    stack: int | None = None,
+  ):
     shape, knames = stacked((in_features, out_features), names, stack)
     self.kernel = param(normal_init(rngs, shape, 1.0 / math.sqrt(in_features), param_dtype), knames)
     bshape, bnames = stacked((out_features,), names[-1:], stack)
@@ -114,8 +124,9 @@ class Linear(nnx.Module):
         self.lora_count[...] = self.lora_count[...] + 1
         keep = jax.random.bernoulli(key, 1.0 - self.lora_dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0.0).astype(self.dtype)
-      y = y + ((x @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)) * jnp.asarray(
-          self.lora_scale, self.dtype)
+      y = y + (
+        (x @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
+      ) * jnp.asarray(self.lora_scale, self.dtype)
     return y
 
 

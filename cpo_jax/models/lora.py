@@ -5,15 +5,16 @@ With adapters the reference policy is the same base weights with adapters switch
 `LoRAParam` variables: train them with `nnx.DiffState(0, LoRAParam)` / an optimizer on
 `LoRAParam`, and filter the frozen base with `nnx.All(nnx.Param, nnx.Not(LoRAParam))`.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from cpo_jax.models import layers
 
@@ -43,8 +44,16 @@ def _targets(model, targets, include_vision):
       yield path, node
 
 
-def apply_lora(model, *, rank: int, alpha: float, dropout: float = 0.0, targets=DEFAULT_TARGETS,
-               include_vision: bool = False, rngs: nnx.Rngs):
+def apply_lora(
+  model,
+  *,
+  rank: int,
+  alpha: float,
+  dropout: float = 0.0,
+  targets=DEFAULT_TARGETS,
+  include_vision: bool = False,
+  rngs: nnx.Rngs,
+):
   """Adds adapters in place: A ~ U(-1/sqrt(in), 1/sqrt(in)) (as PEFT), B = 0, scale alpha / rank.
 
   Stacked (scanned) layers get stacked adapters with the same leading 'layers' axis.
@@ -64,16 +73,20 @@ def apply_lora(model, *, rank: int, alpha: float, dropout: float = 0.0, targets=
     dtype = lin.kernel[...].dtype
     a = _uniform(rngs, (*lead, d_in, rank), 1.0 / math.sqrt(d_in), dtype)
     lin.lora_a = layers.param(a, names[:-1] + (None,), cls=LoRAParam)
-    lin.lora_b = layers.param(jnp.zeros((*lead, rank, d_out), dtype), names[:-2] + (None, names[-1]), cls=LoRAParam)
+    lin.lora_b = layers.param(
+      jnp.zeros((*lead, rank, d_out), dtype), names[:-2] + (None, names[-1]), cls=LoRAParam
+    )
     lin.lora_scale = float(alpha) / float(rank)
     lin.lora_dropout = float(dropout)
     if dropout > 0.0:
-      seeds = _uniform(rngs, lead, 2.0 ** 31 - 1, jnp.float32)
+      seeds = _uniform(rngs, lead, 2.0**31 - 1, jnp.float32)
       lin.lora_seed = LoRADropoutRng(jnp.abs(seeds).astype(jnp.uint32))
       lin.lora_count = LoRADropoutRng(jnp.zeros(lead, jnp.uint32))
     adapted.append('/'.join(map(str, path)))
   if not adapted:
-    raise ValueError(f'no Linear layer matched LoRA targets {tuple(targets)} (include_vision={include_vision})')
+    raise ValueError(
+      f'no Linear layer matched LoRA targets {tuple(targets)} (include_vision={include_vision})'
+    )
   return adapted
 
 
@@ -96,12 +109,18 @@ def _uniform(rngs, shape, bound, dtype):
   key = rngs.params()
   if isinstance(key, jax.core.Tracer):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
-  seed = np.asarray(jax.random.key_data(key)).astype(np.uint64).tolist()  # numpy: no per-shape compile
+  seed = (
+    np.asarray(jax.random.key_data(key)).astype(np.uint64).tolist()
+  )  # numpy: no per-shape compile
   return jnp.asarray(np.random.default_rng(seed).uniform(-bound, bound, shape), dtype)
 
 
 def adapted_layers(model):
-  return [node for _, node in nnx.iter_graph(model) if isinstance(node, layers.Linear) and node.lora_a is not None]
+  return [
+    node
+    for _, node in nnx.iter_graph(model)
+    if isinstance(node, layers.Linear) and node.lora_a is not None
+  ]
 
 
 @contextlib.contextmanager
@@ -139,7 +158,10 @@ def merge_lora(model):
   merged = nnx.clone(model)
   for lin in adapted_layers(merged):
     a, b = lin.lora_a[...], lin.lora_b[...]
-    delta = jnp.einsum('...ir,...ro->...io', a.astype(jnp.float32), b.astype(jnp.float32)) * lin.lora_scale
+    delta = (
+      jnp.einsum('...ir,...ro->...io', a.astype(jnp.float32), b.astype(jnp.float32))
+      * lin.lora_scale
+    )
     k = lin.kernel[...]
     lin.kernel[...] = (k.astype(jnp.float32) + delta).astype(k.dtype)
     lin.lora_a = None

@@ -3,6 +3,7 @@
 Host-side (numpy) index computations depend only on static shapes (image_grid_thw,
 token layout) so they run outside jit; the cos/sin tables are pure jnp functions.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -10,8 +11,8 @@ import itertools
 import jax.numpy as jnp
 import numpy as np
 
-
 # ---------------------------------------------------------------- language model (M-RoPE)
+
 
 def get_rope_index(input_ids, attention_mask, image_grid_thw, config):
   """3D (temporal, height, width) positions, transformers' `get_rope_index` semantics.
@@ -23,7 +24,9 @@ def get_rope_index(input_ids, attention_mask, image_grid_thw, config):
   """
   input_ids = np.asarray(input_ids)
   b, l = input_ids.shape
-  mask = np.ones((b, l), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+  mask = (
+    np.ones((b, l), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+  )
   merge = config.vision_config.spatial_merge_size
   grids = iter([] if image_grid_thw is None else np.asarray(image_grid_thw).tolist())
   position_ids = np.zeros((3, b, l), np.int64)
@@ -41,11 +44,15 @@ def get_rope_index(input_ids, attention_mask, image_grid_thw, config):
         try:
           t, h, w = next(grids)
         except StopIteration:
-          raise ValueError(f'sample {i}: more image-token runs than rows in image_grid_thw') from None
+          raise ValueError(
+            f'sample {i}: more image-token runs than rows in image_grid_thw'
+          ) from None
         gt, gh, gw = t, h // merge, w // merge
         if gt * gh * gw != n:
-          raise ValueError(f'sample {i}: image run of {n} tokens at {start} does not match grid {(t, h, w)} '
-                           f'({gt * gh * gw} tokens after {merge}x{merge} merge)')
+          raise ValueError(
+            f'sample {i}: image run of {n} tokens at {start} does not match grid {(t, h, w)} '
+            f'({gt * gh * gw} tokens after {merge}x{merge} merge)'
+          )
         tt, hh, ww = np.meshgrid(np.arange(gt), np.arange(gh), np.arange(gw), indexing='ij')
         pieces.append(np.stack([tt, hh, ww]).reshape(3, -1) + pos)
         pos += max(h, w) // merge
@@ -66,7 +73,9 @@ def mrope_cos_sin(position_ids, head_dim: int, theta: float, mrope_section, dtyp
   freqs = position_ids.astype(jnp.float32)[..., None] * inv_freq  # [3, B, L, hd/2]
   axis_of_band = np.concatenate([np.full(s, i % 3) for i, s in enumerate(mrope_section)])
   if len(axis_of_band) != head_dim // 2:
-    raise ValueError(f'mrope_section {list(mrope_section)} must sum to head_dim/2 = {head_dim // 2}')
+    raise ValueError(
+      f'mrope_section {list(mrope_section)} must sum to head_dim/2 = {head_dim // 2}'
+    )
   onehot = jnp.asarray(np.eye(3, dtype=np.float32)[axis_of_band].T)  # [3, hd/2]
   freqs = jnp.einsum('abld,ad->bld', freqs, onehot)
   emb = jnp.concatenate([freqs, freqs], axis=-1)
@@ -74,6 +83,7 @@ def mrope_cos_sin(position_ids, head_dim: int, theta: float, mrope_section, dtyp
 
 
 # ---------------------------------------------------------------- vision tower
+
 
 def vision_position_ids(grid_thw, merge: int) -> np.ndarray:
   """(h, w) patch coordinates [N, 2], laid out block-major over merge x merge blocks."""
@@ -108,7 +118,9 @@ def vision_window_index(grid_thw, merge: int, window_size: int, patch_size: int)
     ph, pw = win - gh % win, win - gw % win
     nh, nw = (gh + ph) // win, (gw + pw) // win
     padded = np.pad(idx, ((0, 0), (0, ph), (0, pw)), constant_values=-100)
-    padded = padded.reshape(t, nh, win, nw, win).transpose(0, 1, 3, 2, 4).reshape(t, nh * nw, win, win)
+    padded = (
+      padded.reshape(t, nh, win, nw, win).transpose(0, 1, 3, 2, 4).reshape(t, nh * nw, win, win)
+    )
     seqlens = (padded != -100).sum((2, 3)).reshape(-1)
     flat = padded.reshape(-1)
     index.append(flat[flat != -100] + offset)

@@ -4,20 +4,21 @@ Blocks are stacked (leading 'layers' axis) and run with nnx.scan so compile time
 grow with depth; which blocks attend globally (fullatt_block_indexes) is a scanned flag
 selecting between two static attention plans with lax.cond.
 """
+
 from __future__ import annotations
 
 import functools
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from cpo_jax.models import layers, rope
+from cpo_jax.models import layers
+from cpo_jax.models import rope
 
 
 class VisionBlock(nnx.Module):
-
   def __init__(self, vc, *, dtype, param_dtype, rngs: nnx.Rngs, stack: int | None = None):
     d, f = vc.hidden_size, vc.intermediate_size
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, stack=stack)
@@ -51,13 +52,14 @@ class VisionBlock(nnx.Module):
 
 
 class PatchMerger(nnx.Module):
-
   def __init__(self, vc, *, dtype, param_dtype, rngs):
-    ctx = vc.hidden_size * vc.spatial_merge_size ** 2
+    ctx = vc.hidden_size * vc.spatial_merge_size**2
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.ln_q = layers.RMSNorm(vc.hidden_size, 1e-6, dtype=dtype, param_dtype=param_dtype)
     self.fc1 = layers.Linear(ctx, ctx, use_bias=True, names=(None, 'vision_mlp'), **kw)
-    self.fc2 = layers.Linear(ctx, vc.out_hidden_size, use_bias=True, names=('vision_mlp', 'embed'), **kw)
+    self.fc2 = layers.Linear(
+      ctx, vc.out_hidden_size, use_bias=True, names=('vision_mlp', 'embed'), **kw
+    )
     self.ctx = ctx
 
   def __call__(self, x):
@@ -75,16 +77,16 @@ def _vision_plan(grid_key, merge, window_size, patch_size, head_dim, theta):
   perm = (window_index[:, None] * unit + np.arange(unit)[None]).reshape(-1)
   cos, sin = rope.vision_cos_sin(rope.vision_position_ids(grid, merge), head_dim, theta)
   return dict(
-      perm=perm.astype(np.int32),
-      inverse=np.argsort(window_index).astype(np.int32),
-      cos=cos[perm], sin=sin[perm],
-      full_plan=layers.segment_gather_plan(rope.vision_cu_seqlens(grid)),
-      window_plan=layers.segment_gather_plan(cu_window),
+    perm=perm.astype(np.int32),
+    inverse=np.argsort(window_index).astype(np.int32),
+    cos=cos[perm],
+    sin=sin[perm],
+    full_plan=layers.segment_gather_plan(rope.vision_cu_seqlens(grid)),
+    window_plan=layers.segment_gather_plan(cu_window),
   )
 
 
 class VisionTower(nnx.Module):
-
   def __init__(self, vc, *, dtype, param_dtype, rngs: nnx.Rngs):
     self.dtype = dtype
     self.spatial_merge_size = vc.spatial_merge_size
@@ -95,12 +97,20 @@ class VisionTower(nnx.Module):
     self.rope_theta = float(vc.rope_parameters['rope_theta'])
     p, t, c = vc.patch_size, vc.temporal_patch_size, vc.in_channels
     if not isinstance(p, int) or not isinstance(t, int):
-      raise ValueError(f'only square/int patch sizes are supported, got patch_size={p}, temporal={t}')
+      raise ValueError(
+        f'only square/int patch sizes are supported, got patch_size={p}, temporal={t}'
+      )
     self.patch_dim = c * t * p * p
     # Conv3d with stride == kernel over pre-flattened patches == a matmul (no bias).
-    self.patch_embed = layers.Linear(self.patch_dim, vc.hidden_size, use_bias=False,
-                                     names=('patch', 'vision_embed'), dtype=dtype, param_dtype=param_dtype,
-                                     rngs=rngs)
+    self.patch_embed = layers.Linear(
+      self.patch_dim,
+      vc.hidden_size,
+      use_bias=False,
+      names=('patch', 'vision_embed'),
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
     # all blocks in one module with a leading 'layers' axis (run with nnx.scan)
     self.blocks = VisionBlock(vc, dtype=dtype, param_dtype=param_dtype, rngs=rngs, stack=vc.depth)
     self.merger = PatchMerger(vc, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -110,15 +120,23 @@ class VisionTower(nnx.Module):
     """pixel_values [N, C*T*P*P] (processor layout) -> merged tokens [N / merge^2, out_hidden]."""
     grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)
     head_dim = self.hidden_size // self.num_heads
-    plan = _vision_plan(tuple(grid.reshape(-1).tolist()), self.spatial_merge_size, self.window_size,
-                        self.patch_size, head_dim, self.rope_theta)
+    plan = _vision_plan(
+      tuple(grid.reshape(-1).tolist()),
+      self.spatial_merge_size,
+      self.window_size,
+      self.patch_size,
+      head_dim,
+      self.rope_theta,
+    )
     n = int(np.sum(np.prod(grid, -1)))
     if pixel_values.shape != (n, self.patch_dim):
-      raise ValueError(f'pixel_values has shape {pixel_values.shape}, expected {(n, self.patch_dim)} '
-                       f'for image_grid_thw {grid.tolist()}')
+      raise ValueError(
+        f'pixel_values has shape {pixel_values.shape}, expected {(n, self.patch_dim)} '
+        f'for image_grid_thw {grid.tolist()}'
+      )
     x = self.patch_embed(pixel_values)[plan['perm']]
     cos, sin = jnp.asarray(plan['cos']), jnp.asarray(plan['sin'])
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
     full = functools.partial(layers.segment_attention, plan=plan['full_plan'], scale=scale)
     window = functools.partial(layers.segment_attention, plan=plan['window_plan'], scale=scale)
     if all(self.full_flags):
