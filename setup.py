@@ -33,6 +33,7 @@ setup(
   ],
   extras_require={
     "tpu": ["jax[tpu]"],
-    "test": ["pytest", "torch==2.13.0"],
+    # ruff is pinned: its formatter's output is the project's style (.ci/run checks it).
+    "test": ["pytest", "torch==2.13.0", "ruff==0.17.6"],
   },
 )

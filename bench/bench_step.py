@@ -2,11 +2,11 @@
 
 naive      what peers do: a separate frozen reference copy, every forward encodes its images from
            pixel_values, logits over the full vocabulary at every position
-           (`cpo_loss_fn(naive=True)` on a `PolicyAndReference`).
+           (`train.naive.naive_cpo_loss_fn` on a `PolicyAndReference`).
 optimized  the default step: reference = adapters off, images encoded once per step and shared by
            policy and reference, vocabulary projection only at completion positions.
 Also naive+shared_image and naive+compact_vocab (one saving each) to attribute the gain.
-All are the real jitted step (`train.make_train_step`: loss, grads w.r.t. the LoRA adapters,
+All are the real jitted step (`steps.make_train_step`: loss, grads w.r.t. the LoRA adapters,
 AdamW update) on a synthetic batch shaped like real use: 448x448 images (1024 patches -> 256
 image tokens), a ~30-token prompt, 100-200 completion tokens, half thinking pairs (same image
 on both sides), half perception pairs (another image).
@@ -33,6 +33,7 @@ The same formula with 1 ViT encode and the vocab projection over the compact sla
 """
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -48,24 +49,75 @@ import numpy as np
 
 from cpo_jax import models
 from cpo_jax import sharding
-from cpo_jax import train
 from cpo_jax.models import lora
+from cpo_jax.train import completion
+from cpo_jax.train import naive
+from cpo_jax.train import objectives
+from cpo_jax.train import optimizer
+from cpo_jax.train import pair_images
+from cpo_jax.train import stages
+from cpo_jax.train import steps
 
 # Token ids inside the presets' small vocabularies (the real Qwen ids exceed them).
 TOKENS = dict(image_token_id=5, video_token_id=6, vision_start_token_id=3, vision_end_token_id=4)
 PAD, IM_START, IM_END = 0, 1, 2
-# name -> (separate frozen reference copy?, cpo_loss_fn switches). The middle two attribute the
-# saving: each is the naive step with one of the two savings switched on.
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One way to compute the CPO++ step (all give the same numbers)."""
+
+  frozen_copy: bool  # a separate frozen reference model (what peers hold)
+  shared_image: bool  # images encoded once, shared by policy and reference
+  compact_vocab: bool  # vocabulary projection only at completion positions
+  pair_layout: tuple | None = None  # grouped pairs: a thinking pair's image encoded once
+  precomputed: bool = False  # reference log-probs streamed with the batch
+
+  def loss_fn(self, model, batch, grid, cfg):
+    if not self.frozen_copy:  # the default step
+      return objectives.cpo_loss_fn(model, batch, grid, cfg, pair_layout=self.pair_layout)
+    if not (self.shared_image or self.compact_vocab):
+      return naive.naive_cpo_loss_fn(model, batch, grid, cfg)
+    return _one_saving(self, model, batch, grid, cfg)
+
+
+def _one_saving(variant, model, batch, grid, cfg):
+  """The naive step with one of the two savings switched on, to attribute the gain."""
+  policy, reference = objectives.policy_and_reference(model)
+  n, length = batch['chosen_input_ids'].shape
+  forward = {}
+  if variant.shared_image:
+    embeds = pair_images.pair_image_embeds(policy, batch, grid)
+    forward['image_embeds'] = jax.lax.stop_gradient(embeds)
+  else:
+    pixels = [batch['chosen_pixel_values'], batch['rejected_pixel_values']]
+    forward.update(
+      pixel_values=jnp.concatenate(pixels), image_grid_thw=completion.grid_rows(2 * n, grid)
+    )
+  if variant.compact_vocab:
+    forward['num_positions'] = completion.completion_positions(length, grid, policy)
+  rows = objectives.pair_rows(batch)
+
+  def logps(m):
+    return objectives.pair_logps(m, rows, n, cfg.loss_type, **forward)
+
+  pol = logps(policy)
+  ref_c, ref_r = objectives.reference_of(policy, reference, logps)
+  return objectives.preference_objective(pol, ref_c, ref_r, batch, cfg)
+
+
 VARIANTS = {
-  'naive': (True, dict(naive=True)),
-  'naive+shared_image': (True, dict(encode_once=True, compact=False)),
-  'naive+compact_vocab': (True, dict(encode_once=False, compact=True)),
-  'optimized': (False, dict()),
+  'naive': Variant(frozen_copy=True, shared_image=False, compact_vocab=False),
+  'naive+shared_image': Variant(frozen_copy=True, shared_image=True, compact_vocab=False),
+  'naive+compact_vocab': Variant(frozen_copy=True, shared_image=False, compact_vocab=True),
+  'optimized': Variant(frozen_copy=False, shared_image=True, compact_vocab=True),
   # Beyond the default step: the batch's rows alternate thinking / perception pairs
   # (data.pair_layout=grouped at thinking_fraction 0.5), so a thinking pair's image is
   # encoded once; and cpo.reference='precomputed' (no reference forward in the step).
-  'optimized+grouped_pairs': (False, dict(pair_layout=(1, 2))),
-  'optimized+grouped+precomputed_ref': (False, dict(pair_layout=(1, 2), precomputed=True)),
+  'optimized+grouped_pairs': Variant(False, True, True, pair_layout=(1, 2)),
+  'optimized+grouped+precomputed_ref': Variant(
+    False, True, True, pair_layout=(1, 2), precomputed=True
+  ),
 }
 
 
@@ -110,14 +162,14 @@ def synthetic_batch(batch, seq_len, grid, rng, vocab):
       + words(1)
     )
     for side in ('chosen_', 'rejected_'):
-      completion = words(int(rng.integers(100, 200))) + [IM_END]
-      ids = prompt + completion
+      answer = words(int(rng.integers(100, 200))) + [IM_END]
+      ids = prompt + answer
       if len(ids) > seq_len:
         raise ValueError(f'seq_len {seq_len} < {len(ids)}')
       pad = seq_len - len(ids)
       rows[side + 'input_ids'].append(ids + [PAD] * pad)
       rows[side + 'attention_mask'].append([1] * len(ids) + [0] * pad)
-      rows[side + 'loss_mask'].append([0] * len(prompt) + [1] * len(completion) + [0] * pad)
+      rows[side + 'loss_mask'].append([0] * len(prompt) + [1] * len(answer) + [0] * pad)
   out = {k: np.asarray(v, np.int32) for k, v in rows.items()}
   source = np.arange(batch, dtype=np.int32) % 2  # 0 thinking (same image), 1 perception
   chosen_px = rng.normal(size=(batch, n_patches, 1176)).astype(np.float32)
@@ -218,33 +270,32 @@ def bench_preset(
     )
   )
   raw = synthetic_batch(batch, seq_len, grid, rng, config.text_config.vocab_size)
-  prepared = train.step_inputs(
+  prepared = stages.step_inputs(
     raw, grid, config, ('chosen_', 'rejected_'), extra=('source', 'sample_weight')
   )
   mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
   results, runs = {}, {}
   for variant in variants:
-    copy, kw = VARIANTS[variant]
-    kw = dict(kw)
+    spec = VARIANTS[variant]
     data_in = dict(prepared)
-    if kw.pop('precomputed', False):  # what ReferenceTable streams: [pairs, 2] log-probs
+    if spec.precomputed:  # what ReferenceTable streams: [pairs, 2] log-probs
       data_in['reference_logps'] = np.zeros((batch, 2), np.float32)
     t_setup = time.perf_counter()
     model = models.Qwen2_5_VL(config, dtype=dtype, rngs=nnx.Rngs(0))
-    reference = nnx.clone(model) if copy else None
+    reference = nnx.clone(model) if spec.frozen_copy else None
     lora.apply_lora(model, rank=8, alpha=32.0, rngs=nnx.Rngs(1))
-    stage_model = model if reference is None else train.PolicyAndReference(model, reference)
-    graphdef, trainable, frozen = train.split_model(stage_model, 'lora')
-    tx, schedule = train.make_optimizer(opt, 1000)
-    loss_fn = lambda m, b, kw=kw: train.cpo_loss_fn(m, b, grid, cfg, **kw)
-    stage = train.Stage('cpo_plus', graphdef, trainable, frozen, loss_fn, tx, schedule)
+    stage_model = model if reference is None else objectives.PolicyAndReference(model, reference)
+    graphdef, trainable, frozen = steps.split_model(stage_model, 'lora')
+    tx, schedule = optimizer.make_optimizer(opt, 1000)
+    loss_fn = lambda m, b, spec=spec: spec.loss_fn(m, b, grid, cfg)
+    stage = steps.Stage('cpo_plus', graphdef, trainable, frozen, loss_fn, tx, schedule)
     tr_sh = sharding.state_shardings(trainable, mesh)
     fr_sh = sharding.state_shardings(frozen, mesh)
     trainable, frozen = jax.device_put(trainable, tr_sh), jax.device_put(frozen, fr_sh)
     opt_state = jax.jit(tx.init)(trainable)
     opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
     data = jax.device_put(data_in, sharding.batch_sharding(mesh))
-    step = train.make_train_step(stage, mesh, (tr_sh, fr_sh, opt_sh))
+    step = steps.make_train_step(stage, mesh, (tr_sh, fr_sh, opt_sh))
     t0 = time.perf_counter()
     print(f'{preset} {variant}: set up in {t0 - t_setup:.1f} s, compiling', flush=True)
     compiled = step.lower(trainable, frozen, opt_state, data).compile()
@@ -277,23 +328,21 @@ def bench_preset(
     r['step_s_median'] = statistics.median(r['step_s_all'])
     print(json.dumps({'preset': preset, 'variant': variant, **r}), flush=True)
   flops, parts = model_flops(model, config, batch, seq_len, grid)
-  slab = train.completion_positions(seq_len, grid, model)
+  slab = completion.completion_positions(seq_len, grid, model)
   for variant in variants:
-    kw = VARIANTS[variant][1]
-    once = kw.get('encode_once', not kw.get('naive', False))
-    compact = kw.get('compact', not kw.get('naive', False))
+    spec = VARIANTS[variant]
     # vit_encodes counts encodes of the 2 * batch sequences' images: a grouped layout
     # (t, g) skips the rejected image of t of every g pairs.
-    t, g = kw.get('pair_layout', (0, 1))
+    t, g = spec.pair_layout or (0, 1)
     results[variant]['formula_flops_executed'] = model_flops(
       model,
       config,
       batch,
       seq_len,
       grid,
-      vit_encodes=(1 - t / g / 2) * (1 if once else 2),
-      head_positions=slab if compact else None,
-      reference_forward=not kw.get('precomputed', False),
+      vit_encodes=(1 - t / g / 2) * (1 if spec.shared_image else 2),
+      head_positions=slab if spec.compact_vocab else None,
+      reference_forward=not spec.precomputed,
     )[0]
   for r in results.values():
     r['mfu_f32_peak'] = flops / r['step_s_median'] / (peak['f32'] * 1e9)

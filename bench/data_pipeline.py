@@ -10,7 +10,9 @@ import time
 
 from PIL import Image
 
-from cpo_jax.data import pipeline as P
+from cpo_jax.data import datasets
+from cpo_jax.data import processors
+from cpo_jax.data import sources
 
 
 class Upscaled:
@@ -35,11 +37,11 @@ class Upscaled:
 
 
 def measure(size, workers, batches, batch_size=8):
-  proc = P.make_processors(None, image_size=size)
-  src = P.make_source("synth_drive", "train", num_examples=2048)
+  proc = processors.make_processors(None, image_size=size)
+  src = sources.make_source("synth_drive", "train", num_examples=2048)
   src = src if size == 112 else Upscaled(src, size)
   n_img = (size // 28) ** 2
-  it = P.make_cpo_iterator(
+  it = datasets.make_cpo_iterator(
     src, proc, batch_size=batch_size, max_len=96 + n_img, seed=0, worker_count=workers
   )
   next(it)

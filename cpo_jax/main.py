@@ -19,12 +19,14 @@ from flax import nnx
 import jax
 from ml_collections import config_flags
 
-from cpo_jax import evaluate
 from cpo_jax import models
 from cpo_jax import plan as plan_lib
 from cpo_jax import sharding
-from cpo_jax import train
 from cpo_jax.data import streams
+from cpo_jax.evaluate import report as report_lib
+from cpo_jax.train import loop
+from cpo_jax.train import stages
+from cpo_jax.train import writers
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).')
 _WORKDIR = flags.DEFINE_string('workdir', 'workdir', 'Where checkpoints, metrics and reports go.')
@@ -40,8 +42,8 @@ _DISTRIBUTED = flags.DEFINE_bool(
 STAGES = ('sft', 'cpo_plus', 'eval')
 
 
-def parse_stages(stages):
-  names = [s.strip() for s in stages.split(',') if s.strip()]
+def parse_stages(spec):
+  names = [s.strip() for s in spec.split(',') if s.strip()]
   unknown = [s for s in names if s not in STAGES]
   if unknown:
     raise ValueError(f'config.stages has unknown stage(s) {unknown}; known: {STAGES}.')
@@ -81,7 +83,7 @@ def run(cfg, workdir, mode='train'):
   mode='eval' restores the latest checkpoints and evaluates; mode='restore' returns
   (model, data) of the latest checkpoints.
   """
-  stages = parse_stages(cfg.stages) if mode == 'train' else ['eval']
+  wanted = parse_stages(cfg.stages) if mode == 'train' else ['eval']
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -89,36 +91,36 @@ def run(cfg, workdir, mode='train'):
   mesh = sharding.make_mesh(cfg.mesh.shape)
   data = streams.RunData(cfg, workdir)
   model = build_model(cfg, data)
-  writer = train.MetricsWriter(workdir)
+  writer = writers.MetricsWriter(workdir)
   common = dict(mesh=mesh, grid=data.grid, workdir=workdir, writer=writer)
 
   # Eval restores whatever checkpoints exist; training runs (or resumes) each listed stage.
   # Each stage starts from the previous stage's final model, so cpo_plus needs sft's.
   trained = []
   restoring = mode in ('eval', 'restore')
-  if 'sft' in stages or restoring or 'cpo_plus' in stages:
-    model = train.train_sft(
-      model, cfg, make_batches=data.sft_batches, train='sft' in stages, **common
+  if 'sft' in wanted or restoring or 'cpo_plus' in wanted:
+    model = stages.train_sft(
+      model, cfg, make_batches=data.sft_batches, train='sft' in wanted, **common
     )
     trained.append('sft')
-  if 'cpo_plus' in stages or (restoring and train.has_checkpoint(workdir, 'cpo_plus')):
-    model = train.train_cpo(
+  if 'cpo_plus' in wanted or (restoring and loop.has_checkpoint(workdir, 'cpo_plus')):
+    model = stages.train_cpo(
       model,
       cfg,
       make_batches=data.cpo_batches,
       image_processor=data.processors.image_processor,
       pair_layout=data.pair_layout,
-      train='cpo_plus' in stages,
+      train='cpo_plus' in wanted,
       **common,
     )
     trained.append('cpo_plus')
   data.log_skips()
   if mode == 'restore':
     return model, data
-  if 'eval' not in stages:
+  if 'eval' not in wanted:
     return None
-  report = evaluate.run_eval(model, cfg, data, stage=trained[-1] if trained else 'init')
-  evaluate.write_report(report, workdir)
+  report = report_lib.run_eval(model, cfg, data, stage=trained[-1] if trained else 'init')
+  report_lib.write_report(report, workdir)
   return report
 
 

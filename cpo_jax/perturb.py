@@ -144,9 +144,8 @@ def _box_mask(boxes, grid, layout, n):
   if boxes.ndim == 2:
     boxes = jnp.broadcast_to(boxes, (n,) + boxes.shape)
   inside = jnp.zeros((n,) + y.shape, bool)
-  for k in range(
-    boxes.shape[1]
-  ):  # K is small and static; a loop keeps memory at one [N, P, D] mask
+  # K is small and static; a loop keeps memory at one [N, P, D] mask.
+  for k in range(boxes.shape[1]):
     b = boxes[:, k, :, None, None]
     inside |= (x >= b[:, 0]) & (x < b[:, 2]) & (y >= b[:, 1]) & (y < b[:, 3])
   return inside

@@ -12,8 +12,11 @@ import numpy as np
 
 from cpo_jax import models
 from cpo_jax import sharding
-from cpo_jax import train
-from cpo_jax.data import pipeline
+from cpo_jax.data import datasets
+from cpo_jax.train import device_pairs
+from cpo_jax.train import optimizer
+from cpo_jax.train import stages
+from cpo_jax.train import steps
 
 PATCH_DIM = 3 * 2 * 14 * 14  # channels x temporal patch x patch x patch (Qwen2.5-VL).
 
@@ -32,7 +35,7 @@ def _abstract_model(cfg):
 
 
 def _abstract_batch(cfg, stage, grid, num_perturbations=0):
-  """A batch of the pipeline's static shapes (see cpo_jax/data/pipeline.py), with what the
+  """A batch of the pipeline's static shapes (see cpo_jax/data/datasets.py), with what the
   CPO++ config adds: evidence boxes for device-made pairs, streamed reference log-probs."""
   batch = cfg.sft.batch_size if stage == 'sft' else cfg.cpo.batch_size
   length = cfg.data.max_len
@@ -64,21 +67,21 @@ def plan(cfg, stage='cpo_plus'):
   mesh = sharding.make_mesh(cfg.mesh.shape)
   side = cfg.data.image_size // 28 * 2  # 14 px patches, merged 2x2: whole merge windows.
   grid = np.array([1, side, side])
-  num_perturbations = len(train.parse_device_perturbations(cfg.cpo.device_perturbations))
+  num_perturbations = len(device_pairs.parse_device_perturbations(cfg.cpo.device_perturbations))
   pair_layout = None
   if stage == 'sft':
-    stage_obj = train.sft_stage(_abstract_model(cfg), cfg, grid)[0]
+    stage_obj = stages.sft_stage(_abstract_model(cfg), cfg, grid)[0]
   else:
-    adapted = nnx.eval_shape(lambda: train.attach_adapters(_build(cfg), cfg))
+    adapted = nnx.eval_shape(lambda: stages.attach_adapters(_build(cfg), cfg))
     if cfg.data.pair_layout == 'grouped':  # as for pipeline-made pairs
-      pair_layout = pipeline.pair_layout_for(cfg.data.thinking_fraction, cfg.cpo.batch_size)
-    stage_obj = train.cpo_stage(adapted, cfg, grid, pair_layout=pair_layout)[0]
+      pair_layout = datasets.pair_layout_for(cfg.data.thinking_fraction, cfg.cpo.batch_size)
+    stage_obj = stages.cpo_stage(adapted, cfg, grid, pair_layout=pair_layout)[0]
   trainable, frozen, tx = stage_obj.trainable, stage_obj.frozen, stage_obj.tx
   trainable_sh = sharding.state_shardings(trainable, mesh)
   frozen_sh = sharding.state_shardings(frozen, mesh)
   opt_state = jax.eval_shape(tx.init, trainable)
-  opt_sh = train.opt_state_shardings(tx, trainable, trainable_sh, mesh)
-  step = train.make_train_step(stage_obj, mesh, (trainable_sh, frozen_sh, opt_sh))
+  opt_sh = optimizer.opt_state_shardings(tx, trainable, trainable_sh, mesh)
+  step = steps.make_train_step(stage_obj, mesh, (trainable_sh, frozen_sh, opt_sh))
   batch = _abstract_batch(cfg, stage, grid, num_perturbations if stage != 'sft' else 0)
   compiled = step.lower(trainable, frozen, opt_state, batch).compile()
   memory = compiled.memory_analysis()

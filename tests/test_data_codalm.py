@@ -8,8 +8,13 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from cpo_jax.data import bad_records
 from cpo_jax.data import codalm
-from cpo_jax.data import pipeline as P
+from cpo_jax.data import datasets
+from cpo_jax.data import eval_batches
+from cpo_jax.data import pairs as pairs_lib
+from cpo_jax.data import processors
+from cpo_jax.data import sources
 from cpo_jax.data import tokenizer as tok_lib
 from cpo_jax.knowledge import free_text
 from cpo_jax.knowledge import load_graph
@@ -80,12 +85,12 @@ def proc(tmp_path_factory):
     tok_lib.build_tokenizer(extra_texts=[GP, DS, DS2, REG, *pairs, *codalm.QUESTIONS.values()]),
     str(d),
   )
-  return P.make_processors(str(d))
+  return processors.make_processors(str(d))
 
 
 def test_codalm_prepares_and_feeds_sft_cpo_eval(proc, tmp_path):
   _write(tmp_path)
-  src = P.make_source("codalm", "train", data_dir=str(tmp_path))
+  src = sources.make_source("codalm", "train", data_dir=str(tmp_path))
   assert src.kind == "pairs" and src.domain == "driving" and src.skipped == {}
   rows = [src[i] for i in range(len(src))]
   # val_0001: general + suggestion + 2 regions; val_0002: general + suggestion; then one perception
@@ -141,26 +146,26 @@ def test_codalm_prepares_and_feeds_sft_cpo_eval(proc, tmp_path):
   )  # red top edge of the xywh box (10, 8, 20, 16)
   np.testing.assert_array_equal(rows[2]["box"], [10, 8, 20, 16])
   np.testing.assert_array_equal(
-    src._src[4]["thumbnail"], P.pairs_lib.thumbnail(raw2)
+    src._src[4]["thumbnail"], pairs_lib.thumbnail(raw2)
   )  # stored at prepare time
 
-  sft = next(P.make_sft_iterator(src, proc, batch_size=2, max_len=160, seed=0))
+  sft = next(datasets.make_sft_iterator(src, proc, batch_size=2, max_len=160, seed=0))
   assert sft["input_ids"].shape == (2, 160) and sft["pixel_values"].shape == (128, 1176)
   tok = proc.tokenizer
   assert tok.decode(sft["input_ids"][0][sft["loss_mask"][0] == 1]) in {
     r["chosen"] + "<|im_end|>" for r in rows
   }
-  cpo = next(P.make_cpo_iterator(src, proc, batch_size=8, max_len=160, seed=0, num_epochs=1))
+  cpo = next(datasets.make_cpo_iterator(src, proc, batch_size=8, max_len=160, seed=0, num_epochs=1))
   assert cpo["chosen_input_ids"].shape == (8, 160)
   assert sorted(cpo["source"].tolist()) == [0, 0, 1, 1, 2, 2, 2, 2]
   assert sorted(cpo["sample_weight"].tolist()) == [0.0] * 4 + [1.0] * 4
 
-  val = P.make_source("codalm", "val", data_dir=str(tmp_path))
+  val = sources.make_source("codalm", "val", data_dir=str(tmp_path))
   assert len(val) == 3  # one suggestion parses, but no other decision to pair its image with
-  (b,) = list(P.make_eval_batches(val, proc, batch_size=4, max_prompt_len=96, graph=g))
+  (b,) = list(eval_batches.make_eval_batches(val, proc, batch_size=4, max_prompt_len=96, graph=g))
   assert b["input_ids"].shape == (4, 96) and b["valid"].tolist() == [True, True, True, False]
   with pytest.raises(ValueError, match="CODA-LM/Test"):
-    P.make_source("codalm", "test", data_dir=str(tmp_path))
+    sources.make_source("codalm", "test", data_dir=str(tmp_path))
 
 
 def test_codalm_thinking_pair_only_where_the_answer_parses_with_the_graph():
@@ -351,7 +356,7 @@ def test_codalm_stream_of_generated_descriptions_yields_thinking_and_perception_
     (tmp_path / "val" / "images" / f"{k:04d}.jpg").write_bytes(_jpeg(k))
     ann = _ann(regions=0, ds=texts[-1])
     (tmp_path / "CODA-LM" / "Train" / f"val_{k:04d}.json").write_text(json.dumps(ann))
-  src = P.make_source("codalm", "train", data_dir=str(tmp_path))
+  src = sources.make_source("codalm", "train", data_dir=str(tmp_path))
   rows = [src[i] for i in range(len(src))]
   kinds = collections.Counter(r["source"] for r in rows)
   assert kinds == {2: 12, 0: 12, 1: 12}, (
@@ -376,8 +381,8 @@ def test_codalm_stream_of_generated_descriptions_yields_thinking_and_perception_
     str(d),
   )
   cpo = next(
-    P.make_cpo_iterator(
-      src, P.make_processors(str(d)), batch_size=36, max_len=512, seed=0, num_epochs=1
+    datasets.make_cpo_iterator(
+      src, processors.make_processors(str(d)), batch_size=36, max_len=512, seed=0, num_epochs=1
     )
   )
   assert sorted(collections.Counter(cpo["source"].tolist()).items()) == [(0, 12), (1, 12), (2, 12)]
@@ -385,7 +390,7 @@ def test_codalm_stream_of_generated_descriptions_yields_thinking_and_perception_
 
 def test_codalm_bad_records_skip_by_reason_or_raise_naming_file_and_field(tmp_path):
   _write(tmp_path, bad=True)
-  src = P.make_source("codalm", "train", data_dir=str(tmp_path), on_bad_record="skip")
+  src = sources.make_source("codalm", "train", data_dir=str(tmp_path), on_bad_record="skip")
   assert src.skipped == {
     "bad_image": 1,
     "missing_field": 1,
@@ -397,13 +402,17 @@ def test_codalm_bad_records_skip_by_reason_or_raise_naming_file_and_field(tmp_pa
     ("region_perception", 1)
   ]
   with pytest.raises(
-    P.BadRecordError, match=r"record val_0001.json: not valid JSON.*reason=bad_json"
+    bad_records.BadRecordError, match=r"record val_0001.json: not valid JSON.*reason=bad_json"
   ):
-    P.make_source("codalm", "train", data_dir=str(tmp_path), prepared_dir=str(tmp_path / "prep"))
+    sources.make_source(
+      "codalm", "train", data_dir=str(tmp_path), prepared_dir=str(tmp_path / "prep")
+    )
   (tmp_path / "CODA-LM" / "Train" / "val_0001.json").unlink()
   with pytest.raises(
-    P.BadRecordError,
+    bad_records.BadRecordError,
     match=r"record val_0002.json: field 'general_perception.description and "
     r"explanation' is empty",
   ):
-    P.make_source("codalm", "train", data_dir=str(tmp_path), prepared_dir=str(tmp_path / "prep2"))
+    sources.make_source(
+      "codalm", "train", data_dir=str(tmp_path), prepared_dir=str(tmp_path / "prep2")
+    )

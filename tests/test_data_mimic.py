@@ -9,11 +9,18 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from cpo_jax.data import bad_records
+from cpo_jax.data import datasets
+from cpo_jax.data import eval_batches
 from cpo_jax.data import mimic_ccf
-from cpo_jax.data import pipeline as P
+from cpo_jax.data import mimic_files
+from cpo_jax.data import pairs as pairs_lib
+from cpo_jax.data import processors
+from cpo_jax.data import sources
 from cpo_jax.data import tokenizer as tok_lib
+from cpo_jax.knowledge import load_graph
 
-HEADER = ["subject_id", "study_id", *mimic_ccf.FINDINGS]
+HEADER = ["subject_id", "study_id", *mimic_files.FINDINGS]
 REPORTS = [
   "The heart size is normal. There is a small left pleural effusion.",
   "The lungs are clear. The heart is enlarged.",
@@ -44,8 +51,8 @@ def _write(root, extra=(), drop_image=None):
     if dicom != drop_image:
       (d / f"{dicom}.jpg").write_bytes(_jpeg(k))
     vals = [""] * 14
-    vals[mimic_ccf.FINDINGS.index("Pleural Effusion")] = "1.0" if k == 0 else "0.0"
-    vals[mimic_ccf.FINDINGS.index("Cardiomegaly")] = "-1.0" if k == 1 else ""
+    vals[mimic_files.FINDINGS.index("Pleural Effusion")] = "1.0" if k == 0 else "0.0"
+    vals[mimic_files.FINDINGS.index("Cardiomegaly")] = "-1.0" if k == 1 else ""
     chex_rows.append([subj, study, *vals])
     split_rows.append([dicom, study, subj, split_of[k]])
     recs.append(
@@ -75,17 +82,17 @@ def proc(tmp_path_factory):
     REPORTS
     + list(CF.values())
     + [
-      mimic_ccf.ANSWER.format(x)
+      mimic_files.ANSWER.format(x)
       for x in ("Pleural Effusion, Cardiomegaly, Pneumonia, No Finding, Pneumothorax",)
     ]
   )
   tok_lib.save_tokenizer(tok_lib.build_tokenizer(extra_texts=words), str(d))
-  return P.make_processors(str(d))
+  return processors.make_processors(str(d))
 
 
 def test_mimic_prepares_and_feeds_sft_cpo_eval(proc, tmp_path):
   _write(tmp_path)
-  src = P.make_source("mimic_ccf", "train", data_dir=str(tmp_path))
+  src = sources.make_source("mimic_ccf", "train", data_dir=str(tmp_path))
   assert src.kind == "pairs" and src.skipped == {}
   # train: record 0 has 2 counterfactuals (2 thinking rows), record 1 none (1 inert row), then one
   # perception row each (their label sets differ: each is the other's hard negative)
@@ -105,28 +112,31 @@ def test_mimic_prepares_and_feeds_sft_cpo_eval(proc, tmp_path):
   img1 = (tmp_path / "files/p10/p10000001/s50000001/d01-abc.jpg").read_bytes()
   assert rows[0]["image"] == img0 == rows[0]["rejected_image"]
   assert [(r["image"], r["rejected_image"]) for r in rows[3:]] == [(img0, img1), (img1, img0)]
-  eff, card = mimic_ccf.FINDINGS.index("Pleural Effusion"), mimic_ccf.FINDINGS.index("Cardiomegaly")
+  eff, card = (
+    mimic_files.FINDINGS.index("Pleural Effusion"),
+    mimic_files.FINDINGS.index("Cardiomegaly"),
+  )
   assert rows[0]["labels"].tolist() == [int(i == eff) for i in range(14)]
   assert rows[2]["labels"].sum() == 0  # uncertain (-1.0) and blank are negative (U-zeros)
-  g = P.load_graph("medical")
+  g = load_graph("medical")
   # the diagnosis names one decision of the medical graph: its id (a multi-label diagnosis gives -1)
   assert rows[0]["decision"] == g.decision_id("pleural_effusion")
   assert rows[2]["decision"] == g.decision_id("cardiomegaly")
   assert (
-    mimic_ccf.decision_id(["Pleural Effusion", "Cardiomegaly"], g)
+    mimic_files.decision_id(["Pleural Effusion", "Cardiomegaly"], g)
     == -1
-    == mimic_ccf.decision_id(["Edema"], g)
+    == mimic_files.decision_id(["Edema"], g)
   )
   # the TFDS files read back directly, raw CheXpert values kept (NaN = blank), the thumbnail stored
   raw = src._src[1]
-  np.testing.assert_array_equal(raw["thumbnail"], P.pairs_lib.thumbnail(img1))
+  np.testing.assert_array_equal(raw["thumbnail"], pairs_lib.thumbnail(img1))
   assert (
     raw["chexpert"][card] == -1.0
     and np.isnan(raw["chexpert"][0])
     and int(raw["study_id"]) == 50000001
   )
 
-  cpo = next(P.make_cpo_iterator(src, proc, batch_size=5, max_len=128, seed=0, num_epochs=1))
+  cpo = next(datasets.make_cpo_iterator(src, proc, batch_size=5, max_len=128, seed=0, num_epochs=1))
   assert cpo["chosen_input_ids"].shape == (5, 128) == cpo["rejected_input_ids"].shape
   assert (
     cpo["chosen_pixel_values"].shape == (5 * 64, 1176)
@@ -142,18 +152,18 @@ def test_mimic_prepares_and_feeds_sft_cpo_eval(proc, tmp_path):
     rows_r = slice(r * 64, (r + 1) * 64)
     same = np.array_equal(cpo["chosen_pixel_values"][rows_r], cpo["rejected_pixel_values"][rows_r])
     assert same == (i < 3) and cpo["source"][r] == rows[i]["source"]
-  sft = next(P.make_sft_iterator(src, proc, batch_size=2, max_len=128, seed=0))
+  sft = next(datasets.make_sft_iterator(src, proc, batch_size=2, max_len=128, seed=0))
   assert sft["input_ids"].shape == (2, 128) and sft["pixel_values"].shape == (128, 1176)
   assert (sft["input_ids"] == proc.ids["image_token_id"]).sum(1).tolist() == [16, 16]
 
-  test = P.make_source("mimic_ccf", "test", data_dir=str(tmp_path))
-  val = P.make_source("mimic_ccf", "validation", data_dir=str(tmp_path))
+  test = sources.make_source("mimic_ccf", "test", data_dir=str(tmp_path))
+  val = sources.make_source("mimic_ccf", "validation", data_dir=str(tmp_path))
   assert (len(test), len(val), test.view) == (1, 1, "records")
-  (b,) = list(P.make_eval_batches(test, proc, batch_size=2, max_prompt_len=64))
+  (b,) = list(eval_batches.make_eval_batches(test, proc, batch_size=2, max_prompt_len=64))
   assert b["input_ids"].shape == (2, 64) and b["valid"].tolist() == [True, False]
   assert b["decision"][0] == g.decision_id("no_finding")
   with pytest.raises(ValueError, match="no split 'ood'"):
-    P.make_source("mimic_ccf", "ood", data_dir=str(tmp_path))
+    sources.make_source("mimic_ccf", "ood", data_dir=str(tmp_path))
 
 
 BAD = [
@@ -182,7 +192,7 @@ def test_mimic_bad_records_skip_by_reason_or_raise_naming_record_and_field(tmp_p
   data = json.loads((root / "cxr_counterfact.json").read_text())
   data[0] = recs[0]
   (root / "cxr_counterfact.json").write_text(json.dumps(data))
-  src = P.make_source(
+  src = sources.make_source(
     "mimic_ccf",
     "train",
     data_dir=str(root),
@@ -199,7 +209,7 @@ def test_mimic_bad_records_skip_by_reason_or_raise_naming_record_and_field(tmp_p
   }
   assert len(src) == 5  # the train records survive
   with pytest.raises(ValueError, match="no split 'validate'"):  # its only record had no image
-    P.make_source(
+    sources.make_source(
       "mimic_ccf",
       "validate",
       data_dir=str(root),
@@ -207,17 +217,22 @@ def test_mimic_bad_records_skip_by_reason_or_raise_naming_record_and_field(tmp_p
       prepared_dir=str(tmp_path / "prep"),
     )
   with pytest.raises(
-    P.BadRecordError, match=r"cxr_counterfact.json\[0\] \(dicom_id=d00-abc\) counterfact\['Edema'\]"
+    bad_records.BadRecordError,
+    match=r"cxr_counterfact.json\[0\] \(dicom_id=d00-abc\) counterfact\['Edema'\]",
   ):
-    P.make_source("mimic_ccf", "train", data_dir=str(root), prepared_dir=str(tmp_path / "prep"))
+    sources.make_source(
+      "mimic_ccf", "train", data_dir=str(root), prepared_dir=str(tmp_path / "prep")
+    )
   data[0]["counterfact"] = CF
   (root / "cxr_counterfact.json").write_text(json.dumps(data))
   with pytest.raises(
-    P.BadRecordError,
+    bad_records.BadRecordError,
     match=r"cxr_counterfact.json\[2\] \(dicom_id=d02-abc\): field 'dicom_id': "
     r"cannot read image .*d02-abc.jpg.*reason=bad_image",
   ):
-    P.make_source("mimic_ccf", "train", data_dir=str(root), prepared_dir=str(tmp_path / "prep2"))
+    sources.make_source(
+      "mimic_ccf", "train", data_dir=str(root), prepared_dir=str(tmp_path / "prep2")
+    )
 
 
 def test_hard_negatives_pick_the_nearest_thumbnail_with_another_label_set_and_study():
@@ -243,7 +258,7 @@ def test_hard_negatives_pick_the_nearest_thumbnail_with_another_label_set_and_st
 def test_mimic_undecodable_image_is_a_bad_record(tmp_path):
   _write(tmp_path)
   (tmp_path / "files/p10/p10000001/s50000001/d01-abc.jpg").write_bytes(b"not a jpeg")
-  src = P.make_source("mimic_ccf", "train", data_dir=str(tmp_path), on_bad_record="skip")
+  src = sources.make_source("mimic_ccf", "train", data_dir=str(tmp_path), on_bad_record="skip")
   assert (
     src.skipped == {"bad_image": 1} and len(src) == 2
   )  # record 0's two thinking rows, no perception row

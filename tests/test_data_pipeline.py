@@ -4,8 +4,13 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from cpo_jax.data import bad_records
+from cpo_jax.data import datasets
+from cpo_jax.data import eval_batches
+from cpo_jax.data import packing
 from cpo_jax.data import pairs as pairs_lib
-from cpo_jax.data import pipeline as P
+from cpo_jax.data import processors
+from cpo_jax.data import sources
 from cpo_jax.data import synth_drive
 from cpo_jax.data import tokenizer as tok_lib
 from cpo_jax.knowledge import load_graph
@@ -16,12 +21,12 @@ L = 96
 
 @pytest.fixture(scope="module")
 def proc(tmp_path_factory):
-  return P.make_processors(str(tmp_path_factory.mktemp("tok")))
+  return processors.make_processors(str(tmp_path_factory.mktemp("tok")))
 
 
 @pytest.fixture(scope="module")
 def train():
-  return P.make_source("synth_drive", "train", num_examples=512, seed=0)
+  return sources.make_source("synth_drive", "train", num_examples=512, seed=0)
 
 
 def test_tokenizer_round_trip_and_save_load(proc, tmp_path):
@@ -55,7 +60,7 @@ def test_tokenizer_round_trip_and_save_load(proc, tmp_path):
 
 
 def test_sft_batch_format(proc, train):
-  b = next(P.make_sft_iterator(train, proc, batch_size=4, max_len=L, seed=0))
+  b = next(datasets.make_sft_iterator(train, proc, batch_size=4, max_len=L, seed=0))
   assert b["input_ids"].shape == b["attention_mask"].shape == b["loss_mask"].shape == (4, L)
   assert b["input_ids"].dtype == np.int32 and b["loss_mask"].dtype == np.int32
   assert b["pixel_values"].shape == (4 * 64, 1176) and b["pixel_values"].dtype == np.float32
@@ -77,7 +82,7 @@ def test_sft_batch_format(proc, train):
 
 def _cpo(proc, src, **kw):
   kw = dict(dict(batch_size=8, max_len=L, seed=0), **kw)
-  return P.make_cpo_iterator(src, proc, **kw)
+  return datasets.make_cpo_iterator(src, proc, **kw)
 
 
 def test_cpo_pairs_are_valid_counterfactuals(proc, train):
@@ -175,22 +180,26 @@ def test_iterator_state_resume(proc, train, host, buckets, layout):
 
 
 def test_parse_length_buckets():
-  assert P.parse_length_buckets("", 96) == P.parse_length_buckets((), 96) == (96,)
+  assert packing.parse_length_buckets("", 96) == packing.parse_length_buckets((), 96) == (96,)
   assert (
-    P.parse_length_buckets("64, 80", 96) == P.parse_length_buckets((64, 80), 96) == (64, 80, 96)
+    packing.parse_length_buckets("64, 80", 96)
+    == packing.parse_length_buckets((64, 80), 96)
+    == (64, 80, 96)
   )
-  assert P.parse_length_buckets("64,96", 96) == (64, 96)
+  assert packing.parse_length_buckets("64,96", 96) == (64, 96)
   for bad in ("80,64", "64,64", "0,64", "64,x", "2.5", "128"):
     with pytest.raises(ValueError, match=r"data.length_buckets="):
-      P.parse_length_buckets(bad, 96)
+      packing.parse_length_buckets(bad, 96)
 
 
 @pytest.mark.parametrize("kind", ["sft", "cpo"])
 def test_length_buckets_cut_only_trailing_padding(proc, kind):
   """Same rows in the same order as without buckets; each batch is cut to the smallest bucket
   that holds its longest row (both sides of a pair alike), and only pad columns are cut."""
-  train = P.make_source("synth_cxr", "train", num_examples=128, seed=0)  # rows of 89-95 tokens
-  make = P.make_sft_iterator if kind == "sft" else P.make_cpo_iterator
+  train = sources.make_source(
+    "synth_cxr", "train", num_examples=128, seed=0
+  )  # rows of 89-95 tokens
+  make = datasets.make_sft_iterator if kind == "sft" else datasets.make_cpo_iterator
   sides = ("",) if kind == "sft" else ("chosen_", "rejected_")
   seq_keys = {p + k for p in sides for k in ("input_ids", "attention_mask", "loss_mask")}
   full, cut = (
@@ -219,7 +228,7 @@ def test_length_buckets_cut_only_trailing_padding(proc, kind):
 def test_host_shards_are_disjoint(proc, train):
   seen = []
   for h in range(2):
-    it = P.make_sft_iterator(
+    it = datasets.make_sft_iterator(
       train, proc, batch_size=8, max_len=L, seed=0, shard_index=h, shard_count=2, num_epochs=1
     )
     seen.append({int(i) for _ in range(4) for i in next(it)["index"]})
@@ -227,24 +236,24 @@ def test_host_shards_are_disjoint(proc, train):
 
 
 def test_overlong_raise_names_record_or_skip_counts(proc, train):
-  with pytest.raises(P.OverlongError, match=r"record .*\[\d+\].*max_len 60"):
-    next(P.make_sft_iterator(train, proc, batch_size=4, max_len=60, seed=0))
+  with pytest.raises(bad_records.OverlongError, match=r"record .*\[\d+\].*max_len 60"):
+    next(datasets.make_sft_iterator(train, proc, batch_size=4, max_len=60, seed=0))
   # 75 tokens fit the short chains (74-75) but not the longest (76): some skipped, none cut.
-  skips = P.SkipCounter()
-  small = P.make_source("synth_drive", "train", num_examples=128, seed=0)
-  it = P.make_sft_iterator(
-    small, proc, batch_size=8, max_len=75, seed=0, on_overlong="skip", skips=skips, num_epochs=1
+  skips = bad_records.SkipCounter()
+  small = sources.make_source("synth_drive", "train", num_examples=128, seed=0)
+  it = datasets.make_sft_iterator(
+    small, proc, batch_size=8, max_len=75, seed=0, on_bad_record="skip", skips=skips, num_epochs=1
   )
   n_rows = sum(b["input_ids"].shape[0] for b in it)
   assert skips.counts["overlong"] > 0
   assert n_rows + skips.total() >= len(small) - 7  # every record either batched or counted
-  with pytest.raises(P.OverlongError):
+  with pytest.raises(bad_records.OverlongError):
     next(_cpo(proc, train, max_len=60))
 
 
 def test_eval_batches_left_padded_with_labels(proc):
-  src = P.make_source("synth_drive", "ood", num_examples=10, seed=0)
-  batches = list(P.make_eval_batches(src, proc, batch_size=4, max_prompt_len=48))
+  src = sources.make_source("synth_drive", "ood", num_examples=10, seed=0)
+  batches = list(eval_batches.make_eval_batches(src, proc, batch_size=4, max_prompt_len=48))
   assert len(batches) == 3
   assert batches[-1]["valid"].tolist() == [True, True, False, False]
   b = batches[0]
@@ -261,8 +270,10 @@ def test_eval_batches_left_padded_with_labels(proc):
 
 def test_medical_pairs_use_the_medical_graph(proc):
   g = load_graph("medical")
-  src = P.make_source("synth_cxr", "train", num_examples=128, seed=0)
-  b = next(P.make_cpo_iterator(src, proc, batch_size=8, max_len=112, seed=0, thinking_fraction=1.0))
+  src = sources.make_source("synth_cxr", "train", num_examples=128, seed=0)
+  b = next(
+    datasets.make_cpo_iterator(src, proc, batch_size=8, max_len=112, seed=0, thinking_fraction=1.0)
+  )
   tok = proc.tokenizer
   for r in range(8):
     ch = tok.decode(b["chosen_input_ids"][r][b["chosen_loss_mask"][r] == 1]).removesuffix(
@@ -289,10 +300,10 @@ def test_fast_image_path_equals_transformers_processor(proc, train):
 @pytest.mark.parametrize("kind", ["none", "synonym", "contradict"])
 def test_probe_batches(proc, kind):
   g = load_graph("driving")
-  src = P.make_source("synth_drive", "test", num_examples=6, seed=0)
-  dec_ids = P.decision_token_ids(proc, g)
+  src = sources.make_source("synth_drive", "test", num_examples=6, seed=0)
+  dec_ids = eval_batches.decision_token_ids(proc, g)
   assert len(set(dec_ids.tolist())) == 4
-  (b,) = list(P.make_probe_batches(src, proc, kind=kind, batch_size=6, max_len=80))
+  (b,) = list(eval_batches.make_probe_batches(src, proc, kind=kind, batch_size=6, max_len=80))
   tok = proc.tokenizer
   n_changed = 0
   for r in range(6):
@@ -345,19 +356,19 @@ class _Corrupted:
 
 
 def test_bad_records_skip_counts_by_reason_or_raise_names_record(proc):
-  src = _Corrupted(P.make_source("synth_drive", "train", num_examples=64, seed=0))
-  skips = P.SkipCounter()
-  it = P.make_sft_iterator(
+  src = _Corrupted(sources.make_source("synth_drive", "train", num_examples=64, seed=0))
+  skips = bad_records.SkipCounter()
+  it = datasets.make_sft_iterator(
     src, proc, batch_size=8, max_len=L, seed=0, num_epochs=1, on_bad_record="skip", skips=skips
   )
   rows = sum(len(b["index"]) for b in it)
   assert dict(skips.counts) == {k: 4 for k in _Corrupted.kinds}
   assert rows == 48
-  with pytest.raises(P.BadRecordError, match=r"record Corrupted\[\d+\]: .*reason="):
-    for _ in P.make_sft_iterator(src, proc, batch_size=8, max_len=L, seed=0, num_epochs=1):
+  with pytest.raises(bad_records.BadRecordError, match=r"record Corrupted\[\d+\]: .*reason="):
+    for _ in datasets.make_sft_iterator(src, proc, batch_size=8, max_len=L, seed=0, num_epochs=1):
       pass
-  skips = P.SkipCounter()
-  it = P.make_cpo_iterator(
+  skips = bad_records.SkipCounter()
+  it = datasets.make_cpo_iterator(
     src,
     proc,
     batch_size=8,
@@ -372,16 +383,20 @@ def test_bad_records_skip_counts_by_reason_or_raise_names_record(proc):
 
 
 def test_tfds_files_give_the_same_batches_as_rendering(proc, tmp_path):
-  files = P.make_source("synth_drive", "train", num_examples=64, seed=0, data_dir=str(tmp_path))
-  mem = P.make_source("synth_drive", "train", num_examples=64, seed=0)
+  files = sources.make_source(
+    "synth_drive", "train", num_examples=64, seed=0, data_dir=str(tmp_path)
+  )
+  mem = sources.make_source("synth_drive", "train", num_examples=64, seed=0)
   for mode in (
     "hard",
     "counterfactual",
   ):  # counterfactual: the files' source re-renders the same scenes
     a = next(
-      P.make_cpo_iterator(files, proc, batch_size=8, max_len=L, seed=0, perception_mode=mode)
+      datasets.make_cpo_iterator(files, proc, batch_size=8, max_len=L, seed=0, perception_mode=mode)
     )
-    b = next(P.make_cpo_iterator(mem, proc, batch_size=8, max_len=L, seed=0, perception_mode=mode))
+    b = next(
+      datasets.make_cpo_iterator(mem, proc, batch_size=8, max_len=L, seed=0, perception_mode=mode)
+    )
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
 
@@ -472,19 +487,19 @@ def test_counterfactual_needs_a_source_that_can_render(proc, train):
 
 
 def test_grouped_pair_layout_holds_the_share_exactly_and_is_what_the_step_checks(proc, train):
-  from cpo_jax import train as train_lib
+  from cpo_jax.train import pair_images
 
-  assert P.pair_layout_for(0.5, 8) == (1, 2) and P.pair_layout_for(0.25, 8) == (1, 4)
-  assert P.pair_layout_for(1.0, 8) == (1, 1) and P.pair_layout_for(0.75, 8) == (3, 4)
+  assert datasets.pair_layout_for(0.5, 8) == (1, 2) and datasets.pair_layout_for(0.25, 8) == (1, 4)
+  assert datasets.pair_layout_for(1.0, 8) == (1, 1) and datasets.pair_layout_for(0.75, 8) == (3, 4)
   for bad in (0.3, 0.125):  # 3/10 and 1/8 do not fit a batch of 4
     with pytest.raises(ValueError, match=f"thinking_fraction={bad}"):
-      P.pair_layout_for(bad, 4)
+      datasets.pair_layout_for(bad, 4)
   it = _cpo(proc, train, thinking_fraction=0.25, pair_layout=(1, 4))
   seen = set()
   for _ in range(4):
     b = next(it)
     assert b["source"].tolist() == [0, 1, 1, 1] * 2  # exactly 1 in 4, first of each group
-    train_lib.check_pair_layout(b, (1, 4))  # thinking rows repeat their chosen image
+    pair_images.check_pair_layout(b, (1, 4))  # thinking rows repeat their chosen image
     seen.update(b["index"][b["source"] == 0].tolist())
   assert len(seen) == 8  # the thinking stream walks the shuffled split: no repeats here
   with pytest.raises(ValueError, match="does not match thinking_fraction"):
@@ -493,12 +508,13 @@ def test_grouped_pair_layout_holds_the_share_exactly_and_is_what_the_step_checks
 
 def test_boxes_follow_the_image_when_the_processor_resizes_it(proc, train, tmp_path):
   """Rendered at 112 px, processed at 224: boxes double, in CPO and eval batches alike."""
-  big = P.make_processors(str(tmp_path / "tok"), image_size=224)
+  big = processors.make_processors(str(tmp_path / "tok"), image_size=224)
   small_b, big_b = (next(_cpo(p, train, batch_size=4, max_len=160)) for p in (proc, big))
   assert big_b["chosen_pixel_values"].shape[0] == 4 * small_b["chosen_pixel_values"].shape[0]
   np.testing.assert_array_equal(big_b["boxes"], 2 * small_b["boxes"])
   ev_small, ev_big = (
-    next(P.make_eval_batches(train, p, batch_size=2, max_prompt_len=120)) for p in (proc, big)
+    next(eval_batches.make_eval_batches(train, p, batch_size=2, max_prompt_len=120))
+    for p in (proc, big)
   )
   np.testing.assert_array_equal(ev_big["boxes"], 2 * ev_small["boxes"])
   assert (

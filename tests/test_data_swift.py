@@ -5,7 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from cpo_jax.data import pipeline as P
+from cpo_jax.data import bad_records
+from cpo_jax.data import datasets
+from cpo_jax.data import eval_batches
+from cpo_jax.data import processors
+from cpo_jax.data import sources
 from cpo_jax.data import synth_cxr
 from cpo_jax.knowledge import load_graph
 
@@ -14,7 +18,7 @@ Q = "<image>What is the disease of this patient?"
 
 @pytest.fixture(scope="module")
 def proc():
-  return P.make_processors(None)
+  return processors.make_processors(None)
 
 
 def _write(tmp_path, extra_lines=()):
@@ -68,9 +72,9 @@ def _write(tmp_path, extra_lines=()):
 
 def test_swift_records_become_cpo_batches(proc, tmp_path):
   chosen, other = _write(tmp_path)
-  src = P.make_source("swift_jsonl", "train", data_dir=str(tmp_path))
+  src = sources.make_source("swift_jsonl", "train", data_dir=str(tmp_path))
   assert len(src) == 4
-  it = P.make_cpo_iterator(src, proc, batch_size=4, max_len=112, seed=0, num_epochs=1)
+  it = datasets.make_cpo_iterator(src, proc, batch_size=4, max_len=112, seed=0, num_epochs=1)
   b = next(it)
   order = b["index"].tolist()
   assert sorted(order) == [0, 1, 2, 3]
@@ -100,7 +104,7 @@ def test_swift_records_become_cpo_batches(proc, tmp_path):
   assert prompt.endswith(
     "<|vision_end|>What is the disease of this patient?<|im_end|>\n<|im_start|>assistant\n"
   )
-  sft = next(P.make_sft_iterator(src, proc, batch_size=2, max_len=112, seed=0))
+  sft = next(datasets.make_sft_iterator(src, proc, batch_size=2, max_len=112, seed=0))
   assert sft["input_ids"].shape == (2, 112)
 
 
@@ -134,15 +138,15 @@ def test_swift_bad_lines_skip_by_reason_or_raise_with_line(proc, tmp_path):
       ),  # out of vocabulary
     ],
   )
-  src = P.make_source("swift_jsonl", "train", data_dir=str(tmp_path))
-  skips = P.SkipCounter()
-  it = P.make_cpo_iterator(
+  src = sources.make_source("swift_jsonl", "train", data_dir=str(tmp_path))
+  skips = bad_records.SkipCounter()
+  it = datasets.make_cpo_iterator(
     src, proc, batch_size=2, max_len=112, seed=0, num_epochs=1, on_bad_record="skip", skips=skips
   )
   assert sum(len(b["index"]) for b in it) == 4
   assert dict(skips.counts) == {"bad_json": 1, "bad_type": 1, "bad_image": 1, "unknown_token": 1}
-  with pytest.raises(P.BadRecordError, match=r"train.jsonl:\d+: "):
-    for _ in P.make_cpo_iterator(src, proc, batch_size=2, max_len=112, seed=0, num_epochs=1):
+  with pytest.raises(bad_records.BadRecordError, match=r"train.jsonl:\d+: "):
+    for _ in datasets.make_cpo_iterator(src, proc, batch_size=2, max_len=112, seed=0, num_epochs=1):
       pass
 
 
@@ -202,23 +206,23 @@ def test_fuzz_1000_corrupted_records_are_counted_never_crash(proc, tmp_path):
 
   src = SwiftJsonlSource(str(tmp_path / "fuzz.jsonl"), root=str(tmp_path))
   assert len(src) == 1000
-  skips = P.SkipCounter()
+  skips = bad_records.SkipCounter()
   rows = sum(
     len(b["index"])
-    for b in P.make_cpo_iterator(
+    for b in datasets.make_cpo_iterator(
       src, proc, batch_size=1, max_len=112, seed=0, num_epochs=1, on_bad_record="skip", skips=skips
     )
   )
   assert rows == 0 and dict(skips.counts) == want
-  with pytest.raises(P.BadRecordError, match=r"fuzz.jsonl:\d+: .*reason="):
-    next(P.make_cpo_iterator(src, proc, batch_size=1, max_len=112, seed=0, num_epochs=1))
+  with pytest.raises(bad_records.BadRecordError, match=r"fuzz.jsonl:\d+: .*reason="):
+    next(datasets.make_cpo_iterator(src, proc, batch_size=1, max_len=112, seed=0, num_epochs=1))
 
 
 def test_swift_eval_batches_read_gold_labels_from_the_chosen_text(proc, tmp_path):
   chosen, _ = _write(tmp_path)
   g = load_graph("medical")
-  src = P.make_source("swift_jsonl", "train", data_dir=str(tmp_path))
-  (b,) = list(P.make_eval_batches(src, proc, batch_size=4, max_prompt_len=64))
+  src = sources.make_source("swift_jsonl", "train", data_dir=str(tmp_path))
+  (b,) = list(eval_batches.make_eval_batches(src, proc, batch_size=4, max_prompt_len=64))
   gold = g.decision_id(g.parse_decision(chosen))
   assert b["decision"].tolist() == [gold] * 4 and b["valid"].all()
   assert b["input_ids"].shape == (4, 64) and b["attention_mask"][:, -1].all()
@@ -227,8 +231,10 @@ def test_swift_eval_batches_read_gold_labels_from_the_chosen_text(proc, tmp_path
 
 def test_swift_counterfactual_mode_raises_naming_the_dataset(proc, tmp_path):
   _write(tmp_path)
-  src = P.make_source("swift_jsonl", "train", data_dir=str(tmp_path))
+  src = sources.make_source("swift_jsonl", "train", data_dir=str(tmp_path))
   with pytest.raises(ValueError, match=r"counterfactual.*swift_jsonl.*cannot re-render"):
-    P.make_cpo_iterator(src, proc, batch_size=2, max_len=160, perception_mode="counterfactual")
-  b = next(P.make_cpo_iterator(src, proc, batch_size=2, max_len=160))
+    datasets.make_cpo_iterator(
+      src, proc, batch_size=2, max_len=160, perception_mode="counterfactual"
+    )
+  b = next(datasets.make_cpo_iterator(src, proc, batch_size=2, max_len=160))
   assert (b["flipped_concept"] == -1).all()

@@ -13,23 +13,29 @@ from cpo_jax import config_defaults
 from cpo_jax import models
 from cpo_jax import perturb
 from cpo_jax import sharding
-from cpo_jax import train
-from cpo_jax.data import pipeline
+from cpo_jax.data import datasets
+from cpo_jax.data import processors
+from cpo_jax.data import sources
 from cpo_jax.models import lora
+from cpo_jax.train import device_pairs
+from cpo_jax.train import objectives
+from cpo_jax.train import optimizer
+from cpo_jax.train import stages
+from cpo_jax.train import steps
 
 KEYS = ('source', 'sample_weight', 'boxes')
 
 
 @pytest.fixture(scope='module')
 def setup():
-  proc = pipeline.make_processors(None)
-  source = pipeline.make_source('synth_drive', 'train', num_examples=32)
-  raw = next(pipeline.make_cpo_iterator(source, proc, batch_size=4, max_len=128, seed=1))
+  proc = processors.make_processors(None)
+  source = sources.make_source('synth_drive', 'train', num_examples=32)
+  raw = next(datasets.make_cpo_iterator(source, proc, batch_size=4, max_len=128, seed=1))
   assert set(np.unique(raw['source'])) == {0, 1}
   grid = np.asarray(raw['image_grid_thw'][0])
   ids = proc.ids
   model_config = models.get_config_for_tokens('tiny', ids)
-  batch = train.step_inputs(raw, grid, model_config, ('chosen_', 'rejected_'), extra=KEYS)
+  batch = stages.step_inputs(raw, grid, model_config, ('chosen_', 'rejected_'), extra=KEYS)
   cfg = config_defaults.base_config('', domain='driving', data='synth_drive')
   layout = perturb.PatchLayout.from_processor(proc.image_processor)
   return proc, raw, batch, grid, model_config, cfg, layout
@@ -48,22 +54,24 @@ def policy(setup):
 
 def _metrics(model, batch, grid, cfg, **kw):
   graphdef, state = nnx.split(model)
-  f = lambda st, b: train.cpo_loss_fn(nnx.merge(graphdef, st, copy=True), b, grid, cfg, **kw)[1]
+  f = lambda st, b: objectives.cpo_loss_fn(nnx.merge(graphdef, st, copy=True), b, grid, cfg, **kw)[
+    1
+  ]
   return jax.device_get(jax.jit(f)(state, batch))
 
 
 def test_parse_and_layout(setup):
   *_, model_config, _, layout = setup
-  assert train.parse_device_perturbations('') == ()
-  assert train.parse_device_perturbations('occlude:1.0, noise:0.3') == (
+  assert device_pairs.parse_device_perturbations('') == ()
+  assert device_pairs.parse_device_perturbations('occlude:1.0, noise:0.3') == (
     ('occlude', 1.0),
     ('noise', 0.3),
   )
   for bad in ('occlude', 'smear:0.5', 'noise:1.5'):
     with pytest.raises(ValueError):
-      train.parse_device_perturbations(bad)
+      device_pairs.parse_device_perturbations(bad)
   # The default layout (no processor given) is the one the pipeline's processor defines.
-  assert train.layout_for(model_config) == layout
+  assert device_pairs.layout_for(model_config) == layout
 
 
 def test_perturbed_pixels_are_the_masks_applied_by_hand_and_follow_the_step(setup):
@@ -71,7 +79,7 @@ def test_perturbed_pixels_are_the_masks_applied_by_hand_and_follow_the_step(setu
   g = tuple(int(v) for v in grid)
   pixels, boxes = batch['chosen_pixel_values'], batch['boxes'].astype(np.float32)
   out = np.asarray(
-    train.perturbed_pixels(batch, grid, (('occlude', 1.0), ('noise', 0.3)), layout, seed=7)
+    device_pairs.perturbed_pixels(batch, grid, (('occlude', 1.0), ('noise', 0.3)), layout, seed=7)
   )
   n_rows = pixels.shape[0]
   by_hand = perturb.occlude_boxes(None, pixels, g, boxes, 1.0, layout=layout)
@@ -82,9 +90,11 @@ def test_perturbed_pixels_are_the_masks_applied_by_hand_and_follow_the_step(setu
   np.testing.assert_array_equal(out[n_rows:], np.asarray(noise))
   # rng: a function of (seed, step): the same step perturbs the same, the next one differs.
   kinds = (('occlude', 1.0), ('noise', 0.3))
-  again = train.perturbed_pixels(dict(batch, step=0), grid, kinds, layout, seed=7)
+  again = device_pairs.perturbed_pixels(dict(batch, step=0), grid, kinds, layout, seed=7)
   np.testing.assert_array_equal(np.asarray(again), out)
-  later = np.asarray(train.perturbed_pixels(dict(batch, step=1), grid, kinds, layout, seed=7))
+  later = np.asarray(
+    device_pairs.perturbed_pixels(dict(batch, step=1), grid, kinds, layout, seed=7)
+  )
   np.testing.assert_array_equal(later[:n_rows], out[:n_rows])  # occlusion draws nothing.
   assert not np.array_equal(later[n_rows:], out[n_rows:])
 
@@ -134,11 +144,11 @@ def test_extra_pairs_equal_the_same_pairs_built_by_hand(setup, policy):
 def test_off_by_default_is_the_plain_loss_bit_for_bit(setup, policy):
   _, raw, batch, grid, model_config, cfg, _ = setup
   assert cfg.cpo.device_perturbations == ''
-  stage, prepare = train.cpo_stage(policy, cfg, grid)
+  stage, prepare = stages.cpo_stage(policy, cfg, grid)
   assert 'boxes' not in prepare(raw)  # nothing extra travels to the device.
   plain = {k: v for k, v in batch.items() if k != 'boxes'}
   plain_fn = functools.partial(
-    train.cpo_loss_fn, grid=grid, cfg=cfg.cpo, max_completion_len=cfg.data.max_completion_len
+    objectives.cpo_loss_fn, grid=grid, cfg=cfg.cpo, max_completion_len=cfg.data.max_completion_len
   )
 
   def run(loss_fn, b):  # the same split and jit for both: the same program, the same bits.
@@ -157,13 +167,13 @@ def test_train_step_with_the_knob_compiles_once_and_starts_at_log2(setup):
   cfg = cfg.copy_and_resolve_references()
   cfg.cpo.device_perturbations = 'occlude:1.0,noise:0.3'
   cfg.cpo.num_steps = 3
-  model = train.attach_adapters(models.Qwen2_5_VL(model_config, rngs=nnx.Rngs(0)), cfg)
-  stage, prepare = train.cpo_stage(model, cfg, grid)
+  model = stages.attach_adapters(models.Qwen2_5_VL(model_config, rngs=nnx.Rngs(0)), cfg)
+  stage, prepare = stages.cpo_stage(model, cfg, grid)
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, devices=jax.devices()[:1])
   tr_sh = sharding.state_shardings(stage.trainable, mesh)
   fr_sh = sharding.state_shardings(stage.frozen, mesh)
-  opt_sh = train.opt_state_shardings(stage.tx, stage.trainable, tr_sh, mesh)
-  step_fn = train.make_train_step(stage, mesh, (tr_sh, fr_sh, opt_sh))
+  opt_sh = optimizer.opt_state_shardings(stage.tx, stage.trainable, tr_sh, mesh)
+  step_fn = steps.make_train_step(stage, mesh, (tr_sh, fr_sh, opt_sh))
   trainable, frozen = jax.device_put(stage.trainable, tr_sh), jax.device_put(stage.frozen, fr_sh)
   opt_state = jax.jit(stage.tx.init, out_shardings=opt_sh)(trainable)
   batch = prepare(raw)

@@ -14,16 +14,20 @@ import pytest
 from cpo_jax import config_defaults
 from cpo_jax import models
 from cpo_jax import sharding
-from cpo_jax import train
-from cpo_jax.data import pipeline
+from cpo_jax.data import datasets
+from cpo_jax.data import processors
+from cpo_jax.data import sources
 from cpo_jax.data import streams
+from cpo_jax.train import objectives
+from cpo_jax.train import stages
+from cpo_jax.train import writers
 
 L = 96
 
 
 @pytest.fixture(scope='module')
 def setup():
-  proc = pipeline.make_processors(None)
+  proc = processors.make_processors(None)
   ids = proc.ids
   model_config = models.get_config_for_tokens('tiny', ids)
   cfg = config_defaults.base_config('', domain='driving', data='synth_drive')
@@ -52,20 +56,20 @@ def _per_example(loss_fn, model, batch, n):
 
 
 def _drive_batches(make, proc, buckets, **kw):
-  source = pipeline.make_source('synth_drive', 'train', num_examples=64, seed=0)
+  source = sources.make_source('synth_drive', 'train', num_examples=64, seed=0)
   return make(source, proc, batch_size=8, max_len=L, seed=0, length_buckets=buckets, **kw)
 
 
 def test_sft_losses_do_not_depend_on_trailing_padding(setup):
   proc, model_config, _ = setup
-  full = next(_drive_batches(pipeline.make_sft_iterator, proc, ''))
-  cut = next(_drive_batches(pipeline.make_sft_iterator, proc, '80'))
+  full = next(_drive_batches(datasets.make_sft_iterator, proc, ''))
+  cut = next(_drive_batches(datasets.make_sft_iterator, proc, '80'))
   assert full['input_ids'].shape == (8, L) and cut['input_ids'].shape == (8, 80)
   grid = np.asarray(full['image_grid_thw'][0])
   model = _model(model_config)
-  loss_fn = functools.partial(train.sft_loss_fn, grid=grid)
+  loss_fn = functools.partial(objectives.sft_loss_fn, grid=grid)
   a, b = (
-    _per_example(loss_fn, model, train.step_inputs(x, grid, model_config), 8) for x in (full, cut)
+    _per_example(loss_fn, model, stages.step_inputs(x, grid, model_config), 8) for x in (full, cut)
   )
   assert np.ptp(np.asarray(a)) > 1e-3  # distinct rows: a row mix-up would show
   np.testing.assert_allclose(a, b, rtol=1e-5)
@@ -74,14 +78,14 @@ def test_sft_losses_do_not_depend_on_trailing_padding(setup):
 def test_cpo_losses_do_not_depend_on_trailing_padding(setup):
   proc, model_config, cfg = setup
   kw = dict(thinking_fraction=0.5)
-  full = next(_drive_batches(pipeline.make_cpo_iterator, proc, '', **kw))
-  cut = next(_drive_batches(pipeline.make_cpo_iterator, proc, '80', **kw))
+  full = next(_drive_batches(datasets.make_cpo_iterator, proc, '', **kw))
+  cut = next(_drive_batches(datasets.make_cpo_iterator, proc, '80', **kw))
   assert cut['chosen_input_ids'].shape == cut['rejected_input_ids'].shape == (8, 80)
   grid = np.asarray(full['image_grid_thw'][0])
   # Policy and reference differ (two initialisations), so the preference loss is not log 2.
-  pair = train.PolicyAndReference(_model(model_config, 0), _model(model_config, 1))
-  loss_fn = functools.partial(train.cpo_loss_fn, grid=grid, cfg=cfg.cpo)
-  prep = lambda x: train.step_inputs(
+  pair = objectives.PolicyAndReference(_model(model_config, 0), _model(model_config, 1))
+  loss_fn = functools.partial(objectives.cpo_loss_fn, grid=grid, cfg=cfg.cpo)
+  prep = lambda x: stages.step_inputs(
     x, grid, model_config, ('chosen_', 'rejected_'), extra=('source', 'sample_weight')
   )
   a, b = (_per_example(loss_fn, pair, prep(x), 8) for x in (full, cut))
@@ -115,19 +119,19 @@ def test_cpo_stage_trains_on_a_stream_of_several_lengths(setup, tmp_path):
   cfg.cpo.num_steps, cfg.log_every_steps, cfg.checkpoint.every_steps = 2, 1, 100
   mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})  # 8 simulated devices.
   # synth_cxr rows are 89-95 tokens: with these buckets the first two batches differ in length.
-  source = pipeline.make_source('synth_cxr', 'train', num_examples=64, seed=0)
-  make = lambda: pipeline.make_cpo_iterator(
+  source = sources.make_source('synth_cxr', 'train', num_examples=64, seed=0)
+  make = lambda: datasets.make_cpo_iterator(
     source, proc, batch_size=8, max_len=L, seed=1, length_buckets='92,94'
   )
   grid = np.array([1, 8, 8], np.int32)  # 112x112 images
   widths = []
-  train.train_cpo(
+  stages.train_cpo(
     _model(model_config),
     cfg,
     mesh=mesh,
     grid=grid,
     workdir=str(tmp_path),
-    writer=train.MetricsWriter(str(tmp_path)),
+    writer=writers.MetricsWriter(str(tmp_path)),
     make_batches=lambda: _Widths(make(), 'chosen_input_ids', widths),
   )
   assert widths == [92, 94]

@@ -229,8 +229,8 @@ def test_gradients_finite_differences(loss_type, ls):
     )
     check_grads(f, args, order=1, modes=("rev",), eps=1e-5)
     w = jax.jit(
-      lambda l: L.cpo_plus_loss(
-        l, jnp.array([0, 1, 2, 0, 1, 2]), jnp.arange(1.0, 7.0), (2.0, 1.0, 0.5)
+      lambda per_example: L.cpo_plus_loss(
+        per_example, jnp.array([0, 1, 2, 0, 1, 2]), jnp.arange(1.0, 7.0), (2.0, 1.0, 0.5)
       )
     )
     check_grads(w, (jnp.asarray(np.random.default_rng(4).normal(size=6)),), order=1, modes=("rev",))
@@ -253,10 +253,10 @@ def test_extreme_logps_stay_finite(dtype):
   big = jnp.array([1e4, -1e4, 3e4, -3e4], dtype)
   zero = jnp.zeros(4, dtype)
   for lt, ls in [("sigmoid", 0.0), ("sigmoid", 0.3), ("robust", 0.2), ("hinge", 0.0), ("ipo", 0.0)]:
-    f = lambda c: L.preference_loss(
+    f = lambda c, lt=lt, ls=ls: L.preference_loss(
       c, zero, zero, zero, beta=0.1, loss_type=lt, label_smoothing=ls
     )[0]
-    losses, grads = jax.jit(lambda c: (f(c), jax.grad(lambda x: f(x).sum())(c)))(big)
+    losses, grads = jax.jit(lambda c, f=f: (f(c), jax.grad(lambda x: f(x).sum())(c)))(big)
     assert np.all(np.isfinite(np.asarray(losses, np.float32))), (lt, losses)
     assert np.all(np.isfinite(np.asarray(grads, np.float32))), (lt, grads)
   losses, _ = L.preference_loss(

@@ -20,8 +20,12 @@ import numpy as np
 from cpo_jax import config_defaults
 from cpo_jax import models
 from cpo_jax import sharding
-from cpo_jax import train
-from cpo_jax.data import pipeline
+from cpo_jax.data import datasets
+from cpo_jax.data import processors
+from cpo_jax.data import sources
+from cpo_jax.train import objectives
+from cpo_jax.train import stages
+from cpo_jax.train import writers
 
 PER_HOST = 4
 # synth_drive rows are 74-76 tokens; with these seeds host 0's first batch holds a 76-token row
@@ -30,15 +34,15 @@ BUCKETS, MAX_LEN, SEEDS = '75,76', 96, {'sft': 0, 'cpo': 3}
 
 
 def _setup():
-  proc = pipeline.make_processors(None)
+  proc = processors.make_processors(None)
   ids = proc.ids
   model_config = models.get_config_for_tokens('tiny', ids)
-  source = pipeline.make_source('synth_drive', 'train', num_examples=64)
+  source = sources.make_source('synth_drive', 'train', num_examples=64)
   return proc, model_config, source
 
 
 def _batches(kind, proc, source, host):
-  make = {'sft': pipeline.make_sft_iterator, 'cpo': pipeline.make_cpo_iterator}[kind]
+  make = {'sft': datasets.make_sft_iterator, 'cpo': datasets.make_cpo_iterator}[kind]
   return make(
     source,
     proc,
@@ -118,11 +122,11 @@ def test_two_hosts_with_different_buckets_train_on_one_global_batch(tmp_path):
   assert rows[0]['lr'] == 0
   grid = np.asarray(steps[0][0]['image_grid_thw'][0])
   model = models.Qwen2_5_VL(model_config, rngs=nnx.Rngs(0))
-  loss_fn = jax.jit(functools.partial(train.sft_loss_fn, grid=grid))
+  loss_fn = jax.jit(functools.partial(objectives.sft_loss_fn, grid=grid))
 
   def loss(parts):  # the hosts' rows of a step, host 0's first, padded to 76 columns
     batch = {k: np.concatenate([_pad(b, 76)[k] for b in parts]) for k in parts[0]}
-    return float(loss_fn(model, train.step_inputs(batch, grid, model_config))[0])
+    return float(loss_fn(model, stages.step_inputs(batch, grid, model_config))[0])
 
   for row, step in zip(rows, steps):
     np.testing.assert_allclose(row['loss'], loss(step), rtol=1e-5)
@@ -192,7 +196,7 @@ def _worker(kind, workdir, port, process_id):
   cfg.cpo.reference = 'precomputed'
   mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
   grid = np.asarray(next(_batches(kind, proc, source, process_id))['image_grid_thw'][0])
-  stage = {'sft': train.train_sft, 'cpo': train.train_cpo}[kind]
+  stage = {'sft': stages.train_sft, 'cpo': stages.train_cpo}[kind]
   stage(
     models.Qwen2_5_VL(model_config, rngs=nnx.Rngs(0)),
     cfg,
@@ -200,7 +204,7 @@ def _worker(kind, workdir, port, process_id):
     mesh=mesh,
     make_batches=lambda: _batches(kind, proc, source, process_id),
     workdir=workdir,
-    writer=train.MetricsWriter(workdir),
+    writer=writers.MetricsWriter(workdir),
   )
   print(json.dumps(seen), flush=True)
 

@@ -11,8 +11,14 @@ import pytest
 
 from cpo_jax import models
 from cpo_jax import perturb
-from cpo_jax import robustness as R
-from cpo_jax.data import pipeline
+from cpo_jax.data import eval_batches
+from cpo_jax.data import processors as processors_lib
+from cpo_jax.data import sources
+from cpo_jax.evaluate import chain_edits
+from cpo_jax.evaluate import drift_probe
+from cpo_jax.evaluate import interference
+from cpo_jax.evaluate import plots
+from cpo_jax.evaluate import scoring
 from cpo_jax.knowledge import drift
 from cpo_jax.knowledge import load_graph
 
@@ -24,14 +30,14 @@ def graph():
 
 @pytest.fixture(scope='module')
 def processors():
-  return pipeline.make_processors(None)
+  return processors_lib.make_processors(None)
 
 
 @pytest.fixture(scope='module')
 def batches(processors):
-  source = pipeline.make_source('synth_drive', 'test', num_examples=6)
+  source = sources.make_source('synth_drive', 'test', num_examples=6)
   # 6 examples in batches of 4: the second batch has 2 filler rows (valid=False).
-  return list(pipeline.make_eval_batches(source, processors, batch_size=4, max_prompt_len=64))
+  return list(eval_batches.make_eval_batches(source, processors, batch_size=4, max_prompt_len=64))
 
 
 @pytest.fixture(scope='module')
@@ -52,27 +58,27 @@ def test_total_variation_properties():
   rng = np.random.default_rng(0)
   p = rng.dirichlet(np.ones(4), size=50)
   q = rng.dirichlet(np.ones(4), size=50)
-  np.testing.assert_array_equal(R.total_variation(p, p), 0.0)
-  tv = R.total_variation(p, q)
+  np.testing.assert_array_equal(scoring.total_variation(p, p), 0.0)
+  tv = scoring.total_variation(p, q)
   assert tv.shape == (50,) and (tv >= 0).all() and (tv <= 1).all()
-  np.testing.assert_allclose(tv, R.total_variation(q, p))
-  assert R.total_variation([1, 0, 0, 0], [0, 0, 1, 0]) == 1.0
-  assert R.total_variation([0.5, 0.5], [1.0, 0.0]) == pytest.approx(0.5)
+  np.testing.assert_allclose(tv, scoring.total_variation(q, p))
+  assert scoring.total_variation([1, 0, 0, 0], [0, 0, 1, 0]) == 1.0
+  assert scoring.total_variation([0.5, 0.5], [1.0, 0.0]) == pytest.approx(0.5)
 
 
 def test_decision_tokens_first_token_or_sequence(graph, processors):
   tok = processors.tokenizer
-  dt = R.decision_tokens(tok, graph)
+  dt = scoring.decision_tokens(tok, graph)
   # ' stop', ' slow', ' proceed', ' change' differ: one next-token read.
   assert dt.scoring == 'first_token'
   names = [tok.convert_ids_to_tokens(list(s)) for s in dt.sequences]
   assert names[graph.decision_id('slow_down')] == [' slow', ' down', '.']
-  assert dt.first_token_ids == tuple(pipeline.decision_token_ids(processors, graph).tolist())
+  assert dt.first_token_ids == tuple(eval_batches.decision_token_ids(processors, graph).tolist())
   # Two decisions starting with the same word force full-sequence scoring.
   shared = dataclasses.replace(
     graph, decision_texts=dict(graph.decision_texts, change_lane='slow lane')
   )
-  dt2 = R.decision_tokens(tok, shared)
+  dt2 = scoring.decision_tokens(tok, shared)
   assert dt2.first_token_ids is None and dt2.scoring == 'sequence'
   assert (
     dt2.sequences[graph.decision_id('change_lane')][0]
@@ -86,7 +92,7 @@ def test_decision_tokens_first_token_or_sequence(graph, processors):
 @pytest.mark.parametrize('num_edits', [1, 2])
 def test_synonym_edit_keeps_assignment_and_decision(graph, num_edits):
   for i, a in enumerate(graph.all_assignments()):
-    edit = R.synonym_edit(graph, a, np.random.default_rng(i), num_edits=num_edits)
+    edit = chain_edits.synonym_edit(graph, a, np.random.default_rng(i), num_edits=num_edits)
     parsed, used = graph.parse_chain(edit.chain)
     assert parsed == a
     assert graph.decide(parsed) == graph.decide(a) == edit.expected_decision
@@ -99,7 +105,7 @@ def test_synonym_edit_keeps_assignment_and_decision(graph, num_edits):
 def test_contradict_edit_changes_decision(graph, num_edits):
   n_none = 0
   for i, a in enumerate(graph.all_assignments()):
-    edit = R.contradict_edit(graph, a, np.random.default_rng(i), num_edits=num_edits)
+    edit = chain_edits.contradict_edit(graph, a, np.random.default_rng(i), num_edits=num_edits)
     if edit is None:
       n_none += 1
       continue
@@ -111,7 +117,7 @@ def test_contradict_edit_changes_decision(graph, num_edits):
   assert n_none < len(graph.all_assignments()) // 2
   # A red light and a crossing pedestrian both say stop: one edit cannot change that.
   a = dict(traffic_light='red', pedestrian='crossing', lead_vehicle='none', cone='none')
-  edit = R.contradict_edit(graph, a, np.random.default_rng(0), num_edits=num_edits)
+  edit = chain_edits.contradict_edit(graph, a, np.random.default_rng(0), num_edits=num_edits)
   assert (edit is None) == (num_edits == 1)
 
 
@@ -121,14 +127,14 @@ def test_edits_keep_the_models_wording(graph):
     'No cone is in the lane. </think> The decision is stop.'
   )
   gold = dict(traffic_light='green', pedestrian='none', lead_vehicle='none', cone='none')
-  a, sentences, own = R.base_chain(graph, text, gold)
+  a, sentences, own = chain_edits.base_chain(graph, text, gold)
   assert own and a == dict(traffic_light='red', pedestrian='none', lead_vehicle='far', cone='none')
-  edit = R.contradict_edit(
+  edit = chain_edits.contradict_edit(
     graph, a, np.random.default_rng(0), sentences=sentences, among=('traffic_light',)
   )
   assert edit.concepts == ('traffic_light',) and edit.expected_decision == 'proceed'
   assert 'Nobody is on the crosswalk.' in edit.chain and 'The car ahead is distant.' in edit.chain
-  syn = R.synonym_edit(
+  syn = chain_edits.synonym_edit(
     graph, a, np.random.default_rng(0), sentences=sentences, among=('traffic_light',)
   )
   assert 'The signal is red.' not in syn.chain and graph.parse_chain(syn.chain)[0] == a
@@ -138,7 +144,7 @@ def test_edits_keep_the_models_wording(graph):
     '<think> The signal is red. </think> stop',
     '<think> The signal is red. The light shows green. </think>',
   ):
-    assert R.base_chain(graph, bad, gold) == (gold, {}, False)
+    assert chain_edits.base_chain(graph, bad, gold) == (gold, {}, False)
 
 
 # ----------------------------------------------------------------------------- perception
@@ -149,7 +155,9 @@ def test_edits_keep_the_models_wording(graph):
 )
 def test_perception_masks_change_pixels(batches, processors, kind, severity):
   batch = batches[0]
-  out = R.perturb_batch(batch, kind, severity, jax.random.key(0), layout=_layout(processors))
+  out = interference.perturb_batch(
+    batch, kind, severity, jax.random.key(0), layout=_layout(processors)
+  )
   assert out['pixel_values'].shape == batch['pixel_values'].shape
   changed = (out['pixel_values'] != batch['pixel_values']).any(-1).reshape(4, -1)
   assert changed.any(-1).all()  # every image is touched
@@ -157,7 +165,9 @@ def test_perception_masks_change_pixels(batches, processors, kind, severity):
     np.testing.assert_array_equal(out[k], batch[k])
   if kind == 'occlude':  # only patches overlapping an evidence box, and none at severity 0
     assert not changed.all()
-    same = R.perturb_batch(batch, kind, 0.0, jax.random.key(0), layout=_layout(processors))
+    same = interference.perturb_batch(
+      batch, kind, 0.0, jax.random.key(0), layout=_layout(processors)
+    )
     np.testing.assert_array_equal(same['pixel_values'], batch['pixel_values'])
 
 
@@ -166,7 +176,7 @@ def test_image_swap_takes_an_image_with_another_decision(batches, processors):
   pool = {}
   rows = lambda b: np.asarray(b['pixel_values']).reshape(4, -1, layout.patch_dim)
   for batch in batches:
-    out, donor = R.swap_images(batch, 1.0, np.random.default_rng(0), pool, layout=layout)
+    out, donor = interference.swap_images(batch, 1.0, np.random.default_rng(0), pool, layout=layout)
     x, y = rows(batch), rows(out)
     for i in np.flatnonzero(out['valid']):
       assert donor[i] >= 0 and donor[i] != batch['decision'][i]
@@ -174,11 +184,11 @@ def test_image_swap_takes_an_image_with_another_decision(batches, processors):
     assert not out['valid'][~np.asarray(batch['valid'])].any()
   assert set(pool) == {int(d) for b in batches for d, v in zip(b['decision'], b['valid']) if v}
   # Half the image tokens (merge windows of 4 rows) come from the donor, half stay.
-  half, _ = R.swap_images(batches[0], 0.5, np.random.default_rng(1), {}, layout=layout)
+  half, _ = interference.swap_images(batches[0], 0.5, np.random.default_rng(1), {}, layout=layout)
   changed = (rows(half) != rows(batches[0])).any(-1).reshape(4, -1, 4).any(-1)
   valid = np.asarray(half['valid'])
   assert (changed.sum(-1)[valid] <= changed.shape[1] // 2).all() and changed[valid].any(-1).all()
-  none, _ = R.swap_images(batches[0], 0.0, np.random.default_rng(1), {}, layout=layout)
+  none, _ = interference.swap_images(batches[0], 0.0, np.random.default_rng(1), {}, layout=layout)
   np.testing.assert_array_equal(none['pixel_values'], batches[0]['pixel_values'])
 
 
@@ -192,7 +202,7 @@ def test_scorer_matches_the_full_forward(model, processors, graph, batches):
   shared = dataclasses.replace(
     graph, decision_texts=dict(graph.decision_texts, change_lane='slow lane')
   )
-  scorers = [R.AnswerScorer(model, processors, g) for g in (graph, shared)]
+  scorers = [scoring.AnswerScorer(model, processors, g) for g in (graph, shared)]
   assert [s.tokens.scoring for s in scorers] == ['first_token', 'sequence']
   batch, rows = batches[0], (0, 3)
   chains = [graph.chain_text(graph.assignment_from_ids(c)) for c in batch['concepts']]
@@ -225,9 +235,9 @@ def test_scorer_matches_the_full_forward(model, processors, graph, batches):
     np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-9)
     for k, (r, head) in enumerate(zip(rows, heads)):
       if scorer.tokens.scoring == 'first_token':
-        ref = R._softmax(logp[k, 0, len(head) - 1, list(scorer.tokens.first_token_ids)])
+        ref = scoring.softmax(logp[k, 0, len(head) - 1, list(scorer.tokens.first_token_ids)])
       else:
-        ref = R._softmax(
+        ref = scoring.softmax(
           [
             sum(logp[k, seqs.index(s), len(head) - 1 + j, t] for j, t in enumerate(s))
             for s in scorer.tokens.sequences
@@ -237,11 +247,11 @@ def test_scorer_matches_the_full_forward(model, processors, graph, batches):
   # The same chains give the same distribution: zero shift.
   again = scorers[0].distributions(batch, chains, scorers[0].encode(batch))
   first = scorers[0].distributions(batch, chains, scorers[0].encode(batch))
-  np.testing.assert_array_equal(R.total_variation(first, again), 0.0)
+  np.testing.assert_array_equal(scoring.total_variation(first, again), 0.0)
 
 
 def test_drift_probe_report(model, processors, graph, batches):
-  out = R.drift_probe(model, batches, processors=processors, graph=graph, rng_seed=0)
+  out = drift_probe.drift_probe(model, batches, processors=processors, graph=graph, rng_seed=0)
   assert out['n'] == 6 and out['scoring'] == 'first_token'
   for key in (
     'outcome_shift',
@@ -251,7 +261,7 @@ def test_drift_probe_report(model, processors, graph, batches):
   ):
     assert 0.0 <= out[key] <= 1.0, key
   assert set(out['per_concept']) == set(graph.concept_names)
-  for c, row in out['per_concept'].items():
+  for row in out['per_concept'].values():
     assert row['n_synonym'] == 6  # every value of every concept has a near-synonym
     assert 0 <= row['n_counterfactual'] <= 6
     assert 0.0 <= row['outcome_shift'] <= 1.0
@@ -264,7 +274,7 @@ def test_drift_probe_report(model, processors, graph, batches):
 
 def test_interference_report(model, processors, graph, batches):
   kinds = {'occlude': (1.0,), 'image_swap': (1.0,), 'synonym': (1,), 'contradict': (1,)}
-  details = R.interference_details(
+  details = interference.interference_details(
     model,
     lambda: iter(batches),
     processors=processors,
@@ -273,7 +283,7 @@ def test_interference_report(model, processors, graph, batches):
     max_new_tokens=4,
     rng_seed=0,
   )
-  report = R.accuracies(details)
+  report = interference.accuracies(details)
   assert set(report) == {'none', *kinds}
   for kind, sevs in kinds.items():
     assert set(report[kind]) == {str(s) for s in sevs}
@@ -304,5 +314,5 @@ def test_plot_robustness(tmp_path):
     },
   }
   path = tmp_path / 'robustness.png'
-  R.plot_robustness(section, str(path))
+  plots.plot_robustness(section, str(path))
   assert path.stat().st_size > 1000

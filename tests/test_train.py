@@ -13,15 +13,19 @@ import pytest
 from cpo_jax import config_defaults
 from cpo_jax import models
 from cpo_jax import sharding
-from cpo_jax import train
-from cpo_jax.data import pipeline
+from cpo_jax.data import datasets
+from cpo_jax.data import processors
+from cpo_jax.data import sources
 from cpo_jax.models import lora
+from cpo_jax.train import reference_table
+from cpo_jax.train import stages
+from cpo_jax.train import writers
 
 
 @pytest.fixture(scope='module')
 def setup():
-  proc = pipeline.make_processors(None)
-  source = pipeline.make_source('synth_drive', 'train', num_examples=64)
+  proc = processors.make_processors(None)
+  source = sources.make_source('synth_drive', 'train', num_examples=64)
   ids = proc.ids
   model_config = models.get_config_for_tokens('tiny', ids)
   cfg = config_defaults.base_config('', domain='driving', data='synth_drive')
@@ -37,11 +41,11 @@ def _model(model_config, seed=0):
 
 
 def _sft_iter(proc, source, batch_size=8):
-  return pipeline.make_sft_iterator(source, proc, batch_size=batch_size, max_len=128, seed=0)
+  return datasets.make_sft_iterator(source, proc, batch_size=batch_size, max_len=128, seed=0)
 
 
 def _cpo_iter(proc, source, batch_size=8):
-  return pipeline.make_cpo_iterator(source, proc, batch_size=batch_size, max_len=128, seed=1)
+  return datasets.make_cpo_iterator(source, proc, batch_size=batch_size, max_len=128, seed=1)
 
 
 def _run(stage_fn, model, cfg, mesh, grid, make_batches, workdir):
@@ -52,7 +56,7 @@ def _run(stage_fn, model, cfg, mesh, grid, make_batches, workdir):
     grid=grid,
     make_batches=make_batches,
     workdir=str(workdir),
-    writer=train.MetricsWriter(str(workdir)),
+    writer=writers.MetricsWriter(str(workdir)),
   )
 
 
@@ -67,7 +71,7 @@ def test_sft_lowers_the_loss_on_the_mesh(setup, tmp_path):
   grid = np.asarray(next(_sft_iter(proc, source))['image_grid_thw'][0])
   # Always the same batch: the loss on it must fall.
   fixed = next(_sft_iter(proc, source))
-  _run(train.train_sft, _model(model_config), cfg, mesh, grid, lambda: _Repeat(fixed), tmp_path)
+  _run(stages.train_sft, _model(model_config), cfg, mesh, grid, lambda: _Repeat(fixed), tmp_path)
   losses = [r['loss'] for r in _rows(tmp_path)]
   assert len(losses) == 12 and all(r['stage'] == 'sft' for r in _rows(tmp_path))
   assert losses[-1] < 0.8 * losses[0], losses
@@ -81,7 +85,7 @@ def test_cpo_starts_at_the_reference_and_learns_the_preference(setup, tmp_path):
   assert set(np.unique(fixed['source'])) == {0, 1}  # both pair sources in the batch.
   grid = np.asarray(fixed['image_grid_thw'][0])
   model = _run(
-    train.train_cpo, _model(model_config), cfg, mesh, grid, lambda: _Repeat(fixed), tmp_path
+    stages.train_cpo, _model(model_config), cfg, mesh, grid, lambda: _Repeat(fixed), tmp_path
   )
   rows = _rows(tmp_path)
   first, last = rows[0], rows[-1]
@@ -95,7 +99,7 @@ def test_cpo_starts_at_the_reference_and_learns_the_preference(setup, tmp_path):
     assert f'{src}/rewards/accuracies' in last and last[f'{src}/count'] > 0
   # Only the adapters trained: switching them off gives back the base (reference) model.
   base = _model(model_config)
-  batch = train.step_inputs(fixed, grid, model_config, ('chosen_',), extra=())
+  batch = stages.step_inputs(fixed, grid, model_config, ('chosen_',), extra=())
   args = dict(
     attention_mask=batch['chosen_attention_mask'],
     pixel_values=fixed['chosen_pixel_values'],
@@ -115,12 +119,12 @@ def test_resume_matches_an_uninterrupted_run(setup, tmp_path):
   grid = np.asarray(next(_sft_iter(proc, source))['image_grid_thw'][0])
   make = functools.partial(_sft_iter, proc, source)
 
-  straight = _run(train.train_sft, _model(model_config), cfg, mesh, grid, make, tmp_path / 'a')
+  straight = _run(stages.train_sft, _model(model_config), cfg, mesh, grid, make, tmp_path / 'a')
   # Preempted after step 2 (checkpointed there), then the same command again, with a
   # differently initialised model: params, optimizer and data order come from the checkpoint.
   with pytest.raises(_Preemption):
     _run(
-      train.train_sft,
+      stages.train_sft,
       _model(model_config),
       cfg,
       mesh,
@@ -129,7 +133,7 @@ def test_resume_matches_an_uninterrupted_run(setup, tmp_path):
       tmp_path / 'b',
     )
   resumed = _run(
-    train.train_sft, _model(model_config, seed=1), cfg, mesh, grid, make, tmp_path / 'b'
+    stages.train_sft, _model(model_config, seed=1), cfg, mesh, grid, make, tmp_path / 'b'
   )
   for a, b in zip(jax.tree.leaves(nnx.state(straight)), jax.tree.leaves(nnx.state(resumed))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -137,13 +141,13 @@ def test_resume_matches_an_uninterrupted_run(setup, tmp_path):
   assert losses(tmp_path / 'a') == losses(tmp_path / 'b')
   # A finished stage is not trained again.
   n_rows = len(_rows(tmp_path / 'b'))
-  _run(train.train_sft, _model(model_config), cfg, mesh, grid, make, tmp_path / 'b')
+  _run(stages.train_sft, _model(model_config), cfg, mesh, grid, make, tmp_path / 'b')
   assert len(_rows(tmp_path / 'b')) == n_rows
 
 
 def test_non_finite_metrics_stop_the_run():
   with pytest.raises(FloatingPointError, match='sft step 3: metric loss is nan'):
-    train._to_row('sft', 3, {'loss': np.float32('nan')}, 0.1)
+    writers.metrics_row('sft', 3, {'loss': np.float32('nan')}, 0.1)
 
 
 class _Preemption(Exception):
@@ -197,7 +201,9 @@ def test_precomputed_reference_trains_like_adapters_off_and_guards_its_rows(setu
   runs = {}
   for mode in ('adapters_off', 'precomputed'):
     cfg.cpo.reference = mode
-    runs[mode] = _run(train.train_cpo, nnx.clone(sft_model), cfg, mesh, grid, make, tmp_path / mode)
+    runs[mode] = _run(
+      stages.train_cpo, nnx.clone(sft_model), cfg, mesh, grid, make, tmp_path / mode
+    )
   off, pre = (_rows(tmp_path / m) for m in ('adapters_off', 'precomputed'))
   assert [r['step'] for r in pre] == [1, 2, 3]
   for a, b in zip(off, pre):
@@ -213,6 +219,8 @@ def test_precomputed_reference_trains_like_adapters_off_and_guards_its_rows(setu
   path = tmp_path / 'precomputed' / 'reference' / 'cpo_plus.process0.npz'
   with np.load(path, allow_pickle=False) as f:
     assert f['rows'].shape == (3, 8, 2) and f['fingerprints'].shape == (3,)
-  table = train.ReferenceTable(np.zeros((3, 8, 2), np.float32), np.zeros(3, np.uint64), str(path))
+  table = reference_table.ReferenceTable(
+    np.zeros((3, 8, 2), np.float32), np.zeros(3, np.uint64), str(path)
+  )
   with pytest.raises(ValueError, match='step 1: the batch is not the one'):
     table.attach({'source': np.zeros(8, np.int32)}, 1)

@@ -13,21 +13,29 @@ import pytest
 from cpo_jax import config_defaults
 from cpo_jax import models
 from cpo_jax import sharding
-from cpo_jax import train
-from cpo_jax.data import pipeline
+from cpo_jax.data import datasets
+from cpo_jax.data import processors
+from cpo_jax.data import sources
 from cpo_jax.models import lora
+from cpo_jax.train import completion
+from cpo_jax.train import naive
+from cpo_jax.train import objectives
+from cpo_jax.train import optimizer
+from cpo_jax.train import pair_images
+from cpo_jax.train import stages
+from cpo_jax.train import steps
 
 
 @pytest.fixture(scope='module')
 def setup():
-  proc = pipeline.make_processors(None)
-  source = pipeline.make_source('synth_drive', 'train', num_examples=32)
-  raw = next(pipeline.make_cpo_iterator(source, proc, batch_size=4, max_len=128, seed=1))
+  proc = processors.make_processors(None)
+  source = sources.make_source('synth_drive', 'train', num_examples=32)
+  raw = next(datasets.make_cpo_iterator(source, proc, batch_size=4, max_len=128, seed=1))
   assert set(np.unique(raw['source'])) == {0, 1}  # thinking and perception pairs.
   grid = np.asarray(raw['image_grid_thw'][0])
   ids = proc.ids
   make_config = functools.partial(models.get_config_for_tokens, 'tiny', ids)
-  batch = train.step_inputs(
+  batch = stages.step_inputs(
     raw, grid, make_config(), ('chosen_', 'rejected_'), extra=('source', 'sample_weight')
   )
   cfg = config_defaults.base_config('', domain='driving', data='synth_drive').cpo
@@ -45,12 +53,12 @@ def _policy(make_config, *, tied=True, include_vision=False):
   return model, sft_copy
 
 
-def _loss_and_grads(model, batch, grid, cfg, grads=True, **kw):
-  """Jitted loss metrics (and gradients w.r.t. the adapters) of `train.cpo_loss_fn`."""
+def _loss_and_grads(model, batch, grid, cfg, grads=True, loss_fn=objectives.cpo_loss_fn, **kw):
+  """Jitted loss metrics (and gradients w.r.t. the adapters) of `loss_fn`."""
   graphdef, trainable, rest = nnx.split(model, lora.LoRAParam, ...)
 
   def f(tr):
-    return train.cpo_loss_fn(nnx.merge(graphdef, tr, rest, copy=True), batch, grid, cfg, **kw)
+    return loss_fn(nnx.merge(graphdef, tr, rest, copy=True), batch, grid, cfg, **kw)
 
   if not grads:
     return jax.jit(f)(trainable)[1], None
@@ -75,23 +83,23 @@ def test_optimized_step_equals_the_straightforward_one(setup, tied, include_visi
   # (False, True): untied lm_head kernel, and adapters in the ViT (each forward encodes).
   raw, batch, grid, make_config, cfg = setup
   model, _ = _policy(make_config, tied=tied, include_vision=include_vision)
-  assert train.vision_has_adapters(model) == include_vision
+  assert objectives.vision_has_adapters(model) == include_vision
   # Gradients once (compiling a backward pass is the slow part on 2 cores).
   fast = _loss_and_grads(model, batch, grid, cfg, grads=tied)
-  naive = _loss_and_grads(model, batch, grid, cfg, grads=tied, naive=True)
-  _assert_same(fast, naive)
+  naive_out = _loss_and_grads(model, batch, grid, cfg, grads=tied, loss_fn=naive.naive_cpo_loss_fn)
+  _assert_same(fast, naive_out)
   metrics = fast[0]
   assert abs(float(metrics['rewards/margins'])) > 1e-4  # a real policy/reference gap was compared.
   assert int(metrics['completion_tokens_dropped']) == 0
   # The compact slab is much shorter than the sequence: image tokens are never projected.
   length = raw['chosen_input_ids'].shape[1]
-  assert train.completion_positions(length, grid, model) == length - 16
+  assert completion.completion_positions(length, grid, model) == length - 16
 
 
 def test_frozen_copy_reference_equals_adapters_off(setup):
   raw, batch, grid, make_config, cfg = setup
   model, sft_copy = _policy(make_config)
-  pair = train.PolicyAndReference(model, sft_copy)
+  pair = objectives.PolicyAndReference(model, sft_copy)
   # The copy is frozen state: the trainable split holds only the policy's adapters.
   trainable = nnx.state(pair, lora.LoRAParam)
   assert jax.tree.leaves(trainable) and all(
@@ -108,10 +116,10 @@ def test_sft_loss_projects_only_completions_with_the_same_value(setup):
   model, _ = _policy(make_config)
   side = {k[len('chosen_') :]: raw[k] for k in raw if k.startswith('chosen_')}
   side['image_grid_thw'] = raw['image_grid_thw']
-  batch = train.step_inputs(side, grid, make_config())
-  fast = train.sft_loss_fn(model, batch, grid)[0]
-  naive = train.sft_loss_fn(model, batch, grid, naive=True)[0]
-  np.testing.assert_allclose(float(fast), float(naive), rtol=1e-6)
+  batch = stages.step_inputs(side, grid, make_config())
+  fast = objectives.sft_loss_fn(model, batch, grid)[0]
+  slow = naive.naive_sft_loss_fn(model, batch, grid)[0]
+  np.testing.assert_allclose(float(fast), float(slow), rtol=1e-6)
 
 
 def test_a_completion_longer_than_the_slab_is_an_error_not_a_truncation(setup):
@@ -119,12 +127,12 @@ def test_a_completion_longer_than_the_slab_is_an_error_not_a_truncation(setup):
   model, _ = _policy(make_config)
   longest = int(raw['chosen_loss_mask'][:, 1:].sum(1).max())
   # Host check (what the stage's prepare runs on every batch).
-  train.check_completion_lengths(raw, longest, ('chosen_', 'rejected_'))
+  completion.check_completion_lengths(raw, longest, ('chosen_', 'rejected_'))
   with pytest.raises(ValueError, match='completion tokens but the step keeps'):
-    train.check_completion_lengths(raw, longest - 1, ('chosen_',))
+    completion.check_completion_lengths(raw, longest - 1, ('chosen_',))
   # Eager: raises. Under jit: the loss is NaN (the loop stops on it) and the count says why.
   with pytest.raises(ValueError, match='do not fit'):
-    train.cpo_loss_fn(model, batch, grid, cfg, max_completion_len=longest - 1)
+    objectives.cpo_loss_fn(model, batch, grid, cfg, max_completion_len=longest - 1)
   metrics, _ = _loss_and_grads(model, batch, grid, cfg, grads=False, max_completion_len=longest - 1)
   assert np.isnan(metrics['loss']) and int(metrics['completion_tokens_dropped']) > 0
 
@@ -144,7 +152,7 @@ def _grouped_batch(raw, grid, make_config, pattern):
       out[key] = value.reshape(n, -1, value.shape[-1])[order].reshape(-1, value.shape[-1])
     elif value.shape[:1] == (n,):
       out[key] = value[order]
-  return out, train.step_inputs(
+  return out, stages.step_inputs(
     out, grid, make_config(), ('chosen_', 'rejected_'), extra=('source', 'sample_weight')
   )
 
@@ -155,7 +163,7 @@ def test_thinking_pairs_encode_their_image_once_with_the_same_numbers(
 ):
   raw, _, grid, make_config, cfg = setup
   grouped_raw, batch = _grouped_batch(raw, grid, make_config, [True, False, True, False])
-  train.check_pair_layout(grouped_raw, (1, 2))
+  pair_images.check_pair_layout(grouped_raw, (1, 2))
   model, _ = _policy(make_config, include_vision=include_vision)
   encoded = []
   original = models.Qwen2_5_VL.encode_images
@@ -180,11 +188,11 @@ def test_a_batch_off_its_pair_layout_is_an_error(setup):
   raw, _, grid, make_config, _ = setup
   grouped_raw, _ = _grouped_batch(raw, grid, make_config, [True, False, False, True])
   with pytest.raises(ValueError, match='do not follow the pair layout'):
-    train.check_pair_layout(grouped_raw, (1, 2))
+    pair_images.check_pair_layout(grouped_raw, (1, 2))
   grouped_raw, _ = _grouped_batch(raw, grid, make_config, [True, False, True, False])
   grouped_raw['rejected_pixel_values'] = grouped_raw['rejected_pixel_values'] + 1.0
   with pytest.raises(ValueError, match='rejected image that differs'):
-    train.check_pair_layout(grouped_raw, (1, 2))
+    pair_images.check_pair_layout(grouped_raw, (1, 2))
 
 
 @pytest.mark.parametrize('dropout', [0.0, 0.5])
@@ -198,11 +206,11 @@ def test_lora_dropout_draws_fresh_masks_each_step_and_the_same_on_a_rerun(setup,
   )
   run_cfg = config_defaults.base_config('', domain='driving', data='synth_drive')
   run_cfg.cpo.optimizer.lr = 0.0  # params stay put: only the masks can move the loss
-  stage, _ = train.cpo_stage(model, run_cfg, grid)
+  stage, _ = stages.cpo_stage(model, run_cfg, grid)
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
   shardings = [sharding.state_shardings(s, mesh) for s in (stage.trainable, stage.frozen)]
-  opt_sh = train.opt_state_shardings(stage.tx, stage.trainable, shardings[0], mesh)
-  step = train.make_train_step(stage, mesh, (*shardings, opt_sh))
+  opt_sh = optimizer.opt_state_shardings(stage.tx, stage.trainable, shardings[0], mesh)
+  step = steps.make_train_step(stage, mesh, (*shardings, opt_sh))
 
   def losses_of_two_steps():
     # A copy: the step donates its inputs.

@@ -1,6 +1,9 @@
-"""Data: synthetic renderers (synth_drive), TFDS builders, pairs, tokenizer, Grain pipeline.
+"""Data: synthetic renderers, TFDS builders, pairs, tokenizer, and the Grain pipeline.
 
-Entry points: `cpo_jax.data.pipeline` (make_processors, make_source, make_sft_iterator,
-make_cpo_iterator, make_eval_batches). Submodules are imported lazily by their users so that
-reading data does not pull in transformers or tensorflow_datasets.
+The pipeline, in the order data flows: `sources` (make_source: a split as random-access
+records) -> `examples` (one record -> one SFT row or pair row, via `pairs` and `processors`)
+-> `packing` (static-shape rows, length buckets) -> `datasets` (SFT and CPO++ Grain streams)
+and `eval_batches` (eval and drift-probe batches); `streams.RunData` builds them for a run.
+Submodules are imported lazily by their users so that reading data does not pull in
+transformers or tensorflow_datasets.
 """

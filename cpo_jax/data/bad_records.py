@@ -58,14 +58,19 @@ class SkipCounter:
     self.counts, self.examples = state["counts"], state["examples"]
 
 
+def check_policy(policy: str) -> str:
+  """`data.on_bad_record`, checked: 'raise' or 'skip'."""
+  if policy not in ("raise", "skip"):
+    raise ValueError(f"on_bad_record={policy!r}; expected 'raise' or 'skip'")
+  return policy
+
+
 class BadRecordPolicy(SkipCounter):
   """`data.on_bad_record` applied to each BadRecordError: raise it, or count it by reason."""
 
   def __init__(self, policy: str):
-    if policy not in ("raise", "skip"):
-      raise ValueError(f"on_bad_record={policy!r}; expected 'raise' or 'skip'")
     super().__init__()
-    self.policy = policy
+    self.policy = check_policy(policy)
 
   def __call__(self, err: BadRecordError) -> None:
     if self.policy == "raise":
@@ -78,3 +83,21 @@ class BadRecordPolicy(SkipCounter):
   def __setstate__(self, state):
     self.__init__(state["policy"])
     self.counts, self.examples = state["counts"], state["examples"]
+
+
+class Guard:
+  """Applies the bad-record policy around a per-example transform of the pipeline: the
+  record's error is raised, or counted in the caller's `skips` and the example dropped (None).
+  Picklable for Grain workers."""
+
+  def __init__(self, fn, policy: str, skips: SkipCounter):
+    self.fn, self.policy, self.skips = fn, check_policy(policy), skips
+
+  def __call__(self, i, *args):
+    try:
+      return self.fn(i, *args)
+    except BadRecordError as e:
+      if self.policy == "raise":
+        raise
+      self.skips.add(e.reason, int(i))
+      return None

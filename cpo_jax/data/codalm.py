@@ -151,9 +151,8 @@ def examples(manual_dir: str, split_dir: str, bad) -> list[dict[str, Any]]:
     try:
       with open(img_path, "rb") as f:
         image = f.read()
-      thumb = thumbnail(
-        image
-      )  # of the scene: its regions' thin red boxes barely touch an 8x8 thumbnail
+      # Of the scene: its regions' thin red boxes barely touch an 8x8 thumbnail.
+      thumb = thumbnail(image)
     except OSError as e:
       bad(BadRecordError("bad_image", fname, f"cannot read image {img_path}: {e.strerror}"))
       continue
@@ -168,22 +167,16 @@ def examples(manual_dir: str, split_dir: str, bad) -> list[dict[str, Any]]:
     }
     tasks = []  # (task, answer, meta, image), in file order; bad ones are raised/counted on the spot
     gp = ann.get("general_perception")
-    for task, get in (
+    for task, value, field in (
       (
         "general_perception",
-        lambda: _answer(
-          gp.get("description and explanation") if isinstance(gp, dict) else gp,
-          "general_perception.description and explanation",
-          fname,
-        ),
+        gp.get("description and explanation") if isinstance(gp, dict) else gp,
+        "general_perception.description and explanation",
       ),
-      (
-        "driving_suggestion",
-        lambda: _answer(ann.get("driving_suggestion"), "driving_suggestion", fname),
-      ),
+      ("driving_suggestion", ann.get("driving_suggestion"), "driving_suggestion"),
     ):
       try:
-        tasks.append((task, get(), base, image))
+        tasks.append((task, _answer(value, field, fname), base, image))
       except BadRecordError as e:
         bad(e)
     regions = ann.get("region_perception", {})
@@ -265,12 +258,9 @@ with tfds.core.registered.skip_registration():
             "chosen": _text(),
             "rejected": _text(),  # rejected '' = no counterfactual (SFT/eval only)
             "region": tfds.features.Scalar(dtype=np.int32),
-            "decision": tfds.features.Scalar(
-              dtype=np.int32
-            ),  # driving decision id of a thinking pair, else -1
-            "box": tfds.features.Tensor(
-              shape=(4,), dtype=np.float32
-            ),  # xywh pixels, zeros without region
+            # The driving decision id of a thinking pair, else -1.
+            "decision": tfds.features.Scalar(dtype=np.int32),
+            "box": tfds.features.Tensor(shape=(4,), dtype=np.float32),  # xywh px; 0 = none
             "index": tfds.features.Scalar(dtype=np.int64),
           }
         ),

@@ -10,7 +10,7 @@
   that the decision changes; synthetic sources only, see counterfactual_flip). Another image of
   the split usually differs in several concepts, so a model can meet that preference by reading
   the easiest one; the minimal pair can only be told apart by the flipped concept's evidence.
-A pair here is still text + image bytes; tokenization and pixels happen in pipeline.py.
+A pair here is still text + image bytes; tokenization and pixels happen in examples.py.
 """
 
 from __future__ import annotations
@@ -140,9 +140,8 @@ class PairIndex:
       cands = np.flatnonzero(differ & (ham == ham[differ].max()))
     else:  # hard
       same = differ if self.nuisance is None else differ & (self.nuisance == self.nuisance[i])
-      pool = (
-        same if same.any() else differ
-      )  # fall back when the nuisance value has no other decision
+      # Fall back when the nuisance value has no other decision.
+      pool = same if same.any() else differ
       cands = np.flatnonzero(pool & (ham == ham[pool].min()))
     return int(cands[rng.integers(len(cands))])
 

@@ -1,6 +1,6 @@
 """Dataset sources: random-access record sources (grain's RandomAccessDataSource protocol).
 
-Kept apart from pipeline.py so reading data does not import transformers. Sources that prepare
+Kept apart from the processors so reading data does not import transformers. Sources that prepare
 files (TFDS: synth_* with a data_dir, mimic_ccf, codalm) do it once per run: with several JAX
 processes (after jax.distributed.initialize) process 0 prepares while the others wait, then the
 others open the files (see `_prepare_on_process_0`).

@@ -12,7 +12,13 @@ from absl import logging
 import jax
 import numpy as np
 
-from cpo_jax.data import pipeline
+from cpo_jax.data import bad_records
+from cpo_jax.data import datasets
+from cpo_jax.data import eval_batches
+from cpo_jax.data import examples
+from cpo_jax.data import packing
+from cpo_jax.data import processors
+from cpo_jax.data import sources
 from cpo_jax.knowledge import load_graph
 
 DATASETS = ('synth_drive', 'synth_cxr', 'swift_jsonl', 'mimic_ccf', 'codalm')
@@ -28,19 +34,19 @@ class RunData:
     data_dir = cfg.data.data_dir or os.path.join(workdir, 'data')
     # A Hugging Face checkpoint brings its own tokenizer; synthetic runs build one.
     tokenizer_dir = cfg.model.init_from or os.path.join(data_dir, 'tokenizer')
-    self.processors = pipeline.make_processors(
+    self.processors = processors.make_processors(
       tokenizer_dir=tokenizer_dir, image_size=cfg.data.image_size
     )
     if name in ('swift_jsonl', 'mimic_ccf', 'codalm'):  # the user's files under manual_dir.
       self.sources = {
-        split: pipeline.make_source(
+        split: sources.make_source(
           name, split, data_dir=cfg.data.manual_dir, on_bad_record=cfg.data.on_bad_record
         )
         for split in ['train'] + cfg.eval.splits.split(',')
       }
     else:
       self.sources = {
-        split: pipeline.make_source(
+        split: sources.make_source(
           name,
           split,
           num_examples=n,
@@ -50,27 +56,27 @@ class RunData:
         )
         for split, n in cfg.data.num_examples.items()
       }
-    self.skips = pipeline.SkipCounter()
+    self.skips = bad_records.SkipCounter()
     self.shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
-    first = pipeline.make_eval_batches(
+    first = eval_batches.make_eval_batches(
       self.sources['test'], self.processors, batch_size=1, max_prompt_len=cfg.eval.max_prompt_len
     )
     self.grid = np.asarray(next(first)['image_grid_thw'])[0]  # [3]: (t, h, w) patches.
     self.length_buckets = self._length_buckets()
     # Grouped pairs let the step encode a thinking pair's image once; pairs given by the
     # records (swift_jsonl, mimic_ccf, codalm) come in their own order.
-    grouped = cfg.data.pair_layout == 'grouped' and not pipeline.gives_pairs(self.sources['train'])
+    grouped = cfg.data.pair_layout == 'grouped' and not examples.gives_pairs(self.sources['train'])
     if cfg.data.pair_layout not in ('grouped', 'mixed'):
       raise ValueError(f"data.pair_layout={cfg.data.pair_layout!r}; expected 'grouped' or 'mixed'.")
     self.pair_layout = (
-      pipeline.pair_layout_for(cfg.data.thinking_fraction, self._per_host(cfg.cpo.batch_size))
+      datasets.pair_layout_for(cfg.data.thinking_fraction, self._per_host(cfg.cpo.batch_size))
       if grouped
       else None
     )
 
   def _length_buckets(self):
     c = self.cfg
-    buckets = pipeline.parse_length_buckets(c.data.length_buckets, c.data.max_len)
+    buckets = packing.parse_length_buckets(c.data.length_buckets, c.data.max_len)
     n_image = self.processors.num_image_tokens(self.grid)
     if buckets[0] <= n_image:
       raise ValueError(
@@ -86,7 +92,7 @@ class RunData:
 
   def sft_batches(self):
     c = self.cfg
-    return pipeline.make_sft_iterator(
+    return datasets.make_sft_iterator(
       self.sources['train'],
       self.processors,
       batch_size=self._per_host(c.sft.batch_size),
@@ -101,7 +107,7 @@ class RunData:
 
   def cpo_batches(self):
     c = self.cfg
-    return pipeline.make_cpo_iterator(
+    return datasets.make_cpo_iterator(
       self.sources['train'],
       self.processors,
       batch_size=self._per_host(c.cpo.batch_size),
@@ -120,7 +126,7 @@ class RunData:
 
   def eval_batches(self, split, max_examples=None):
     c = self.cfg
-    return pipeline.make_eval_batches(
+    return eval_batches.make_eval_batches(
       self.sources[split],
       self.processors,
       batch_size=c.eval.batch_size,

@@ -98,9 +98,8 @@ def render(
   if nuisance in ("right", "both"):
     dr.rectangle((S - 14, 2, S - 3, 13), fill=_MARKER)
   arr = np.asarray(im, np.uint8)
-  arr = np.clip(arr.astype(np.int16) + rng.integers(-6, 7, arr.shape), 0, 255).astype(
-    np.uint8
-  )  # film grain
+  grain = rng.integers(-6, 7, arr.shape)  # film grain
+  arr = np.clip(arr.astype(np.int16) + grain, 0, 255).astype(np.uint8)
   return np.repeat(arr[..., None], 3, -1), boxes
 
 

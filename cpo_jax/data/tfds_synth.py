@@ -28,9 +28,6 @@ class SynthConfig(tfds.core.BuilderConfig):
     return {"train": self.num_train, "test": self.num_test, "ood": self.num_ood}
 
 
-SynthDriveConfig = SynthConfig  # older name
-
-
 with tfds.core.registered.skip_registration():
 
   class _SynthBuilder(tfds.core.GeneratorBasedBuilder):

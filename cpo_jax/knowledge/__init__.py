@@ -7,3 +7,13 @@ from cpo_jax.knowledge.rewriter import Counterfactual
 from cpo_jax.knowledge.rewriter import rewrite
 from cpo_jax.knowledge.rewriter import rewrite_chain
 from cpo_jax.knowledge.rewriter import validate_counterfactual
+
+__all__ = [
+  'ConceptGraph',
+  'Counterfactual',
+  'GraphError',
+  'load_graph',
+  'rewrite',
+  'rewrite_chain',
+  'validate_counterfactual',
+]

@@ -40,9 +40,8 @@ class Concept:
   neutral: str
   phrases: Mapping[str, str]  # value -> canonical sentence
   synonyms: Mapping[str, tuple[str, ...]]  # value -> near-synonym sentences
-  terms: Mapping[str, tuple[str, ...]] = dataclasses.field(
-    default_factory=dict
-  )  # value -> free-text terms
+  # value -> free-text terms
+  terms: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
   def sentences(self, value: str) -> tuple[str, ...]:
     return (self.phrases[value],) + tuple(self.synonyms.get(value, ()))
@@ -65,9 +64,8 @@ class ConceptGraph:
   nuisance_name: str
   nuisance_values: tuple[str, ...]
   negation_cues: tuple[str, ...] = ()  # free-text negation ('no', 'without', ...) before a term
-  decision_aliases: Mapping[str, tuple[str, ...]] = dataclasses.field(
-    default_factory=dict
-  )  # free-text names
+  # free-text names
+  decision_aliases: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
   not_decisions: tuple[
     str, ...
   ] = ()  # phrases holding a decision name that name no decision ('stop sign')

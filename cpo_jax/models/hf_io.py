@@ -236,7 +236,8 @@ def load_hf(
     shape = tuple(var.shape)
     if _is_stacked(mpath):
       # fill the stacked array layer by layer in place (donated), never a second full copy
-      value = jax.jit(lambda: jnp.zeros(shape, param_dtype), out_shardings=sharding)()
+      zeros = lambda: jnp.zeros(shape, param_dtype)  # noqa: B023 (called at once)
+      value = jax.jit(zeros, out_shardings=sharding)()
       for i, n in enumerate(names):
         fn, orig = where[n]
         layer = _to_model(readers[fn].read(orig), kind, shape[1:], n)
@@ -329,7 +330,7 @@ def save_hf(model: Qwen2_5_VL, path, max_shard_bytes: int = 5 * 1024**3, dtype=N
     per_layer = var.shape[1:] if _is_stacked(mpath) else var.shape
     for i, n in enumerate(names):
 
-      def fetch(var=var, i=i, kind=kind, stacked=_is_stacked(mpath)):
+      def fetch(var=var, i=i, kind=kind, stacked=_is_stacked(mpath)):  # noqa: B008 (bound now)
         value = var[...][i] if stacked else var[...]
         return _from_model(np.asarray(jax.device_get(value)), kind, config)
 

@@ -109,9 +109,7 @@ def _uniform(rngs, shape, bound, dtype):
   key = rngs.params()
   if isinstance(key, jax.core.Tracer):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
-  seed = (
-    np.asarray(jax.random.key_data(key)).astype(np.uint64).tolist()
-  )  # numpy: no per-shape compile
+  seed = np.asarray(jax.random.key_data(key)).astype(np.uint64).tolist()  # numpy: no compile
   return jnp.asarray(np.random.default_rng(seed).uniform(-bound, bound, shape), dtype)
 
 

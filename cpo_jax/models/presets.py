@@ -164,7 +164,7 @@ _TEXT_KEYS = {
 NAMES = tuple(_PRESETS)
 
 
-# The token ids a tokenizer fixes in the model config (pipeline.Processors.ids has them all).
+# The token ids a tokenizer fixes in the model config (data.processors.Processors.ids has them all).
 TOKEN_KEYS = (
   'vocab_size',
   'image_token_id',

@@ -89,11 +89,11 @@ class DecoderLayer(nnx.Module):
     With a cache ([B, S, kv, hd]) the new keys/values are written at cache_index and
     attention runs over the whole cache. Returns (x, k_cache, v_cache).
     """
-    b, l, _ = x.shape
+    b, seq, _ = x.shape
     h = self.input_layernorm(x)
-    q = self.q_proj(h).reshape(b, l, self.num_heads, self.head_dim)
-    k = self.k_proj(h).reshape(b, l, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(h).reshape(b, l, self.num_kv_heads, self.head_dim)
+    q = self.q_proj(h).reshape(b, seq, self.num_heads, self.head_dim)
+    k = self.k_proj(h).reshape(b, seq, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(h).reshape(b, seq, self.num_kv_heads, self.head_dim)
     q = layers.apply_rotary(q, cos[:, :, None], sin[:, :, None])
     k = layers.apply_rotary(k, cos[:, :, None], sin[:, :, None])
     if k_cache is not None:
@@ -105,7 +105,7 @@ class DecoderLayer(nnx.Module):
       )
       k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
     o = gqa_attention(q, k, v, mask, self.head_dim**-0.5)
-    x = x + self.o_proj(o.reshape(b, l, -1))
+    x = x + self.o_proj(o.reshape(b, seq, -1))
     h = self.post_attention_layernorm(x)
     act = layers.activation(self.act)
     return x + self.down_proj(act(self.gate_proj(h)) * self.up_proj(h)), k_cache, v_cache
@@ -113,19 +113,19 @@ class DecoderLayer(nnx.Module):
 
 def gqa_attention(q, k, v, mask, scale):
   """q [B, L, nH, d], k/v [B, S, nKV, d], mask bool [B, L, S] -> [B, L, nH, d]."""
-  b, l, nh, d = q.shape
+  b, seq, nh, d = q.shape
   nkv = k.shape[2]
-  q = q.reshape(b, l, nkv, nh // nkv, d)
+  q = q.reshape(b, seq, nkv, nh // nkv, d)
   logits = jnp.einsum('blkgd,bskd->bkgls', q, k).astype(jnp.float32) * scale
   logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum('bkgls,bskd->blkgd', probs, v).reshape(b, l, nh, d)
+  return jnp.einsum('bkgls,bskd->blkgd', probs, v).reshape(b, seq, nh, d)
 
 
 def causal_padding_mask(attention_mask):
   """bool [B, L, L]: causal and key not padding (transformers' create_causal_mask)."""
-  l = attention_mask.shape[1]
-  causal = jnp.tril(jnp.ones((l, l), bool))
+  seq = attention_mask.shape[1]
+  causal = jnp.tril(jnp.ones((seq, seq), bool))
   return causal[None] & attention_mask.astype(bool)[:, None, :]
 
 

@@ -23,13 +23,13 @@ def get_rope_index(input_ids, attention_mask, image_grid_thw, config):
   Returns (position_ids [3, B, L] int64, rope_deltas [B, 1] int64) as numpy arrays.
   """
   input_ids = np.asarray(input_ids)
-  b, l = input_ids.shape
+  b, seq = input_ids.shape
   mask = (
-    np.ones((b, l), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    np.ones((b, seq), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
   )
   merge = config.vision_config.spatial_merge_size
   grids = iter([] if image_grid_thw is None else np.asarray(image_grid_thw).tolist())
-  position_ids = np.zeros((3, b, l), np.int64)
+  position_ids = np.zeros((3, b, seq), np.int64)
   deltas = np.zeros((b, 1), np.int64)
   for i in range(b):
     ids = input_ids[i][mask[i]]

@@ -1,0 +1,174 @@
+"""Eval and drift-probe batches: left-padded prompts (or prompt + chain + answer prefix) with gold labels.
+
+Eval batch: input_ids [B,Lp] LEFT padded prompts ending with '<|im_start|>assistant\\n',
+  attention_mask [B,Lp], pixel_values, image_grid_thw, decision [B] (gold), concepts [B,C],
+  nuisance [B], boxes [B,C,4], index [B], valid [B] bool (False on rows that only fill the
+  last batch to the static size).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterator
+
+import numpy as np
+
+from cpo_jax.data import examples
+from cpo_jax.data import pairs as pairs_lib
+from cpo_jax.data.packing import pack_left
+from cpo_jax.data.packing import stack_rows
+from cpo_jax.data.processors import Processors
+from cpo_jax.knowledge.graph import ConceptGraph
+from cpo_jax.knowledge.graph import load_graph
+
+
+def _eval_row_from_pair(rec, proc: Processors, graph: ConceptGraph, max_prompt_len: int):
+  """Ingested pairs evaluate on the chosen side: the gold decision is the record's own where it
+  carries one (mimic_ccf's labels, codalm's parsed suggestion), else read from the chosen text
+  with the graph (swift_jsonl); -1 where there is none. Concepts are read from the text."""
+  from cpo_jax.knowledge import free_text
+
+  pv, grid = proc.image_inputs(rec["image"])
+  prompt = proc.prompt_ids_from_json(
+    json.dumps(rec["prompt_messages"]), proc.num_image_tokens(grid)
+  )
+  ids, attn = pack_left(prompt, max_prompt_len, proc.ids["pad_token_id"], rec["record_id"])
+  if "decision" in rec:
+    decision = int(rec["decision"])
+  else:
+    d = graph.parse_decision(rec["chosen"])
+    decision = -1 if d is None else graph.decision_id(d)
+  a, _ = free_text.parse_report(graph, rec["chosen"])
+  S = proc.image_size or 0
+  return {
+    "input_ids": ids,
+    "attention_mask": attn,
+    "pixel_values": pv,
+    "image_grid_thw": grid,
+    "decision": np.int32(decision),
+    "concepts": np.asarray(graph.value_ids(a), np.int32),
+    "nuisance": np.int32(-1),
+    "boxes": np.array([[0, 0, S, S]], np.int32),
+  }
+
+
+def make_eval_batches(
+  source,
+  proc: Processors,
+  *,
+  batch_size: int,
+  max_prompt_len: int,
+  max_examples: int | None = None,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  graph: ConceptGraph | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+  """Left-padded prompts in source order (+ gold labels); the last batch is filled to the
+  static size by repeating its first row with valid=False. `graph` (default: the source's
+  domain, medical for ingested pairs) is only used to read labels from ingested pairs."""
+  if examples.gives_pairs(source):
+    graph = graph or load_graph("medical")
+  n = len(source) if max_examples is None else min(max_examples, len(source))
+  positions = list(range(n))[shard_index::shard_count]
+  pad = proc.ids["pad_token_id"]
+  for s in range(0, len(positions), batch_size):
+    chunk = positions[s : s + batch_size]
+    rows = []
+    for i in chunk:
+      rec = source[i]
+      if examples.gives_pairs(source):
+        rows.append(
+          dict(
+            _eval_row_from_pair(rec, proc, graph, max_prompt_len),
+            index=np.int32(i),
+            valid=np.bool_(True),
+          )
+        )
+        continue
+      pv, grid = proc.image_inputs(rec["image"])
+      prompt = proc.prompt_ids(pairs_lib.as_text(rec["question"]), proc.num_image_tokens(grid))
+      ids, attn = pack_left(prompt, max_prompt_len, pad, f"{source!r}[{i}]")
+      rows.append(
+        {
+          "input_ids": ids,
+          "attention_mask": attn,
+          "pixel_values": pv,
+          "image_grid_thw": grid,
+          "decision": np.int32(rec["decision"]),
+          "concepts": np.asarray(rec["concepts"], np.int32),
+          "nuisance": np.int32(rec["nuisance"]),
+          "boxes": proc.boxes_for(rec["boxes"], rec["image"]),
+          "index": np.int32(i),
+          "valid": np.bool_(True),
+        }
+      )
+    while len(rows) < batch_size:
+      rows.append(dict(rows[0], valid=np.bool_(False)))
+    yield stack_rows(rows)
+
+
+def decision_token_ids(proc: Processors, graph: ConceptGraph) -> np.ndarray:
+  """[num_decisions] id of each decision's first answer token (' stop', ' slow', ...), in
+  graph.decisions order: the next-token distribution over these after the answer prefix is the
+  outcome distribution (for AUC and the drift probe)."""
+  ids = [
+    proc.tokenizer(" " + graph.decision_texts[d], add_special_tokens=False)["input_ids"][0]
+    for d in graph.decisions
+  ]
+  if len(set(ids)) != len(ids):
+    raise ValueError(f"decisions share a first token: {dict(zip(graph.decisions, ids))}")
+  return np.asarray(ids, np.int32)
+
+
+def make_probe_batches(
+  source,
+  proc: Processors,
+  *,
+  kind: str,
+  batch_size: int,
+  max_len: int,
+  max_examples: int | None = None,
+  seed: int = 0,
+  graph: ConceptGraph | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+  """Teacher-forced drift-probe inputs: prompt + chain (kind 'none' = the gold chain,
+  'synonym' / 'contradict' = one concept sentence edited, see knowledge/drift.py) + the answer
+  prefix, LEFT padded to max_len, so logits[:, -1] over decision_token_ids is the outcome
+  distribution. Same example order for every kind (pair them by row).
+  Keys: input_ids, attention_mask [B,max_len], pixel_values, image_grid_thw, decision (gold),
+  expected_decision (the rule's decision for the edited chain), index, valid."""
+  from cpo_jax.knowledge import drift
+
+  graph = graph or load_graph(getattr(source, "domain", "driving"))
+  prefix = drift.answer_prefix(graph)
+  n = len(source) if max_examples is None else min(max_examples, len(source))
+  pad = proc.ids["pad_token_id"]
+  for s in range(0, n, batch_size):
+    rows = []
+    for i in range(s, min(n, s + batch_size)):
+      rec = source[i]
+      a = graph.assignment_from_ids(rec["concepts"])
+      if kind == "none":
+        chain, expected = pairs_lib.as_text(rec["chain"]), graph.decisions[int(rec["decision"])]
+      else:
+        e = drift.edit_chain(graph, a, kind, np.random.default_rng([seed, i]))
+        chain, expected = e.chain, e.expected_decision
+      pv, grid = proc.image_inputs(rec["image"])
+      prompt = proc.prompt_ids(pairs_lib.as_text(rec["question"]), proc.num_image_tokens(grid))
+      body = tuple(proc.tokenizer(f"{chain} {prefix}", add_special_tokens=False)["input_ids"])
+      ids, attn = pack_left(prompt + body, max_len, pad, f"{source!r}[{i}] ({kind} probe)")
+      rows.append(
+        {
+          "input_ids": ids,
+          "attention_mask": attn,
+          "pixel_values": pv,
+          "image_grid_thw": grid,
+          "decision": np.int32(rec["decision"]),
+          "expected_decision": np.int32(graph.decision_id(expected)),
+          "index": np.int32(i),
+          "valid": np.bool_(True),
+        }
+      )
+    while len(rows) < batch_size:
+      rows.append(dict(rows[0], valid=np.bool_(False)))
+    yield stack_rows(rows)

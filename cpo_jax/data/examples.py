@@ -1,0 +1,211 @@
+"""Per-example transforms: one record -> one SFT row or one CPO++ pair row (numpy).
+
+Records are read and checked here (missing field, empty chain, unreadable image, another patch
+grid); a problem raises `BadRecordError` naming the record, which the dataset's bad-record
+policy turns into an error or a counted skip. Pair-level sources (swift_jsonl, mimic_ccf,
+codalm) give their pairs; the synthetic sources' pairs are made by `pairs.make_pair`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from cpo_jax.data import pairs as pairs_lib
+from cpo_jax.data.bad_records import BadRecordError
+from cpo_jax.data.packing import pack_right
+from cpo_jax.data.processors import Processors
+from cpo_jax.knowledge.graph import ConceptGraph
+
+
+def _read(source, i: int) -> dict[str, Any]:
+  """source[i] with the fields every transform needs checked (missing field, empty chain)."""
+  rid = f"{source!r}[{i}]"
+  try:
+    rec = source[i]
+  except Exception as e:  # unreadable/corrupt record in the file
+    raise BadRecordError("unreadable_record", rid, f"cannot read: {e!r}") from e
+  for f in _REQUIRED:
+    if f not in rec:
+      raise BadRecordError("missing_field", rid, f"missing field {f!r}")
+  if not pairs_lib.as_text(rec["chain"]).strip() or not pairs_lib.as_text(rec["answer"]).strip():
+    raise BadRecordError("empty_chain", rid, "empty chain or answer")
+  return rec
+
+
+_REQUIRED = ("image", "question", "chain", "answer", "decision", "concepts", "index")
+
+
+def _image(proc: Processors, image, rid: str, want_grid=None):
+  try:
+    pv, grid = proc.image_inputs(image)
+  except Exception as e:
+    raise BadRecordError("bad_image", rid, f"image cannot be decoded/processed: {e!r}") from e
+  if want_grid is not None and not np.array_equal(grid, want_grid):
+    raise BadRecordError(
+      "bad_image",
+      rid,
+      f"image grid {grid.tolist()} != {np.asarray(want_grid).tolist()}; "
+      "set min_pixels == max_pixels so batches have one shape",
+    )
+  return pv, grid
+
+
+def sft_example(i: int, *, source, proc: Processors, max_len: int):
+  rec = _read(source, i)
+  rid = f"{source!r}[{i}]"
+  pv, grid = _image(proc, rec["image"], rid)
+  prompt = proc.prompt_ids(pairs_lib.as_text(rec["question"]), proc.num_image_tokens(grid))
+  ids, attn, loss = pack_right(
+    prompt,
+    proc.completion_ids(pairs_lib.completion_of(rec)),
+    max_len,
+    proc.ids["pad_token_id"],
+    rid,
+    proc.tokenizer.unk_token_id,
+  )
+  return {
+    "input_ids": ids,
+    "attention_mask": attn,
+    "loss_mask": loss,
+    "pixel_values": pv,
+    "image_grid_thw": grid,
+    "prompt_length": np.int32(len(prompt)),
+    "decision": np.int32(rec["decision"]),
+    "index": np.int32(i),
+  }
+
+
+def cpo_example(
+  i: int,
+  rng: np.random.Generator,
+  *,
+  source,
+  proc: Processors,
+  graph: ConceptGraph,
+  index: pairs_lib.PairIndex,
+  max_len: int,
+  thinking_fraction: float,
+  perception_mode: str,
+):
+  rec = _read(source, i)
+  rid = f"{source!r}[{i}]"
+  pair = pairs_lib.make_pair(
+    rec,
+    i,
+    rng,
+    graph=graph,
+    source=source,
+    index=index,
+    thinking_fraction=thinking_fraction,
+    perception_mode=perception_mode,
+  )
+  c_pv, grid = _image(proc, pair["chosen_image"], rid)
+  if pair["source"] == pairs_lib.SOURCE_IDS["thinking"]:
+    r_pv = c_pv
+  else:
+    r_pv = _image(
+      proc,
+      pair["rejected_image"],
+      f"{source!r}[{pair['rejected_index']}] (rejected image for {i})",
+      want_grid=grid,
+    )[0]
+  prompt = proc.prompt_ids(pair["question"], proc.num_image_tokens(grid))
+  pad = proc.ids["pad_token_id"]
+  unk = proc.tokenizer.unk_token_id
+  c = pack_right(
+    prompt, proc.completion_ids(pair["chosen_completion"]), max_len, pad, f"{rid} chosen", unk
+  )
+  r = pack_right(
+    prompt,
+    proc.completion_ids(pair["rejected_completion"]),
+    max_len,
+    pad,
+    f"{rid} rejected ({'thinking' if pair['source'] == 0 else 'perception'})",
+    unk,
+  )
+  return {
+    "chosen_input_ids": c[0],
+    "chosen_attention_mask": c[1],
+    "chosen_loss_mask": c[2],
+    "chosen_pixel_values": c_pv,
+    "rejected_input_ids": r[0],
+    "rejected_attention_mask": r[1],
+    "rejected_loss_mask": r[2],
+    "rejected_pixel_values": r_pv,
+    "image_grid_thw": grid,
+    "source": np.int32(pair["source"]),
+    "sample_weight": np.float32(pair["sample_weight"]),
+    "prompt_length": np.int32(len(prompt)),
+    "rejected_prompt_length": np.int32(len(prompt)),
+    "boxes": proc.boxes_for(pair["boxes"], pair["chosen_image"]),
+    "chosen_decision": np.int32(pair["chosen_decision"]),
+    "rejected_decision": np.int32(pair["rejected_decision"]),
+    "index": np.int32(i),
+    "flipped_concept": np.int32(pair["flipped_concept"]),
+  }
+
+
+def _swift_side(proc: Processors, rec, prefix: str, max_len: int, want_grid=None):
+  pv, grid = _image(proc, rec[f"{prefix}image"], rec["record_id"], want_grid)
+  msgs = rec[f"{prefix}prompt_messages"]
+  prompt = proc.prompt_ids_from_json(json.dumps(msgs), proc.num_image_tokens(grid))
+  text = rec["chosen"] if prefix == "" else rec["rejected"]
+  packed = pack_right(
+    prompt,
+    proc.completion_ids(text),
+    max_len,
+    proc.ids["pad_token_id"],
+    f"{rec['record_id']} {'chosen' if prefix == '' else 'rejected'}",
+    proc.tokenizer.unk_token_id,
+  )
+  return packed, pv, grid, len(prompt)
+
+
+def swift_cpo_example(i: int, *, source, proc: Processors, max_len: int):
+  rec = source[i]  # raises BadRecordError itself
+  (c, c_pv, grid, c_len) = _swift_side(proc, rec, "", max_len)
+  (r, r_pv, _, r_len) = _swift_side(proc, rec, "rejected_", max_len, want_grid=grid)
+  S = proc.image_size or 0
+  return {
+    "chosen_input_ids": c[0],
+    "chosen_attention_mask": c[1],
+    "chosen_loss_mask": c[2],
+    "chosen_pixel_values": c_pv,
+    "rejected_input_ids": r[0],
+    "rejected_attention_mask": r[1],
+    "rejected_loss_mask": r[2],
+    "rejected_pixel_values": r_pv,
+    "image_grid_thw": grid,
+    "source": np.int32(rec["source"]),
+    "sample_weight": np.float32(rec["sample_weight"]),
+    "prompt_length": np.int32(c_len),
+    "rejected_prompt_length": np.int32(r_len),
+    "boxes": np.array([[0, 0, S, S]], np.int32),  # no evidence boxes known: the whole image
+    "chosen_decision": np.int32(-1),
+    "rejected_decision": np.int32(-1),
+    "index": np.int32(i),
+    "flipped_concept": np.int32(-1),
+  }
+
+
+def swift_sft_example(i: int, *, source, proc: Processors, max_len: int):
+  rec = source[i]
+  (c, pv, grid, c_len) = _swift_side(proc, rec, "", max_len)
+  return {
+    "input_ids": c[0],
+    "attention_mask": c[1],
+    "loss_mask": c[2],
+    "pixel_values": pv,
+    "image_grid_thw": grid,
+    "prompt_length": np.int32(c_len),
+    "decision": np.int32(-1),
+    "index": np.int32(i),
+  }
+
+
+def gives_pairs(source) -> bool:
+  """True when the records are pairs already (swift_jsonl, mimic_ccf, codalm): no pair making."""
+  return getattr(source, "kind", None) == "pairs"

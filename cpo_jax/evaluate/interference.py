@@ -1,0 +1,271 @@
+"""Interference curves (METHOD.md section 5): accuracy under perception and thinking interference.
+
+Perception interference transforms the eval batches' pixel_values (the masks of
+cpo_jax.perturb, or part of another eval image whose gold decision differs) and decodes
+greedily through `answers.predict_decisions`, so accuracy is measured exactly as for the
+clean splits. Thinking interference edits the chain (`chain_edits`) and reads the answer
+distribution (`scoring.AnswerScorer`). Report contract (DESIGN.md):
+`interference.<kind>.<severity>` is an accuracy (the return of `interference_report`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+from typing import Iterable
+from typing import Mapping
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cpo_jax import perturb
+from cpo_jax.evaluate import answers
+from cpo_jax.evaluate.chain_edits import EDITS
+from cpo_jax.evaluate.chain_edits import base_chain
+from cpo_jax.evaluate.scoring import AnswerScorer
+from cpo_jax.evaluate.scoring import mean_or_none
+from cpo_jax.knowledge.graph import ConceptGraph
+
+PERCEPTION_KINDS = ('occlude', 'mask_patches', 'noise', 'blur', 'image_swap')
+
+
+THINKING_KINDS = ('synonym', 'contradict')
+
+
+# Perception severities are in [0, 1] (see perturb.py; image_swap: share of image tokens taken
+# from the other image). Thinking severities are the number of concept sentences edited.
+DEFAULT_SEVERITIES = {
+  'occlude': (0.5, 1.0),
+  'mask_patches': (0.25, 0.5),
+  'noise': (0.1, 0.3),
+  'blur': (0.5, 1.0),  # sigma 2 and 4 px: synth_drive's colour cues survive less blur
+  'image_swap': (0.5, 1.0),
+  'synonym': (1, 2),
+  'contradict': (1,),
+}
+
+
+def perturb_batch(batch, kind: str, severity: float, rng, *, layout: perturb.PatchLayout):
+  """The eval batch with masked pixel_values (kinds of perturb.PERCEPTION_MASKS).
+
+  occlude uses the batch's evidence boxes, in pixels of the processed image (the pipeline
+  rescales them when it resizes an image).
+  """
+  grid = perturb.grid_of(batch['image_grid_thw'])
+  pixels = jnp.asarray(batch['pixel_values'])
+  if kind == 'occlude':
+    boxes = jnp.asarray(batch['boxes'], jnp.float32)
+    out = perturb.occlude_boxes(rng, pixels, grid, boxes, severity, layout=layout)
+  elif kind in ('mask_patches', 'noise', 'blur'):
+    out = perturb.PERCEPTION_MASKS[kind](rng, pixels, grid, None, severity, layout=layout)
+  else:
+    raise ValueError(
+      f'perturb_batch: kind {kind!r}; expected one of '
+      f'{("occlude", "mask_patches", "noise", "blur")} (image_swap: swap_images)'
+    )
+  return dict(batch, pixel_values=np.asarray(out))
+
+
+def swap_images(
+  batch, severity: float, rng: np.random.Generator, pool: dict, *, layout: perturb.PatchLayout
+):
+  """Replaces a `severity` share of each image's tokens (merge windows, random) by the same
+  tokens of a donor image whose gold decision differs; 1.0 swaps the whole image.
+
+  Donors come from the batch, else from `pool` (decision -> one image's rows from earlier
+  batches; updated here). Rows with no donor yet are marked invalid (not scored).
+  Returns (batch, donor decision per row, -1 where none).
+  """
+  grid = perturb.grid_of(batch['image_grid_thw'])
+  decision = np.asarray(batch['decision'])
+  valid = np.asarray(batch['valid'], bool)
+  b = len(decision)
+  x = np.asarray(batch['pixel_values']).reshape(b, -1, layout.patch_dim)
+  donors, donor_decision, keep = x.copy(), np.full(b, -1, np.int64), valid.copy()
+  for i in range(b):
+    in_batch = [j for j in range(b) if valid[j] and decision[j] != decision[i]]
+    pooled = [d for d in sorted(pool) if d != decision[i]]
+    if in_batch:
+      j = in_batch[int(rng.integers(len(in_batch)))]
+      donors[i], donor_decision[i] = x[j], decision[j]
+    elif pooled:
+      d = pooled[int(rng.integers(len(pooled)))]
+      donors[i], donor_decision[i] = pool[d], d
+    else:
+      keep[i] = False
+  for j in np.flatnonzero(valid):
+    pool[int(decision[j])] = x[j].copy()
+  group = layout.merge_size**2  # one LLM image token = merge_size**2 consecutive rows
+  units = int(np.prod(grid)) // group
+  k = int(round(float(np.clip(severity, 0.0, 1.0)) * units))
+  chosen = np.stack([rng.permutation(units) < k for _ in range(b)])
+  chosen = np.repeat(chosen, group, axis=1)[:, :, None]
+  out = np.where(chosen, donors, x).reshape(np.shape(batch['pixel_values']))
+  return dict(batch, pixel_values=out.astype(np.float32), valid=keep), donor_decision
+
+
+def _perturbed_batches(batches, kind, severity, key, *, layout, donors):
+  """Applies one interference to every batch; collects the swap donors' decisions of scored rows."""
+  pool = {}
+  swap_rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).astype(np.uint64).tolist())
+  for i, batch in enumerate(batches):
+    if kind == 'image_swap':
+      batch, donor = swap_images(batch, severity, swap_rng, pool, layout=layout)
+      donors.extend(donor[np.asarray(batch['valid'], bool)].tolist())
+    else:
+      batch = perturb_batch(batch, kind, severity, jax.random.fold_in(key, i), layout=layout)
+    yield batch
+
+
+def _accuracy_cell(predicted, gold):
+  return {
+    'accuracy': float(np.mean(predicted == gold)) if len(gold) else None,
+    'n': int(len(gold)),
+    'unparsed': int((predicted < 0).sum()),
+  }
+
+
+def interference_details(
+  model,
+  batches_fn: Callable[[], Iterable[dict]],
+  *,
+  processors,
+  graph: ConceptGraph,
+  kinds_and_severities: Mapping[str, Sequence] | None = None,
+  max_new_tokens: int,
+  rng_seed: int = 0,
+  scorer=None,
+):
+  """Every interference cell with its diagnostics: {kind: {str(severity): cell}}.
+
+  'none' -> {'0': clean greedy accuracy}. Perception cells: accuracy (vs the original gold),
+  n, unparsed; image_swap adds `follows_donor` (answers the donor image's decision).
+  Thinking cells (model's own chain when parseable, else the gold chain, edited and
+  teacher-forced): accuracy = the answer is the graph's decision for the edited chain,
+  `unchanged` = same answer as for the unedited chain, `own_chain` = share of rows whose
+  own chain was used, `skipped` = rows with no such edit.
+  `batches_fn()` must give the same eval batches (make_eval_batches format) on every call.
+  `scorer`: an AnswerScorer to reuse (e.g. the one given to drift_probe).
+  """
+  kinds = dict(DEFAULT_SEVERITIES if kinds_and_severities is None else kinds_and_severities)
+  unknown = [k for k in kinds if k not in PERCEPTION_KINDS + THINKING_KINDS]
+  if unknown:
+    raise ValueError(
+      f'unknown interference kinds {unknown}; known: {PERCEPTION_KINDS + THINKING_KINDS}'
+    )
+  layout = perturb.PatchLayout.from_processor(processors.image_processor)
+  decode = functools.partial(
+    answers.predict_decisions,
+    model,
+    tokenizer=processors.tokenizer,
+    graph=graph,
+    max_new_tokens=max_new_tokens,
+  )
+  predicted, gold, texts = decode(batches_fn(), desc='interference: none')
+  report = {'none': {'0': _accuracy_cell(predicted, gold)}}
+  key = jax.random.key(rng_seed)
+  for kind in (k for k in kinds if k in PERCEPTION_KINDS):
+    report[kind] = {}
+    for severity in kinds[kind]:
+      # The key depends on (kind, severity) only: a cell does not change with the others asked.
+      cell_key = jax.random.fold_in(
+        jax.random.fold_in(key, PERCEPTION_KINDS.index(kind)), int(round(1000 * float(severity)))
+      )
+      donors = []
+      batches = _perturbed_batches(
+        batches_fn(), kind, severity, cell_key, layout=layout, donors=donors
+      )
+      predicted, gold, _ = decode(batches, desc=f'interference: {kind} {severity}')
+      cell = _accuracy_cell(predicted, gold)
+      if kind == 'image_swap':
+        cell['follows_donor'] = mean_or_none(predicted == np.asarray(donors)) if donors else None
+      report[kind][str(severity)] = cell
+  thinking = {k: v for k, v in kinds.items() if k in THINKING_KINDS}
+  if thinking:
+    scorer = scorer or AnswerScorer(model, processors, graph)
+    report.update(_thinking_interference(scorer, batches_fn(), texts, thinking, graph, rng_seed))
+  return report
+
+
+def _thinking_interference(scorer, batches, texts, kinds, graph, rng_seed):
+  cells = {
+    (kind, s): {'hit': [], 'unchanged': [], 'own': [], 'skipped': 0}
+    for kind, sevs in kinds.items()
+    for s in sevs
+  }
+  text_iter = iter(texts)
+  for batch in batches:
+    valid = np.asarray(batch['valid'], bool)
+    bases = []
+    for concepts, keep in zip(batch['concepts'], valid):
+      gold = graph.assignment_from_ids(concepts)
+      # texts hold only the valid rows, in order; filler rows reuse the gold chain.
+      bases.append(base_chain(graph, next(text_iter), gold) if keep else (gold, {}, False))
+    embeds = scorer.encode(batch)
+    p0 = scorer.distributions(batch, [graph.chain_text(a, s) for a, s, _ in bases], embeds)
+    for (kind, severity), cell in cells.items():
+      edits = [
+        EDITS[kind](
+          graph,
+          a,
+          np.random.default_rng([rng_seed, THINKING_KINDS.index(kind), int(severity), int(idx)]),
+          num_edits=int(severity),
+          sentences=s,
+        )
+        for (a, s, _), idx in zip(bases, batch['index'])
+      ]
+      scored = [i for i in np.flatnonzero(valid) if edits[i] is not None]
+      cell['skipped'] += int(valid.sum()) - len(scored)
+      if not scored:
+        continue
+      chains = [
+        e.chain if e is not None else graph.chain_text(a, s) for e, (a, s, _) in zip(edits, bases)
+      ]
+      p1 = scorer.distributions(batch, chains, embeds)
+      for i in scored:
+        answer = int(np.argmax(p1[i]))
+        cell['hit'].append(answer == graph.decision_id(edits[i].expected_decision))
+        cell['unchanged'].append(answer == int(np.argmax(p0[i])))
+        cell['own'].append(bases[i][2])
+  out = {}
+  for (kind, severity), cell in cells.items():
+    out.setdefault(kind, {})[str(severity)] = {
+      'accuracy': mean_or_none(cell['hit']),
+      'n': len(cell['hit']),
+      'unchanged': mean_or_none(cell['unchanged']),
+      'own_chain': mean_or_none(cell['own']),
+      'skipped': cell['skipped'],
+    }
+  return out
+
+
+def interference_report(
+  model,
+  batches_fn: Callable[[], Iterable[dict]],
+  *,
+  processors,
+  graph: ConceptGraph,
+  kinds_and_severities: Mapping[str, Sequence] | None = None,
+  max_new_tokens: int,
+  rng_seed: int = 0,
+) -> dict:
+  """{kind: {str(severity): accuracy}} (report.json's `interference`); see interference_details."""
+  details = interference_details(
+    model,
+    batches_fn,
+    processors=processors,
+    graph=graph,
+    kinds_and_severities=kinds_and_severities,
+    max_new_tokens=max_new_tokens,
+    rng_seed=rng_seed,
+  )
+  return accuracies(details)
+
+
+def accuracies(details: Mapping) -> dict:
+  """{kind: {severity: cell}} -> {kind: {severity: accuracy}}."""
+  return {
+    kind: {s: cell['accuracy'] for s, cell in cells.items()} for kind, cells in details.items()
+  }

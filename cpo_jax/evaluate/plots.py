@@ -1,0 +1,113 @@
+"""The eval report's plots: accuracy per split, training curves, robustness curves (PNG)."""
+
+from __future__ import annotations
+
+import json
+from typing import Mapping
+
+import matplotlib
+import numpy as np
+
+from cpo_jax.evaluate.interference import PERCEPTION_KINDS
+from cpo_jax.evaluate.interference import THINKING_KINDS
+
+matplotlib.use('Agg')  # files only; no display on servers and TPU VMs.
+from matplotlib import pyplot as plt  # noqa: E402
+
+
+def plot_accuracy(report, path):
+  """Accuracy per split, beside the SFT baseline when the report has one, against chance."""
+  runs = [(report['stage'], report['splits'])]
+  if 'baseline' in report:
+    runs.insert(0, (report['baseline']['stage'], report['baseline']['splits']))
+  names = list(report['splits'])
+  width = 0.8 / len(runs)
+  fig, ax = plt.subplots(figsize=(3 + 1.5 * len(names), 3.5))
+  for j, (label, splits) in enumerate(runs):
+    xs = np.arange(len(names)) + (j - (len(runs) - 1) / 2) * width
+    values = [splits[s]['accuracy'] for s in names]
+    ax.bar(xs, values, width, label=label)
+    for x, v in zip(xs, values):
+      ax.text(x, v + 0.01, f'{v:.2f}', ha='center', fontsize=8)
+  ax.axhline(report['chance_accuracy'], color='gray', ls='--', lw=1, label='chance')
+  ax.set_xticks(np.arange(len(names)), names)
+  ax.set_ylim(0, 1.1)
+  ax.set_ylabel('decision accuracy')
+  ax.set_title(f"{report['domain']}: decision accuracy per split")
+  ax.legend(loc='lower left', fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_training_curves(metrics_path, path):
+  """Loss per stage, and the CPO++ reward accuracies overall and per pair source."""
+  rows = [json.loads(line) for line in open(metrics_path)]
+  stages = list(dict.fromkeys(r['stage'] for r in rows))
+  fig, axes = plt.subplots(1, len(stages) + 1, figsize=(4.5 * (len(stages) + 1), 3.5))
+  for ax, stage in zip(axes, stages):
+    rs = [r for r in rows if r['stage'] == stage]
+    ax.plot([r['step'] for r in rs], [r['loss'] for r in rs])
+    ax.set_title(f'{stage} loss')
+    ax.set_xlabel('step')
+  ax = axes[-1]
+  cpo = [r for r in rows if r['stage'] == 'cpo_plus']
+  for key in ('rewards/accuracies', 'thinking/rewards/accuracies', 'perception/rewards/accuracies'):
+    points = [(r['step'], r[key]) for r in cpo if key in r]
+    if points:
+      ax.plot(*zip(*points), label=key)
+  ax.set_title('CPO++ reward accuracy')
+  ax.set_xlabel('step')
+  ax.set_ylim(-0.05, 1.05)
+  if cpo:
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_robustness(report_section: Mapping, path: str) -> None:
+  """Accuracy vs severity per interference kind (perception; thinking by number of edited
+  sentences) and the drift bars. `report_section` holds 'interference' and/or 'drift' (e.g.
+  the whole report)."""
+  interference = report_section.get('interference', {})
+  drift_result = report_section.get('drift')
+  clean = interference.get('none', {}).get('0')
+  fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+  for ax, kinds, xlabel in (
+    (axes[0], PERCEPTION_KINDS, 'severity'),
+    (axes[1], THINKING_KINDS, 'edited concept sentences'),
+  ):
+    for kind in (k for k in kinds if k in interference):
+      points = sorted((float(s), a) for s, a in interference[kind].items() if a is not None)
+      if kind in PERCEPTION_KINDS and clean is not None:
+        points = [(0.0, clean)] + points  # severity 0 is the clean image.
+      if points:
+        ax.plot(*zip(*points), marker='o', label=kind)
+    if clean is not None:
+      ax.axhline(clean, color='gray', ls=':', lw=1)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel('decision accuracy')
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
+  axes[0].set_title('perception interference')
+  axes[1].set_title('thinking interference (teacher-forced)')
+  ax = axes[2]
+  if drift_result:
+    labels = ['all'] + list(drift_result.get('per_concept', {}))
+    rows = [drift_result] + list(drift_result.get('per_concept', {}).values())
+    x = np.arange(len(labels))
+    for offset, key, name in (
+      (-0.2, 'outcome_shift', 'synonym (outcome_shift)'),
+      (0.2, 'counterfactual_shift', 'contradict'),
+    ):
+      ax.bar(x + offset, [r.get(key) or 0.0 for r in rows], width=0.4, label=name)
+    ax.set_xticks(x, labels, rotation=30, ha='right', fontsize=7)
+    ax.legend(fontsize=7)
+  ax.set_ylim(0, 1.05)
+  ax.set_ylabel('total variation')
+  ax.set_title('drift probe')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -1,0 +1,89 @@
+"""The eval report: accuracy per split, robustness, for the final model and its SFT baseline.
+
+Written as <workdir>/eval/report.json plus plots (`plots.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from cpo_jax.evaluate import answers
+from cpo_jax.evaluate import drift_probe as drift_probe_lib
+from cpo_jax.evaluate import interference
+from cpo_jax.evaluate import plots
+from cpo_jax.models import lora
+
+
+def write_report(report, workdir):
+  out = os.path.join(workdir, 'eval')
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, 'report.json'), 'w') as f:
+    json.dump(report, f, indent=2)
+  plots.plot_accuracy(report, os.path.join(out, 'accuracy.png'))
+  if 'interference' in report:
+    plots.plot_robustness(report, os.path.join(out, 'robustness.png'))
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  if os.path.exists(metrics_path):
+    plots.plot_training_curves(metrics_path, os.path.join(out, 'training_curves.png'))
+
+
+def evaluate_splits(model, cfg, data):
+  """{split: classification metrics (+ a few generated texts)} for the configured splits."""
+  graph, out = data.graph, {}
+  for split in cfg.eval.splits.split(','):
+    predicted, gold, texts = answers.predict_decisions(
+      model,
+      data.eval_batches(split),
+      tokenizer=data.processors.tokenizer,
+      graph=graph,
+      max_new_tokens=cfg.eval.max_new_tokens,
+      desc=f'eval {split}',
+    )
+    out[split] = dict(
+      answers.classification_metrics(predicted, gold, graph.decisions), examples=texts[:3]
+    )
+  return out
+
+
+def robustness_sections(model, cfg, data):
+  """`interference.<kind>.<severity>` (accuracy under that interference) and `drift`
+  (answer shift when one concept in the chain is substituted) on `eval.robustness_split`."""
+  split, n = cfg.eval.robustness_split, cfg.eval.robustness_max_examples
+  batches = lambda: data.eval_batches(split, max_examples=n)
+  kw = dict(processors=data.processors, graph=data.graph, rng_seed=cfg.seed)
+  return {
+    'robustness_split': split,
+    'interference': interference.interference_report(
+      model, batches, max_new_tokens=cfg.eval.max_new_tokens, **kw
+    ),
+    'drift': drift_probe_lib.drift_probe(model, batches(), **kw),
+  }
+
+
+def run_eval(model, cfg, data, *, stage):
+  """The eval report (DESIGN.md contract: splits.<split>.accuracy and n, interference,
+  drift.outcome_shift).
+
+  After CPO++ the same model with its adapters off is the SFT model, so the report also
+  carries that baseline, measured on the same examples: the method's effect in one file.
+  """
+  graph = data.graph
+
+  def measure(m):
+    out = {'splits': evaluate_splits(m, cfg, data)}
+    if cfg.eval.robustness:
+      out.update(robustness_sections(m, cfg, data))
+    return out
+
+  report = {
+    'domain': cfg.domain,
+    'stage': stage,
+    'decisions': list(graph.decisions),
+    'chance_accuracy': 1.0 / len(graph.decisions),
+    **measure(model),
+  }
+  if stage == 'cpo_plus':
+    with lora.adapters_disabled(model):
+      report['baseline'] = {'stage': 'sft', **measure(model)}
+  return report

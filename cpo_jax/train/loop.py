@@ -1,0 +1,130 @@
+"""The stage loop: data iterator, jitted steps, Orbax checkpoints with resume, progress bar.
+
+The side effects of training live here: a rerun resumes from the latest checkpoint with the
+exact data order it would have seen (the Grain iterator state is saved with every checkpoint).
+"""
+
+import functools
+import os
+
+from absl import logging
+import grain
+import jax
+import orbax.checkpoint as ocp
+import tqdm
+
+from cpo_jax import sharding
+from cpo_jax.train import optimizer
+from cpo_jax.train import steps
+from cpo_jax.train import writers
+from cpo_jax.train.reference_table import ReferenceTable
+
+
+def has_checkpoint(workdir, stage_name):
+  path = os.path.join(os.path.abspath(workdir), 'checkpoints', stage_name)
+  return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
+
+
+def run_stage(
+  stage,
+  *,
+  mesh,
+  num_steps,
+  make_batches,
+  prepare,
+  workdir,
+  checkpoint_cfg,
+  log_every,
+  writer,
+  restore_only=False,
+):
+  """Trains `stage` for `num_steps`, resuming from its latest checkpoint in the workdir.
+
+  `make_batches()` returns a Grain iterator of numpy batches; its state is saved with every
+  checkpoint, so a resumed run sees exactly the batches an uninterrupted one would.
+  `prepare(batch)` turns a pipeline batch into the step's input. Returns the trained
+  (trainable, frozen); with `restore_only`, the latest checkpoint as it is (--mode=eval).
+  """
+  trainable_sh = sharding.state_shardings(stage.trainable, mesh)
+  frozen_sh = sharding.state_shardings(stage.frozen, mesh)
+  trainable = jax.device_put(stage.trainable, trainable_sh)
+  frozen = jax.device_put(stage.frozen, frozen_sh)
+  opt_sh = optimizer.opt_state_shardings(stage.tx, trainable, trainable_sh, mesh)
+  opt_state = jax.jit(stage.tx.init, out_shardings=opt_sh)(trainable)
+
+  manager = ocp.CheckpointManager(
+    os.path.join(os.path.abspath(workdir), 'checkpoints', stage.name),
+    options=ocp.CheckpointManagerOptions(max_to_keep=checkpoint_cfg.max_to_keep),
+  )
+  start = manager.latest_step() or 0
+  if start >= num_steps or restore_only:
+    if start:
+      target = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainable)
+      trainable = manager.restore(
+        start, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
+      )['params']
+    manager.close()
+    return trainable, frozen
+
+  batches = make_batches()
+  if start:
+    abstract = functools.partial(jax.tree.map, ocp.utils.to_shape_dtype_struct)
+    restored = manager.restore(
+      start,
+      args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract(trainable)),
+        opt_state=ocp.args.StandardRestore(abstract(opt_state)),
+        data=grain.checkpoint.CheckpointRestore(batches),
+      ),
+    )
+    trainable, opt_state = restored['params'], restored['opt_state']
+    logging.info('%s: resumed from step %d.', stage.name, start)
+
+  table = None
+  if stage.reference_fn is not None:  # cpo.reference='precomputed': a pass before training.
+    table = ReferenceTable.load_or_compute(
+      stage,
+      trainable,
+      frozen,
+      mesh=mesh,
+      num_steps=num_steps,
+      make_batches=make_batches,
+      prepare=prepare,
+      workdir=workdir,
+    )
+  step_fn = steps.make_train_step(stage, mesh, (trainable_sh, frozen_sh, opt_sh))
+  bar = tqdm.tqdm(
+    range(start, num_steps),
+    initial=start,
+    total=num_steps,
+    desc=stage.name,
+    unit='step',
+    dynamic_ncols=True,
+    disable=jax.process_index() != 0,
+  )
+  try:
+    for step in bar:
+      batch = prepare(next(batches))
+      if table is not None:
+        batch = table.attach(batch, step)
+      batch = sharding.global_batch(batch, mesh)
+      trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, batch)
+      done = step + 1
+      if done % log_every == 0 or done == num_steps:
+        row = writers.metrics_row(stage.name, done, metrics, stage.schedule(step))
+        writer.write(row)
+        bar.set_postfix({k: f'{row[k]:.4g}' for k in ('loss', 'rewards/accuracies') if k in row})
+      if done % checkpoint_cfg.every_steps == 0 or done == num_steps:
+        manager.save(
+          done,
+          args=ocp.args.Composite(
+            params=ocp.args.StandardSave(trainable),
+            opt_state=ocp.args.StandardSave(opt_state),
+            data=grain.checkpoint.CheckpointSave(batches),
+          ),
+        )
+  finally:
+    # Also on an interrupt: let the last (async) save land so a rerun resumes from it.
+    manager.wait_until_finished()
+    manager.close()
+  return trainable, frozen

@@ -1,0 +1,168 @@
+"""The two training stages as the CLI runs them: SFT, then CPO++ on new LoRA adapters.
+
+Each stage is built from the config as a `steps.Stage` plus the host-side `prepare(batch)` that
+checks a pipeline batch and adds what the step consumes (M-RoPE position ids), then handed
+to `loop.run_stage`.
+"""
+
+import functools
+
+from flax import nnx
+import numpy as np
+
+from cpo_jax.models import get_rope_index  # host-side numpy, transformers' semantics.
+from cpo_jax.models import lora
+from cpo_jax.train import completion
+from cpo_jax.train import device_pairs
+from cpo_jax.train import loop
+from cpo_jax.train import objectives
+from cpo_jax.train import optimizer
+from cpo_jax.train import pair_images
+from cpo_jax.train import steps
+
+SEQUENCE_KEYS = ('input_ids', 'attention_mask', 'loss_mask', 'pixel_values')
+
+
+def step_inputs(batch, grid, model_config, prefixes=('',), extra=()):
+  """The arrays a step consumes, plus Qwen2.5-VL's 3D (M-RoPE) position ids computed on
+  host as the HF processor would. The image grid is static per run (it shapes the vision
+  tower), so a batch with another grid is an error, not a recompile."""
+  batch_grid = np.asarray(batch['image_grid_thw'])
+  if not (batch_grid == grid).all():
+    raise ValueError(
+      f'batch image_grid_thw {np.unique(batch_grid, axis=0).tolist()} differs '
+      f'from the run grid {grid.tolist()}; all images must share a size.'
+    )
+  out = {k: batch[k] for k in extra}
+  for p in prefixes:
+    out.update({p + k: batch[p + k] for k in SEQUENCE_KEYS})
+    position_ids, _ = get_rope_index(
+      np.asarray(batch[p + 'input_ids']),
+      np.asarray(batch[p + 'attention_mask']),
+      batch_grid,
+      model_config,
+    )
+    # Stored batch-major [B, 3, L] so the batch sharding splits its leading dimension.
+    out[p + 'position_ids'] = np.asarray(position_ids, np.int32).transpose(1, 0, 2)
+  return out
+
+
+def sft_stage(model, cfg, grid):
+  """Stage 1 (SFT): completion-only cross-entropy on (image, prompt) -> chain + answer.
+
+  Returns the Stage and the host-side `prepare(batch)` that feeds its step."""
+  tx, schedule = optimizer.make_optimizer(cfg.sft.optimizer, cfg.sft.num_steps)
+  graphdef, trainable, frozen = steps.split_model(model, cfg.sft.trainable)
+  max_completion_len = cfg.data.max_completion_len
+  stage = steps.Stage(
+    'sft',
+    graphdef,
+    trainable,
+    frozen,
+    functools.partial(objectives.sft_loss_fn, grid=grid, max_completion_len=max_completion_len),
+    tx,
+    schedule,
+  )
+
+  def prepare(b):
+    completion.check_completion_lengths(
+      b, completion.completion_positions(b['input_ids'].shape[1], grid, model, max_completion_len)
+    )
+    return step_inputs(b, grid, model.config)
+
+  return stage, prepare
+
+
+def attach_adapters(model, cfg):
+  """Adds new LoRA adapters to the SFT model (in place) for CPO++. Returns the model the
+  stage trains: the adapted model (reference = adapters off) or, with
+  cpo.reference='frozen_copy', the policy beside a copy of the SFT model taken first."""
+  reference = cfg.cpo.reference
+  if reference not in objectives.REFERENCE_MODES:
+    raise ValueError(
+      f'config.cpo.reference={reference!r}; expected one of {objectives.REFERENCE_MODES}.'
+    )
+  ref_model = nnx.clone(model) if reference == 'frozen_copy' else None
+  lora.apply_lora(
+    model,
+    rank=cfg.lora.rank,
+    alpha=cfg.lora.alpha,
+    dropout=cfg.lora.dropout,
+    targets=tuple(cfg.lora.targets.split(',')),
+    include_vision=cfg.lora.include_vision,
+    rngs=nnx.Rngs(cfg.seed + 1),
+  )
+  return model if ref_model is None else objectives.PolicyAndReference(model, ref_model)
+
+
+def cpo_stage(stage_model, cfg, grid, image_processor=None, pair_layout=None):
+  """Stage 2 (CPO++) on the output of `attach_adapters`: only the adapters train.
+
+  `image_processor`: the run's (for the patch layout of cpo.device_perturbations); None =
+  the Qwen2-VL defaults that `processors.make_processors` uses. `pair_layout`: (t, g) when
+  the stream groups its pairs (`datasets.pair_layout_for`); checked on every batch."""
+  policy, _ = objectives.policy_and_reference(stage_model)
+  tx, schedule = optimizer.make_optimizer(cfg.cpo.optimizer, cfg.cpo.num_steps)
+  graphdef, trainable, frozen = steps.split_model(stage_model, 'lora')
+  max_completion_len = cfg.data.max_completion_len
+  perturbations = device_pairs.parse_device_perturbations(cfg.cpo.device_perturbations)
+  extra = ('source', 'sample_weight') + (('boxes',) if perturbations else ())
+  kw = dict(grid=grid, cfg=cfg.cpo, max_completion_len=max_completion_len, pair_layout=pair_layout)
+  if perturbations:
+    kw.update(
+      perturbations=perturbations,
+      seed=cfg.seed,
+      layout=device_pairs.layout_for(policy.config, image_processor),
+    )
+  precomputed = cfg.cpo.reference == 'precomputed'
+  stage = steps.Stage(
+    'cpo_plus',
+    graphdef,
+    trainable,
+    frozen,
+    functools.partial(objectives.cpo_loss_fn, **kw),
+    tx,
+    schedule,
+    functools.partial(objectives.reference_logps, **kw) if precomputed else None,
+  )
+
+  def prepare(b):
+    completion.check_completion_lengths(
+      b,
+      completion.completion_positions(
+        b['chosen_input_ids'].shape[1], grid, policy, max_completion_len
+      ),
+      ('chosen_', 'rejected_'),
+    )
+    if pair_layout is not None:
+      pair_images.check_pair_layout(b, pair_layout)
+    return step_inputs(b, grid, policy.config, ('chosen_', 'rejected_'), extra=extra)
+
+  return stage, prepare
+
+
+def _run(stage, prepare, cfg, num_steps, train, **loop_kw):
+  trainable, frozen = loop.run_stage(
+    stage,
+    num_steps=num_steps,
+    restore_only=not train,
+    prepare=prepare,
+    checkpoint_cfg=cfg.checkpoint,
+    log_every=cfg.log_every_steps,
+    **loop_kw,
+  )
+  return nnx.merge(stage.graphdef, trainable, frozen)
+
+
+def train_sft(model, cfg, *, grid, train=True, **loop_kw):
+  """Runs (or resumes, or with train=False restores) the SFT stage; returns the model."""
+  stage, prepare = sft_stage(model, cfg, grid)
+  model = _run(stage, prepare, cfg, cfg.sft.num_steps, train, **loop_kw)
+  return lora.merge_lora(model) if cfg.sft.trainable == 'lora' else model
+
+
+def train_cpo(model, cfg, *, grid, train=True, image_processor=None, pair_layout=None, **loop_kw):
+  """Runs (or resumes, or with train=False restores) the CPO++ stage; returns the policy."""
+  stage, prepare = cpo_stage(attach_adapters(model, cfg), cfg, grid, image_processor, pair_layout)
+  model = _run(stage, prepare, cfg, cfg.cpo.num_steps, train, **loop_kw)
+  return objectives.policy_and_reference(model)[0]
