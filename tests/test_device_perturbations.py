@@ -188,7 +188,9 @@ def test_train_step_with_the_knob_compiles_once_and_starts_at_log2(setup):
   # Step 1 (LoRA B = 0): policy == reference, every pair's loss is log 2, extra ones included,
   # although their rejected side saw other pixels than their chosen side.
   np.testing.assert_allclose(first['perturbed/loss'], np.log(2), rtol=1e-6)
-  assert float(first['perturbed/rewards/margins']) == 0.0
+  # Zero up to float32 rounding: XLA compiles the adapters-on and adapters-off forwards apart
+  # (seen: 3.8e-7 with jax 0.10.2 on CPU); the same bound as test_train's first CPO++ step.
+  assert abs(float(first['perturbed/rewards/margins'])) < 1e-6
   np.testing.assert_allclose(first['preference_loss'], np.log(2), rtol=1e-6)
   assert float(first['perturbed/logps/rejected']) != float(first['perturbed/logps/chosen'])
   assert float(rows[-1]['perturbed/rewards/margins']) != 0.0  # the adapters learned from them.
