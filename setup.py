@@ -11,21 +11,21 @@ setup(
   long_description_content_type="text/markdown",
   packages=find_packages(include=["cpo_jax", "cpo_jax.*"]),
   package_data={"cpo_jax": ["knowledge/*.json"]},
-  python_requires=">=3.10",
+  python_requires=">=3.11",  # flax >= 0.11 and jax >= 0.7 need 3.11
   install_requires=[
-    "jax>=0.4.35",
-    "flax>=0.10",
-    "optax",
-    "orbax-checkpoint",
-    "grain",
+    "jax>=0.8.1",  # what flax 0.12.1 needs; top-level jax.enable_x64
+    "flax>=0.12.1",  # Variable.get_value / set_value
+    "optax>=0.2.5",  # optax.tree.norm
+    "orbax-checkpoint>=0.11.17",  # older ones import a layout class jax 0.8.1 lacks
+    "grain>=0.2.12",  # grain.MultiprocessingOptions at the top level
     "ml-collections",
-    "transformers>=4.50",
+    "transformers>=5.17",  # rope_parameters on the vision config; the PIL image processor
     "tokenizers",
-    "tensorflow-datasets",
+    "tensorflow-datasets>=4.9.10",  # older ones need TensorFlow or break on protobuf 7
     "importlib_resources",  # tfds imports it without declaring it.
     "array-record",
     "safetensors",
-    "numpy",
+    "numpy>=2.0",
     "pillow",
     "tqdm",
     "absl-py",
