@@ -84,6 +84,13 @@ def run(cfg, workdir, mode='train'):
   (model, data) of the latest checkpoints.
   """
   wanted = parse_stages(cfg.stages) if mode == 'train' else ['eval']
+  restoring = mode in ('eval', 'restore')
+  if restoring and not loop.has_checkpoint(workdir, 'sft'):
+    # Never the random initialisation labelled as a trained model.
+    raise FileNotFoundError(
+      f'--mode={"export" if mode == "restore" else mode}: no sft checkpoint under '
+      f'{os.path.join(workdir, "checkpoints", "sft")}; train first, or check --workdir.'
+    )
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -97,7 +104,6 @@ def run(cfg, workdir, mode='train'):
   # Eval restores whatever checkpoints exist; training runs (or resumes) each listed stage.
   # Each stage starts from the previous stage's final model, so cpo_plus needs sft's.
   trained = []
-  restoring = mode in ('eval', 'restore')
   if 'sft' in wanted or restoring or 'cpo_plus' in wanted:
     model = stages.train_sft(
       model, cfg, make_batches=data.sft_batches, train='sft' in wanted, **common

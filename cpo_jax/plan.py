@@ -30,10 +30,6 @@ def _build(cfg):
   )
 
 
-def _abstract_model(cfg):
-  return nnx.eval_shape(lambda: _build(cfg))
-
-
 def _abstract_batch(cfg, stage, grid, num_perturbations=0):
   """A batch of the pipeline's static shapes (see cpo_jax/data/datasets.py), with what the
   CPO++ config adds: evidence boxes for device-made pairs, streamed reference log-probs."""
@@ -70,7 +66,8 @@ def plan(cfg, stage='cpo_plus'):
   num_perturbations = len(device_pairs.parse_device_perturbations(cfg.cpo.device_perturbations))
   pair_layout = None
   if stage == 'sft':
-    stage_obj = stages.sft_stage(_abstract_model(cfg), cfg, grid)[0]
+    adapted = nnx.eval_shape(lambda: stages.sft_model(_build(cfg), cfg))
+    stage_obj = stages.sft_stage(adapted, cfg, grid)[0]
   else:
     adapted = nnx.eval_shape(lambda: stages.attach_adapters(_build(cfg), cfg))
     if cfg.data.pair_layout == 'grouped':  # as for pipeline-made pairs

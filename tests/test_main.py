@@ -122,3 +122,15 @@ def test_plan_counts_device_made_pairs_and_a_precomputed_reference():
 def test_unknown_stage_is_a_clear_error():
   with pytest.raises(ValueError, match=r"unknown stage\(s\) \['dpo'\]"):
     main.parse_stages('sft,dpo')
+
+
+@pytest.mark.parametrize('mode', ['eval', 'export'])
+def test_eval_or_export_without_a_checkpoint_is_a_clear_error(tmp_path, mode):
+  workdir = str(tmp_path / 'mistyped')
+  cfg = _config(workdir)
+  with pytest.raises(FileNotFoundError, match='no sft checkpoint under .*mistyped'):
+    if mode == 'eval':
+      main.run(cfg, workdir, mode='eval')
+    else:
+      main.export(cfg, workdir, str(tmp_path / 'hf'))
+  assert not (tmp_path / 'hf').exists() and not (tmp_path / 'mistyped').exists()

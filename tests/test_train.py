@@ -224,3 +224,34 @@ def test_precomputed_reference_trains_like_adapters_off_and_guards_its_rows(setu
   )
   with pytest.raises(ValueError, match='step 1: the batch is not the one'):
     table.attach({'source': np.zeros(8, np.int32)}, 1)
+
+
+def test_lora_sft_trains_adapters_and_merges_them(setup, tmp_path):
+  """sft.trainable='lora' (the paper's SFT): adapters are attached, trained, then merged."""
+  proc, source, model_config, cfg, mesh = setup
+  cfg = cfg.copy_and_resolve_references()
+  cfg.sft.trainable = 'lora'
+  cfg.sft.num_steps, cfg.log_every_steps, cfg.checkpoint.every_steps = 12, 1, 100
+  cfg.sft.optimizer.lr = 1e-2
+  grid = np.asarray(next(_sft_iter(proc, source))['image_grid_thw'][0])
+  fixed = next(_sft_iter(proc, source))
+  model = _model(model_config)
+  before = nnx.state(model, nnx.Param)
+  merged = _run(stages.train_sft, model, cfg, mesh, grid, lambda: _Repeat(fixed), tmp_path)
+  losses = [r['loss'] for r in _rows(tmp_path)]
+  assert losses[-1] < 0.9 * losses[0], losses
+  assert not jax.tree.leaves(nnx.state(merged, lora.LoRAParam))  # merged into the weights
+  q = lambda m: np.asarray(m.layers.q_proj.kernel[...])
+  norm = lambda m: np.asarray(m.layers.input_layernorm.weight[...])
+  assert np.abs(q(merged) - np.asarray(before['layers']['q_proj']['kernel'][...])).max() > 0
+  # Only the adapter targets changed: norms and the embedding are the initial ones.
+  np.testing.assert_array_equal(norm(merged), before['layers']['input_layernorm']['weight'][...])
+  np.testing.assert_array_equal(merged.embed_tokens[...], before['embed_tokens'][...])
+
+
+def test_unknown_sft_trainable_is_a_clear_error(setup):
+  _, _, model_config, cfg, _ = setup
+  cfg = cfg.copy_and_resolve_references()
+  cfg.sft.trainable = 'adapters'
+  with pytest.raises(ValueError, match="sft.trainable='adapters'"):
+    stages.sft_stage(_model(model_config), cfg, np.array([1, 8, 8]))

@@ -7,7 +7,7 @@ from cpo_jax import sharding
 
 
 def make_optimizer(opt, num_steps):
-  """AdamW with linear warm-up and cosine decay; weight decay on matrices only."""
+  """AdamW with linear warm-up and cosine decay; weight decay by parameter name (`decay_mask`)."""
   warmup = max(1, int(opt.warmup_frac * num_steps))
   schedule = optax.warmup_cosine_decay_schedule(
     init_value=0.0,
@@ -16,12 +16,35 @@ def make_optimizer(opt, num_steps):
     decay_steps=max(num_steps, warmup + 1),
     end_value=opt.lr * opt.end_lr_ratio,
   )
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   tx = optax.chain(
     optax.clip_by_global_norm(opt.grad_clip),
     optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay, mask=decay_mask),
   )
   return tx, schedule
+
+
+# Weight decay by what a parameter is, not its rank: scanned layers stack norm scales and
+# biases into 2-D arrays. As transformers' Trainer: matrices and embeddings decay, biases and
+# norm scales do not. A name in neither set is an error, never a silent choice.
+DECAYED = ('kernel', 'embed_tokens', 'lora_a', 'lora_b')
+NOT_DECAYED = ('bias', 'weight')  # 'weight' is an RMSNorm scale in this model
+
+
+def decay_mask(params):
+  """A tree of bools like `params`: True where AdamW's weight decay applies."""
+
+  def decays(path, _):
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    if names and names[-1] in DECAYED:
+      return True
+    if names and names[-1] in NOT_DECAYED:
+      return False
+    raise ValueError(
+      f'parameter {"/".join(map(str, names))}: no weight-decay rule for its name; add it to '
+      f'optimizer.DECAYED or optimizer.NOT_DECAYED.'
+    )
+
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def update_count(opt_state):

@@ -8,6 +8,7 @@ to `loop.run_stage`.
 import functools
 
 from flax import nnx
+import jax
 import numpy as np
 
 from cpo_jax.models import get_rope_index  # host-side numpy, transformers' semantics.
@@ -47,10 +48,34 @@ def step_inputs(batch, grid, model_config, prefixes=('',), extra=()):
   return out
 
 
-def sft_stage(model, cfg, grid):
-  """Stage 1 (SFT): completion-only cross-entropy on (image, prompt) -> chain + answer.
+SFT_TRAINABLE = ('all', 'lora')
 
-  Returns the Stage and the host-side `prepare(batch)` that feeds its step."""
+
+def _check_sft_trainable(cfg):
+  if cfg.sft.trainable not in SFT_TRAINABLE:
+    raise ValueError(
+      f'config.sft.trainable={cfg.sft.trainable!r}; expected one of {SFT_TRAINABLE}.'
+    )
+
+
+def sft_model(model, cfg):
+  """The model SFT trains: `model`, or with sft.trainable='lora' (the paper's SFT) `model` with
+  new adapters attached in place (`train_sft` merges them into the weights after the stage)."""
+  _check_sft_trainable(cfg)
+  if cfg.sft.trainable == 'lora':
+    _apply_lora(model, cfg, seed=cfg.seed + 2)
+  return model
+
+
+def sft_stage(model, cfg, grid):
+  """Stage 1 (SFT) on the output of `sft_model`: completion-only cross-entropy on
+  (image, prompt) -> chain + answer. Returns the Stage and the host-side `prepare(batch)` that
+  feeds its step."""
+  _check_sft_trainable(cfg)
+  if cfg.sft.trainable == 'lora' and not jax.tree.leaves(nnx.state(model, lora.LoRAParam)):
+    raise ValueError(
+      "sft.trainable='lora' but the model has no adapters: pass it through sft_model."
+    )
   tx, schedule = optimizer.make_optimizer(cfg.sft.optimizer, cfg.sft.num_steps)
   graphdef, trainable, frozen = steps.split_model(model, cfg.sft.trainable)
   max_completion_len = cfg.data.max_completion_len
@@ -83,6 +108,12 @@ def attach_adapters(model, cfg):
       f'config.cpo.reference={reference!r}; expected one of {objectives.REFERENCE_MODES}.'
     )
   ref_model = nnx.clone(model) if reference == 'frozen_copy' else None
+  _apply_lora(model, cfg, seed=cfg.seed + 1)
+  return model if ref_model is None else objectives.PolicyAndReference(model, ref_model)
+
+
+def _apply_lora(model, cfg, *, seed):
+  """New adapters as config.lora says (each stage its own: SFT's are merged before CPO++)."""
   lora.apply_lora(
     model,
     rank=cfg.lora.rank,
@@ -90,9 +121,8 @@ def attach_adapters(model, cfg):
     dropout=cfg.lora.dropout,
     targets=tuple(cfg.lora.targets.split(',')),
     include_vision=cfg.lora.include_vision,
-    rngs=nnx.Rngs(cfg.seed + 1),
+    rngs=nnx.Rngs(seed),
   )
-  return model if ref_model is None else objectives.PolicyAndReference(model, ref_model)
 
 
 def cpo_stage(stage_model, cfg, grid, image_processor=None, pair_layout=None):
@@ -156,7 +186,7 @@ def _run(stage, prepare, cfg, num_steps, train, **loop_kw):
 
 def train_sft(model, cfg, *, grid, train=True, **loop_kw):
   """Runs (or resumes, or with train=False restores) the SFT stage; returns the model."""
-  stage, prepare = sft_stage(model, cfg, grid)
+  stage, prepare = sft_stage(sft_model(model, cfg), cfg, grid)
   model = _run(stage, prepare, cfg, cfg.sft.num_steps, train, **loop_kw)
   return lora.merge_lora(model) if cfg.sft.trainable == 'lora' else model
 
