@@ -35,7 +35,9 @@ def base_config(arg, *, domain, data):
   c.model = ml_collections.ConfigDict()
   c.model.preset = arg.model
   c.model.init_from = ''  # a Hugging Face directory (save_pretrained); '' = random init.
-  c.model.dtype = 'float32'  # compute dtype (bfloat16 on TPU).
+  # Precision: compute in `dtype` (bfloat16 on TPU), master weights in `param_dtype`, for
+  # presets and init_from alike; LoRA adapters in lora.param_dtype.
+  c.model.dtype = 'float32'
   c.model.param_dtype = 'float32'
 
   # The paper: LoRA r=8, alpha=32 on all linear layers of the LLM, ViT frozen in CPO.
@@ -45,6 +47,8 @@ def base_config(arg, *, domain, data):
   c.lora.dropout = 0.0
   c.lora.targets = 'q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj'
   c.lora.include_vision = False
+  # Adapters (and so their AdamW moments) in float32 whatever the base model's param_dtype.
+  c.lora.param_dtype = 'float32'
 
   c.data = ml_collections.ConfigDict()
   c.data.name = arg.data

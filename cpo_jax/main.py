@@ -50,17 +50,24 @@ def parse_stages(spec):
   return names
 
 
-def build_model(cfg, data):
-  """A random-init preset sized to the tokenizer, or a Hugging Face checkpoint."""
+def build_model(cfg, data, mesh):
+  """A random-init preset sized to the tokenizer, or a Hugging Face checkpoint, created
+  straight into the mesh's shardings in `model.param_dtype` (compute in `model.dtype`)."""
   dtype = getattr(jax.numpy, cfg.model.dtype)
+  param_dtype = getattr(jax.numpy, cfg.model.param_dtype)
   if cfg.model.init_from:
-    return models.load_hf(cfg.model.init_from, dtype=dtype)
+    return models.load_hf(
+      cfg.model.init_from,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      sharding_for=sharding.sharding_for_params(mesh),
+    )
   config = models.get_config_for_tokens(cfg.model.preset, data.processors.ids)
-  return models.Qwen2_5_VL(
-    config,
-    dtype=dtype,
-    param_dtype=getattr(jax.numpy, cfg.model.param_dtype),
-    rngs=nnx.Rngs(cfg.seed),
+  return sharding.init_sharded(
+    lambda: models.Qwen2_5_VL(
+      config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(cfg.seed)
+    ),
+    mesh,
   )
 
 
@@ -97,7 +104,7 @@ def run(cfg, workdir, mode='train'):
       f.write(cfg.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(cfg.mesh.shape)
   data = streams.RunData(cfg, workdir)
-  model = build_model(cfg, data)
+  model = build_model(cfg, data, mesh)
   writer = writers.MetricsWriter(workdir)
   common = dict(mesh=mesh, grid=data.grid, workdir=workdir, writer=writer)
 

@@ -2,11 +2,14 @@
 
 Parameters carry logical axis names ('embed', 'mlp', ...) as Flax variable metadata; a
 rules table maps each name to a mesh axis. A dimension that the mesh axis does not divide
-stays replicated, so a tiny model runs unchanged on a large simulated mesh.
+stays replicated (a tiny model runs unchanged on a large simulated mesh), and the
+parameters this happens to are reported with their bytes; attention projections are split
+by whole heads only (a mesh that cannot is an error naming the parameter).
 """
 
 import math
 
+from absl import logging
 from flax import nnx
 import jax
 from jax.experimental import multihost_utils
@@ -57,36 +60,103 @@ def make_mesh(shape, devices=None):
   return Mesh(devices.reshape(sizes), MESH_AXES)
 
 
-def logical_to_spec(names, shape, mesh, rules=DEFAULT_RULES):
-  """Maps logical axis names of an array of `shape` to a PartitionSpec on `mesh`."""
+def _place(names, shape, mesh, rules, blocks=None):
+  """(PartitionSpec, unsplit): `unsplit` lists (dim, logical name, mesh axes, block) that the
+  rules shard but the mesh does not divide (in whole blocks), so they stay replicated."""
   table = dict(rules)
-  used, spec = set(), []
-  for name, dim in zip(names or (), shape):
+  used, spec, unsplit = set(), [], []
+  blocks = blocks or (1,) * len(shape)
+  for i, (name, dim) in enumerate(zip(names or (), shape)):
     axes = table.get(name) if name is not None else None
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    # Each mesh axis shards at most one dimension, and only one it divides.
+    # Each mesh axis shards at most one dimension, and only one it divides in whole blocks.
     axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
-    if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0:
+    parts = math.prod(mesh.shape[a] for a in axes)
+    if axes and dim % blocks[i] == 0 and (dim // blocks[i]) % parts == 0:
       used.update(axes)
       spec.append(axes[0] if len(axes) == 1 else axes)
     else:
       spec.append(None)
-  return P(*spec)
+      if axes:
+        unsplit.append((i, name, axes, blocks[i]))
+  return P(*spec), unsplit
+
+
+def _check_blocks(what, shape, unsplit, mesh):
+  """A dimension of whole blocks (attention heads) that the mesh cannot split is an error."""
+  for i, name, axes, block in unsplit:
+    if block > 1:
+      parts = math.prod(mesh.shape[a] for a in axes)
+      raise ValueError(
+        f'{what}: dimension {i} ({name!r}) holds {shape[i] // block} heads of {block}, which '
+        f'mesh axis {axes} of size {parts} does not divide; choose a mesh.shape.tensor that '
+        f'divides the model\'s attention and key/value heads.'
+      )
+
+
+def logical_to_spec(names, shape, mesh, rules=DEFAULT_RULES, blocks=None):
+  """Maps logical axis names of an array of `shape` to a PartitionSpec on `mesh`; `blocks`
+  (per dim) are sizes a split must not cut. A dimension the mesh does not divide stays
+  replicated (`state_shardings` reports it); one of heads is an error."""
+  spec, unsplit = _place(names, shape, mesh, rules, blocks)
+  _check_blocks(f'array {tuple(names or ())} {tuple(shape)}', shape, unsplit, mesh)
+  return spec
 
 
 def state_shardings(state, mesh, rules=DEFAULT_RULES):
   """NamedShardings for an nnx.State from each Variable's logical axis names.
 
   Returned in the same tree structure (each Variable holding its sharding), so the result
-  works for device_put and jit, and mirrors into optimizer states.
+  works for device_put and jit, and mirrors into optimizer states. Parameters the rules
+  would split but the mesh does not divide stay replicated, with one warning that lists
+  them and the bytes each device holds in excess; attention heads the mesh cannot split
+  whole are an error naming the parameter.
   """
+  replicated = []
 
-  def one(var):
+  def one(path, var):
     meta = var.get_metadata()
     names = meta.get('out_sharding') or meta.get('sharding_names')
-    return var.replace(NamedSharding(mesh, logical_to_spec(names, var.shape, mesh, rules)))
+    what = '/'.join(str(getattr(k, 'key', k)) for k in path)
+    spec, unsplit = _place(names, var.shape, mesh, rules, meta.get('shard_blocks'))
+    _check_blocks(what, var.shape, unsplit, mesh)
+    if unsplit:
+      parts = math.prod(mesh.shape[a] for _, _, axes, _ in unsplit for a in axes)
+      nbytes = math.prod(var.shape) * np.dtype(var.dtype).itemsize
+      replicated.append((what, nbytes - nbytes // parts))
+    return var.replace(NamedSharding(mesh, spec))
 
-  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  out = jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  if replicated:
+    logging.warning(
+      'sharding: %d parameter(s) stay replicated where the rules split them, because the '
+      'mesh %s does not divide them (%.1f MiB more per device than split): %s',
+      len(replicated),
+      dict(mesh.shape),
+      sum(b for _, b in replicated) / 2**20,
+      ', '.join(w for w, _ in replicated[:20]) + (' ...' if len(replicated) > 20 else ''),
+    )
+  return out
+
+
+def sharding_for_params(mesh, rules=DEFAULT_RULES):
+  """`sharding_for(names, shape, blocks)` as models.load_hf takes it: each parameter read
+  straight onto the sharding its logical names map to."""
+
+  def sharding_for(names, shape, blocks=None):
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules, blocks))
+
+  return sharding_for
+
+
+def init_sharded(make_model, mesh, rules=DEFAULT_RULES):
+  """`make_model()` built directly into its shardings: abstract shapes first, then one jitted
+  init whose outputs are the parameters already in place. No whole copy of the model ever
+  sits on one device or in host memory (a 72B preset on a pod is built like a tiny one)."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(make_model))
+  shardings = state_shardings(abstract, mesh, rules)
+  state = jax.jit(lambda: nnx.split(make_model())[1], out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
 
 
 def batch_sharding(mesh):

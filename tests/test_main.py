@@ -4,6 +4,9 @@ import json
 import os
 
 from absl import flags
+from flax import nnx
+import jax
+import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ import pytest
 from cpo_jax import main
 from cpo_jax import models
 from cpo_jax import plan
+from cpo_jax import sharding
 
 
 def _config(workdir, *overrides):
@@ -134,3 +138,25 @@ def test_eval_or_export_without_a_checkpoint_is_a_clear_error(tmp_path, mode):
     else:
       main.export(cfg, workdir, str(tmp_path / 'hf'))
   assert not (tmp_path / 'hf').exists() and not (tmp_path / 'mistyped').exists()
+
+
+def test_init_from_is_read_into_the_mesh_shardings_in_param_dtype(tmp_path):
+
+  source = models.Qwen2_5_VL(models.get_config('tiny'), rngs=nnx.Rngs(0))
+  models.save_hf(source, str(tmp_path / 'hf'))
+  cfg = _config(
+    str(tmp_path),
+    f'--config.model.init_from={tmp_path / "hf"}',
+    '--config.model.param_dtype=bfloat16',
+    '--config.mesh.shape.fsdp=4',
+  )
+  mesh = sharding.make_mesh(cfg.mesh.shape)
+  model = main.build_model(cfg, None, mesh)
+  kernel = model.layers.gate_proj.kernel[...]
+  assert kernel.dtype == jnp.bfloat16 and model.dtype == jnp.float32
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp', None)
+  assert all(s.data.shape[1] == kernel.shape[1] // 4 for s in kernel.addressable_shards)
+  np.testing.assert_array_equal(
+    np.asarray(kernel, np.float32),
+    np.asarray(source.layers.gate_proj.kernel[...].astype(jnp.bfloat16), np.float32),
+  )

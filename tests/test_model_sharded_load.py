@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent('''
     Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(d)
     mesh = Mesh(np.array(jax.devices()), ('fsdp',))
     rules = {'embed': 'fsdp', 'vision_embed': 'fsdp'}
-    model = load_hf(d, sharding_for=lambda names: NamedSharding(mesh, P(*[rules.get(n) for n in names])))
+    model = load_hf(d, sharding_for=lambda names, shape, blocks: NamedSharding(mesh, P(*[rules.get(n) for n in names])))
     assert len(jax.devices()) == 2
     assert model.layers.q_proj.kernel[...].sharding.spec == P(None, 'fsdp', None)
     assert model.embed_tokens[...].sharding.spec == P(None, 'fsdp')

@@ -7,7 +7,9 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
+from cpo_jax import models
 from cpo_jax import sharding
+from cpo_jax.models import lora
 
 
 def test_one_device_mesh_shards_nothing():
@@ -87,3 +89,65 @@ def test_pad_to_common_length_right_pads_to_the_longest_host(monkeypatch):
   np.testing.assert_array_equal(
     sharding.pad_to_common_length(out)['chosen_position_ids'], out['chosen_position_ids']
   )
+
+
+@pytest.mark.skipif(
+  jax.device_count() < 8, reason='needs XLA_FLAGS=--xla_force_host_platform_device_count=8'
+)
+def test_init_sharded_builds_each_parameter_in_its_sharding():
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  make = lambda: models.Qwen2_5_VL(models.get_config('tiny'), rngs=nnx.Rngs(3))
+  model = sharding.init_sharded(make, mesh)
+  state = nnx.state(model)
+  want = sharding.state_shardings(state, mesh)
+  split = 0
+  for (path, var), (_, sh) in zip(nnx.to_flat_state(state), nnx.to_flat_state(want)):
+    value = var.get_value()
+    assert value.sharding.spec == sh.get_value().spec, path
+    if not value.sharding.is_fully_replicated:
+      split += 1  # no device holds the whole parameter
+      assert all(s.data.size < value.size for s in value.addressable_shards), path
+  assert split > 10
+  # The same values as the same init jitted without shardings.
+  plain = jax.jit(lambda: nnx.split(make())[1])()
+  for (path, a), (_, b) in zip(nnx.to_flat_state(state), nnx.to_flat_state(plain)):
+    np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), path)
+
+
+@pytest.mark.skipif(
+  jax.device_count() < 8, reason='needs XLA_FLAGS=--xla_force_host_platform_device_count=8'
+)
+def test_attention_heads_split_whole_or_the_mesh_is_an_error():
+  # tiny: 4 attention heads and 2 key/value heads of 16 (text), 2 heads of 16 (vision).
+  make = lambda: models.Qwen2_5_VL(models.get_config('tiny'), rngs=nnx.Rngs(0))
+  state = nnx.state(nnx.eval_shape(make))
+  ok = sharding.state_shardings(state, sharding.make_mesh({'data': 4, 'fsdp': 1, 'tensor': 2}))
+  assert ok['layers']['k_proj']['kernel'].get_value().spec == P(None, None, 'tensor')
+  assert ok['layers']['o_proj']['kernel'].get_value().spec == P(None, 'tensor', None)
+  # tensor=4 divides k_proj's 32 columns but not its 2 heads: no head is ever cut in two.
+  with pytest.raises(ValueError, match=r'layers/k_proj/(kernel|bias): dimension . .* holds 2 heads of 16'):
+    sharding.state_shardings(state, sharding.make_mesh({'data': 2, 'fsdp': 1, 'tensor': 4}))
+  # The same holds for LoRA adapters, which copy their kernel's head blocks.
+  model = make()
+  lora.apply_lora(model, rank=2, alpha=4.0, rngs=nnx.Rngs(1))
+  b = nnx.state(model, lora.LoRAParam)['layers']['k_proj']['lora_b']
+  assert b.get_metadata()['shard_blocks'] == (1, 1, 16)
+
+
+@pytest.mark.skipif(
+  jax.device_count() < 8, reason='needs XLA_FLAGS=--xla_force_host_platform_device_count=8'
+)
+def test_parameters_left_replicated_are_reported_with_their_bytes(caplog):
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+
+  class Odd(nnx.Module):
+    def __init__(self):
+      self.even = nnx.Param(jnp.ones((8, 4)), out_sharding=('embed', 'mlp'), eager_sharding=False)
+      self.odd = nnx.Param(jnp.ones((8, 3)), out_sharding=('embed', 'vocab'), eager_sharding=False)
+
+  with caplog.at_level('WARNING'):
+    out = sharding.state_shardings(nnx.state(Odd()), mesh)
+  assert out['odd'].get_value().spec == P('fsdp', None)
+  (record,) = [r for r in caplog.records if 'stay replicated' in r.getMessage()]
+  message = record.getMessage()
+  assert '1 parameter(s)' in message and 'odd' in message and 'even' not in message

@@ -7,6 +7,7 @@ import json
 from flax import nnx
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -255,3 +256,18 @@ def test_unknown_sft_trainable_is_a_clear_error(setup):
   cfg.sft.trainable = 'adapters'
   with pytest.raises(ValueError, match="sft.trainable='adapters'"):
     stages.sft_stage(_model(model_config), cfg, np.array([1, 8, 8]))
+
+
+def test_adapters_and_their_moments_stay_float32_on_a_bfloat16_model(setup):
+  _, _, model_config, cfg, _ = setup
+  model = models.Qwen2_5_VL(
+    model_config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
+  )
+  stage, _ = stages.cpo_stage(stages.attach_adapters(model, cfg), cfg, np.array([1, 8, 8]))
+  assert model.layers.q_proj.kernel[...].dtype == jnp.bfloat16
+  adapters = jax.tree.leaves(stage.trainable)
+  assert adapters and all(a.dtype == jnp.float32 for a in adapters)
+  moments = jax.tree.leaves(stage.tx.init(stage.trainable))
+  assert all(m.dtype in (jnp.float32, jnp.int32) for m in moments)
+  merged = lora.merge_lora(model)
+  assert merged.layers.q_proj.kernel[...].dtype == jnp.bfloat16  # merged back in bf16

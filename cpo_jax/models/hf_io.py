@@ -205,11 +205,12 @@ def load_hf(
   path,
   dtype=jnp.float32,
   param_dtype=None,
-  sharding_for: Callable[[tuple], jax.sharding.Sharding | None] | None = None,
+  sharding_for: Callable[..., jax.sharding.Sharding | None] | None = None,
 ) -> Qwen2_5_VL:
   """Loads a transformers Qwen2.5-VL directory. Params are stored in param_dtype (default dtype).
 
-  sharding_for(logical_names) may return a Sharding to place each param on as it is read.
+  sharding_for(logical_names, shape, blocks) may return a Sharding to place each param on as
+  it is read (`sharding.sharding_for_params(mesh)`); the host then holds one tensor at a time.
   """
   config = read_config(path)
   param_dtype = param_dtype or dtype
@@ -232,8 +233,11 @@ def load_hf(
       if n not in where:
         raise KeyError(f'missing tensor {n!r} in checkpoint {path} (needed for {"/".join(mpath)})')
     names_meta = var.get_metadata().get('out_sharding')
-    sharding = sharding_for(tuple(names_meta)) if (sharding_for and names_meta) else None
     shape = tuple(var.shape)
+    blocks = var.get_metadata().get('shard_blocks')
+    sharding = (
+      sharding_for(tuple(names_meta), shape, blocks) if (sharding_for and names_meta) else None
+    )
     if _is_stacked(mpath):
       # fill the stacked array layer by layer in place (donated), never a second full copy
       zeros = lambda: jnp.zeros(shape, param_dtype)  # noqa: B023 (called at once)

@@ -18,10 +18,15 @@ import numpy as np
 Names = tuple[str | None, ...]
 
 
-def param(value, names: Names, cls=nnx.Param) -> nnx.Param:
-  """A Param with logical axis names (one per dim)."""
+def param(value, names: Names, cls=nnx.Param, blocks: tuple[int, ...] | None = None) -> nnx.Param:
+  """A Param with logical axis names (one per dim). `blocks`: per dim, the size of the blocks
+  a sharding must not cut (attention heads: head_dim), kept as `shard_blocks` metadata."""
   assert len(names) == np.ndim(value), (names, np.shape(value))
-  return cls(value, out_sharding=tuple(names), eager_sharding=False)
+  meta = {}
+  if blocks is not None and any(b > 1 for b in blocks):
+    assert len(blocks) == np.ndim(value), (blocks, np.shape(value))
+    meta['shard_blocks'] = tuple(int(b) for b in blocks)
+  return cls(value, out_sharding=tuple(names), eager_sharding=False, **meta)
 
 
 def rms_norm(x, weight, eps: float):
@@ -94,11 +99,22 @@ class Linear(nnx.Module):
     param_dtype,
     rngs: nnx.Rngs,
     stack: int | None = None,
+    blocks: tuple[int, int] = (1, 1),
   ):
+    # blocks: (in, out) sizes a sharding must not cut, e.g. (1, head_dim) for a q projection.
     shape, knames = stacked((in_features, out_features), names, stack)
-    self.kernel = param(normal_init(rngs, shape, 1.0 / math.sqrt(in_features), param_dtype), knames)
+    lead = (1,) * (len(shape) - 2)
+    self.kernel = param(
+      normal_init(rngs, shape, 1.0 / math.sqrt(in_features), param_dtype),
+      knames,
+      blocks=lead + tuple(blocks),
+    )
     bshape, bnames = stacked((out_features,), names[-1:], stack)
-    self.bias = param(jnp.zeros(bshape, param_dtype), bnames) if use_bias else None
+    self.bias = (
+      param(jnp.zeros(bshape, param_dtype), bnames, blocks=lead + tuple(blocks[-1:]))
+      if use_bias
+      else None
+    )
     self.dtype = dtype
     self.names = tuple(names)
     # LoRA state; filled by lora.apply_lora.

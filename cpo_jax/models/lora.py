@@ -52,12 +52,14 @@ def apply_lora(
   dropout: float = 0.0,
   targets=DEFAULT_TARGETS,
   include_vision: bool = False,
+  param_dtype=None,
   rngs: nnx.Rngs,
 ):
   """Adds adapters in place: A ~ U(-1/sqrt(in), 1/sqrt(in)) (as PEFT), B = 0, scale alpha / rank.
 
-  Stacked (scanned) layers get stacked adapters with the same leading 'layers' axis.
-  Returns the list of adapted module paths.
+  Stacked (scanned) layers get stacked adapters with the same leading 'layers' axis. The
+  adapters are stored in `param_dtype` (None: the base kernel's; float32 keeps small updates
+  to a bf16 model) and computed in the layer's compute dtype. Returns the adapted module paths.
   """
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f'LoRA dropout must be in [0, 1), got {dropout}')
@@ -70,11 +72,15 @@ def apply_lora(
     kshape = lin.kernel.shape
     lead, (d_in, d_out) = kshape[:-2], kshape[-2:]
     names = tuple(lin.kernel.get_metadata().get('out_sharding') or (None,) * len(kshape))
-    dtype = lin.kernel[...].dtype
+    dtype = param_dtype or lin.kernel[...].dtype
+    blocks = lin.kernel.get_metadata().get('shard_blocks') or (1,) * len(kshape)
     a = _uniform(rngs, (*lead, d_in, rank), 1.0 / math.sqrt(d_in), dtype)
-    lin.lora_a = layers.param(a, names[:-1] + (None,), cls=LoRAParam)
+    lin.lora_a = layers.param(a, names[:-1] + (None,), LoRAParam, blocks[:-1] + (1,))
     lin.lora_b = layers.param(
-      jnp.zeros((*lead, rank, d_out), dtype), names[:-2] + (None, names[-1]), cls=LoRAParam
+      jnp.zeros((*lead, rank, d_out), dtype),
+      names[:-2] + (None, names[-1]),
+      LoRAParam,
+      blocks[:-2] + (1, blocks[-1]),
     )
     lin.lora_scale = float(alpha) / float(rank)
     lin.lora_dropout = float(dropout)

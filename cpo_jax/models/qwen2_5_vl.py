@@ -67,16 +67,36 @@ class DecoderLayer(nnx.Module):
       h, tc.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, stack=stack
     )
     self.q_proj = layers.Linear(
-      h, self.num_heads * self.head_dim, use_bias=True, names=('embed', 'heads'), **kw
+      h,
+      self.num_heads * self.head_dim,
+      use_bias=True,
+      names=('embed', 'heads'),
+      blocks=(1, self.head_dim),
+      **kw,
     )
     self.k_proj = layers.Linear(
-      h, self.num_kv_heads * self.head_dim, use_bias=True, names=('embed', 'kv_heads'), **kw
+      h,
+      self.num_kv_heads * self.head_dim,
+      use_bias=True,
+      names=('embed', 'kv_heads'),
+      blocks=(1, self.head_dim),
+      **kw,
     )
     self.v_proj = layers.Linear(
-      h, self.num_kv_heads * self.head_dim, use_bias=True, names=('embed', 'kv_heads'), **kw
+      h,
+      self.num_kv_heads * self.head_dim,
+      use_bias=True,
+      names=('embed', 'kv_heads'),
+      blocks=(1, self.head_dim),
+      **kw,
     )
     self.o_proj = layers.Linear(
-      self.num_heads * self.head_dim, h, use_bias=False, names=('heads', 'embed'), **kw
+      self.num_heads * self.head_dim,
+      h,
+      use_bias=False,
+      names=('heads', 'embed'),
+      blocks=(self.head_dim, 1),
+      **kw,
     )
     self.gate_proj = layers.Linear(h, f, use_bias=False, names=('embed', 'mlp'), **kw)
     self.up_proj = layers.Linear(h, f, use_bias=False, names=('embed', 'mlp'), **kw)

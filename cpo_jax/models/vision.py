@@ -26,8 +26,13 @@ class VisionBlock(nnx.Module):
     self.head_dim = d // vc.num_heads
     self.norm1 = layers.RMSNorm(d, 1e-6, dtype=dtype, param_dtype=param_dtype, stack=stack)
     self.norm2 = layers.RMSNorm(d, 1e-6, dtype=dtype, param_dtype=param_dtype, stack=stack)
-    self.qkv = layers.Linear(d, 3 * d, use_bias=True, names=('vision_embed', 'vision_heads'), **kw)
-    self.proj = layers.Linear(d, d, use_bias=True, names=('vision_heads', 'vision_embed'), **kw)
+    heads = dict(use_bias=True, **kw)  # q, k and v of whole heads: head_dim blocks
+    self.qkv = layers.Linear(
+      d, 3 * d, names=('vision_embed', 'vision_heads'), blocks=(1, self.head_dim), **heads
+    )
+    self.proj = layers.Linear(
+      d, d, names=('vision_heads', 'vision_embed'), blocks=(self.head_dim, 1), **heads
+    )
     self.gate_proj = layers.Linear(d, f, use_bias=True, names=('vision_embed', 'vision_mlp'), **kw)
     self.up_proj = layers.Linear(d, f, use_bias=True, names=('vision_embed', 'vision_mlp'), **kw)
     self.down_proj = layers.Linear(f, d, use_bias=True, names=('vision_mlp', 'vision_embed'), **kw)

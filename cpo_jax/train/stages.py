@@ -9,6 +9,7 @@ import functools
 
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cpo_jax.models import get_rope_index  # host-side numpy, transformers' semantics.
@@ -121,6 +122,7 @@ def _apply_lora(model, cfg, *, seed):
     dropout=cfg.lora.dropout,
     targets=tuple(cfg.lora.targets.split(',')),
     include_vision=cfg.lora.include_vision,
+    param_dtype=getattr(jnp, cfg.lora.param_dtype),
     rngs=nnx.Rngs(seed),
   )
 
