@@ -13,6 +13,7 @@ import numpy as np
 from cpo_jax import models
 from cpo_jax import sharding
 from cpo_jax.data import datasets
+from cpo_jax.models import hf_io
 from cpo_jax.train import device_pairs
 from cpo_jax.train import optimizer
 from cpo_jax.train import stages
@@ -21,9 +22,20 @@ from cpo_jax.train import steps
 PATCH_DIM = 3 * 2 * 14 * 14  # channels x temporal patch x patch x patch (Qwen2.5-VL).
 
 
+# HBM per chip of the TPU generations a run is sized for (GiB).
+TPU_HBM_GIB = {'v4': 32, 'v5e': 16, 'v5p': 95, 'v6e': 32}
+
+
+def _model_config(cfg):
+  """The preset's config, or with model.init_from the checkpoint's (config.json only)."""
+  if cfg.model.init_from:
+    return hf_io.read_config(cfg.model.init_from)
+  return models.get_config(cfg.model.preset)
+
+
 def _build(cfg):
   return models.Qwen2_5_VL(
-    models.get_config(cfg.model.preset),
+    _model_config(cfg),
     dtype=getattr(jnp, cfg.model.dtype),
     param_dtype=getattr(jnp, cfg.model.param_dtype),
     rngs=nnx.Rngs(0),
@@ -90,7 +102,7 @@ def plan(cfg, stage='cpo_plus'):
     - memory.alias_size_in_bytes
   )
   return {
-    'preset': cfg.model.preset,
+    'preset': f'init_from:{cfg.model.init_from}' if cfg.model.init_from else cfg.model.preset,
     'stage': stage,
     'mesh': {k: int(v) for k, v in mesh.shape.items()},
     'devices': int(mesh.devices.size),
@@ -101,6 +113,8 @@ def plan(cfg, stage='cpo_plus'):
     'trainable_bytes_total': nbytes(trainable),
     'batch': {k: list(v.shape) for k, v in batch.items() if k.endswith('input_ids')},
     'work_per_step': _work(cfg, stage, num_perturbations, pair_layout),
+    # XLA's own count of what the step holds per device; leave headroom for the runtime.
+    'fits_tpu': [t for t, gib in TPU_HBM_GIB.items() if per_device <= gib * 2**30],
   }
 
 

@@ -160,3 +160,13 @@ def test_init_from_is_read_into_the_mesh_shardings_in_param_dtype(tmp_path):
     np.asarray(kernel, np.float32),
     np.asarray(source.layers.gate_proj.kernel[...].astype(jnp.bfloat16), np.float32),
   )
+
+
+def test_plan_reads_only_the_config_of_init_from_and_says_which_tpus_fit(tmp_path):
+  models.save_hf(models.Qwen2_5_VL(models.get_config('tiny'), rngs=nnx.Rngs(0)), str(tmp_path))
+  os.remove(tmp_path / 'model.safetensors')  # the weights are never read
+  cfg = _config('unused', f'--config.model.init_from={tmp_path}', '--config.mesh.shape.fsdp=2')
+  summary = plan.plan(cfg, 'sft')
+  assert summary['preset'] == f'init_from:{tmp_path}'
+  assert summary['fits_tpu'] == ['v4', 'v5e', 'v5p', 'v6e']  # a tiny model fits every chip
+  assert summary['param_bytes_total'] > 0

@@ -125,7 +125,9 @@ def test_attention_heads_split_whole_or_the_mesh_is_an_error():
   assert ok['layers']['k_proj']['kernel'].get_value().spec == P(None, None, 'tensor')
   assert ok['layers']['o_proj']['kernel'].get_value().spec == P(None, 'tensor', None)
   # tensor=4 divides k_proj's 32 columns but not its 2 heads: no head is ever cut in two.
-  with pytest.raises(ValueError, match=r'layers/k_proj/(kernel|bias): dimension . .* holds 2 heads of 16'):
+  with pytest.raises(
+    ValueError, match=r'layers/k_proj/(kernel|bias): dimension . .* holds 2 heads of 16'
+  ):
     sharding.state_shardings(state, sharding.make_mesh({'data': 2, 'fsdp': 1, 'tensor': 4}))
   # The same holds for LoRA adapters, which copy their kernel's head blocks.
   model = make()
