@@ -39,6 +39,9 @@ def base_config(arg, *, domain, data):
   # presets and init_from alike; LoRA adapters in lora.param_dtype.
   c.model.dtype = 'float32'
   c.model.param_dtype = 'float32'
+  # Activations recomputed in the backward pass, per scanned layer (decoder and ViT):
+  # 'none' | 'full' | 'dots' (keep matmul outputs); see models/layers.py REMAT_MODES.
+  c.model.remat = 'none'
 
   # The paper: LoRA r=8, alpha=32 on all linear layers of the LLM, ViT frozen in CPO.
   c.lora = ml_collections.ConfigDict()

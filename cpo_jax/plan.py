@@ -39,6 +39,7 @@ def _build(cfg):
     dtype=getattr(jnp, cfg.model.dtype),
     param_dtype=getattr(jnp, cfg.model.param_dtype),
     rngs=nnx.Rngs(0),
+    remat=cfg.model.remat,
   )
 
 

@@ -170,3 +170,11 @@ def test_plan_reads_only_the_config_of_init_from_and_says_which_tpus_fit(tmp_pat
   assert summary['preset'] == f'init_from:{tmp_path}'
   assert summary['fits_tpu'] == ['v4', 'v5e', 'v5p', 'v6e']  # a tiny model fits every chip
   assert summary['param_bytes_total'] > 0
+
+
+def test_plan_with_remat_holds_less_scratch_memory():
+  temp = {}
+  for mode in ('none', 'full'):
+    cfg = _config('unused', f'--config.model.remat={mode}', '--config.data.max_len=256')
+    temp[mode] = plan.plan(cfg, 'sft')['temp_bytes_per_device']
+  assert temp['full'] < 0.8 * temp['none'], temp

@@ -101,17 +101,23 @@ def test_every_param_has_logical_axis_names():
 
 
 def test_remat_gives_same_gradients():
-  cfg = get_config('tiny', vocab_size=testing.VOCAB)
-  ids = np.random.default_rng(0).integers(1, testing.VOCAB, (1, 6))  # text only: small programs
+  # With an image, so both scans (ViT blocks and decoder layers) are rematerialised.
+  cfg = get_config('tiny', vocab_size=testing.VOCAB, image_token_id=testing.IMAGE)
+  inp = testing.make_inputs([[(1, 4, 4)]], [(2, 2)], np.random.default_rng(0))
+  grid = inp['image_grid_thw']
+  pos, _ = get_rope_index(inp['input_ids'], inp['attention_mask'], grid, cfg)
 
   def loss(m):
-    return jnp.mean(m(ids) ** 2)
+    return jnp.mean(m(inp['input_ids'], inp['attention_mask'], inp['pixel_values'], grid, pos) ** 2)
 
   grads = nnx.jit(lambda m: nnx.grad(loss)(m))
   g = grads(Qwen2_5_VL(cfg, rngs=nnx.Rngs(0)))
-  g_remat = grads(Qwen2_5_VL(cfg, rngs=nnx.Rngs(0), remat=True))
-  for a, b in zip(jax.tree.leaves(g_remat), jax.tree.leaves(g)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  for mode in ('full', 'dots'):
+    g_remat = grads(Qwen2_5_VL(cfg, rngs=nnx.Rngs(0), remat=mode))
+    for a, b in zip(jax.tree.leaves(g_remat), jax.tree.leaves(g)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  with pytest.raises(ValueError, match="model.remat='some'"):
+    Qwen2_5_VL(cfg, rngs=nnx.Rngs(0), remat='some')
 
 
 def test_bf16_compute():

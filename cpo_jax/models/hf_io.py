@@ -206,6 +206,7 @@ def load_hf(
   dtype=jnp.float32,
   param_dtype=None,
   sharding_for: Callable[..., jax.sharding.Sharding | None] | None = None,
+  remat: str = 'none',
 ) -> Qwen2_5_VL:
   """Loads a transformers Qwen2.5-VL directory. Params are stored in param_dtype (default dtype).
 
@@ -215,7 +216,7 @@ def load_hf(
   config = read_config(path)
   param_dtype = param_dtype or dtype
   model = nnx.eval_shape(
-    lambda: Qwen2_5_VL(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    lambda: Qwen2_5_VL(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), remat=remat)
   )
   readers, where = _open_checkpoint(path)
   wmap = weight_map(config)

@@ -29,6 +29,23 @@ def param(value, names: Names, cls=nnx.Param, blocks: tuple[int, ...] | None = N
   return cls(value, out_sharding=tuple(names), eager_sharding=False, **meta)
 
 
+# Rematerialisation of a scanned layer in the backward pass: 'none' stores its activations,
+# 'full' stores only its input and recomputes the rest, 'dots' keeps the matmul outputs
+# (recomputes norms, activations and softmax: most of the memory back for little compute).
+REMAT_MODES = ('none', 'full', 'dots')
+
+
+def remat(fn, mode: str):
+  """`fn` under the rematerialisation `mode` (one of REMAT_MODES)."""
+  if mode == 'none':
+    return fn
+  if mode == 'full':
+    return nnx.remat(fn)
+  if mode == 'dots':
+    return nnx.remat(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  raise ValueError(f'model.remat={mode!r}; expected one of {REMAT_MODES}.')
+
+
 def rms_norm(x, weight, eps: float):
   """Qwen RMSNorm: statistics in float32, scale applied after casting back."""
   dtype = x.dtype

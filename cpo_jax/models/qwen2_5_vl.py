@@ -162,9 +162,16 @@ class Qwen2_5_VL(nnx.Module):
   """Qwen2_5_VLForConditionalGeneration equivalent. See module docstring."""
 
   def __init__(
-    self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs, remat: bool = False
+    self,
+    config,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+    remat: str = 'none',
   ):
     check_supported(config)
+    layers.remat(lambda: None, remat)  # a bad mode fails here, not in the first step
     tc, vc = config.text_config, config.vision_config
     if vc.out_hidden_size != tc.hidden_size:
       raise ValueError(
@@ -182,7 +189,7 @@ class Qwen2_5_VL(nnx.Module):
     self.mrope_section = tuple(tc.rope_parameters.get('mrope_section', (16, 24, 24)))
     self.tie_word_embeddings = bool(config.tie_word_embeddings)
 
-    self.visual = VisionTower(vc, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.visual = VisionTower(vc, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat)
     self.embed_tokens = layers.param(
       layers.normal_init(rngs, (tc.vocab_size, tc.hidden_size), 0.02, param_dtype),
       ('vocab', 'embed'),
@@ -281,8 +288,7 @@ class Qwen2_5_VL(nnx.Module):
       def body(layer, x):
         return layer(x, cos, sin, mask)[0]
 
-      if self.remat:
-        body = nnx.remat(body)
+      body = layers.remat(body, self.remat)
       x = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(self.layers, x)
       return self.norm(x), None
 

@@ -92,8 +92,9 @@ def _vision_plan(grid_key, merge, window_size, patch_size, head_dim, theta):
 
 
 class VisionTower(nnx.Module):
-  def __init__(self, vc, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, vc, *, dtype, param_dtype, rngs: nnx.Rngs, remat: str = 'none'):
     self.dtype = dtype
+    self.remat = remat  # layers.REMAT_MODES, for the scanned blocks
     self.spatial_merge_size = vc.spatial_merge_size
     self.window_size = vc.window_size
     self.patch_size = vc.patch_size
@@ -149,9 +150,9 @@ class VisionTower(nnx.Module):
     elif not any(self.full_flags):
       full = window
 
-    @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry)
-    def run(block, x, is_full):
+    def body(block, x, is_full):
       return block(x, cos, sin, is_full, full, window)
 
+    run = nnx.scan(layers.remat(body, self.remat), in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry)
     x = run(self.blocks, x, jnp.asarray(self.full_flags))
     return self.merger(x)[plan['inverse']]
