@@ -66,37 +66,14 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = layers.RMSNorm(
       h, tc.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, stack=stack
     )
-    self.q_proj = layers.Linear(
-      h,
-      self.num_heads * self.head_dim,
-      use_bias=True,
-      names=('embed', 'heads'),
-      blocks=(1, self.head_dim),
-      **kw,
-    )
-    self.k_proj = layers.Linear(
-      h,
-      self.num_kv_heads * self.head_dim,
-      use_bias=True,
-      names=('embed', 'kv_heads'),
-      blocks=(1, self.head_dim),
-      **kw,
-    )
-    self.v_proj = layers.Linear(
-      h,
-      self.num_kv_heads * self.head_dim,
-      use_bias=True,
-      names=('embed', 'kv_heads'),
-      blocks=(1, self.head_dim),
-      **kw,
-    )
+    # q/k/v/o in whole heads (head_dim blocks): tensor parallelism never cuts a head.
+    q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+    into_heads = dict(use_bias=True, blocks=(1, self.head_dim), **kw)
+    self.q_proj = layers.Linear(h, q_width, names=('embed', 'heads'), **into_heads)
+    self.k_proj = layers.Linear(h, kv_width, names=('embed', 'kv_heads'), **into_heads)
+    self.v_proj = layers.Linear(h, kv_width, names=('embed', 'kv_heads'), **into_heads)
     self.o_proj = layers.Linear(
-      self.num_heads * self.head_dim,
-      h,
-      use_bias=False,
-      names=('heads', 'embed'),
-      blocks=(self.head_dim, 1),
-      **kw,
+      q_width, h, use_bias=False, names=('heads', 'embed'), blocks=(self.head_dim, 1), **kw
     )
     self.gate_proj = layers.Linear(h, f, use_bias=False, names=('embed', 'mlp'), **kw)
     self.up_proj = layers.Linear(h, f, use_bias=False, names=('embed', 'mlp'), **kw)

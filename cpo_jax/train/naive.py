@@ -15,16 +15,7 @@ from cpo_jax.train import objectives
 
 def naive_sft_loss_fn(model, batch, grid):
   """`objectives.sft_loss_fn` with full-vocabulary logits at every position."""
-  out = completion.completion_logps(
-    model,
-    batch['input_ids'],
-    batch['attention_mask'],
-    batch['loss_mask'],
-    batch['position_ids'],
-    pixel_values=batch['pixel_values'],
-    image_grid_thw=completion.grid_rows(batch['input_ids'].shape[0], grid),
-  )
-  return objectives.sft_objective(out)
+  return objectives.sft_objective(objectives.sft_logps(model, batch, grid))
 
 
 def naive_cpo_loss_fn(model, batch, grid, cfg, *, perturbations=(), layout=None, seed=0):

@@ -52,18 +52,23 @@ def vision_has_adapters(model):
 
 def sft_loss_fn(model, batch, grid, *, max_completion_len=0):
   """Stage 1: the mean cross-entropy of the completion tokens (chain, answer, <|im_end|>)."""
-  b, length = batch['input_ids'].shape
-  out = completion.completion_logps(
+  length = batch['input_ids'].shape[1]
+  positions = completion.completion_positions(length, grid, model, max_completion_len)
+  return sft_objective(sft_logps(model, batch, grid, positions))
+
+
+def sft_logps(model, batch, grid, num_positions=None):
+  """`CompletionLogps` of an SFT batch (num_positions=None: every position projected)."""
+  return completion.completion_logps(
     model,
     batch['input_ids'],
     batch['attention_mask'],
     batch['loss_mask'],
     batch['position_ids'],
     pixel_values=batch['pixel_values'],
-    image_grid_thw=completion.grid_rows(b, grid),
-    num_positions=completion.completion_positions(length, grid, model, max_completion_len),
+    image_grid_thw=completion.grid_rows(batch['input_ids'].shape[0], grid),
+    num_positions=num_positions,
   )
-  return sft_objective(out)
 
 
 def sft_objective(out):
