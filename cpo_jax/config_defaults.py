@@ -83,12 +83,15 @@ def base_config(arg, *, domain, data):
   c.sft.num_steps = 660
   c.sft.batch_size = 16
   c.sft.trainable = 'all'  # 'all' | 'lora'
+  # Micro-batches per update (batch_size rows in all): the same update as the whole batch.
+  c.sft.grad_accum_steps = 1
   c.sft.optimizer = _adamw(lr=1e-4)
 
   # CPO++ (METHOD.md section 3): new LoRA adapters on the SFT model, reference = adapters off.
   c.cpo = ml_collections.ConfigDict()
   c.cpo.num_steps = 7750
   c.cpo.batch_size = 16
+  c.cpo.grad_accum_steps = 1  # as sft.grad_accum_steps
   c.cpo.beta = 0.1
   c.cpo.loss_type = 'sigmoid'  # 'sigmoid' | 'ipo' | 'hinge' | 'robust'
   c.cpo.label_smoothing = 0.0

@@ -14,6 +14,7 @@ from cpo_jax import models
 from cpo_jax import sharding
 from cpo_jax.data import datasets
 from cpo_jax.models import hf_io
+from cpo_jax.train import accumulation
 from cpo_jax.train import device_pairs
 from cpo_jax.train import optimizer
 from cpo_jax.train import stages
@@ -93,6 +94,14 @@ def plan(cfg, stage='cpo_plus'):
   opt_sh = optimizer.opt_state_shardings(tx, trainable, trainable_sh, mesh)
   step = steps.make_train_step(stage_obj, mesh, (trainable_sh, frozen_sh, opt_sh))
   batch = _abstract_batch(cfg, stage, grid, num_perturbations if stage != 'sft' else 0)
+  if stage_obj.accumulation is not None:  # the step takes its micro-batches
+    steps_ = stage_obj.accumulation.steps
+    rows = cfg.sft.batch_size if stage == 'sft' else cfg.cpo.batch_size
+    accumulation.check_micro_rows(rows, steps_, mesh)
+    batch = {
+      k: jax.ShapeDtypeStruct(accumulation.micro_shape(v.shape, steps_), v.dtype)
+      for k, v in batch.items()
+    }
   compiled = step.lower(trainable, frozen, opt_state, batch).compile()
   memory = compiled.memory_analysis()
   nbytes = lambda tree: int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
@@ -113,6 +122,7 @@ def plan(cfg, stage='cpo_plus'):
     'param_bytes_total': nbytes(trainable) + nbytes(frozen),
     'trainable_bytes_total': nbytes(trainable),
     'batch': {k: list(v.shape) for k, v in batch.items() if k.endswith('input_ids')},
+    'grad_accum_steps': stage_obj.accumulation.steps if stage_obj.accumulation else 1,
     'work_per_step': _work(cfg, stage, num_perturbations, pair_layout),
     # XLA's own count of what the step holds per device; leave headroom for the runtime.
     'fits_tpu': [t for t, gib in TPU_HBM_GIB.items() if per_device <= gib * 2**30],

@@ -159,16 +159,18 @@ def init_sharded(make_model, mesh, rules=DEFAULT_RULES):
   return nnx.merge(graphdef, state)
 
 
-def batch_sharding(mesh):
-  """Leading (batch) dimension over the data-parallel axes, the rest replicated."""
-  return NamedSharding(mesh, P(('data', 'fsdp')))
+def batch_sharding(mesh, micro=False):
+  """Batch rows over the data-parallel axes, the rest replicated; with `micro`, the rows of
+  each micro-batch ([steps, rows, ...]: gradient accumulation)."""
+  rows = P(('data', 'fsdp'))
+  return NamedSharding(mesh, P(None, ('data', 'fsdp')) if micro else rows)
 
 
-def global_batch(batch, mesh):
+def global_batch(batch, mesh, micro=False):
   """This process's rows of a batch -> global arrays sharded by `batch_sharding` (on a pod
   every host feeds its own rows, first padded to the step's common length; one process:
   the same as device_put)."""
-  sh = batch_sharding(mesh)
+  sh = batch_sharding(mesh, micro)
   batch = pad_to_common_length(batch)
   return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
 

@@ -178,3 +178,14 @@ def test_plan_with_remat_holds_less_scratch_memory():
     cfg = _config('unused', f'--config.model.remat={mode}', '--config.data.max_len=256')
     temp[mode] = plan.plan(cfg, 'sft')['temp_bytes_per_device']
   assert temp['full'] < 0.8 * temp['none'], temp
+
+
+def test_plan_with_accumulation_compiles_micro_batches():
+  cfg = _config('unused', '--config.cpo.grad_accum_steps=2', '--config.cpo.batch_size=16')
+  summary = plan.plan(cfg, 'cpo_plus')
+  assert summary['grad_accum_steps'] == 2
+  assert summary['batch']['chosen_input_ids'] == [2, 8, 96]  # 16 pairs as 2 micro-batches of 8
+  # 8 pairs as 2 micro-batches of 4 cannot split over 8 data-parallel devices: said so.
+  cfg = _config('unused', '--config.cpo.grad_accum_steps=2')
+  with pytest.raises(ValueError, match='must be a multiple of 8'):
+    plan.plan(cfg, 'cpo_plus')

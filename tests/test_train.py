@@ -271,3 +271,15 @@ def test_adapters_and_their_moments_stay_float32_on_a_bfloat16_model(setup):
   assert all(m.dtype in (jnp.float32, jnp.int32) for m in moments)
   merged = lora.merge_lora(model)
   assert merged.layers.q_proj.kernel[...].dtype == jnp.bfloat16  # merged back in bf16
+
+
+def test_accumulated_sft_trains_through_the_loop(setup, tmp_path):
+  proc, source, model_config, cfg, mesh = setup
+  cfg = cfg.copy_and_resolve_references()
+  cfg.sft.grad_accum_steps = 2  # 16 rows: 2 micro-batches of 8, one per device each
+  cfg.sft.num_steps, cfg.log_every_steps, cfg.checkpoint.every_steps = 10, 1, 5
+  fixed = next(_sft_iter(proc, source, batch_size=16))
+  grid = np.asarray(fixed['image_grid_thw'][0])
+  _run(stages.train_sft, _model(model_config), cfg, mesh, grid, lambda: _Repeat(fixed), tmp_path)
+  losses = [r['loss'] for r in _rows(tmp_path)]
+  assert len(losses) == 10 and losses[-1] < 0.8 * losses[0], losses

@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from cpo_jax import sharding
+from cpo_jax.train import accumulation
 from cpo_jax.train import optimizer
 from cpo_jax.train import steps
 from cpo_jax.train import writers
@@ -107,7 +108,12 @@ def run_stage(
       batch = prepare(next(batches))
       if table is not None:
         batch = table.attach(batch, step)
-      batch = sharding.global_batch(batch, mesh)
+      if stage.accumulation is not None:
+        acc = stage.accumulation
+        rows = next(iter(batch.values())).shape[0] * jax.process_count()
+        accumulation.check_micro_rows(rows, acc.steps, mesh)
+        batch = accumulation.split_micro(batch, acc.steps, acc.group)
+      batch = sharding.global_batch(batch, mesh, micro=stage.accumulation is not None)
       trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, batch)
       done = step + 1
       if done % log_every == 0 or done == num_steps:

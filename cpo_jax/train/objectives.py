@@ -123,21 +123,28 @@ def reference_of(policy, reference, logps):
   return jax.lax.stop_gradient(out.chosen), jax.lax.stop_gradient(out.rejected)
 
 
+def with_device_pairs(policy_chosen, ref_chosen, batch, k):
+  """(policy chosen, reference chosen, source, sample_weight) over all (1 + k) n pairs: each
+  device-made pair's chosen side is its batch row's chosen side, its source 'perception'."""
+  source, sample_weight = batch['source'], batch['sample_weight']
+  if not k:
+    return policy_chosen, ref_chosen, source, sample_weight
+  n = source.shape[0]
+  source = jnp.concatenate(
+    [source, jnp.full((k * n,), device_pairs.PERTURBED_SOURCE, source.dtype)]
+  )
+  sample_weight = jnp.concatenate([sample_weight, jnp.ones((k * n,), sample_weight.dtype)])
+  return jnp.tile(policy_chosen, 1 + k), jnp.tile(ref_chosen, 1 + k), source, sample_weight
+
+
 def preference_objective(policy, ref_chosen, ref_rejected, batch, cfg, k=0):
   """CPO++ (METHOD.md section 3) from log-probs: weighted preference loss + rpo_alpha * NLL.
 
   `policy` is the policy's PairLogps; ref_* the reference's log-probs of the same rows. With k
   device-made blocks, each extra pair's chosen side is its batch row's chosen side."""
   n = policy.chosen.shape[0]
-  pol_c, pol_r, ref_c = policy.chosen, policy.rejected, ref_chosen
-  source, sample_weight = batch['source'], batch['sample_weight']
-  if k:
-    pol_c, ref_c = jnp.tile(pol_c, 1 + k), jnp.tile(ref_c, 1 + k)
-    source = jnp.concatenate(
-      [source, jnp.full((k * n,), device_pairs.PERTURBED_SOURCE, source.dtype)]
-    )
-    sample_weight = jnp.concatenate([sample_weight, jnp.ones((k * n,), sample_weight.dtype)])
-
+  pol_r = policy.rejected
+  pol_c, ref_c, source, sample_weight = with_device_pairs(policy.chosen, ref_chosen, batch, k)
   per_example, metrics = losses.preference_loss(
     pol_c,
     pol_r,
@@ -170,7 +177,7 @@ def preference_objective(policy, ref_chosen, ref_rejected, batch, cfg, k=0):
   return loss, metrics
 
 
-def _step_logps(
+def step_logps(
   model,
   batch,
   grid,
@@ -213,7 +220,7 @@ def _step_logps(
 def reference_logps(model, batch, grid, cfg, **kw):
   """[n, 2 + k] reference log-probs per pair row (chosen, rejected, then each device-made
   rejected side), as `cpo_loss_fn` uses them: what cpo.reference='precomputed' streams."""
-  policy, reference, k, logps = _step_logps(model, batch, grid, cfg, **kw)
+  policy, reference, k, logps = step_logps(model, batch, grid, cfg, **kw)
   ref_c, ref_r = reference_of(policy, reference, logps)
   return jnp.concatenate([ref_c[:, None], ref_r.reshape(1 + k, -1).T], axis=1)
 
@@ -228,11 +235,16 @@ def cpo_loss_fn(model, batch, grid, cfg, **kw):
   (`pair_images`); perturbations ((kind, severity), ...), layout (the run's PatchLayout) and
   seed for the k * n device-made pairs (`device_pairs`, needs batch['boxes']).
   """
-  policy, reference, k, logps = _step_logps(model, batch, grid, cfg, **kw)
+  pol, ref_c, ref_r, k = policy_and_reference_logps(model, batch, grid, cfg, **kw)
+  return preference_objective(pol, ref_c, ref_r, batch, cfg, k)
+
+
+def policy_and_reference_logps(model, batch, grid, cfg, **kw):
+  """(policy PairLogps, reference chosen, reference rejected, k) of a CPO batch, the reference
+  streamed with the batch when it brings 'reference_logps'."""
+  policy, reference, k, logps = step_logps(model, batch, grid, cfg, **kw)
   pol = logps(policy)
   if 'reference_logps' in batch:
     ref = batch['reference_logps']
-    ref_c, ref_r = ref[:, 0], ref[:, 1:].T.reshape(-1)
-  else:
-    ref_c, ref_r = reference_of(policy, reference, logps)
-  return preference_objective(pol, ref_c, ref_r, batch, cfg, k)
+    return pol, ref[:, 0], ref[:, 1:].T.reshape(-1), k
+  return pol, *reference_of(policy, reference, logps), k

@@ -14,6 +14,7 @@ import numpy as np
 
 from cpo_jax.models import get_rope_index  # host-side numpy, transformers' semantics.
 from cpo_jax.models import lora
+from cpo_jax.train import accumulation
 from cpo_jax.train import completion
 from cpo_jax.train import device_pairs
 from cpo_jax.train import loop
@@ -88,6 +89,12 @@ def sft_stage(model, cfg, grid):
     functools.partial(objectives.sft_loss_fn, grid=grid, max_completion_len=max_completion_len),
     tx,
     schedule,
+    accumulation=_accumulation(
+      cfg.sft.grad_accum_steps,
+      accumulation.sft_accumulation,
+      grid=grid,
+      max_completion_len=max_completion_len,
+    ),
   )
 
   def prepare(b):
@@ -97,6 +104,13 @@ def sft_stage(model, cfg, grid):
     return step_inputs(b, grid, model.config)
 
   return stage, prepare
+
+
+def _accumulation(grad_accum_steps, make, **kw):
+  """None for one pass per batch, else the stage's `accumulation.Accumulation`."""
+  if int(grad_accum_steps) < 1:
+    raise ValueError(f'grad_accum_steps={grad_accum_steps}; expected an integer >= 1.')
+  return make(int(grad_accum_steps), **kw) if grad_accum_steps > 1 else None
 
 
 def attach_adapters(model, cfg):
@@ -156,6 +170,7 @@ def cpo_stage(stage_model, cfg, grid, image_processor=None, pair_layout=None):
     tx,
     schedule,
     functools.partial(objectives.reference_logps, **kw) if precomputed else None,
+    accumulation=_accumulation(cfg.cpo.grad_accum_steps, accumulation.cpo_accumulation, **kw),
   )
 
   def prepare(b):

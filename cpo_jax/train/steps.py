@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import optax
 
 from cpo_jax import sharding
@@ -31,6 +32,8 @@ class Stage:
   schedule: Callable
   # cpo.reference='precomputed': (model, batch) -> [n, 2 + k] reference log-probs.
   reference_fn: Callable | None = None
+  # grad_accum_steps > 1: an accumulation.Accumulation; the step then takes micro-batches.
+  accumulation: Any = None
 
 
 class StepResult(NamedTuple):
@@ -48,28 +51,48 @@ def split_model(model, trainable):
 
 
 def make_train_step(stage, mesh, state_shardings):
-  """A jitted (trainable, frozen, opt_state, batch) -> StepResult."""
-  graphdef, loss_fn, tx = stage.graphdef, stage.loss_fn, stage.tx
+  """A jitted (trainable, frozen, opt_state, batch) -> StepResult. With `stage.accumulation`
+  the batch holds its micro-batches ([steps, rows / steps, ...], `accumulation.split_micro`)."""
+  graphdef, tx, accumulation = stage.graphdef, stage.tx, stage.accumulation
 
-  def step(trainable, frozen, opt_state, batch):
-    # The number of updates so far (traced, checkpointed with the optimizer): losses that
-    # draw random numbers fold it into their key, deterministic and resumable.
-    batch = dict(batch, step=optimizer.update_count(opt_state))
-
+  def value_and_grad(loss_fn, trainable, frozen, batch):
     def compute(tr):
       # copy: fresh Variables at this trace level (nnx.scan inside checks it).
       model = nnx.merge(graphdef, tr, frozen, copy=True)
       lora.start_dropout_step(model, batch['step'])  # fresh LoRA dropout masks per step
       return loss_fn(model, batch)
 
-    (_, metrics), grads = jax.value_and_grad(compute, has_aux=True)(trainable)
+    return jax.value_and_grad(compute, has_aux=True)(trainable)
+
+  def gradients(trainable, frozen, batch):
+    if accumulation is None:
+      (_, metrics), grads = value_and_grad(stage.loss_fn, trainable, frozen, batch)
+      return grads, metrics
+    batch = dict(batch)
+    step_count = batch.pop('step')  # a scalar: the rest has a leading micro-batch axis
+    totals = accumulation.totals_fn(batch)
+    micro_loss = lambda model, micro: accumulation.micro_loss_fn(model, micro, totals)
+
+    def one(grads, micro):
+      (_, rows), g = value_and_grad(micro_loss, trainable, frozen, dict(micro, step=step_count))
+      return jax.tree.map(jnp.add, grads, g), rows
+
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    grads, rows = jax.lax.scan(one, zeros, batch)  # one micro-batch at a time
+    return grads, accumulation.finish_fn(rows, batch)[1]
+
+  def step(trainable, frozen, opt_state, batch):
+    # The number of updates so far (traced, checkpointed with the optimizer): losses that
+    # draw random numbers fold it into their key, deterministic and resumable.
+    batch = dict(batch, step=optimizer.update_count(opt_state))
+    grads, metrics = gradients(trainable, frozen, batch)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     metrics['grad_norm'] = optax.tree.norm(grads)
     return StepResult(trainable, opt_state, metrics)
 
   trainable_sh, frozen_sh, opt_sh = state_shardings
-  data_sh = sharding.batch_sharding(mesh)
+  data_sh = sharding.batch_sharding(mesh, micro=accumulation is not None)
   return jax.jit(
     step,
     in_shardings=(trainable_sh, frozen_sh, opt_sh, data_sh),
