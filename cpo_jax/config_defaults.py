@@ -67,6 +67,9 @@ def base_config(arg, *, domain, data):
   # '' = off (every batch padded to max_len).
   c.data.length_buckets = ''
   c.data.on_bad_record = 'raise'  # 'raise' | 'skip' (counted and reported).
+  # With 'skip': a training stream whose first pass over its shard (at most 1000 records)
+  # skips every record, or more than this share of them, stops with the counts by reason.
+  c.data.max_skipped_share = 1.0
   c.data.thinking_fraction = 0.5  # share of CPO pairs that are thinking pairs (rest: perception).
   # 'grouped': every batch holds exactly that share, in fixed row groups, so the step
   # encodes a thinking pair's image once (pairs made by the pipeline); 'mixed': each pair

@@ -251,6 +251,30 @@ def test_overlong_raise_names_record_or_skip_counts(proc, train):
     next(_cpo(proc, train, max_len=60))
 
 
+@pytest.mark.parametrize("maker", ["sft", "cpo"])
+def test_a_stream_that_skips_every_record_stops_with_the_counts(proc, maker):
+  small = sources.make_source("synth_drive", "train", num_examples=16, seed=0)
+  make = datasets.make_sft_iterator if maker == "sft" else datasets.make_cpo_iterator
+  # Every record is longer than 40 tokens; the stream repeats forever, so without the guard
+  # it would look for a first batch forever.
+  it = make(small, proc, batch_size=4, max_len=40, seed=0, on_bad_record="skip")
+  with pytest.raises(
+    bad_records.TooManySkipsError, match=r"16 of the first 16 records .*'overlong': 16"
+  ):
+    next(it)
+
+
+def test_a_stream_over_its_skip_share_stops(proc):
+  small = sources.make_source("synth_drive", "train", num_examples=128, seed=0)
+  # 75 tokens: some records (76 tokens) are skipped, far fewer than all of them.
+  kw = dict(batch_size=8, max_len=75, seed=0, on_bad_record="skip")
+  assert next(datasets.make_sft_iterator(small, proc, **kw))["input_ids"].shape[0] == 8
+  it = datasets.make_sft_iterator(small, proc, max_skipped_share=0.01, **kw)
+  with pytest.raises(bad_records.TooManySkipsError, match=r"of the first \d+ records.*=0.01"):
+    for _ in range(32):  # the share is judged after a pass over the 128 records
+      next(it)
+
+
 def test_eval_batches_left_padded_with_labels(proc):
   src = sources.make_source("synth_drive", "ood", num_examples=10, seed=0)
   batches = list(eval_batches.make_eval_batches(src, proc, batch_size=4, max_prompt_len=48))

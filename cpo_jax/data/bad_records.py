@@ -85,19 +85,44 @@ class BadRecordPolicy(SkipCounter):
     self.counts, self.examples = state["counts"], state["examples"]
 
 
+class TooManySkipsError(ValueError):
+  """A stream whose records are (nearly) all bad: stop at once, never loop over skips forever."""
+
+
 class Guard:
   """Applies the bad-record policy around a per-example transform of the pipeline: the
   record's error is raised, or counted in the caller's `skips` and the example dropped (None).
-  Picklable for Grain workers."""
 
-  def __init__(self, fn, policy: str, skips: SkipCounter):
+  A stream that skips every record of its first `window` (a pass over the shard, at most
+  1000), or more than `max_skipped_share` of them, stops with the counts by reason and the
+  first record ids: with an infinite stream, skipping everything would otherwise hang the
+  run. Picklable for Grain workers (each worker then checks its own records)."""
+
+  def __init__(self, fn, policy: str, skips: SkipCounter, *, window=1000, max_skipped_share=1.0):
     self.fn, self.policy, self.skips = fn, check_policy(policy), skips
+    self.window, self.max_skipped_share = max(1, int(window)), float(max_skipped_share)
+    self.seen, self.own = 0, SkipCounter()
 
   def __call__(self, i, *args):
+    self.seen += 1
     try:
       return self.fn(i, *args)
     except BadRecordError as e:
       if self.policy == "raise":
         raise
       self.skips.add(e.reason, int(i))
+      self.own.add(e.reason, e.record_id)
+      self._check()
       return None
+
+  def _check(self):
+    skipped = self.own.total()
+    if self.seen < self.window:
+      return
+    if skipped == self.seen or skipped / self.seen > self.max_skipped_share:
+      raise TooManySkipsError(
+        f"{skipped} of the first {self.seen} records were skipped (data.max_skipped_share="
+        f"{self.max_skipped_share}): {dict(self.own.counts)}; first records: "
+        f"{dict(self.own.examples)}. Fix the data (or the tokenizer, max_len, image size), "
+        f"or run with data.on_bad_record='raise' to see the first error in full."
+      )

@@ -64,6 +64,12 @@ def _indices(
   return ds.shuffle(seed=seed) if shuffle else ds
 
 
+def _guard(fn, *, records, policy, skips, max_skipped_share):
+  # One pass over this host's shard (at most 1000 records) decides whether the stream has
+  # anything usable: the streams repeat forever, so skipping everything would never end.
+  return Guard(fn, policy, skips, window=min(records, 1000), max_skipped_share=max_skipped_share)
+
+
 def _batched(ds: grain.MapDataset, batch_size: int, read_threads: int = 1) -> grain.IterDataset:
   # Few read threads: the map work is Python (GIL-bound); grain's default 16 threads made it
   # ~2.5x slower on 2 cores. Scale out with worker_count (processes) instead.
@@ -149,6 +155,7 @@ def make_sft_dataset(
   shard_count: int = 1,
   num_epochs: int | None = None,
   on_bad_record: str = "raise",
+  max_skipped_share: float = 1.0,
   skips: SkipCounter | None = None,
   worker_count: int = 0,
   length_buckets=(),
@@ -157,6 +164,13 @@ def make_sft_dataset(
   `parse_length_buckets`): each batch is cut to the smallest bucket that holds its rows."""
   buckets = parse_length_buckets(length_buckets, max_len)
   skips = SkipCounter() if skips is None else skips
+  guard = functools.partial(
+    _guard,
+    records=len(range(len(source))[shard_index::shard_count]),
+    policy=on_bad_record,
+    skips=skips,
+    max_skipped_share=max_skipped_share,
+  )
   ds = _indices(
     len(source),
     seed=seed,
@@ -167,9 +181,7 @@ def make_sft_dataset(
   )
   # Pair records: SFT on the chosen side.
   fn = examples.swift_sft_example if examples.gives_pairs(source) else examples.sft_example
-  ds = ds.map(
-    Guard(functools.partial(fn, source=source, proc=proc, max_len=max_len), on_bad_record, skips)
-  )
+  ds = ds.map(guard(functools.partial(fn, source=source, proc=proc, max_len=max_len)))
   return _finish(_batched(ds, batch_size), worker_count, buckets, ("",))
 
 
@@ -188,6 +200,7 @@ def make_cpo_dataset(
   shard_count: int = 1,
   num_epochs: int | None = None,
   on_bad_record: str = "raise",
+  max_skipped_share: float = 1.0,
   skips: SkipCounter | None = None,
   worker_count: int = 0,
   length_buckets=(),
@@ -206,6 +219,13 @@ def make_cpo_dataset(
       f"perception_mode {perception_mode!r}; expected one of {pairs_lib.PERCEPTION_MODES}"
     )
   skips = SkipCounter() if skips is None else skips
+  guard = functools.partial(
+    _guard,
+    records=len(range(len(source))[shard_index::shard_count]),
+    policy=on_bad_record,
+    skips=skips,
+    max_skipped_share=max_skipped_share,
+  )
   if perception_mode == "counterfactual" and not hasattr(source, "counterfactual"):
     raise ValueError(
       f"perception_mode='counterfactual' re-renders the chosen scene with one concept changed; "
@@ -222,10 +242,8 @@ def make_cpo_dataset(
       shuffle=True,
     )
     ds = ds.map(
-      Guard(
-        functools.partial(examples.swift_cpo_example, source=source, proc=proc, max_len=max_len),
-        on_bad_record,
-        skips,
+      guard(
+        functools.partial(examples.swift_cpo_example, source=source, proc=proc, max_len=max_len)
       )
     )
     return _finish(_batched(ds, batch_size), worker_count, buckets, _PAIR_SIDES)
@@ -243,7 +261,7 @@ def make_cpo_dataset(
       shuffle=True,
     )
     return ds.random_map(
-      Guard(
+      guard(
         functools.partial(
           examples.cpo_example,
           source=source,
@@ -253,9 +271,7 @@ def make_cpo_dataset(
           max_len=max_len,
           thinking_fraction=fraction,
           perception_mode=perception_mode,
-        ),
-        on_bad_record,
-        skips,
+        )
       ),
       seed=seed + 1 + stream,
     )
