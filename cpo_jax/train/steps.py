@@ -75,10 +75,12 @@ def make_train_step(stage, mesh, state_shardings):
 
     def one(grads, micro):
       (_, rows), g = value_and_grad(micro_loss, trainable, frozen, dict(micro, step=step_count))
-      return jax.tree.map(jnp.add, grads, g), rows
+      return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g), rows
 
-    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    # Summed in float32 whatever the parameters' dtype, then back to it.
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
     grads, rows = jax.lax.scan(one, zeros, batch)  # one micro-batch at a time
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
     return grads, accumulation.finish_fn(rows, batch)[1]
 
   def step(trainable, frozen, opt_state, batch):
