@@ -64,10 +64,12 @@ def _indices(
   return ds.shuffle(seed=seed) if shuffle else ds
 
 
-def _guard(fn, *, records, policy, skips, max_skipped_share):
-  # One pass over this host's shard (at most 1000 records) decides whether the stream has
-  # anything usable: the streams repeat forever, so skipping everything would never end.
-  return Guard(fn, policy, skips, window=min(records, 1000), max_skipped_share=max_skipped_share)
+def _guard_for(n, shard_index, shard_count, policy, skips, max_skipped_share):
+  """fn -> Guard(fn): the bad-record policy of a stream over this host's shard of n records.
+  One pass over the shard (at most 1000 records) decides whether the stream has anything
+  usable: the streams repeat forever, so skipping everything would never end."""
+  window = min(len(range(n)[shard_index::shard_count]), 1000)
+  return lambda fn: Guard(fn, policy, skips, window=window, max_skipped_share=max_skipped_share)
 
 
 def _batched(ds: grain.MapDataset, batch_size: int, read_threads: int = 1) -> grain.IterDataset:
@@ -164,13 +166,7 @@ def make_sft_dataset(
   `parse_length_buckets`): each batch is cut to the smallest bucket that holds its rows."""
   buckets = parse_length_buckets(length_buckets, max_len)
   skips = SkipCounter() if skips is None else skips
-  guard = functools.partial(
-    _guard,
-    records=len(range(len(source))[shard_index::shard_count]),
-    policy=on_bad_record,
-    skips=skips,
-    max_skipped_share=max_skipped_share,
-  )
+  guard = _guard_for(len(source), shard_index, shard_count, on_bad_record, skips, max_skipped_share)
   ds = _indices(
     len(source),
     seed=seed,
@@ -219,13 +215,7 @@ def make_cpo_dataset(
       f"perception_mode {perception_mode!r}; expected one of {pairs_lib.PERCEPTION_MODES}"
     )
   skips = SkipCounter() if skips is None else skips
-  guard = functools.partial(
-    _guard,
-    records=len(range(len(source))[shard_index::shard_count]),
-    policy=on_bad_record,
-    skips=skips,
-    max_skipped_share=max_skipped_share,
-  )
+  guard = _guard_for(len(source), shard_index, shard_count, on_bad_record, skips, max_skipped_share)
   if perception_mode == "counterfactual" and not hasattr(source, "counterfactual"):
     raise ValueError(
       f"perception_mode='counterfactual' re-renders the chosen scene with one concept changed; "
