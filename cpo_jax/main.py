@@ -99,11 +99,12 @@ def run(cfg, workdir, mode='train'):
       f'--mode={"export" if mode == "restore" else mode}: no sft checkpoint under '
       f'{os.path.join(workdir, "checkpoints", "sft")}; train first, or check --workdir.'
     )
+  mesh = sharding.make_mesh(cfg.mesh.shape)
+  cfg = stages.resolve_accumulation(cfg, mesh)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(cfg.to_json_best_effort(indent=2))
-  mesh = sharding.make_mesh(cfg.mesh.shape)
   data = streams.RunData(cfg, workdir)
   model = build_model(cfg, data, mesh)
   writer = writers.MetricsWriter(workdir)

@@ -75,6 +75,7 @@ def _abstract_batch(cfg, stage, grid, num_perturbations=0):
 def plan(cfg, stage='cpo_plus'):
   """Compiles `stage`'s train step for the configured preset and mesh; returns a summary."""
   mesh = sharding.make_mesh(cfg.mesh.shape)
+  cfg = stages.resolve_accumulation(cfg, mesh)
   side = cfg.data.image_size // 28 * 2  # 14 px patches, merged 2x2: whole merge windows.
   grid = np.array([1, side, side])
   num_perturbations = len(device_pairs.parse_device_perturbations(cfg.cpo.device_perturbations))

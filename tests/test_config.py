@@ -5,6 +5,8 @@ from ml_collections import config_flags
 import pytest
 
 from cpo_jax import config_defaults
+from cpo_jax import sharding
+from cpo_jax.train import stages
 
 CONTRACT_FIELDS = (
   'stages',
@@ -67,3 +69,28 @@ def test_command_line_overrides():
   c = fv.config
   assert (c.sft.num_steps, c.mesh.shape.fsdp, c.stages) == (7, 2, 'sft,eval')
   assert (c.data.manual_dir, c.cpo.beta) == ('/data/x', 0.25)
+
+
+def _load(path, arg):
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=fv)
+  fv(['prog', f'--config={path}:{arg}'])
+  return fv.config
+
+
+def test_real_presets_take_the_papers_recipe():
+  cfg = _load('configs/medical.py', 'model=7b')
+  assert (cfg.model.dtype, cfg.model.param_dtype, cfg.model.remat) == ('bfloat16',) * 2 + ('full',)
+  assert (cfg.data.max_len, cfg.data.image_size % 28) == (2048, 0)
+  assert cfg.sft.trainable == 'lora' and cfg.lora.rank == 8 and cfg.lora.alpha == 32
+  assert (cfg.sft.batch_size, cfg.cpo.batch_size) == (240, 32)
+  assert cfg.sft.optimizer.lr == cfg.cpo.optimizer.lr == 1e-4
+  assert _load('configs/driving.py', 'model=tiny').model.dtype == 'float32'  # the showroom
+  # Accumulation follows the mesh: 8 data-parallel devices, one row each per micro-batch.
+  mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+  resolved = stages.resolve_accumulation(cfg, mesh)
+  assert (resolved.sft.grad_accum_steps, resolved.cpo.grad_accum_steps) == (30, 4)
+  assert cfg.sft.grad_accum_steps == 0  # the config itself is left as written
+  cfg.cpo.batch_size = 12  # 12 pairs cannot split over 8 devices
+  with pytest.raises(ValueError, match='does not split over the 8 data-parallel devices'):
+    stages.resolve_accumulation(cfg, mesh)

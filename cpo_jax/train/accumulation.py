@@ -46,6 +46,21 @@ def micro_shape(shape, steps):
   return (steps, shape[0] // steps, *shape[1:])
 
 
+def steps_for_mesh(rows, rows_per_device, mesh):
+  """grad_accum_steps=0: the fewest micro-batches with at most `rows_per_device` rows per
+  data-parallel device that split the batch evenly over those devices."""
+  parts = mesh.shape['data'] * mesh.shape['fsdp']
+  for steps in range(1, rows + 1):
+    micro = rows // steps
+    if rows % steps == 0 and micro % parts == 0 and micro // parts <= rows_per_device:
+      return steps
+  raise ValueError(
+    f'a batch of {rows} rows does not split over the {parts} data-parallel devices (mesh data x '
+    f'fsdp) in micro-batches of at most {rows_per_device} rows per device; change batch_size, '
+    f'micro_batch_per_device or the mesh (e.g. a larger mesh.shape.tensor).'
+  )
+
+
 def check_micro_rows(rows, steps, mesh):
   """`rows` (the global batch) in `steps` micro-batches must split over the data-parallel
   devices, or jit fails deep in XLA: an error that says which settings to change."""

@@ -106,6 +106,17 @@ def sft_stage(model, cfg, grid):
   return stage, prepare
 
 
+def resolve_accumulation(cfg, mesh):
+  """A copy of `cfg` whose grad_accum_steps=0 (derive from the mesh) are resolved."""
+  cfg = cfg.copy_and_resolve_references()
+  for stage in (cfg.sft, cfg.cpo):
+    if stage.grad_accum_steps == 0:
+      stage.grad_accum_steps = accumulation.steps_for_mesh(
+        stage.batch_size, stage.micro_batch_per_device, mesh
+      )
+  return cfg
+
+
 def _accumulation(grad_accum_steps, make, **kw):
   """None for one pass per batch, else the stage's `accumulation.Accumulation`."""
   if int(grad_accum_steps) < 1:
