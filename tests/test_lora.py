@@ -97,6 +97,12 @@ def test_zero_b_adapters_off_merge_and_export(base, tmp_path):
   for k, v in nnx.iter_graph(merged):
     if isinstance(v, nnx.Variable):
       np.testing.assert_array_equal(loaded[k], np.asarray(v[...]), err_msg=str(k))
+  # In place (after SFT: no second copy of the model), the same merged weights.
+  in_place = merge_lora(nnx.clone(model), copy=False)
+  for (k, a), (_, b) in zip(
+    nnx.to_flat_state(nnx.state(in_place)), nnx.to_flat_state(nnx.state(merged))
+  ):
+    np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), str(k))
 
 
 def test_only_adapters_get_gradients(base):

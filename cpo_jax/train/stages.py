@@ -216,7 +216,8 @@ def train_sft(model, cfg, *, grid, train=True, **loop_kw):
   """Runs (or resumes, or with train=False restores) the SFT stage; returns the model."""
   stage, prepare = sft_stage(sft_model(model, cfg), cfg, grid)
   model = _run(stage, prepare, cfg, cfg.sft.num_steps, train, **loop_kw)
-  return lora.merge_lora(model) if cfg.sft.trainable == 'lora' else model
+  # In place: the adapters-on SFT model is not needed again, and a second copy may not fit.
+  return lora.merge_lora(model, copy=False) if cfg.sft.trainable == 'lora' else model
 
 
 def train_cpo(model, cfg, *, grid, train=True, image_processor=None, pair_layout=None, **loop_kw):
