@@ -180,8 +180,8 @@ def _worker(kind, workdir, port, process_id):
     seen['local'].append(seq_len(batch))
     return pad(batch)
 
-  def recording_place(batch, mesh):
-    out = place(batch, mesh)
+  def recording_place(batch, mesh, micro=False):
+    out = place(batch, mesh, micro)
     ids = next(v for k, v in out.items() if k.endswith('input_ids'))
     seen['placed'].append(list(ids.shape))
     seen['row_start'] = min(s.index[0].start or 0 for s in ids.addressable_shards)

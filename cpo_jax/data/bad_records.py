@@ -99,8 +99,10 @@ class Guard:
   run. Picklable for Grain workers (each worker then checks its own records)."""
 
   def __init__(self, fn, policy: str, skips: SkipCounter, *, window=1000, max_skipped_share=1.0):
+    # window=None: no check (a finite stream).
     self.fn, self.policy, self.skips = fn, check_policy(policy), skips
-    self.window, self.max_skipped_share = max(1, int(window)), float(max_skipped_share)
+    self.window = None if window is None else max(1, int(window))
+    self.max_skipped_share = float(max_skipped_share)
     self.seen, self.own = 0, SkipCounter()
 
   def __call__(self, i, *args):
@@ -117,7 +119,7 @@ class Guard:
 
   def _check(self):
     skipped = self.own.total()
-    if self.seen < self.window:
+    if self.window is None or self.seen < self.window:
       return
     if skipped == self.seen or skipped / self.seen > self.max_skipped_share:
       raise TooManySkipsError(

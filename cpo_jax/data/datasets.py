@@ -64,11 +64,12 @@ def _indices(
   return ds.shuffle(seed=seed) if shuffle else ds
 
 
-def _guard_for(n, shard_index, shard_count, policy, skips, max_skipped_share):
+def _guard_for(n, shard_index, shard_count, num_epochs, policy, skips, max_skipped_share):
   """fn -> Guard(fn): the bad-record policy of a stream over this host's shard of n records.
-  One pass over the shard (at most 1000 records) decides whether the stream has anything
-  usable: the streams repeat forever, so skipping everything would never end."""
-  window = min(len(range(n)[shard_index::shard_count]), 1000)
+  On an endless stream (num_epochs=None), one pass over the shard (at most 1000 records)
+  decides whether it has anything usable, or it would look for a usable record forever; a
+  finite stream ends by itself and leaves the counts to its caller."""
+  window = min(len(range(n)[shard_index::shard_count]), 1000) if num_epochs is None else None
   return lambda fn: Guard(fn, policy, skips, window=window, max_skipped_share=max_skipped_share)
 
 
@@ -166,7 +167,9 @@ def make_sft_dataset(
   `parse_length_buckets`): each batch is cut to the smallest bucket that holds its rows."""
   buckets = parse_length_buckets(length_buckets, max_len)
   skips = SkipCounter() if skips is None else skips
-  guard = _guard_for(len(source), shard_index, shard_count, on_bad_record, skips, max_skipped_share)
+  guard = _guard_for(
+    len(source), shard_index, shard_count, num_epochs, on_bad_record, skips, max_skipped_share
+  )
   ds = _indices(
     len(source),
     seed=seed,
@@ -215,7 +218,9 @@ def make_cpo_dataset(
       f"perception_mode {perception_mode!r}; expected one of {pairs_lib.PERCEPTION_MODES}"
     )
   skips = SkipCounter() if skips is None else skips
-  guard = _guard_for(len(source), shard_index, shard_count, on_bad_record, skips, max_skipped_share)
+  guard = _guard_for(
+    len(source), shard_index, shard_count, num_epochs, on_bad_record, skips, max_skipped_share
+  )
   if perception_mode == "counterfactual" and not hasattr(source, "counterfactual"):
     raise ValueError(
       f"perception_mode='counterfactual' re-renders the chosen scene with one concept changed; "
