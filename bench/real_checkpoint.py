@@ -3,11 +3,14 @@
 1. Writes a 3B-shaped Qwen2.5-VL with random weights in bf16 with transformers'
    `save_pretrained` (safetensors, sharded files), with the synthetic tokenizer beside it.
 2. In a fresh process with N simulated CPU devices, runs the CLI's path (`main.run`, the model
-   from `model.init_from` onto an fsdp=N mesh) for one SFT step and one CPO++ step at a short
-   length, and reports the peak host RSS against the checkpoint's bytes (target: at most 1.3x
-   the checkpoint + 2 GB) and the most bytes of the model any one device holds after loading.
+   from `model.init_from` onto an fsdp=N mesh) and reports the peak host RSS against the
+   checkpoint's bytes (target: at most 1.3x the checkpoint + 2 GB) and the most bytes of the
+   model any one device holds after loading. With --steps, one SFT and one CPO++ step follow
+   at a short length: on the CPU that needs about 3x the checkpoint in host memory (XLA's CPU
+   backend keeps float32 copies of bf16 weights for its matmuls, and every simulated device
+   lives in host memory), so a 3B step does not fit a 24 GiB machine; `--mode=plan` sizes it.
 
-    JAX_PLATFORMS=cpu python bench/real_checkpoint.py [--preset 3b] [--devices 8]
+    JAX_PLATFORMS=cpu python bench/real_checkpoint.py [--preset 3b] [--devices 8] [--steps]
 
 Writes bench/results/real_checkpoint_<date>.json.
 """
@@ -45,9 +48,9 @@ from ml_collections import config_flags
 import jax
 from cpo_jax import main
 
-path, workdir, devices = sys.argv[1], sys.argv[2], int(sys.argv[3])
+path, workdir, devices, stages = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 argv = ['prog', '--config=configs/driving.py:model=3b', f'--workdir={workdir}',
-        f'--config.model.init_from={path}', '--config.stages=sft,cpo_plus',
+        f'--config.model.init_from={path}', f'--config.stages={stages}',
         '--config.sft.num_steps=1', '--config.cpo.num_steps=1',
         f'--config.sft.batch_size={devices}', f'--config.cpo.batch_size={devices}',
         '--config.data.max_len=96', '--config.data.image_size=112',
@@ -75,7 +78,7 @@ def build_and_measure(cfg, data, mesh):
 main.build_model = build_and_measure
 t = time.perf_counter()
 main.run(fv.config, workdir)
-rows = [json.loads(l) for l in open(workdir + '/metrics.jsonl')]
+rows = [json.loads(l) for l in open(workdir + '/metrics.jsonl')] if stages else []
 out.update(run_s=time.perf_counter() - t, peak_rss_gb=rss_gb(),
            losses={r['stage']: r['loss'] for r in rows})
 print('RESULT ' + json.dumps(out))
@@ -87,6 +90,7 @@ def main():
   parser.add_argument('--preset', default='3b')
   parser.add_argument('--devices', type=int, default=8)
   parser.add_argument('--dir', default=None, help='where the checkpoint goes (default: a temp dir)')
+  parser.add_argument('--steps', action='store_true', help='also one SFT and one CPO++ step')
   args = parser.parse_args()
   root = args.dir or tempfile.mkdtemp(prefix='cpo_jax_ckpt_')
   path, workdir = os.path.join(root, 'model'), os.path.join(root, 'run')
@@ -102,7 +106,15 @@ def main():
   print(f'checkpoint: {ckpt_bytes / 2**30:.2f} GiB; loading on {args.devices} devices', flush=True)
   flags = f'--xla_force_host_platform_device_count={args.devices}'
   out = subprocess.run(
-    [sys.executable, '-c', RUN, path, workdir, str(args.devices)],
+    [
+      sys.executable,
+      '-c',
+      RUN,
+      path,
+      workdir,
+      str(args.devices),
+      'sft,cpo_plus' if args.steps else '',
+    ],
     env={**env, 'XLA_FLAGS': flags},
     capture_output=True,
     text=True,
@@ -114,6 +126,7 @@ def main():
   result.update(
     preset=args.preset,
     devices=args.devices,
+    steps=args.steps,
     checkpoint_gib=ckpt_gb,
     write_s=write_s,
     peak_rss_over_checkpoint=result['peak_rss_gb'] / ckpt_gb,
