@@ -30,10 +30,11 @@ setup(
     "tqdm",
     "absl-py",
     "matplotlib",
+    "tensorboardX",  # TensorBoard event files without TensorFlow
   ],
   extras_require={
     "tpu": ["jax[tpu]"],
     # ruff is pinned: its formatter's output is the project's style (.ci/run checks it).
-    "test": ["pytest", "torch==2.13.0", "ruff==0.17.6"],
+    "test": ["pytest", "torch==2.13.0", "ruff==0.17.6", "tbparse"],
   },
 )

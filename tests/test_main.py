@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 import pytest
+from tbparse import SummaryReader
 
 from cpo_jax import main
 from cpo_jax import models
@@ -72,6 +73,17 @@ def test_default_stages_write_the_contract_files_and_resume(tmp_path):
   assert (tmp_path / 'eval' / 'robustness.png').stat().st_size > 0
   assert (tmp_path / 'eval' / 'accuracy.png').stat().st_size > 0
   assert (tmp_path / 'eval' / 'training_curves.png').stat().st_size > 0
+  # TensorBoard holds the same losses as metrics.jsonl, per stage and step.
+  scalars = SummaryReader(str(tmp_path / 'tensorboard')).scalars
+  logged = {(r['stage'], r['step']): r['loss'] for r in rows}
+  events = {
+    tuple(t.split('/')[:1]) + (int(s),): v
+    for t, s, v in zip(scalars['tag'], scalars['step'], scalars['value'])
+    if t.endswith('/loss') and t.count('/') == 1
+  }
+  assert events.keys() == logged.keys()
+  for key, loss in logged.items():
+    np.testing.assert_allclose(events[key], loss, rtol=1e-6, err_msg=str(key))
   for stage in ('sft', 'cpo_plus'):
     assert os.listdir(tmp_path / 'checkpoints' / stage)
 
