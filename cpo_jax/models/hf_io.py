@@ -319,11 +319,14 @@ def write_safetensors(filename, entries, metadata=None):
 def save_hf(model: Qwen2_5_VL, path, max_shard_bytes: int = 5 * 1024**3, dtype=None):
   """Writes config.json + safetensors (sharded with an index above max_shard_bytes) that
   transformers loads with Qwen2_5_VLForConditionalGeneration.from_pretrained. Tensors are
-  streamed one at a time. LoRA adapters, if present, are merged into the written weights.
-  dtype: storage dtype (default: the params' dtype)."""
-  if lora_lib.adapted_layers(model):
-    model = lora_lib.merge_lora(model)
+  streamed one at a time. LoRA adapters, if present, are merged into the written weights as
+  each is written (no merged copy of the model). dtype: storage dtype (default: the params')."""
   config = model.config
+  adapted = {  # kernel path -> its Linear, where adapters are on
+    tuple(str(p) for p in k) + ('kernel',): m
+    for k, m in nnx.iter_graph(model)
+    if getattr(m, 'lora_a', None) is not None
+  }
   os.makedirs(path, exist_ok=True)
   params = {
     tuple(str(p) for p in k): v for k, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)
@@ -335,8 +338,12 @@ def save_hf(model: Qwen2_5_VL, path, max_shard_bytes: int = 5 * 1024**3, dtype=N
     per_layer = var.shape[1:] if _is_stacked(mpath) else var.shape
     for i, n in enumerate(names):
 
-      def fetch(var=var, i=i, kind=kind, stacked=_is_stacked(mpath)):  # noqa: B008 (bound now)
-        value = var[...][i] if stacked else var[...]
+      def fetch(var=var, i=i, kind=kind, stacked=_is_stacked(mpath), lin=adapted.get(mpath)):  # noqa: B008 (bound now)
+        layer = (lambda x: x[i]) if stacked else (lambda x: x)
+        value = layer(var[...])
+        if lin is not None:
+          a, b = layer(lin.lora_a[...]), layer(lin.lora_b[...])
+          value = lora_lib.merged_kernel(value, a, b, lin.lora_scale)
         return _from_model(np.asarray(jax.device_get(value)), kind, config)
 
       entries.append((n, store, _hf_shape(per_layer, kind, config), fetch))

@@ -174,6 +174,13 @@ def _merged_kernel(kernel, a, b, scale):
 
 # A clone shares its arrays with the original: only an in-place merge may donate the kernel.
 _merge_copy = jax.jit(_merged_kernel)
+
+
+def merged_kernel(kernel, a, b, scale):
+  """One kernel with its adapters' update (what merge_lora writes), e.g. one layer at export."""
+  return _merge_copy(kernel, a, b, jnp.float32(scale))
+
+
 _merge_in_place = jax.jit(_merged_kernel, donate_argnums=0)
 
 
