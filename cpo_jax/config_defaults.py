@@ -111,14 +111,14 @@ def base_config(arg, *, domain, data):
   c.cpo.optimizer = _adamw(lr=1e-4)
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.splits = 'test,ood'
+  c.eval.splits = ''  # '' = the dataset's own (data.sources.EVAL_SPLITS), or e.g. 'test,ood'
   c.eval.max_examples = 256
   c.eval.batch_size = 32
   c.eval.max_prompt_len = 64  # eval prompts are left-padded to this (static) length.
   c.eval.max_new_tokens = 48
   # Interference curves and the drift probe (METHOD.md section 5) on one split.
   c.eval.robustness = True
-  c.eval.robustness_split = 'test'
+  c.eval.robustness_split = ''  # '' = the first eval split
   c.eval.robustness_max_examples = 128
 
   c.checkpoint = ml_collections.ConfigDict()

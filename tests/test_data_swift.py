@@ -1,15 +1,18 @@
 """swift_jsonl ingestion: the authors' ms-swift preference records -> CPO batches."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 
+from cpo_jax import config_defaults
 from cpo_jax.data import bad_records
 from cpo_jax.data import datasets
 from cpo_jax.data import eval_batches
 from cpo_jax.data import processors
 from cpo_jax.data import sources
+from cpo_jax.data import streams
 from cpo_jax.data import synth_cxr
 from cpo_jax.knowledge import load_graph
 
@@ -238,3 +241,17 @@ def test_swift_counterfactual_mode_raises_naming_the_dataset(proc, tmp_path):
     )
   b = next(datasets.make_cpo_iterator(src, proc, batch_size=2, max_len=160))
   assert (b["flipped_concept"] == -1).all()
+
+
+def test_a_run_takes_the_datasets_eval_splits_and_skips_a_missing_one(tmp_path, caplog):
+  _write(tmp_path)
+  cfg = config_defaults.base_config('data=swift_jsonl', domain='medical', data='synth_cxr')
+  cfg.data.manual_dir = str(tmp_path)
+  with caplog.at_level('WARNING'):
+    data = streams.RunData(cfg, str(tmp_path / 'work'))  # no test.jsonl: skipped, said so
+  assert data.eval_splits == [] and "eval split 'test' skipped" in caplog.text
+  shutil.copy(tmp_path / 'train.jsonl', tmp_path / 'test.jsonl')
+  assert streams.RunData(cfg, str(tmp_path / 'work')).eval_splits == ['test']  # not 'test,ood'
+  cfg.eval.splits = 'test,ood'  # asked for by name: a missing one is an error
+  with pytest.raises(FileNotFoundError, match='ood.jsonl'):
+    streams.RunData(cfg, str(tmp_path / 'work'))

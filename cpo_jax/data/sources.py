@@ -10,6 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 
+# The splits each dataset evaluates on (config eval.splits='' takes these).
+EVAL_SPLITS = {
+  "synth_drive": "test,ood",
+  "synth_cxr": "test,ood",
+  "swift_jsonl": "test",
+  "mimic_ccf": "validate,test",
+  "codalm": "val,test",
+}
+
 
 def make_source(
   name: str = "synth_drive",

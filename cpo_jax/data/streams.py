@@ -6,6 +6,7 @@ only its own shard of the training data (`jax.process_index()` of `jax.process_c
 every host evaluates the same batches.
 """
 
+import functools
 import os
 
 from absl import logging
@@ -37,13 +38,25 @@ class RunData:
     self.processors = processors.make_processors(
       tokenizer_dir=tokenizer_dir, image_size=cfg.data.image_size
     )
+    # The dataset's own eval splits unless the config names some; a split the dataset offers
+    # but the user's files lack is skipped with a note, one the config asks for is an error.
+    self.eval_splits = [s for s in (cfg.eval.splits or sources.EVAL_SPLITS[name]).split(',') if s]
     if name in ('swift_jsonl', 'mimic_ccf', 'codalm'):  # the user's files under manual_dir.
-      self.sources = {
-        split: sources.make_source(
-          name, split, data_dir=cfg.data.manual_dir, on_bad_record=cfg.data.on_bad_record
-        )
-        for split in ['train'] + cfg.eval.splits.split(',')
-      }
+      make = functools.partial(
+        sources.make_source,
+        name,
+        data_dir=cfg.data.manual_dir,
+        on_bad_record=cfg.data.on_bad_record,
+      )
+      self.sources = {'train': make('train')}
+      for split in self.eval_splits:
+        try:
+          self.sources[split] = make(split)
+        except (FileNotFoundError, ValueError) as e:
+          if cfg.eval.splits:
+            raise
+          logging.warning('eval split %r skipped: %s', split, e)
+      self.eval_splits = [s for s in self.eval_splits if s in self.sources]
     else:
       self.sources = {
         split: sources.make_source(
@@ -59,7 +72,10 @@ class RunData:
     self.skips = bad_records.SkipCounter()
     self.shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
     first = eval_batches.make_eval_batches(
-      self.sources['test'], self.processors, batch_size=1, max_prompt_len=cfg.eval.max_prompt_len
+      self.sources[(self.eval_splits or ['train'])[0]],
+      self.processors,
+      batch_size=1,
+      max_prompt_len=cfg.eval.max_prompt_len,
     )
     self.grid = np.asarray(next(first)['image_grid_thw'])[0]  # [3]: (t, h, w) patches.
     self.length_buckets = self._length_buckets()

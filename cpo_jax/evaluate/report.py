@@ -31,7 +31,7 @@ def write_report(report, workdir):
 def evaluate_splits(model, cfg, data):
   """{split: classification metrics (+ a few generated texts)} for the configured splits."""
   graph, out = data.graph, {}
-  for split in cfg.eval.splits.split(','):
+  for split in data.eval_splits:
     predicted, gold, texts = answers.predict_decisions(
       model,
       data.eval_batches(split),
@@ -49,7 +49,8 @@ def evaluate_splits(model, cfg, data):
 def robustness_sections(model, cfg, data):
   """`interference.<kind>.<severity>` (accuracy under that interference) and `drift`
   (answer shift when one concept in the chain is substituted) on `eval.robustness_split`."""
-  split, n = cfg.eval.robustness_split, cfg.eval.robustness_max_examples
+  split = cfg.eval.robustness_split or data.eval_splits[0]
+  n = cfg.eval.robustness_max_examples
   batches = lambda: data.eval_batches(split, max_examples=n)
   kw = dict(processors=data.processors, graph=data.graph, rng_seed=cfg.seed)
   return {
