@@ -36,7 +36,8 @@ class Accumulation(NamedTuple):
   group: int = 1  # rows a micro-batch keeps together (the pair layout's group)
 
 
-def _rows(batch):
+def batch_rows(batch):
+  """Rows (sequences, or pairs) of an SFT or CPO batch."""
   key = 'input_ids' if 'input_ids' in batch else 'chosen_input_ids'
   return batch[key].shape[0]
 
@@ -75,7 +76,7 @@ def check_micro_rows(rows, steps, mesh):
 
 def split_micro(batch, steps, group=1):
   """Host: micro-batch m is the m-th contiguous chunk of this process's rows."""
-  n = _rows(batch)
+  n = batch_rows(batch)
   if n % steps or (n // steps) % group:
     raise ValueError(
       f'a batch of {n} rows per process does not split into {steps} micro-batches '

@@ -110,7 +110,7 @@ def run_stage(
         batch = table.attach(batch, step)
       if stage.accumulation is not None:
         acc = stage.accumulation
-        rows = next(iter(batch.values())).shape[0] * jax.process_count()
+        rows = accumulation.batch_rows(batch) * jax.process_count()
         accumulation.check_micro_rows(rows, acc.steps, mesh)
         batch = accumulation.split_micro(batch, acc.steps, acc.group)
       batch = sharding.global_batch(batch, mesh, micro=stage.accumulation is not None)
