@@ -120,8 +120,7 @@ def sft_accumulation(steps, *, grid, max_completion_len=0):
 def cpo_totals(batch, *, cfg, k=0):
   """The whole batch's pair-weight normaliser and chosen-token count (METHOD.md section 3)."""
   flat = {'source': _flat(batch['source']), 'sample_weight': _flat(batch['sample_weight'])}
-  zeros = jnp.zeros(flat['source'].shape, jnp.float32)
-  _, _, source, sample_weight = objectives.with_device_pairs(zeros, zeros, flat, k)
+  source, sample_weight = objectives.pair_sources(flat, k)
   w = losses.cpo_plus_weights(source, sample_weight, tuple(cfg.source_weights), normalize=False)
   total = jnp.sum(w)
   # Normalised weights w / mean(w) make the loss sum(w l) / sum(w); unnormalised, sum(w l) / N.
@@ -132,17 +131,8 @@ def cpo_totals(batch, *, cfg, k=0):
 
 def cpo_micro_loss(model, batch, totals, *, grid, cfg, **kw):
   pol, ref_c, ref_r, k = objectives.policy_and_reference_logps(model, batch, grid, cfg, **kw)
-  pol_c, ref_c_all, source, sample_weight = objectives.with_device_pairs(
-    pol.chosen, ref_c, batch, k
-  )
-  per_example, _ = losses.preference_loss(
-    pol_c,
-    pol.rejected,
-    ref_c_all,
-    ref_r,
-    beta=cfg.beta,
-    loss_type=cfg.loss_type,
-    label_smoothing=cfg.label_smoothing,
+  per_example, _, _, _, source, sample_weight = objectives.pair_losses(
+    pol, ref_c, ref_r, batch, cfg, k
   )
   w = losses.cpo_plus_weights(source, sample_weight, tuple(cfg.source_weights), normalize=False)
   pref = jnp.sum(w.astype(per_example.dtype) * per_example) / totals['pair_weight']

@@ -123,18 +123,33 @@ def reference_of(policy, reference, logps):
   return jax.lax.stop_gradient(out.chosen), jax.lax.stop_gradient(out.rejected)
 
 
-def with_device_pairs(policy_chosen, ref_chosen, batch, k):
-  """(policy chosen, reference chosen, source, sample_weight) over all (1 + k) n pairs: each
-  device-made pair's chosen side is its batch row's chosen side, its source 'perception'."""
+def pair_sources(batch, k=0):
+  """(source, sample_weight) of all (1 + k) n pairs: device-made pairs are 'perception' pairs
+  of weight 1."""
   source, sample_weight = batch['source'], batch['sample_weight']
   if not k:
-    return policy_chosen, ref_chosen, source, sample_weight
+    return source, sample_weight
   n = source.shape[0]
   source = jnp.concatenate(
     [source, jnp.full((k * n,), device_pairs.PERTURBED_SOURCE, source.dtype)]
   )
-  sample_weight = jnp.concatenate([sample_weight, jnp.ones((k * n,), sample_weight.dtype)])
-  return jnp.tile(policy_chosen, 1 + k), jnp.tile(ref_chosen, 1 + k), source, sample_weight
+  return source, jnp.concatenate([sample_weight, jnp.ones((k * n,), sample_weight.dtype)])
+
+
+def pair_losses(policy, ref_chosen, ref_rejected, batch, cfg, k=0):
+  """Per-pair preference losses of all (1 + k) n pairs and TRL's metrics, with the chosen
+  log-probs as paired (a device-made pair's chosen side is its row's) and `pair_sources`."""
+  pol_c, ref_c = jnp.tile(policy.chosen, 1 + k), jnp.tile(ref_chosen, 1 + k)
+  per_example, metrics = losses.preference_loss(
+    pol_c,
+    policy.rejected,
+    ref_c,
+    ref_rejected,
+    beta=cfg.beta,
+    loss_type=cfg.loss_type,
+    label_smoothing=cfg.label_smoothing,
+  )
+  return per_example, metrics, pol_c, ref_c, *pair_sources(batch, k)
 
 
 def preference_objective(policy, ref_chosen, ref_rejected, batch, cfg, k=0):
@@ -144,15 +159,8 @@ def preference_objective(policy, ref_chosen, ref_rejected, batch, cfg, k=0):
   device-made blocks, each extra pair's chosen side is its batch row's chosen side."""
   n = policy.chosen.shape[0]
   pol_r = policy.rejected
-  pol_c, ref_c, source, sample_weight = with_device_pairs(policy.chosen, ref_chosen, batch, k)
-  per_example, metrics = losses.preference_loss(
-    pol_c,
-    pol_r,
-    ref_c,
-    ref_rejected,
-    beta=cfg.beta,
-    loss_type=cfg.loss_type,
-    label_smoothing=cfg.label_smoothing,
+  per_example, metrics, pol_c, ref_c, source, sample_weight = pair_losses(
+    policy, ref_chosen, ref_rejected, batch, cfg, k
   )
   pref = losses.cpo_plus_loss(
     per_example,
