@@ -161,7 +161,8 @@ def main(argv):
 def summary(report):
   """The headline numbers of a report: accuracy and n per split (and the SFT baseline)."""
   brief = lambda splits: {
-    s: {'accuracy': round(r['accuracy'], 4), 'n': r['n']} for s, r in splits.items()
+    s: {'accuracy': r['accuracy'] and round(r['accuracy'], 4), 'n': r['n']}
+    for s, r in splits.items()
   }
   out = {'stage': report['stage'], 'splits': brief(report['splits'])}
   if 'baseline' in report:

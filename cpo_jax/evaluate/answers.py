@@ -12,15 +12,30 @@ import tqdm
 from cpo_jax import generate as generate_lib
 
 
-def classification_metrics(predicted, gold, class_names):
-  """Accuracy, per-class precision/recall/F1 and the confusion matrix.
-
-  `predicted` holds class indices or -1 for an answer that names no class (always wrong).
-  """
+def decision_accuracy(predicted, gold):
+  """Accuracy over the labelled rows (gold >= 0) only: an unlabelled row (no single gold
+  decision, e.g. a MIMIC study with several findings) is counted apart, never scored; an
+  unparsed answer (-1) is always wrong. Accuracy is None (strict JSON) without labelled rows."""
   predicted, gold = np.asarray(predicted), np.asarray(gold)
+  labelled = gold >= 0
+  n = int(labelled.sum())
+  return {
+    'accuracy': float((predicted[labelled] == gold[labelled]).mean()) if n else None,
+    'n': n,
+    'unparsed': int((predicted[labelled] < 0).sum()),
+    'unlabelled': int((~labelled).sum()),
+  }
+
+
+def classification_metrics(predicted, gold, class_names):
+  """`decision_accuracy` plus per-class precision/recall/F1 and the confusion matrix, all over
+  the labelled rows. `predicted` holds class indices or -1 for an answer that names no class."""
+  predicted, gold = np.asarray(predicted), np.asarray(gold)
+  head = decision_accuracy(predicted, gold)
+  labelled = gold >= 0
   k = len(class_names)
   confusion = np.zeros((k, k + 1), np.int64)  # last column: unparsed.
-  for p, g in zip(predicted, gold):
+  for p, g in zip(predicted[labelled], gold[labelled]):
     confusion[g, p if p >= 0 else k] += 1
   per_class = {}
   for i, name in enumerate(class_names):
@@ -36,12 +51,9 @@ def classification_metrics(predicted, gold, class_names):
       'f1': float(f1),
       'support': int(confusion[i].sum()),
     }
-  n = len(gold)
   return {
-    'n': int(n),
-    'accuracy': float((predicted == gold).mean()) if n else float('nan'),
-    'macro_f1': float(np.mean([c['f1'] for c in per_class.values()])),
-    'unparsed': int((predicted < 0).sum()),
+    **head,
+    'macro_f1': float(np.mean([c['f1'] for c in per_class.values()])) if head['n'] else None,
     'per_class': per_class,
     'confusion': confusion.tolist(),
   }

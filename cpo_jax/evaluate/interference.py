@@ -119,14 +119,6 @@ def _perturbed_batches(batches, kind, severity, key, *, layout, donors):
     yield batch
 
 
-def _accuracy_cell(predicted, gold):
-  return {
-    'accuracy': float(np.mean(predicted == gold)) if len(gold) else None,
-    'n': int(len(gold)),
-    'unparsed': int((predicted < 0).sum()),
-  }
-
-
 def interference_details(
   model,
   batches_fn: Callable[[], Iterable[dict]],
@@ -164,7 +156,7 @@ def interference_details(
     max_new_tokens=max_new_tokens,
   )
   predicted, gold, texts = decode(batches_fn(), desc='interference: none')
-  report = {'none': {'0': _accuracy_cell(predicted, gold)}}
+  report = {'none': {'0': answers.decision_accuracy(predicted, gold)}}
   key = jax.random.key(rng_seed)
   for kind in (k for k in kinds if k in PERCEPTION_KINDS):
     report[kind] = {}
@@ -178,7 +170,7 @@ def interference_details(
         batches_fn(), kind, severity, cell_key, layout=layout, donors=donors
       )
       predicted, gold, _ = decode(batches, desc=f'interference: {kind} {severity}')
-      cell = _accuracy_cell(predicted, gold)
+      cell = answers.decision_accuracy(predicted, gold)
       if kind == 'image_swap':
         cell['follows_donor'] = mean_or_none(predicted == np.asarray(donors)) if donors else None
       report[kind][str(severity)] = cell

@@ -25,10 +25,10 @@ def plot_accuracy(report, path):
   fig, ax = plt.subplots(figsize=(3 + 1.5 * len(names), 3.5))
   for j, (label, splits) in enumerate(runs):
     xs = np.arange(len(names)) + (j - (len(runs) - 1) / 2) * width
-    values = [splits[s]['accuracy'] for s in names]
-    ax.bar(xs, values, width, label=label)
+    values = [splits[s]['accuracy'] for s in names]  # None: a split without labelled rows
+    ax.bar(xs, [v or 0.0 for v in values], width, label=label)
     for x, v in zip(xs, values):
-      ax.text(x, v + 0.01, f'{v:.2f}', ha='center', fontsize=8)
+      ax.text(x, (v or 0.0) + 0.01, 'n/a' if v is None else f'{v:.2f}', ha='center', fontsize=8)
   ax.axhline(report['chance_accuracy'], color='gray', ls='--', lw=1, label='chance')
   ax.set_xticks(np.arange(len(names)), names)
   ax.set_ylim(0, 1.1)
