@@ -13,6 +13,7 @@ import numpy as np
 from cpo_jax import models
 from cpo_jax import sharding
 from cpo_jax.data import datasets
+from cpo_jax.data import processors
 from cpo_jax.models import hf_io
 from cpo_jax.train import accumulation
 from cpo_jax.train import device_pairs
@@ -76,7 +77,7 @@ def plan(cfg, stage='cpo_plus'):
   """Compiles `stage`'s train step for the configured preset and mesh; returns a summary."""
   mesh = sharding.make_mesh(cfg.mesh.shape)
   cfg = stages.resolve_accumulation(cfg, mesh)
-  side = cfg.data.image_size // 28 * 2  # 14 px patches, merged 2x2: whole merge windows.
+  side = processors.static_image_side(cfg.data.image_size) // 14  # patches per side
   grid = np.array([1, side, side])
   num_perturbations = len(device_pairs.parse_device_perturbations(cfg.cpo.device_perturbations))
   pair_layout = None

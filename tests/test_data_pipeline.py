@@ -321,6 +321,29 @@ def test_fast_image_path_equals_transformers_processor(proc, train):
   assert pv.shape == (64, 1176) and grid.tolist() == [1, 8, 8]
 
 
+def test_images_of_any_size_and_aspect_reach_the_static_grid_at_512(tmp_path, caplog):
+  # The paper's 512 px is not a multiple of 28: it becomes 504 (Qwen's smart_resize rounding),
+  # with a note, and every image, whatever its size, aspect or mode, gets the same grid.
+  with caplog.at_level("WARNING"):
+    proc512 = processors.make_processors(str(tmp_path / "tok"), image_size=512)
+  assert proc512.image_size == 504 and "resized to 504 x 504" in caplog.text
+  rng = np.random.default_rng(0)
+  shapes = [(600, 480, 3), (300, 900, 3), (504, 504, 3), (1024, 1024), (64, 96, 4)]
+  for shape in shapes:
+    arr = rng.integers(0, 256, shape, dtype=np.uint8)
+    img = Image.fromarray(arr)
+    pv, grid = proc512.image_inputs(img)
+    assert grid.tolist() == [1, 36, 36] and pv.shape == (36 * 36, 1176), shape
+    square = img.convert("RGB").resize((504, 504), Image.BICUBIC)
+    ref_pv, ref_grid = proc512.image_inputs_reference(square)
+    np.testing.assert_allclose(pv, ref_pv, atol=1e-5)
+    np.testing.assert_array_equal(grid, ref_grid)
+  # Evidence boxes follow the resize; a whole-image box stays the whole square.
+  wide = Image.fromarray(rng.integers(0, 256, (300, 900, 3), dtype=np.uint8))
+  boxes = proc512.boxes_for([[0, 0, 900, 300], [450, 150, 900, 300]], wide)
+  assert boxes.tolist() == [[0, 0, 504, 504], [252, 252, 504, 504]]
+
+
 @pytest.mark.parametrize("kind", ["none", "synonym", "contradict"])
 def test_probe_batches(proc, kind):
   g = load_graph("driving")

@@ -39,7 +39,7 @@ def _eval_row_from_pair(rec, proc: Processors, graph: ConceptGraph, max_prompt_l
     d = graph.parse_decision(rec["chosen"])
     decision = -1 if d is None else graph.decision_id(d)
   a, _ = free_text.parse_report(graph, rec["chosen"])
-  S = proc.image_size or 0
+  S = proc.image_size
   return {
     "input_ids": ids,
     "attention_mask": attn,

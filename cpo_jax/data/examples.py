@@ -168,7 +168,7 @@ def swift_cpo_example(i: int, *, source, proc: Processors, max_len: int):
   rec = source[i]  # raises BadRecordError itself
   (c, c_pv, grid, c_len) = _swift_side(proc, rec, "", max_len)
   (r, r_pv, _, r_len) = _swift_side(proc, rec, "rejected_", max_len, want_grid=grid)
-  S = proc.image_size or 0
+  S = proc.image_size
   return {
     "chosen_input_ids": c[0],
     "chosen_attention_mask": c[1],

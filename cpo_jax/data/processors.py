@@ -1,7 +1,9 @@
 """The run's tokenizer and image processor: images -> patches, texts -> chat-templated ids.
 
 min_pixels == max_pixels keeps every image at one patch grid, so batches have static shapes;
-other sizes are resized to that square first (and their evidence boxes with them).
+images of any size and aspect ratio are resized to that square first (and their evidence boxes
+with them), as the paper's runs resized to 512 x 512. The square's side is a multiple of 28
+(14 px patches merged 2 x 2), rounded like Qwen2.5-VL's own `smart_resize`: 512 -> 504.
 """
 
 from __future__ import annotations
@@ -13,11 +15,20 @@ import json
 import os
 from typing import Any
 
+from absl import logging
 import numpy as np
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from cpo_jax.data import tokenizer as tok_lib
+
+PATCH_MULTIPLE = 28  # patch 14 x merge 2: the grid is whole merge windows.
+
+
+def static_image_side(image_size: int) -> int:
+  """The square side a configured `data.image_size` becomes: the nearest multiple of 28 (the
+  rounding of Qwen2.5-VL's smart_resize), at least 28."""
+  return max(PATCH_MULTIPLE, round(int(image_size) / PATCH_MULTIPLE) * PATCH_MULTIPLE)
 
 
 @dataclasses.dataclass
@@ -26,46 +37,38 @@ class Processors:
   image_processor: Any
   ids: dict[str, int]
 
-  image_size: int | None = None  # square size the processor keeps (min_pixels == max_pixels)
+  image_size: int  # square side every image is resized to (min_pixels == max_pixels)
 
   def image_inputs(self, image) -> tuple[np.ndarray, np.ndarray]:
-    """PNG bytes / PIL / uint8 array -> (pixel_values [P,1176] float32, grid_thw [3] int32)."""
+    """PNG/JPEG bytes / PIL / uint8 array -> (pixel_values [P,1176] float32, grid_thw [3] int32)."""
     if isinstance(image, (bytes, np.bytes_)):
-      image = Image.open(io.BytesIO(image)).convert("RGB")
+      image = Image.open(io.BytesIO(image))
+    pil = image if isinstance(image, Image.Image) else None
     arr = np.asarray(image)
+    if arr.shape != (self.image_size, self.image_size, 3) or arr.dtype != np.uint8:
+      # Other sizes/aspects (and grey or RGBA images) become the RGB square first: one patch
+      # grid for every batch (static shapes). A native aspect ratio would need grid buckets.
+      pil = (pil or Image.fromarray(arr)).convert("RGB")
+      arr = np.asarray(pil.resize((self.image_size, self.image_size), Image.BICUBIC))
+    # At the target size the processor's resize is the identity, so only rescale + normalize +
+    # HF's own patchify remain (~10x faster than calling it; equal to it, tested).
     ip = self.image_processor
-    if self.image_size is not None and arr.shape[:2] != (self.image_size, self.image_size):
-      # Other sizes/aspects are resized to the square first: one patch grid for every batch
-      # (static shapes). Keeping a native aspect ratio would need image-size buckets.
-      pil = image if isinstance(image, Image.Image) else Image.fromarray(arr)
-      arr = np.asarray(pil.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC))
-    if (
-      self.image_size is not None
-      and arr.shape == (self.image_size, self.image_size, 3)
-      and arr.dtype == np.uint8
-    ):
-      # Fast path (~10x): at the target size the processor's resize is the identity, so only
-      # rescale + normalize + HF's own patchify remain. Equal to the processor (tested).
-      x = arr.transpose(2, 0, 1).astype(np.float64) * ip.rescale_factor
-      x = (
-        x.astype(np.float32) - np.asarray(ip.image_mean, np.float32)[:, None, None]
-      ) / np.asarray(ip.image_std, np.float32)[:, None, None]
-      pv, gh, gw = ip.patchify(
-        x,
-        patch_size=ip.patch_size,
-        merge_size=ip.merge_size,
-        temporal_patch_size=ip.temporal_patch_size,
-      )
-      return np.ascontiguousarray(pv, np.float32), np.array([1, gh, gw], np.int32)
-    out = ip(images=image, return_tensors="np")
-    return out["pixel_values"].astype(np.float32), out["image_grid_thw"][0].astype(np.int32)
+    x = arr.transpose(2, 0, 1).astype(np.float64) * ip.rescale_factor
+    x = (x.astype(np.float32) - np.asarray(ip.image_mean, np.float32)[:, None, None]) / np.asarray(
+      ip.image_std, np.float32
+    )[:, None, None]
+    pv, gh, gw = ip.patchify(
+      x,
+      patch_size=ip.patch_size,
+      merge_size=ip.merge_size,
+      temporal_patch_size=ip.temporal_patch_size,
+    )
+    return np.ascontiguousarray(pv, np.float32), np.array([1, gh, gw], np.int32)
 
   def boxes_for(self, boxes, image) -> np.ndarray:
     """Evidence boxes [C, 4] (x0, y0, x1, y1) given in the source image's pixels -> pixels of
     the processed image (`image_inputs` resizes other sizes to image_size x image_size)."""
     boxes = np.asarray(boxes, np.int32)
-    if self.image_size is None:
-      return boxes
     if isinstance(image, (bytes, np.bytes_)):
       with Image.open(io.BytesIO(image)) as im:  # reads the header only
         width, height = im.size
@@ -121,14 +124,23 @@ class Processors:
 def make_processors(tokenizer_dir: str | None = None, image_size: int = 112) -> Processors:
   """(tokenizer, image processor) bundle. Builds + saves the synthetic tokenizer when
   `tokenizer_dir` is None or has no tokenizer yet; loads it (or a HF Qwen2.5-VL dir) otherwise.
-  min_pixels = max_pixels = image_size**2 keeps every image at the same patch grid."""
+  min_pixels = max_pixels = side**2 keeps every image at the same patch grid, side =
+  `static_image_side(image_size)` (a note is logged when that differs from image_size)."""
   if tokenizer_dir and os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
     tok = tok_lib.load_tokenizer(tokenizer_dir)
   else:
     tok = tok_lib.build_tokenizer()
     if tokenizer_dir:
       tok_lib.save_tokenizer(tok, tokenizer_dir)
-  ip = Qwen2VLImageProcessorPil(
-    min_pixels=image_size * image_size, max_pixels=image_size * image_size
-  )
-  return Processors(tok, ip, tok_lib.special_ids(tok), image_size if image_size % 28 == 0 else None)
+  side = static_image_side(image_size)
+  if side != image_size:
+    logging.warning(
+      'data.image_size=%d is not a multiple of %d (14 px patches merged 2 x 2): images are '
+      'resized to %d x %d, as Qwen2.5-VL itself would.',
+      image_size,
+      PATCH_MULTIPLE,
+      side,
+      side,
+    )
+  ip = Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=side * side)
+  return Processors(tok, ip, tok_lib.special_ids(tok), side)
