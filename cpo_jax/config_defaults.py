@@ -114,8 +114,11 @@ def base_config(arg, *, domain, data):
   c.eval.splits = ''  # '' = the dataset's own (data.sources.EVAL_SPLITS), or e.g. 'test,ood'
   c.eval.max_examples = 256
   c.eval.batch_size = 32
-  c.eval.max_prompt_len = 64  # eval prompts are left-padded to this (static) length.
-  c.eval.max_new_tokens = 48
+  # Static eval shapes; 0 sizes them to the eval data: prompts to the longest one, new tokens
+  # to the longest gold answer plus a quarter (at least 16). Answers cut by a set max_new_tokens
+  # are counted as `truncated` in the report.
+  c.eval.max_prompt_len = 0
+  c.eval.max_new_tokens = 0
   # Interference curves and the drift probe (METHOD.md section 5) on one split.
   c.eval.robustness = True
   c.eval.robustness_split = ''  # '' = the first eval split
@@ -154,8 +157,6 @@ def paper_recipe(c):
   c.model.remat = 'full'
   c.data.max_len = 2048
   c.data.image_size = 504
-  c.eval.max_prompt_len = 512
-  c.eval.max_new_tokens = 512  # report-length chains are never cut
   c.sft.trainable = 'lora'
   c.sft.num_steps = 660
   c.sft.batch_size = 240

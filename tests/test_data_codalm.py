@@ -416,3 +416,11 @@ def test_codalm_bad_records_skip_by_reason_or_raise_naming_file_and_field(tmp_pa
     sources.make_source(
       "codalm", "train", data_dir=str(tmp_path), prepared_dir=str(tmp_path / "prep2")
     )
+
+
+def test_a_codalm_set_whose_records_are_all_bad_stops_at_once_with_the_counts(tmp_path):
+  _write(tmp_path)
+  for jpg in tmp_path.glob("*/images/*.jpg"):
+    jpg.unlink()
+  with pytest.raises(bad_records.TooManySkipsError, match=r"split 'train'.*'bad_image': 3"):
+    sources.make_source("codalm", "train", data_dir=str(tmp_path), on_bad_record="skip")

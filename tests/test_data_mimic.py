@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from cpo_jax import config_defaults
 from cpo_jax.data import bad_records
 from cpo_jax.data import datasets
 from cpo_jax.data import eval_batches
@@ -17,6 +18,7 @@ from cpo_jax.data import mimic_files
 from cpo_jax.data import pairs as pairs_lib
 from cpo_jax.data import processors
 from cpo_jax.data import sources
+from cpo_jax.data import streams
 from cpo_jax.data import tokenizer as tok_lib
 from cpo_jax.knowledge import load_graph
 
@@ -162,7 +164,7 @@ def test_mimic_prepares_and_feeds_sft_cpo_eval(proc, tmp_path):
   (b,) = list(eval_batches.make_eval_batches(test, proc, batch_size=2, max_prompt_len=64))
   assert b["input_ids"].shape == (2, 64) and b["valid"].tolist() == [True, False]
   assert b["decision"][0] == g.decision_id("no_finding")
-  with pytest.raises(ValueError, match="no split 'ood'"):
+  with pytest.raises(ValueError, match="no usable record in split 'ood'"):
     sources.make_source("mimic_ccf", "ood", data_dir=str(tmp_path))
 
 
@@ -208,7 +210,8 @@ def test_mimic_bad_records_skip_by_reason_or_raise_naming_record_and_field(tmp_p
     "missing_label": 1,
   }
   assert len(src) == 5  # the train records survive
-  with pytest.raises(ValueError, match="no split 'validate'"):  # its only record had no image
+  # validate's only record had no image: the split stops with the counts (not skipped quietly)
+  with pytest.raises(bad_records.TooManySkipsError, match="no usable record in split 'validate'"):
     sources.make_source(
       "mimic_ccf",
       "validate",
@@ -262,3 +265,17 @@ def test_mimic_undecodable_image_is_a_bad_record(tmp_path):
   assert (
     src.skipped == {"bad_image": 1} and len(src) == 2
   )  # record 0's two thinking rows, no perception row
+
+
+def test_a_mimic_set_whose_records_are_all_bad_stops_at_once_with_the_counts(tmp_path):
+  root = tmp_path / "m"
+  root.mkdir()
+  _write(root)
+  for jpg in root.glob("files/**/*.jpg"):
+    jpg.unlink()
+  cfg = config_defaults.base_config("data=mimic_ccf", domain="medical", data="synth_cxr")
+  cfg.data.manual_dir, cfg.data.on_bad_record = str(root), "skip"
+  with pytest.raises(
+    bad_records.TooManySkipsError, match=r"split 'train'.*'bad_image': 4.*first records"
+  ):
+    streams.RunData(cfg, str(tmp_path / "work"))

@@ -3,7 +3,10 @@
 import json
 import shutil
 
+from conftest import SMALL_RUN
+from conftest import cli_config
 import numpy as np
+from PIL import Image
 import pytest
 
 from cpo_jax import config_defaults
@@ -255,3 +258,75 @@ def test_a_run_takes_the_datasets_eval_splits_and_skips_a_missing_one(tmp_path, 
   cfg.eval.splits = 'test,ood'  # asked for by name: a missing one is an error
   with pytest.raises(FileNotFoundError, match='ood.jsonl'):
     streams.RunData(cfg, str(tmp_path / 'work'))
+
+
+def _free_text_set(root, n=6, *, bad=False):
+  """An ms-swift set (jsonl text; images written under root) the way a user's own data is:
+  report-style words the concept graph has never seen, images of assorted sizes by relative
+  path (`bad`: paths that do not exist)."""
+  (root / "imgs").mkdir(exist_ok=True)
+  rng = np.random.default_rng(0)
+  lines = []
+  for i in range(n):
+    shape = (40 + 8 * i, 64, 3)
+    img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+    img.save(root / "imgs" / f"{i}.jpg")
+    finding = ["Cardiomegaly", "Pneumothorax", "Lung Lesion"][i % 3]  # the last: no graph decision
+    report = f"Mild enlargement of the cardiac silhouette; study {i} shows no acute osseous change."
+    lines.append(
+      {
+        "messages": [
+          {"role": "user", "content": "<image>Describe the radiograph, then diagnose."},
+          {"role": "assistant", "content": f"<think> {report} </think> The answer is {finding}."},
+        ],
+        "images": [f"imgs/{i}.jpg" if not bad else f"missing/{i}.jpg"],
+        "rejected_response": f"<think> {report} Bilateral effusions. </think> The answer is Edema.",
+      }
+    )
+  return "\n".join(json.dumps(r) for r in lines) + "\n"
+
+
+def _byod_config(manual_dir, *overrides):
+  return cli_config(
+    "configs/medical.py:data=swift_jsonl",
+    *SMALL_RUN,
+    f"--config.data.manual_dir={manual_dir}",
+    "--config.data.on_bad_record=skip",
+    *overrides,
+  )
+
+
+@pytest.mark.parametrize("with_test_split", [False, True])
+def test_own_data_runs_first_time_with_a_random_init_preset(tmp_path, with_test_split):
+  # The issue's new user: the README command on an ms-swift set, nothing else set. Before,
+  # every record was an `unknown_token` skip and the run hung.
+  from cpo_jax import main
+
+  text = _free_text_set(tmp_path)
+  (tmp_path / "train.jsonl").write_text(text)
+  if with_test_split:
+    (tmp_path / "test.jsonl").write_text(text)
+  cfg = _byod_config(tmp_path)
+  report = main.run(cfg, str(tmp_path / "work"))
+  tok = processors.make_processors(str(tmp_path / "work" / "data" / "tokenizer")).tokenizer
+  for line in text.splitlines():  # the user's words are in the vocabulary
+    rec = json.loads(line)
+    for words in [m["content"] for m in rec["messages"]] + [rec["rejected_response"]]:
+      assert tok.unk_token_id not in tok(words.replace("<image>", ""))["input_ids"], words
+  if not with_test_split:
+    assert report["splits"] == {}
+    return
+  split = report["splits"]["test"]
+  assert split["skipped"] == {} and (split["n"], split["unlabelled"]) == (4, 2)
+
+
+@pytest.mark.parametrize("stream", ["train", "eval"])
+def test_a_set_whose_records_are_all_bad_stops_at_once_with_the_counts(tmp_path, stream):
+  from cpo_jax import main
+
+  good, bad = _free_text_set(tmp_path), _free_text_set(tmp_path, bad=True)
+  (tmp_path / "train.jsonl").write_text(good if stream == "eval" else bad)
+  (tmp_path / "test.jsonl").write_text(bad if stream == "eval" else good)
+  cfg = _byod_config(tmp_path)
+  with pytest.raises(bad_records.TooManySkipsError, match=r"6 of the first 6 .*'bad_image': 6"):
+    main.run(cfg, str(tmp_path / "work"))

@@ -3,11 +3,11 @@
 import json
 import os
 
-from absl import flags
+from conftest import SMALL_RUN
+from conftest import cli_config
 from flax import nnx
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 import numpy as np
 import pytest
 from tbparse import SummaryReader
@@ -19,28 +19,7 @@ from cpo_jax import sharding
 
 
 def _config(workdir, *overrides):
-  argv = [
-    'prog',
-    '--config=configs/driving.py',
-    f'--workdir={workdir}',
-    '--config.sft.num_steps=4',
-    '--config.cpo.num_steps=2',
-    '--config.sft.batch_size=8',
-    '--config.cpo.batch_size=8',
-    '--config.log_every_steps=1',
-    '--config.checkpoint.every_steps=2',
-    '--config.data.num_examples.train=32',
-    '--config.data.num_examples.test=8',
-    '--config.data.num_examples.ood=8',
-    '--config.eval.batch_size=8',
-    '--config.eval.max_new_tokens=8',
-    '--config.eval.robustness_max_examples=8',
-    *overrides,
-  ]
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', flag_values=fv, sys_argv=argv)
-  fv(argv, known_only=True)
-  return fv.config
+  return cli_config('configs/driving.py', f'--workdir={workdir}', *SMALL_RUN, *overrides)
 
 
 def _rows(workdir):

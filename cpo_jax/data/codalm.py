@@ -61,6 +61,7 @@ from cpo_jax.data.bad_records import BadRecordPolicy
 from cpo_jax.data.manual_tfds import ManualBuilder
 from cpo_jax.data.manual_tfds import as_str as _s
 from cpo_jax.data.manual_tfds import load_thumbnails
+from cpo_jax.data.manual_tfds import missing_split_error
 from cpo_jax.data.manual_tfds import prepare_manual
 from cpo_jax.data.manual_tfds import text as _text
 from cpo_jax.data.manual_tfds import thumbnail_feature
@@ -291,10 +292,7 @@ def data_source(
   builder, report = prepare_manual(Codalm, manual_dir, prepared_dir, on_bad_record, _sidecar)
   s = SPLITS[split].lower()
   if s not in builder.info.splits:
-    raise ValueError(
-      f"codalm: split {split!r} (CODA-LM/{SPLITS[split]}) is not in {manual_dir} or has no usable "
-      f"record (prepared: {sorted(builder.info.splits)})"
-    )
+    raise missing_split_error(f"codalm (CODA-LM/{SPLITS[split]})", split, builder, report)
   return CodalmSource(builder.as_data_source(split=s), s, report, load_thumbnails(builder, s))
 
 

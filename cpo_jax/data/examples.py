@@ -20,7 +20,7 @@ from cpo_jax.data.processors import Processors
 from cpo_jax.knowledge.graph import ConceptGraph
 
 
-def _read(source, i: int) -> dict[str, Any]:
+def read_record(source, i: int) -> dict[str, Any]:
   """source[i] with the fields every transform needs checked (missing field, empty chain)."""
   rid = f"{source!r}[{i}]"
   try:
@@ -38,7 +38,7 @@ def _read(source, i: int) -> dict[str, Any]:
 _REQUIRED = ("image", "question", "chain", "answer", "decision", "concepts", "index")
 
 
-def _image(proc: Processors, image, rid: str, want_grid=None):
+def checked_image(proc: Processors, image, rid: str, want_grid=None):
   try:
     pv, grid = proc.image_inputs(image)
   except Exception as e:
@@ -54,9 +54,9 @@ def _image(proc: Processors, image, rid: str, want_grid=None):
 
 
 def sft_example(i: int, *, source, proc: Processors, max_len: int):
-  rec = _read(source, i)
+  rec = read_record(source, i)
   rid = f"{source!r}[{i}]"
-  pv, grid = _image(proc, rec["image"], rid)
+  pv, grid = checked_image(proc, rec["image"], rid)
   prompt = proc.prompt_ids(pairs_lib.as_text(rec["question"]), proc.num_image_tokens(grid))
   ids, attn, loss = pack_right(
     prompt,
@@ -90,7 +90,7 @@ def cpo_example(
   thinking_fraction: float,
   perception_mode: str,
 ):
-  rec = _read(source, i)
+  rec = read_record(source, i)
   rid = f"{source!r}[{i}]"
   pair = pairs_lib.make_pair(
     rec,
@@ -102,11 +102,11 @@ def cpo_example(
     thinking_fraction=thinking_fraction,
     perception_mode=perception_mode,
   )
-  c_pv, grid = _image(proc, pair["chosen_image"], rid)
+  c_pv, grid = checked_image(proc, pair["chosen_image"], rid)
   if pair["source"] == pairs_lib.SOURCE_IDS["thinking"]:
     r_pv = c_pv
   else:
-    r_pv = _image(
+    r_pv = checked_image(
       proc,
       pair["rejected_image"],
       f"{source!r}[{pair['rejected_index']}] (rejected image for {i})",
@@ -149,7 +149,7 @@ def cpo_example(
 
 
 def _swift_side(proc: Processors, rec, prefix: str, max_len: int, want_grid=None):
-  pv, grid = _image(proc, rec[f"{prefix}image"], rec["record_id"], want_grid)
+  pv, grid = checked_image(proc, rec[f"{prefix}image"], rec["record_id"], want_grid)
   msgs = rec[f"{prefix}prompt_messages"]
   prompt = proc.prompt_ids_from_json(json.dumps(msgs), proc.num_image_tokens(grid))
   text = rec["chosen"] if prefix == "" else rec["rejected"]

@@ -17,6 +17,7 @@ import socket
 import numpy as np
 import tensorflow_datasets as tfds
 
+from cpo_jax.data.bad_records import TooManySkipsError
 from cpo_jax.data.pairs import THUMB
 
 
@@ -85,6 +86,22 @@ def prepare_manual(
       json.dump(report, f)
   with open(report_path) as f:
     return builder, json.load(f)
+
+
+def missing_split_error(dataset: str, split: str, builder, report) -> ValueError:
+  """The error for a split the prepared files lack. When preparing skipped records, it may be
+  that all of its records were bad: stop with the counts by reason and the first records (a
+  TooManySkipsError, never taken for an optional split the user's files do not have)."""
+  where = (
+    f"{dataset} has no usable record in split {split!r} (prepared: {sorted(builder.info.splits)})"
+  )
+  if report["skipped"]:
+    return TooManySkipsError(
+      f"{where}; preparing the files skipped {sum(report['skipped'].values())} records: "
+      f"{report['skipped']}; first records: {report['skipped_examples']}. Fix the files, or "
+      "prepare with data.on_bad_record='raise' to see the first error in full."
+    )
+  return ValueError(where)
 
 
 def _thumbnails_path(builder, split: str) -> str:

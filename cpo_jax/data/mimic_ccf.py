@@ -45,9 +45,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from cpo_jax.data.bad_records import BadRecordPolicy
+from cpo_jax.data.bad_records import TooManySkipsError
 from cpo_jax.data.manual_tfds import ManualBuilder
 from cpo_jax.data.manual_tfds import as_str as _s
 from cpo_jax.data.manual_tfds import load_thumbnails
+from cpo_jax.data.manual_tfds import missing_split_error
 from cpo_jax.data.manual_tfds import prepare_manual
 from cpo_jax.data.manual_tfds import text as _text
 from cpo_jax.data.manual_tfds import thumbnail_feature
@@ -95,9 +97,10 @@ with tfds.core.registered.skip_registration():
       self.policy = BadRecordPolicy(self.builder_config.name)
       self.per_split = examples(str(dl_manager.manual_dir), self.policy)
       if not self.per_split:
-        raise ValueError(
-          f"mimic_ccf: no usable record in {dl_manager.manual_dir} "
-          f"(skipped: {dict(self.policy.counts)})"
+        raise TooManySkipsError(
+          f"mimic_ccf: no usable record in split 'train' or any other of "
+          f"{dl_manager.manual_dir}: skipped {dict(self.policy.counts)}; first records: "
+          f"{dict(self.policy.examples)}"
         )
       return {s: self._generate_examples(exs) for s, exs in self.per_split.items()}
 
@@ -142,10 +145,7 @@ def data_source(
   split = SPLIT_ALIASES.get(split, split)
   builder, report = prepare_manual(MimicCcf, manual_dir, prepared_dir, on_bad_record, _sidecar)
   if split not in builder.info.splits:
-    raise ValueError(
-      f"mimic_ccf has no split {split!r} here (splits: {sorted(builder.info.splits)}; "
-      f"names: {sorted(SPLIT_ALIASES)})"
-    )
+    raise missing_split_error("mimic_ccf", split, builder, report)
   view = view or ("pairs" if split == "train" else "records")
   return MimicCcfSource(
     builder.as_data_source(split=split),

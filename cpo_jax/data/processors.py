@@ -88,6 +88,12 @@ class Processors:
     out = self.image_processor(images=image, return_tensors="np")
     return out["pixel_values"].astype(np.float32), out["image_grid_thw"][0].astype(np.int32)
 
+  @property
+  def static_grid(self) -> np.ndarray:
+    """[3] (t, h, w) patches of every processed image."""
+    side = self.image_size // self.image_processor.patch_size
+    return np.array([1, side, side], np.int32)
+
   def num_image_tokens(self, grid_thw) -> int:
     m = self.image_processor.merge_size
     return int(np.prod(grid_thw)) // (m * m)
@@ -121,15 +127,18 @@ class Processors:
     return id(self)
 
 
-def make_processors(tokenizer_dir: str | None = None, image_size: int = 112) -> Processors:
+def make_processors(
+  tokenizer_dir: str | None = None, image_size: int = 112, extra_texts=None
+) -> Processors:
   """(tokenizer, image processor) bundle. Builds + saves the synthetic tokenizer when
   `tokenizer_dir` is None or has no tokenizer yet; loads it (or a HF Qwen2.5-VL dir) otherwise.
   min_pixels = max_pixels = side**2 keeps every image at the same patch grid, side =
-  `static_image_side(image_size)` (a note is logged when that differs from image_size)."""
+  `static_image_side(image_size)` (a note is logged when that differs from image_size).
+  `extra_texts`: a callable giving more texts whose words a newly built tokenizer covers."""
   if tokenizer_dir and os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
     tok = tok_lib.load_tokenizer(tokenizer_dir)
   else:
-    tok = tok_lib.build_tokenizer()
+    tok = tok_lib.build_tokenizer(extra_texts() if extra_texts else ())
     if tokenizer_dir:
       tok_lib.save_tokenizer(tok, tokenizer_dir)
   side = static_image_side(image_size)

@@ -11,7 +11,7 @@ import os
 
 from absl import logging
 import jax
-import numpy as np
+import tqdm
 
 from cpo_jax.data import bad_records
 from cpo_jax.data import datasets
@@ -33,11 +33,6 @@ class RunData:
       raise ValueError(f'config.data.name={name!r} is not available; known: {DATASETS}.')
     self.graph = load_graph(cfg.domain)
     data_dir = cfg.data.data_dir or os.path.join(workdir, 'data')
-    # A Hugging Face checkpoint brings its own tokenizer; synthetic runs build one.
-    tokenizer_dir = cfg.model.init_from or os.path.join(data_dir, 'tokenizer')
-    self.processors = processors.make_processors(
-      tokenizer_dir=tokenizer_dir, image_size=cfg.data.image_size
-    )
     # The dataset's own eval splits unless the config names some; a split the dataset offers
     # but the user's files lack is skipped with a note, one the config asks for is an error.
     self.eval_splits = [s for s in (cfg.eval.splits or sources.EVAL_SPLITS[name]).split(',') if s]
@@ -52,6 +47,8 @@ class RunData:
       for split in self.eval_splits:
         try:
           self.sources[split] = make(split)
+        except bad_records.TooManySkipsError:
+          raise  # the split exists but its records were all bad: never skipped quietly
         except (FileNotFoundError, ValueError) as e:
           if cfg.eval.splits:
             raise
@@ -69,15 +66,20 @@ class RunData:
         )
         for split, n in cfg.data.num_examples.items()
       }
+    # A Hugging Face checkpoint brings its own tokenizer; a random-init preset builds one over
+    # the domain's words and, for the user's own records, theirs (so a CPU smoke run on one's
+    # own data does not skip every record as `unknown_token`).
+    tokenizer_dir = cfg.model.init_from or os.path.join(data_dir, 'tokenizer')
+    user_data = name in ('swift_jsonl', 'mimic_ccf', 'codalm') and not cfg.model.init_from
+    self.processors = processors.make_processors(
+      tokenizer_dir=tokenizer_dir,
+      image_size=cfg.data.image_size,
+      extra_texts=(lambda: record_texts(self.sources)) if user_data else None,
+    )
     self.skips = bad_records.SkipCounter()
     self.shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
-    first = eval_batches.make_eval_batches(
-      self.sources[(self.eval_splits or ['train'])[0]],
-      self.processors,
-      batch_size=1,
-      max_prompt_len=cfg.eval.max_prompt_len,
-    )
-    self.grid = np.asarray(next(first)['image_grid_thw'])[0]  # [3]: (t, h, w) patches.
+    self.grid = self.processors.static_grid  # [3]: (t, h, w) patches of every image.
+    self.eval_prompt_len, self.max_new_tokens = self._eval_lengths()
     self.length_buckets = self._length_buckets()
     # Grouped pairs let the step encode a thinking pair's image once; pairs given by the
     # records (swift_jsonl, mimic_ccf, codalm) come in their own order.
@@ -89,6 +91,35 @@ class RunData:
       if grouped
       else None
     )
+
+  def _eval_lengths(self):
+    """(eval prompt length, max new tokens): the config's, or sized to the eval data when 0,
+    so a report-length chain is never cut (a cut answer is counted as `truncated`)."""
+    c, d = self.cfg.eval, self.cfg.data
+    longest = [
+      eval_batches.eval_lengths(
+        self.sources[s],
+        self.processors,
+        max_examples=c.max_examples or None,
+        max_prompt_len=c.max_prompt_len or None,
+        on_bad_record=d.on_bad_record,
+        max_skipped_share=d.max_skipped_share,
+      )
+      for s in self.eval_splits
+    ]
+    prompt = max((p for p, _ in longest), default=0)
+    completion = max((q for _, q in longest), default=0)
+    prompt_len = c.max_prompt_len or _round_up(max(prompt, 1), 16)
+    # Headroom over the longest gold answer: a model may say more than its reference.
+    max_new = c.max_new_tokens or _round_up(completion + max(16, completion // 4), 16)
+    if completion > max_new:
+      logging.warning(
+        'eval.max_new_tokens=%d < the longest gold completion of the eval splits (%d tokens): '
+        'such answers are cut (counted as truncated in the report); 0 sizes it to the data.',
+        max_new,
+        completion,
+      )
+    return prompt_len, max_new
 
   def _length_buckets(self):
     c = self.cfg
@@ -142,15 +173,19 @@ class RunData:
       **self.shard,
     )
 
-  def eval_batches(self, split, max_examples=None):
+  def eval_batches(self, split, max_examples=None, skips=None):
+    """Eval batches of `split`; bad records follow data.on_bad_record, skips go to `skips`."""
     c = self.cfg
     return eval_batches.make_eval_batches(
       self.sources[split],
       self.processors,
       batch_size=c.eval.batch_size,
-      max_prompt_len=c.eval.max_prompt_len,
+      max_prompt_len=self.eval_prompt_len,
       max_examples=max_examples or c.eval.max_examples,
       graph=self.graph,
+      on_bad_record=c.data.on_bad_record,
+      skips=skips,
+      max_skipped_share=c.data.max_skipped_share,
     )
 
   def log_skips(self):
@@ -158,3 +193,22 @@ class RunData:
       logging.warning(
         'skipped records: %s (examples: %s)', dict(self.skips.counts), dict(self.skips.examples)
       )
+
+
+def record_texts(split_sources):
+  """Every text of the user's pair records (prompts, chosen and rejected answers), for the
+  random-init tokenizer's vocabulary; unreadable records are left to the streams' policy."""
+  for split, source in split_sources.items():
+    for i in tqdm.tqdm(range(len(source)), desc=f'tokenizer words ({split})', leave=False):
+      try:
+        rec = source[i]
+      except bad_records.BadRecordError:
+        continue
+      for m in rec['prompt_messages'] + rec.get('rejected_prompt_messages', []):
+        yield m['content'].replace('<image>', '')
+      yield rec['chosen']
+      yield rec['rejected']
+
+
+def _round_up(n, multiple):
+  return -(-int(n) // multiple) * multiple

@@ -60,8 +60,13 @@ def classification_metrics(predicted, gold, class_names):
 
 
 def predict_decisions(model, batches, *, tokenizer, graph, max_new_tokens, desc='eval'):
-  """Greedy-decodes each batch and parses the decision. Returns (pred ids, gold ids, texts)."""
-  predicted, gold, texts = [], [], []
+  """Greedy-decodes each batch and parses the decision.
+
+  Returns (pred ids, gold ids, texts, truncated): `truncated` marks answers that did not end
+  within max_new_tokens (cut, so likely unparsed: the report counts them).
+  """
+  predicted, gold, texts, truncated = [], [], [], []
+  eos = tokenizer.convert_tokens_to_ids('<|im_end|>')
   for batch in tqdm.tqdm(batches, desc=desc, unit='batch', leave=False):
     tokens = generate_lib.generate(
       model,
@@ -70,7 +75,7 @@ def predict_decisions(model, batches, *, tokenizer, graph, max_new_tokens, desc=
       batch['pixel_values'],
       batch['image_grid_thw'],
       max_new_tokens=max_new_tokens,
-      eos_token_id=tokenizer.convert_tokens_to_ids('<|im_end|>'),
+      eos_token_id=eos,
       pad_token_id=tokenizer.pad_token_id,
     )
     valid = np.asarray(batch['valid'], bool)  # the last batch is padded to a static shape.
@@ -82,4 +87,10 @@ def predict_decisions(model, batches, *, tokenizer, graph, max_new_tokens, desc=
       predicted.append(graph.decision_id(decision) if decision is not None else -1)
       gold.append(int(label))
       texts.append(text)
-  return np.array(predicted, np.int64), np.array(gold, np.int64), texts
+      truncated.append(eos not in row)
+  return (
+    np.array(predicted, np.int64),
+    np.array(gold, np.int64),
+    texts,
+    np.array(truncated, bool),
+  )

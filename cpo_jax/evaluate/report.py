@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import os
 
+from absl import logging
+
+from cpo_jax.data import bad_records
 from cpo_jax.evaluate import answers
 from cpo_jax.evaluate import drift_probe as drift_probe_lib
 from cpo_jax.evaluate import interference
@@ -29,19 +32,33 @@ def write_report(report, workdir):
 
 
 def evaluate_splits(model, cfg, data):
-  """{split: classification metrics (+ a few generated texts)} for the configured splits."""
+  """{split: classification metrics, skipped records by reason, truncated answers, a few
+  generated texts} for the eval splits."""
   graph, out = data.graph, {}
   for split in data.eval_splits:
-    predicted, gold, texts = answers.predict_decisions(
+    skips = bad_records.SkipCounter()
+    predicted, gold, texts, truncated = answers.predict_decisions(
       model,
-      data.eval_batches(split),
+      data.eval_batches(split, skips=skips),
       tokenizer=data.processors.tokenizer,
       graph=graph,
-      max_new_tokens=cfg.eval.max_new_tokens,
+      max_new_tokens=data.max_new_tokens,
       desc=f'eval {split}',
     )
+    if truncated.any():
+      logging.warning(
+        'eval %s: %d of %d answers did not end within eval.max_new_tokens=%d (counted as '
+        'truncated); 0 sizes it to the data.',
+        split,
+        truncated.sum(),
+        len(truncated),
+        data.max_new_tokens,
+      )
     out[split] = dict(
-      answers.classification_metrics(predicted, gold, graph.decisions), examples=texts[:3]
+      answers.classification_metrics(predicted, gold, graph.decisions),
+      truncated=int(truncated.sum()),
+      skipped=dict(skips.counts),
+      examples=texts[:3],
     )
   return out
 
@@ -56,7 +73,7 @@ def robustness_sections(model, cfg, data):
   return {
     'robustness_split': split,
     'interference': interference.interference_report(
-      model, batches, max_new_tokens=cfg.eval.max_new_tokens, **kw
+      model, batches, max_new_tokens=data.max_new_tokens, **kw
     ),
     'drift': drift_probe_lib.drift_probe(model, batches(), **kw),
   }
@@ -73,7 +90,7 @@ def run_eval(model, cfg, data, *, stage):
 
   def measure(m):
     out = {'splits': evaluate_splits(m, cfg, data)}
-    if cfg.eval.robustness:
+    if cfg.eval.robustness and data.eval_splits:  # none: the user's files have no eval split
       out.update(robustness_sections(m, cfg, data))
     return out
 
