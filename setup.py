@@ -31,6 +31,9 @@ setup(
     "absl-py",
     "matplotlib",
     "tensorboardX",  # TensorBoard event files without TensorFlow
+    "scikit-learn>=1.4.2",  # first built against numpy 2 (1.4.1 fails to import with it)
+    "rouge-score>=0.1.2",  # RougeScorer(tokenizer=...); pulls nltk, but needs no nltk data
+    "pycocoevalcap>=1.2",  # Bleu(verbose=0); ~100 MB wheel (METEOR jar + paraphrases, SPICE)
   ],
   extras_require={
     "tpu": ["jax[tpu]"],

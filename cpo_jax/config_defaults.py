@@ -120,6 +120,9 @@ def base_config(arg, *, domain, data):
   c.eval.max_prompt_len = 0
   c.eval.max_new_tokens = 0
   # Interference curves and the drift probe (METHOD.md section 5) on one split.
+  # BLEU-1..4, ROUGE-L, METEOR (needs java), CIDEr of the generated chains: on by default for
+  # the user's free-text data; the synthetic chains are templates.
+  c.eval.text_metrics = c.data.name in ('swift_jsonl', 'mimic_ccf', 'codalm')
   c.eval.robustness = True
   c.eval.robustness_split = ''  # '' = the first eval split
   c.eval.robustness_max_examples = 128

@@ -29,3 +29,17 @@ def test_a_split_without_labels_has_no_accuracy_and_stays_strict_json():
   assert m["accuracy"] is None and m["macro_f1"] is None
   assert (m["n"], m["unlabelled"]) == (0, 2)
   json.dumps(m, allow_nan=False)
+
+
+def test_findings_are_read_from_the_answer_part_and_chains_from_the_think_tags():
+  from cpo_jax.data.mimic_files import FINDINGS
+  from cpo_jax.evaluate import findings
+
+  text = "<think> Edema is absent; the heart is large. </think> The disease of this patient is Cardiomegaly, pleural effusion."
+  named = findings.named_findings(text, FINDINGS)
+  assert [FINDINGS[i] for i in named.nonzero()[0]] == ["Cardiomegaly", "Pleural Effusion"]
+  assert findings.chain_text(text) == "Edema is absent; the heart is large."
+  assert findings.chain_text("no tags at all") == "no tags at all"
+  cut = "<think> Cardiomegaly is"  # a truncated answer: its chain so far, closed for scoring
+  assert findings.thought(cut) == "<think> Cardiomegaly is </think>"
+  assert not findings.named_findings(cut, FINDINGS).any()

@@ -5,6 +5,8 @@ import gzip
 import io
 import json
 
+from conftest import SMALL_RUN
+from conftest import cli_config
 import numpy as np
 from PIL import Image
 import pytest
@@ -279,3 +281,32 @@ def test_a_mimic_set_whose_records_are_all_bad_stops_at_once_with_the_counts(tmp
     bad_records.TooManySkipsError, match=r"split 'train'.*'bad_image': 4.*first records"
   ):
     streams.RunData(cfg, str(tmp_path / "work"))
+
+
+def test_a_mimic_run_reports_the_papers_findings_and_text_metrics(tmp_path):
+  from cpo_jax import main
+  from cpo_jax.evaluate import findings
+
+  root = tmp_path / "m"
+  root.mkdir()
+  _write(root)
+  cfg = cli_config(
+    "configs/medical.py:data=mimic_ccf",
+    *SMALL_RUN,
+    f"--config.data.manual_dir={root}",
+    "--config.eval.robustness=False",
+    "--config.stages=sft,eval",
+  )
+  report = main.run(cfg, str(tmp_path / "work"))
+  for split in ("validate", "test"):  # one record each, no positive finding
+    section = report["splits"][split]
+    f, text = section["findings"], section["examples"][0]
+    assert f["n"] == 1 and section["n"] + section["unlabelled"] == 1
+    assert all(v["support"] == 0 for v in f["per_finding"].values())
+    assert f["macro"]["auc_defined"] == 0  # one example: one class per finding
+    named = findings.named_findings(text, mimic_files.FINDINGS)
+    assert f["micro"]["precision"] == 0.0 and (f["micro"]["f1"] == 0.0 or not named.any())
+    assert f["top1_single_finding"] == {"n": 0, "accuracy": None}
+    text_scores = section["report_generation"]
+    assert text_scores["n"] == 1 and 0.0 <= text_scores["rouge_l"] <= 1.0
+  assert (tmp_path / "work" / "eval" / "paper_metrics.png").stat().st_size > 0

@@ -5,6 +5,8 @@ parsed with the domain's concept graph, so a model that never closes its chain o
 decision is counted wrong (and counted as `unparsed`), not skipped.
 """
 
+from typing import NamedTuple
+
 import jax
 import numpy as np
 import tqdm
@@ -59,13 +61,22 @@ def classification_metrics(predicted, gold, class_names):
   }
 
 
+class Predictions(NamedTuple):
+  predicted: np.ndarray  # [N] decision ids, -1 = unparsed
+  gold: np.ndarray  # [N] gold decision ids, -1 = unlabelled
+  texts: list[str]  # the generated answers
+  truncated: np.ndarray  # [N] bool: no end within max_new_tokens
+  indices: np.ndarray  # [N] record index in the split
+
+
 def predict_decisions(model, batches, *, tokenizer, graph, max_new_tokens, desc='eval'):
   """Greedy-decodes each batch and parses the decision.
 
-  Returns (pred ids, gold ids, texts, truncated): `truncated` marks answers that did not end
-  within max_new_tokens (cut, so likely unparsed: the report counts them).
+  Returns a Predictions of the valid rows, in order: `truncated` marks answers that did not
+  end within max_new_tokens (cut, so likely unparsed: the report counts them), `indices` the
+  rows' record indices.
   """
-  predicted, gold, texts, truncated = [], [], [], []
+  predicted, gold, texts, truncated, indices = [], [], [], [], []
   eos = tokenizer.convert_tokens_to_ids('<|im_end|>')
   for batch in tqdm.tqdm(batches, desc=desc, unit='batch', leave=False):
     tokens = generate_lib.generate(
@@ -79,18 +90,21 @@ def predict_decisions(model, batches, *, tokenizer, graph, max_new_tokens, desc=
       pad_token_id=tokenizer.pad_token_id,
     )
     valid = np.asarray(batch['valid'], bool)  # the last batch is padded to a static shape.
-    for row, keep, label in zip(np.asarray(jax.device_get(tokens)), valid, batch['decision']):
+    rows = zip(np.asarray(jax.device_get(tokens)), valid, batch['decision'], batch['index'])
+    for row, keep, label, index in rows:
       if not keep:
         continue
+      indices.append(int(index))
       text = tokenizer.decode(row, skip_special_tokens=True)
       decision = graph.parse_decision(text)
       predicted.append(graph.decision_id(decision) if decision is not None else -1)
       gold.append(int(label))
       texts.append(text)
       truncated.append(eos not in row)
-  return (
+  return Predictions(
     np.array(predicted, np.int64),
     np.array(gold, np.int64),
     texts,
     np.array(truncated, bool),
+    np.array(indices, np.int64),
   )

@@ -155,7 +155,7 @@ def interference_details(
     graph=graph,
     max_new_tokens=max_new_tokens,
   )
-  predicted, gold, texts, _ = decode(batches_fn(), desc='interference: none')
+  predicted, gold, texts, *_ = decode(batches_fn(), desc='interference: none')
   report = {'none': {'0': answers.decision_accuracy(predicted, gold)}}
   key = jax.random.key(rng_seed)
   for kind in (k for k in kinds if k in PERCEPTION_KINDS):
@@ -169,7 +169,7 @@ def interference_details(
       batches = _perturbed_batches(
         batches_fn(), kind, severity, cell_key, layout=layout, donors=donors
       )
-      predicted, gold, _, _ = decode(batches, desc=f'interference: {kind} {severity}')
+      predicted, gold, *_ = decode(batches, desc=f'interference: {kind} {severity}')
       cell = answers.decision_accuracy(predicted, gold)
       if kind == 'image_swap':
         cell['follows_donor'] = mean_or_none(predicted == np.asarray(donors)) if donors else None

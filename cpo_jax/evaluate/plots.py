@@ -1,4 +1,5 @@
-"""The eval report's plots: accuracy per split, training curves, robustness curves (PNG)."""
+"""The eval report's plots: accuracy per split, training curves, robustness curves, and the
+paper's findings and report-generation metrics (PNG)."""
 
 from __future__ import annotations
 
@@ -111,3 +112,40 @@ def plot_robustness(report_section: Mapping, path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def plot_paper_metrics(report, path) -> bool:
+  """Per split: the chains' report-generation scores and, where labelled, each finding's F1 and
+  AUC (beside the SFT baseline's when the report has one). False when there is nothing to plot."""
+  runs = [(report['stage'], report['splits'])]
+  if 'baseline' in report:
+    runs.insert(0, (report['baseline']['stage'], report['baseline']['splits']))
+  panels = []  # (title, labels, [(run label, values)])
+  for split, section in report['splits'].items():
+    if 'report_generation' in section:
+      keys = ['bleu_1', 'bleu_2', 'bleu_3', 'bleu_4', 'rouge_l', 'meteor', 'cider']
+      values = [(label, [s[split]['report_generation'][k] for k in keys]) for label, s in runs]
+      panels.append((f'{split}: generated chain vs gold', keys, values))
+    if 'findings' in section:
+      names = list(section['findings']['per_finding'])
+      for metric in ('f1', 'auc'):
+        values = [
+          (label, [s[split]['findings']['per_finding'][n][metric] for n in names])
+          for label, s in runs
+        ]
+        panels.append((f'{split}: finding {metric.upper()}', names, values))
+  if not panels:
+    return False
+  fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.2 * len(panels)), squeeze=False)
+  for ax, (title, labels, values) in zip(axes[:, 0], panels):
+    width = 0.8 / len(values)
+    for j, (label, ys) in enumerate(values):
+      xs = np.arange(len(labels)) + (j - (len(values) - 1) / 2) * width
+      ax.bar(xs, [np.nan if y is None else y for y in ys], width, label=label)  # None: n/a
+    ax.set_xticks(np.arange(len(labels)), labels, rotation=30, ha='right', fontsize=8)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return True

@@ -9,12 +9,17 @@ import json
 import os
 
 from absl import logging
+import numpy as np
 
 from cpo_jax.data import bad_records
+from cpo_jax.data import eval_batches
+from cpo_jax.data.mimic_files import FINDINGS
 from cpo_jax.evaluate import answers
 from cpo_jax.evaluate import drift_probe as drift_probe_lib
+from cpo_jax.evaluate import findings
 from cpo_jax.evaluate import interference
 from cpo_jax.evaluate import plots
+from cpo_jax.evaluate import scoring
 from cpo_jax.models import lora
 
 
@@ -24,6 +29,7 @@ def write_report(report, workdir):
   with open(os.path.join(out, 'report.json'), 'w') as f:
     json.dump(report, f, indent=2)
   plots.plot_accuracy(report, os.path.join(out, 'accuracy.png'))
+  plots.plot_paper_metrics(report, os.path.join(out, 'paper_metrics.png'))
   if 'interference' in report:
     plots.plot_robustness(report, os.path.join(out, 'robustness.png'))
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
@@ -33,11 +39,13 @@ def write_report(report, workdir):
 
 def evaluate_splits(model, cfg, data):
   """{split: classification metrics, skipped records by reason, truncated answers, a few
-  generated texts} for the eval splits."""
+  generated texts; with eval.text_metrics the report-generation scores of the chains, and on
+  records with finding labels (mimic_ccf) the multi-label findings metrics} per eval split."""
   graph, out = data.graph, {}
+  scorer = None
   for split in data.eval_splits:
     skips = bad_records.SkipCounter()
-    predicted, gold, texts, truncated = answers.predict_decisions(
+    pred = answers.predict_decisions(
       model,
       data.eval_batches(split, skips=skips),
       tokenizer=data.processors.tokenizer,
@@ -45,21 +53,33 @@ def evaluate_splits(model, cfg, data):
       max_new_tokens=data.max_new_tokens,
       desc=f'eval {split}',
     )
-    if truncated.any():
+    if pred.truncated.any():
       logging.warning(
         'eval %s: %d of %d answers did not end within eval.max_new_tokens=%d (counted as '
         'truncated); 0 sizes it to the data.',
         split,
-        truncated.sum(),
-        len(truncated),
+        pred.truncated.sum(),
+        len(pred.truncated),
         data.max_new_tokens,
       )
-    out[split] = dict(
-      answers.classification_metrics(predicted, gold, graph.decisions),
-      truncated=int(truncated.sum()),
+    section = dict(
+      answers.classification_metrics(pred.predicted, pred.gold, graph.decisions),
+      truncated=int(pred.truncated.sum()),
       skipped=dict(skips.counts),
-      examples=texts[:3],
     )
+    source = data.sources[split]
+    records = [source[int(i)] for i in pred.indices]
+    if cfg.eval.text_metrics and records:
+      gold_texts = [eval_batches.gold_completion(source, r) for r in records]
+      section['report_generation'] = findings.report_scores(gold_texts, pred.texts)
+    if records and 'labels' in records[0]:
+      scorer = scorer or scoring.AnswerScorer(model, data.processors, graph)
+      scores = findings.finding_scores(
+        scorer, data.eval_batches(split), pred.texts, FINDINGS, desc=f'findings {split}'
+      )
+      labels = np.stack([np.asarray(r['labels']) for r in records])
+      section['findings'] = findings.findings_report(labels, pred.texts, scores, FINDINGS)
+    out[split] = dict(section, examples=pred.texts[:3])
   return out
 
 

@@ -130,30 +130,38 @@ class AnswerScorer:
 
   def distributions(self, batch, chains: Sequence[str], image_embeds) -> np.ndarray:
     """[B, num_decisions] answer distribution after each row's prompt + chains[row]."""
-    ids, mask = np.asarray(batch['input_ids']), np.asarray(batch['attention_mask'])
+    first = self.tokens.first_token_ids
+    if first is None:  # decisions share first tokens: score each decision's whole sequence
+      return softmax(self.sequence_logps(batch, chains, image_embeds, self.tokens.sequences))
+    heads = self._heads(batch, chains)
     grid = np.asarray(batch['image_grid_thw'])
-    heads = [
+    logp = self._run(heads, [[(len(h) - 1, first)] for h in heads], grid, image_embeds)  # one read
+    return softmax(logp[:, 0, :])
+
+  def sequence_logps(self, batch, chains: Sequence[str], image_embeds, sequences) -> np.ndarray:
+    """[B, K] log p(sequences[k] | row's prompt + chains[row] + the answer prefix): each
+    candidate's token log-probs summed, one teacher-forced row per (example, candidate)."""
+    heads = self._heads(batch, chains)
+    rows, reads = [], []
+    for h in heads:
+      for s in sequences:
+        rows.append(h + tuple(s[:-1]))
+        reads.append([(len(h) - 1 + j, (t,)) for j, t in enumerate(s)])
+    d = len(sequences)
+    embeds = jnp.repeat(image_embeds.reshape(len(heads), -1, image_embeds.shape[-1]), d, axis=0)
+    grid = np.repeat(np.asarray(batch['image_grid_thw']), d, axis=0)
+    logp = self._run(rows, reads, grid, embeds.reshape(-1, embeds.shape[-1]))
+    lengths = np.array([len(r) for r in reads])
+    used = np.arange(logp.shape[1])[None, :] < lengths[:, None]
+    return np.where(used, logp[:, :, 0], 0.0).sum(1).reshape(len(heads), d)
+
+  def _heads(self, batch, chains):
+    """Per row: its prompt tokens + chain + the answer prefix."""
+    ids, mask = np.asarray(batch['input_ids']), np.asarray(batch['attention_mask'])
+    return [
       tuple(row[m == 1]) + encode_text(self.tokenizer, f'{chain} {self.prefix}')
       for row, m, chain in zip(ids, mask, chains)
     ]
-    first = self.tokens.first_token_ids
-    if first is not None:  # one read at the last position
-      logp = self._run(heads, [[(len(h) - 1, first)] for h in heads], grid, image_embeds)
-      return softmax(logp[:, 0, :])
-    # Sequence scoring: one row per (example, decision); sum the decision tokens' log-probs.
-    seqs = self.tokens.sequences
-    rows, reads = [], []
-    for h in heads:
-      for s in seqs:
-        rows.append(h + s[:-1])
-        reads.append([(len(h) - 1 + j, (t,)) for j, t in enumerate(s)])
-    d = len(seqs)
-    embeds = jnp.repeat(image_embeds.reshape(len(heads), -1, image_embeds.shape[-1]), d, axis=0)
-    logp = self._run(rows, reads, np.repeat(grid, d, axis=0), embeds.reshape(-1, embeds.shape[-1]))
-    lengths = np.array([len(r) for r in reads])
-    used = np.arange(logp.shape[1])[None, :] < lengths[:, None]
-    totals = np.where(used, logp[:, :, 0], 0.0).sum(1)
-    return softmax(totals.reshape(len(heads), d))
 
   def _run(self, rows, reads, grid, image_embeds) -> np.ndarray:
     """Left-pads token rows, runs the jitted forward, returns log p [R, T, K] at `reads`
