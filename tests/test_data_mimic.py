@@ -140,18 +140,25 @@ def test_mimic_prepares_and_feeds_sft_cpo_eval(proc, tmp_path):
     and int(raw["study_id"]) == 50000001
   )
 
-  cpo = next(datasets.make_cpo_iterator(src, proc, batch_size=5, max_len=128, seed=0, num_epochs=1))
-  assert cpo["chosen_input_ids"].shape == (5, 128) == cpo["rejected_input_ids"].shape
+  skips = bad_records.SkipCounter()
+  cpo = next(
+    datasets.make_cpo_iterator(
+      src, proc, batch_size=4, max_len=128, seed=0, num_epochs=1, skips=skips
+    )
+  )
+  assert cpo["chosen_input_ids"].shape == (4, 128) == cpo["rejected_input_ids"].shape
   assert (
-    cpo["chosen_pixel_values"].shape == (5 * 64, 1176)
-    and cpo["image_grid_thw"].tolist() == [[1, 8, 8]] * 5
+    cpo["chosen_pixel_values"].shape == (4 * 64, 1176)
+    and cpo["image_grid_thw"].tolist() == [[1, 8, 8]] * 4
   )
   by = {int(i): r for r, i in enumerate(cpo["index"])}
   tok = proc.tokenizer
   r0 = by[0]
   rejected = tok.decode(cpo["rejected_input_ids"][r0][cpo["rejected_loss_mask"][r0] == 1])
   assert rejected == rows[0]["rejected"] + "<|im_end|>"
-  assert sorted(cpo["sample_weight"].tolist()) == [0.0, 1.0, 1.0, 1.0, 1.0]
+  # the record without counterfactuals (weight 0) leaves the CPO stream, counted
+  assert cpo["sample_weight"].tolist() == [1.0] * 4 and 2 not in by
+  assert skips.counts == {"no_preference": 1}
   for i, r in by.items():  # same image on both sides except for the perception rows
     rows_r = slice(r * 64, (r + 1) * 64)
     same = np.array_equal(cpo["chosen_pixel_values"][rows_r], cpo["rejected_pixel_values"][rows_r])

@@ -569,3 +569,19 @@ def test_boxes_follow_the_image_when_the_processor_resizes_it(proc, train, tmp_p
   ).any()  # real boxes, not padding only
   image = Image.new("RGB", (300, 150))
   np.testing.assert_array_equal(big.boxes_for([[30, 15, 60, 75]], image), [[22, 22, 45, 112]])
+
+
+def test_left_out_records_are_counted_apart_and_a_stream_of_only_those_stops():
+  def fn(i):
+    if i % 2:
+      raise bad_records.LeftOut("no_preference", f"r{i}")
+    return i
+
+  skips = bad_records.SkipCounter()
+  guard = bad_records.Guard(fn, "raise", skips, window=4)  # left out even under 'raise'
+  assert [guard(i) for i in range(4)] == [0, None, 2, None]
+  assert skips.counts == {"no_preference": 2}
+  only = bad_records.Guard(lambda i: fn(2 * i + 1), "skip", bad_records.SkipCounter(), window=3)
+  with pytest.raises(bad_records.TooManySkipsError, match=r"none of the first 3.*no_preference"):
+    for i in range(3):
+      only(i)

@@ -85,6 +85,18 @@ class BadRecordPolicy(SkipCounter):
     self.counts, self.examples = state["counts"], state["examples"]
 
 
+class LeftOut(Exception):
+  """A good record a stream does not use (e.g. a pair with weight 0 in the CPO stream): dropped
+  and counted under `reason` whatever the bad-record policy, never counted as bad."""
+
+  def __init__(self, reason: str, record_id):
+    super().__init__(f"record {record_id}: {reason}")
+    self.reason, self.record_id = reason, record_id
+
+  def __reduce__(self):
+    return (LeftOut, (self.reason, self.record_id))
+
+
 class TooManySkipsError(ValueError):
   """A stream whose records are (nearly) all bad: stop at once, never loop over skips forever."""
 
@@ -103,12 +115,17 @@ class Guard:
     self.fn, self.policy, self.skips = fn, check_policy(policy), skips
     self.window = None if window is None else max(1, int(window))
     self.max_skipped_share = float(max_skipped_share)
-    self.seen, self.own = 0, SkipCounter()
+    self.seen, self.own, self.left_out = 0, SkipCounter(), SkipCounter()
 
   def __call__(self, i, *args):
     self.seen += 1
     try:
       return self.fn(i, *args)
+    except LeftOut as e:
+      self.skips.add(e.reason, int(i))
+      self.left_out.add(e.reason, e.record_id)
+      self._check()
+      return None
     except BadRecordError as e:
       if self.policy == "raise":
         raise
@@ -121,6 +138,12 @@ class Guard:
     skipped = self.own.total()
     if self.window is None or self.seen < self.window:
       return
+    if skipped + self.left_out.total() == self.seen and self.left_out.total():
+      raise TooManySkipsError(
+        f"none of the first {self.seen} records is usable here: {skipped} bad "
+        f"{dict(self.own.counts)}, {self.left_out.total()} left out "
+        f"{dict(self.left_out.counts)} (first: {dict(self.left_out.examples)})"
+      )
     if skipped == self.seen or skipped / self.seen > self.max_skipped_share:
       raise TooManySkipsError(
         f"{skipped} of the first {self.seen} records were skipped (data.max_skipped_share="

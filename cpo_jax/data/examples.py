@@ -15,6 +15,7 @@ import numpy as np
 
 from cpo_jax.data import pairs as pairs_lib
 from cpo_jax.data.bad_records import BadRecordError
+from cpo_jax.data.bad_records import LeftOut
 from cpo_jax.data.packing import pack_right
 from cpo_jax.data.processors import Processors
 from cpo_jax.knowledge.graph import ConceptGraph
@@ -166,6 +167,10 @@ def _swift_side(proc: Processors, rec, prefix: str, max_len: int, want_grid=None
 
 def swift_cpo_example(i: int, *, source, proc: Processors, max_len: int):
   rec = source[i]  # raises BadRecordError itself
+  if rec["sample_weight"] == 0:
+    # Nothing to prefer (rejected == chosen, codalm's 'other' rows): costs two forwards and
+    # would inflate the other rows' batch-normalised weights. Still an SFT / eval example.
+    raise LeftOut("no_preference", rec["record_id"])
   (c, c_pv, grid, c_len) = _swift_side(proc, rec, "", max_len)
   (r, r_pv, _, r_len) = _swift_side(proc, rec, "rejected_", max_len, want_grid=grid)
   S = proc.image_size
