@@ -6,7 +6,8 @@ r"""cpo_jax command line: SFT -> CPO++ -> eval, from a laptop CPU to a TPU pod.
 Modes: `train` runs the stages in `config.stages` (resuming from the workdir's checkpoints);
 `eval` evaluates the latest checkpoints in the workdir; `export` writes them as a Hugging Face
 directory (adapters merged) to --export_dir; `plan` compiles the train step for the configured
-preset and mesh without allocating it and prints bytes per device as one JSON line.
+preset and mesh without allocating it and prints bytes per device as one JSON line; `inspect`
+reads the configured data without training and writes <workdir>/inspect/ (inspect_data.py).
 """
 
 import json
@@ -19,6 +20,7 @@ from flax import nnx
 import jax
 from ml_collections import config_flags
 
+from cpo_jax import inspect_data
 from cpo_jax import models
 from cpo_jax import plan as plan_lib
 from cpo_jax import sharding
@@ -30,7 +32,9 @@ from cpo_jax.train import writers
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).')
 _WORKDIR = flags.DEFINE_string('workdir', 'workdir', 'Where checkpoints, metrics and reports go.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'export', 'plan'], 'What to run.')
+_MODE = flags.DEFINE_enum(
+  'mode', 'train', ['train', 'eval', 'export', 'plan', 'inspect'], 'What to run.'
+)
 _EXPORT_DIR = flags.DEFINE_string('export_dir', None, 'Where --mode=export writes.')
 _PLAN_STAGE = flags.DEFINE_enum(
   'plan_stage', 'cpo_plus', ['sft', 'cpo_plus'], 'Which train step --mode=plan compiles.'
@@ -148,6 +152,16 @@ def main(argv):
   cfg, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
   if mode == 'plan':
     print(json.dumps(plan_lib.plan(cfg, _PLAN_STAGE.value)))
+  elif mode == 'inspect':
+    report = inspect_data.inspect(cfg, workdir)
+    print(
+      json.dumps(
+        {
+          s: {k: v for k, v in r.items() if not isinstance(v, dict) or k == 'skipped'}
+          for s, r in report['splits'].items()
+        }
+      )
+    )
   elif mode == 'export':
     if not _EXPORT_DIR.value:
       raise app.UsageError('--mode=export needs --export_dir.')

@@ -330,3 +330,25 @@ def test_a_set_whose_records_are_all_bad_stops_at_once_with_the_counts(tmp_path,
   cfg = _byod_config(tmp_path)
   with pytest.raises(bad_records.TooManySkipsError, match=r"6 of the first 6 .*'bad_image': 6"):
     main.run(cfg, str(tmp_path / "work"))
+
+
+def test_inspect_reads_the_data_without_training(tmp_path):
+  from cpo_jax import inspect_data
+
+  text = _free_text_set(tmp_path)
+  bad = json.loads(_free_text_set(tmp_path, bad=True).splitlines()[0])
+  long = json.loads(text.splitlines()[1])
+  long["messages"][-1]["content"] = "<think> " + "word " * 200 + "</think> The answer is Edema."
+  (tmp_path / "train.jsonl").write_text(text + json.dumps(bad) + "\n" + json.dumps(long) + "\n")
+  (tmp_path / "test.jsonl").write_text(text)
+  cfg = _byod_config(tmp_path)
+  report = inspect_data.inspect(cfg, str(tmp_path / "work"))
+  train, test = report["splits"]["train"], report["splits"]["test"]
+  assert (train["records"], train["skipped"], train["over_max_len"]) == (8, {"bad_image": 1}, 1)
+  assert train["usable"] == 6 and train["pairs_by_source"] == {"thinking": 7}
+  assert train["skipped_examples"]["bad_image"] == [f"{tmp_path}/train.jsonl:7"]
+  assert test["image_sizes"] == {f"64x{40 + 8 * i}": 1 for i in range(6)}
+  assert sum(test["total_tokens"]["counts"]) == 6 and report["eval_splits"] == ["test"]
+  for name in ("inspect.json", "lengths.png", "examples.png"):
+    assert (tmp_path / "work" / "inspect" / name).stat().st_size > 0
+  assert "train: 8 records, 6 usable" in inspect_data.summary_lines(report)[0]

@@ -32,7 +32,7 @@ def gold_completion(source, rec) -> str:
   return rec["chosen"] if examples.gives_pairs(source) else pairs_lib.completion_of(rec)
 
 
-def _prompt(source, rec, proc: Processors) -> tuple[int, ...]:
+def prompt_ids(source, rec, proc: Processors) -> tuple[int, ...]:
   n_image = proc.num_image_tokens(proc.static_grid)
   if examples.gives_pairs(source):
     return proc.prompt_ids_from_json(json.dumps(rec["prompt_messages"]), n_image)
@@ -48,7 +48,7 @@ def _checked(i: int, *, source, proc: Processors, max_prompt_len: int | None):
   else:
     rec, rid = examples.read_record(source, i), f"{source!r}[{i}]"
   pv, grid = examples.checked_image(proc, rec["image"], rid, proc.static_grid)
-  prompt = _prompt(source, rec, proc)
+  prompt = prompt_ids(source, rec, proc)
   if proc.tokenizer.unk_token_id in prompt:
     raise BadRecordError("unknown_token", rid, "prompt has words outside the tokenizer vocabulary")
   if max_prompt_len is not None and len(prompt) > max_prompt_len:
