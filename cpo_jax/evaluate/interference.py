@@ -3,8 +3,9 @@
 Perception interference transforms the eval batches' pixel_values (the masks of
 cpo_jax.perturb, or part of another eval image whose gold decision differs) and decodes
 greedily through `answers.predict_decisions`, so accuracy is measured exactly as for the
-clean splits. Thinking interference edits the chain (`chain_edits`) and reads the answer
-distribution (`scoring.AnswerScorer`). Report contract (DESIGN.md):
+clean splits. Thinking interference edits the chain (`chain_edits`: graph sentences, or on real
+data the record's own chain in place) and reads the answer distribution
+(`scoring.AnswerScorer`). Report contract (DESIGN.md):
 `interference.<kind>.<severity>` is an accuracy (the return of `interference_report`).
 """
 
@@ -22,8 +23,7 @@ import numpy as np
 
 from cpo_jax import perturb
 from cpo_jax.evaluate import answers
-from cpo_jax.evaluate.chain_edits import EDITS
-from cpo_jax.evaluate.chain_edits import base_chain
+from cpo_jax.evaluate import chain_edits
 from cpo_jax.evaluate.scoring import AnswerScorer
 from cpo_jax.evaluate.scoring import mean_or_none
 from cpo_jax.knowledge.graph import ConceptGraph
@@ -129,17 +129,20 @@ def interference_details(
   max_new_tokens: int,
   rng_seed: int = 0,
   scorer=None,
+  source=None,
 ):
   """Every interference cell with its diagnostics: {kind: {str(severity): cell}}.
 
   'none' -> {'0': clean greedy accuracy}. Perception cells: accuracy (vs the original gold),
   n, unparsed; image_swap adds `follows_donor` (answers the donor image's decision).
   Thinking cells (model's own chain when parseable, else the gold chain, edited and
-  teacher-forced): accuracy = the answer is the graph's decision for the edited chain,
-  `unchanged` = same answer as for the unedited chain, `own_chain` = share of rows whose
-  own chain was used, `skipped` = rows with no such edit.
-  `batches_fn()` must give the same eval batches (make_eval_batches format) on every call.
-  `scorer`: an AnswerScorer to reuse (e.g. the one given to drift_probe).
+  teacher-forced; where `source` gives pairs (real data) always the record's own chain, edited
+  in place on its concept mentions): accuracy = the answer is the expected one for the edited
+  chain (ProbeRow.expected), `unchanged` = same answer as for the unedited chain, `own_chain` =
+  share of rows whose own chain was used, `skipped` = rows with no such edit,
+  `not_applicable` = rows not scored (`skipped` + rows without a known expected answer, e.g.
+  unlabelled ones). `batches_fn()` must give the same eval batches (make_eval_batches format) on
+  every call. `scorer`: an AnswerScorer to reuse (e.g. the one given to drift_probe).
   """
   kinds = dict(DEFAULT_SEVERITIES if kinds_and_severities is None else kinds_and_severities)
   unknown = [k for k in kinds if k not in PERCEPTION_KINDS + THINKING_KINDS]
@@ -177,50 +180,68 @@ def interference_details(
   thinking = {k: v for k, v in kinds.items() if k in THINKING_KINDS}
   if thinking:
     scorer = scorer or AnswerScorer(model, processors, graph)
-    report.update(_thinking_interference(scorer, batches_fn(), texts, thinking, graph, rng_seed))
+    report.update(
+      _thinking_interference(scorer, batches_fn(), texts, thinking, graph, rng_seed, source)
+    )
   return report
 
 
-def _thinking_interference(scorer, batches, texts, kinds, graph, rng_seed):
+def _rows(graph, batch, texts, source):
+  """The chains to edit: the records' own (real data), else the model's own chain when usable,
+  else the gold one (chain_edits.base_chain). `texts` yields the valid rows' generated texts."""
+  if chain_edits.uses_records(source):
+    return chain_edits.record_rows(graph, batch, source)
+  rows = []
+  for concepts, keep in zip(batch['concepts'], np.asarray(batch['valid'], bool)):
+    gold = graph.assignment_from_ids(concepts)
+    # texts hold only the valid rows, in order; filler rows reuse the gold chain.
+    a, s, own = chain_edits.base_chain(graph, next(texts), gold) if keep else (gold, {}, False)
+    rows.append(chain_edits.ProbeRow(graph.chain_text(a, s), a, s, own))
+  return rows
+
+
+def _thinking_interference(scorer, batches, texts, kinds, graph, rng_seed, source=None):
   cells = {
-    (kind, s): {'hit': [], 'unchanged': [], 'own': [], 'skipped': 0}
+    (kind, s): {'hit': [], 'unchanged': [], 'own': [], 'skipped': 0, 'not_applicable': 0}
     for kind, sevs in kinds.items()
     for s in sevs
   }
   text_iter = iter(texts)
   for batch in batches:
     valid = np.asarray(batch['valid'], bool)
-    bases = []
-    for concepts, keep in zip(batch['concepts'], valid):
-      gold = graph.assignment_from_ids(concepts)
-      # texts hold only the valid rows, in order; filler rows reuse the gold chain.
-      bases.append(base_chain(graph, next(text_iter), gold) if keep else (gold, {}, False))
+    gold = np.asarray(batch['decision'])
+    rows = _rows(graph, batch, text_iter, source)
+    # A row without a chain still needs one in the static batch; it is never scored.
+    base = [
+      r.chain or graph.chain_text(graph.assignment_from_ids(c))
+      for r, c in zip(rows, batch['concepts'])
+    ]
     embeds = scorer.encode(batch)
-    p0 = scorer.distributions(batch, [graph.chain_text(a, s) for a, s, _ in bases], embeds)
+    p0 = scorer.distributions(batch, base, embeds)
     for (kind, severity), cell in cells.items():
       edits = [
-        EDITS[kind](
+        r.edit(
           graph,
-          a,
+          kind,
           np.random.default_rng([rng_seed, THINKING_KINDS.index(kind), int(severity), int(idx)]),
           num_edits=int(severity),
-          sentences=s,
         )
-        for (a, s, _), idx in zip(bases, batch['index'])
+        for r, idx in zip(rows, batch['index'])
       ]
-      scored = [i for i in np.flatnonzero(valid) if edits[i] is not None]
-      cell['skipped'] += int(valid.sum()) - len(scored)
+      edited = [i for i in np.flatnonzero(valid) if edits[i] is not None]
+      expected = {i: rows[i].expected(graph, edits[i], int(gold[i])) for i in edited}
+      scored = [i for i in edited if expected[i] is not None]
+      cell['skipped'] += int(valid.sum()) - len(edited)
+      cell['not_applicable'] += int(valid.sum()) - len(scored)
       if not scored:
         continue
-      chains = [
-        e.chain if e is not None else graph.chain_text(a, s) for e, (a, s, _) in zip(edits, bases)
-      ]
+      chains = [e.chain if e is not None else b for e, b in zip(edits, base)]
       p1 = scorer.distributions(batch, chains, embeds)
       for i in scored:
         answer = int(np.argmax(p1[i]))
-        cell['hit'].append(answer == graph.decision_id(edits[i].expected_decision))
+        cell['hit'].append(answer == expected[i])
         cell['unchanged'].append(answer == int(np.argmax(p0[i])))
-        cell['own'].append(bases[i][2])
+        cell['own'].append(rows[i].own)
   out = {}
   for (kind, severity), cell in cells.items():
     out.setdefault(kind, {})[str(severity)] = {
@@ -229,6 +250,7 @@ def _thinking_interference(scorer, batches, texts, kinds, graph, rng_seed):
       'unchanged': mean_or_none(cell['unchanged']),
       'own_chain': mean_or_none(cell['own']),
       'skipped': cell['skipped'],
+      'not_applicable': cell['not_applicable'],
     }
   return out
 
@@ -242,6 +264,7 @@ def interference_report(
   kinds_and_severities: Mapping[str, Sequence] | None = None,
   max_new_tokens: int,
   rng_seed: int = 0,
+  source=None,
 ) -> dict:
   """{kind: {str(severity): accuracy}} (report.json's `interference`); see interference_details."""
   details = interference_details(
@@ -252,8 +275,18 @@ def interference_report(
     kinds_and_severities=kinds_and_severities,
     max_new_tokens=max_new_tokens,
     rng_seed=rng_seed,
+    source=source,
   )
   return accuracies(details)
+
+
+def not_applicable(details: Mapping) -> dict:
+  """{thinking kind: {severity: rows not scored}} (report.json's `interference_not_applicable`)."""
+  return {
+    kind: {s: cell['not_applicable'] for s, cell in cells.items()}
+    for kind, cells in details.items()
+    if kind in THINKING_KINDS
+  }
 
 
 def accuracies(details: Mapping) -> dict:

@@ -84,17 +84,24 @@ def evaluate_splits(model, cfg, data):
 
 
 def robustness_sections(model, cfg, data):
-  """`interference.<kind>.<severity>` (accuracy under that interference) and `drift`
-  (answer shift when one concept in the chain is substituted) on `eval.robustness_split`."""
+  """`interference.<kind>.<severity>` (accuracy under that interference),
+  `interference_not_applicable.<thinking kind>.<severity>` (rows that edit could not be scored
+  on) and `drift` (answer shift when one concept in the chain is substituted; its own
+  `not_applicable` per metric) on `eval.robustness_split`. On real data (pair sources) the
+  thinking probes edit each record's own chain (chain_edits.mention_edit)."""
   split = cfg.eval.robustness_split or data.eval_splits[0]
   n = cfg.eval.robustness_max_examples
   batches = lambda: data.eval_batches(split, max_examples=n)
-  kw = dict(processors=data.processors, graph=data.graph, rng_seed=cfg.seed)
+  kw = dict(
+    processors=data.processors, graph=data.graph, rng_seed=cfg.seed, source=data.sources[split]
+  )
+  details = interference.interference_details(
+    model, batches, max_new_tokens=data.max_new_tokens, **kw
+  )
   return {
     'robustness_split': split,
-    'interference': interference.interference_report(
-      model, batches, max_new_tokens=data.max_new_tokens, **kw
-    ),
+    'interference': interference.accuracies(details),
+    'interference_not_applicable': interference.not_applicable(details),
     'drift': drift_probe_lib.drift_probe(model, batches(), **kw),
   }
 

@@ -11,12 +11,15 @@ except that a conclusion naming another decision, 'the ego car should slow down'
 target), drops those that do, and states the changed (and co-mentioned) concepts with the
 graph's canonical sentences, so the output is still a report in the original's words wherever
 possible. Decisions named in free text follow the same negation rule ('no need to stop' names
-none). Known limit: a NegEx-lite scope (same clause, cue before the term), e.g. 'no change in
-the effusion' reads as negated.
+none). `mentions` gives every concept mention with its span in the text, so the thinking probes
+can edit a record's own chain in place (evaluate/chain_edits.mention_edit). Known limit: a
+NegEx-lite scope (same clause, cue before the term), e.g. 'no change in the effusion' reads as
+negated.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 
@@ -34,8 +37,11 @@ from cpo_jax.knowledge.rewriter import counterfactual_assignment
 _CLAUSE_BREAK = re.compile(r"\b(but|however|although|except|and|while|whereas|so|because)\b|[;,]")
 
 
+_SENTENCE = re.compile(r"[^.!?\n]+[.!?]?")
+
+
 def _split_sentences(text: str) -> list[str]:
-  return [s for s in re.findall(r"[^.!?\n]+[.!?]?", text) if s.strip()]
+  return [s for s in _SENTENCE.findall(text) if s.strip()]
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,6 +74,11 @@ def _negated(g: ConceptGraph, low: str, start: int) -> bool:
 def _term_hits(g: ConceptGraph, low: str) -> list[tuple[str, str, int, int]]:
   """(concept, value, start, end) of every term in a lower-cased sentence, negation applied; a
   hit inside a longer hit of the same concept is dropped ('car ahead' in 'car ahead is far away')."""
+  return [(c, v, s, e) for c, v, _, s, e in _hits(g, low)]
+
+
+def _hits(g: ConceptGraph, low: str) -> list[tuple[str, str, str, int, int]]:
+  """_term_hits with the value whose term matched: (concept, stated, term value, start, end)."""
   out = []
   for c in g.concepts:
     hits = []
@@ -76,11 +87,11 @@ def _term_hits(g: ConceptGraph, low: str) -> list[tuple[str, str, int, int]]:
         negated = _negated(g, low, m.start())
         if negated and v == c.neutral:
           continue  # 'not normal' says nothing usable
-        hits.append((c.name, c.neutral if negated else v, m.start(), m.end()))
+        hits.append((c.name, c.neutral if negated else v, v, m.start(), m.end()))
     out += [
       h
       for h in hits
-      if not any(o[2] <= h[2] and h[3] <= o[3] and o[3] - o[2] > h[3] - h[2] for o in hits)
+      if not any(o[3] <= h[3] and h[4] <= o[4] and o[4] - o[3] > h[4] - h[3] for o in hits)
     ]
   return out
 
@@ -132,6 +143,62 @@ def parse_report(
       if a[c] == g.concept(c).neutral:  # the first positive mention wins
         a[c] = v
   return a, sents
+
+
+@dataclasses.dataclass(frozen=True)
+class Mention:
+  """`text[start:end]` states `value` of `concept`; `term_value` is the value whose term matched
+  (another one when a negation cue flips it: 'no pneumothorax' states absent with a present term)."""
+
+  concept: str
+  value: str
+  term_value: str
+  start: int
+  end: int
+
+  @property
+  def negated(self) -> bool:
+    return self.value != self.term_value
+
+
+def report_span(text: str) -> tuple[int, int]:
+  """[start, end) of the part parse_report reads: after the last <think> up to the next
+  </think> (or the end), else the whole text."""
+  if THINK_OPEN not in text:
+    return 0, len(text)
+  start = text.rfind(THINK_OPEN) + len(THINK_OPEN)
+  end = text.find(THINK_CLOSE, start)
+  return start, len(text) if end < 0 else end
+
+
+def mentions(g: ConceptGraph, text: str) -> list[Mention]:
+  """Every concept mention parse_report reads in `text`, with its span in `text`, in text order.
+  A sentence whose lower-casing changes its length (rare Unicode) gives none: its spans would
+  not point into the text."""
+  lo, hi = report_span(text)
+  out = []
+  for m in _SENTENCE.finditer(text[lo:hi]):  # the sentences of _split_sentences
+    low = m.group().lower()
+    if not low.strip() or len(low) != len(m.group()):
+      continue
+    off = lo + m.start()
+    out += [Mention(c, v, tv, off + s, off + e) for c, v, tv, s, e in _hits(g, low)]
+  return sorted(out, key=lambda x: (x.start, x.end, x.concept))
+
+
+def term_text(term: str) -> str:
+  """A graph term as text to write ('traffic light ... is red' -> 'traffic light is red')."""
+  return " ".join(term.replace("...", " ").split())
+
+
+def replace_spans(text: str, edits) -> str:
+  """`text` with each (start, end, new) span replaced (spans must not overlap); the rest verbatim.
+  A replacement takes the capital of the text it replaces ('Cardiomegaly' -> 'Enlarged heart')."""
+  for start, end, new in sorted(edits, reverse=True):
+    if text[start:end][:1].isupper():
+      new = new[:1].upper() + new[1:]
+    text = text[:start] + new + text[end:]
+  return text
 
 
 def rewrite_report(g: ConceptGraph, text: str, *, k: int = 1, seed=0) -> list[Counterfactual]:
