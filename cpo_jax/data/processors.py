@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import io
 import json
-import os
 from typing import Any
 
 from absl import logging
@@ -20,6 +19,7 @@ import numpy as np
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from cpo_jax import paths
 from cpo_jax.data import tokenizer as tok_lib
 
 PATCH_MULTIPLE = 28  # patch 14 x merge 2: the grid is whole merge windows.
@@ -135,12 +135,14 @@ def make_processors(
   min_pixels = max_pixels = side**2 keeps every image at the same patch grid, side =
   `static_image_side(image_size)` (a note is logged when that differs from image_size).
   `extra_texts`: a callable giving more texts whose words a newly built tokenizer covers."""
-  if tokenizer_dir and os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
-    tok = tok_lib.load_tokenizer(tokenizer_dir)
+  if tokenizer_dir and (paths.path(tokenizer_dir) / "tokenizer.json").exists():
+    with paths.local_directory(tokenizer_dir, read=paths.small_files) as local:
+      tok = tok_lib.load_tokenizer(local)
   else:
     tok = tok_lib.build_tokenizer(extra_texts() if extra_texts else ())
     if tokenizer_dir:
-      tok_lib.save_tokenizer(tok, tokenizer_dir)
+      with paths.local_directory(tokenizer_dir, write=True) as local:
+        tok_lib.save_tokenizer(tok, local)
   side = static_image_side(image_size)
   if side != image_size:
     logging.warning(

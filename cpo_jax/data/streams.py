@@ -7,12 +7,12 @@ every host evaluates the same batches.
 """
 
 import functools
-import os
 
 from absl import logging
 import jax
 import tqdm
 
+from cpo_jax import paths
 from cpo_jax.data import bad_records
 from cpo_jax.data import datasets
 from cpo_jax.data import eval_batches
@@ -32,7 +32,7 @@ class RunData:
     if name not in DATASETS:
       raise ValueError(f'config.data.name={name!r} is not available; known: {DATASETS}.')
     self.graph = load_graph(cfg.domain)
-    data_dir = cfg.data.data_dir or os.path.join(workdir, 'data')
+    data_dir = cfg.data.data_dir or paths.join(workdir, 'data')
     # The dataset's own eval splits unless the config names some; a split the dataset offers
     # but the user's files lack is skipped with a note, one the config asks for is an error.
     self.eval_splits = [s for s in (cfg.eval.splits or sources.EVAL_SPLITS[name]).split(',') if s]
@@ -69,7 +69,7 @@ class RunData:
     # A Hugging Face checkpoint brings its own tokenizer; a random-init preset builds one over
     # the domain's words and, for the user's own records, theirs (so a CPU smoke run on one's
     # own data does not skip every record as `unknown_token`).
-    tokenizer_dir = cfg.model.init_from or os.path.join(data_dir, 'tokenizer')
+    tokenizer_dir = cfg.model.init_from or paths.join(data_dir, 'tokenizer')
     user_data = name in ('swift_jsonl', 'mimic_ccf', 'codalm') and not cfg.model.init_from
     self.processors = processors.make_processors(
       tokenizer_dir=tokenizer_dir,

@@ -8,10 +8,12 @@ dataset and the on-the-fly sources are interchangeable. Read back with `tfds.dat
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from cpo_jax import paths
 from cpo_jax.data import synth_cxr
 from cpo_jax.data import synth_drive
 
@@ -102,9 +104,22 @@ BUILDERS = {"synth_drive": SynthDrive, "synth_cxr": SynthCxr}
 
 
 def prepare(name: str, data_dir: str, config: str | SynthConfig = "default"):
-  """Generate (once) the ArrayRecord files under data_dir; returns the builder."""
-  builder = BUILDERS[name](config=config, data_dir=data_dir, file_format="array_record")
-  builder.download_and_prepare(file_format="array_record")
+  """Generate (once) the ArrayRecord files under data_dir; returns the builder.
+
+  The ArrayRecord writer writes local files only, so a gs:// data_dir is prepared in a local
+  temporary directory and uploaded, dataset_info.json last (readers, which read gs:// directly,
+  then only ever see a complete version directory)."""
+  make = lambda d: BUILDERS[name](config=config, data_dir=d, file_format="array_record")
+  builder = make(data_dir)
+  if not paths.is_remote(data_dir):
+    builder.download_and_prepare(file_format="array_record")
+    return builder
+  if not builder.is_prepared():
+    with tempfile.TemporaryDirectory(prefix="cpo_jax_tfds_") as tmp:
+      local = make(tmp)
+      local.download_and_prepare(file_format="array_record")
+      paths.upload_tree(local.data_dir, builder.data_dir, last=("dataset_info.json",))
+    builder = make(data_dir)
   return builder
 
 

@@ -9,6 +9,7 @@ from typing import Mapping
 import matplotlib
 import numpy as np
 
+from cpo_jax import paths
 from cpo_jax.evaluate.interference import PERCEPTION_KINDS
 from cpo_jax.evaluate.interference import THINKING_KINDS
 
@@ -37,13 +38,13 @@ def plot_accuracy(report, path):
   ax.set_title(f"{report['domain']}: decision accuracy per split")
   ax.legend(loc='lower left', fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  paths.save_figure(fig, path, dpi=100)
   plt.close(fig)
 
 
 def plot_training_curves(metrics_path, path):
   """Loss per stage, and the CPO++ reward accuracies overall and per pair source."""
-  rows = [json.loads(line) for line in open(metrics_path)]
+  rows = [json.loads(line) for line in paths.path(metrics_path).read_text().splitlines()]
   stages = list(dict.fromkeys(r['stage'] for r in rows))
   fig, axes = plt.subplots(1, len(stages) + 1, figsize=(4.5 * (len(stages) + 1), 3.5))
   for ax, stage in zip(axes, stages):
@@ -63,7 +64,7 @@ def plot_training_curves(metrics_path, path):
   if cpo:
     ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  paths.save_figure(fig, path, dpi=100)
   plt.close(fig)
 
 
@@ -110,7 +111,7 @@ def plot_robustness(report_section: Mapping, path: str) -> None:
   ax.set_ylabel('total variation')
   ax.set_title('drift probe')
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  paths.save_figure(fig, path, dpi=100)
   plt.close(fig)
 
 
@@ -146,6 +147,6 @@ def plot_paper_metrics(report, path) -> bool:
     ax.set_title(title)
     ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  paths.save_figure(fig, path, dpi=100)
   plt.close(fig)
   return True

@@ -5,12 +5,11 @@ Written as <workdir>/eval/report.json plus plots (`plots.py`).
 
 from __future__ import annotations
 
-import json
-import os
-
 from absl import logging
+import jax
 import numpy as np
 
+from cpo_jax import paths
 from cpo_jax.data import bad_records
 from cpo_jax.data import eval_batches
 from cpo_jax.data.mimic_files import FINDINGS
@@ -24,17 +23,18 @@ from cpo_jax.models import lora
 
 
 def write_report(report, workdir):
-  out = os.path.join(workdir, 'eval')
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, 'report.json'), 'w') as f:
-    json.dump(report, f, indent=2)
-  plots.plot_accuracy(report, os.path.join(out, 'accuracy.png'))
-  plots.plot_paper_metrics(report, os.path.join(out, 'paper_metrics.png'))
+  """<workdir>/eval/report.json and its plots, written by process 0 only."""
+  if jax.process_index() != 0:
+    return
+  out = paths.path(workdir) / 'eval'
+  paths.write_json(out / 'report.json', report, indent=2)
+  plots.plot_accuracy(report, out / 'accuracy.png')
+  plots.plot_paper_metrics(report, out / 'paper_metrics.png')
   if 'interference' in report:
-    plots.plot_robustness(report, os.path.join(out, 'robustness.png'))
-  metrics_path = os.path.join(workdir, 'metrics.jsonl')
-  if os.path.exists(metrics_path):
-    plots.plot_training_curves(metrics_path, os.path.join(out, 'training_curves.png'))
+    plots.plot_robustness(report, out / 'robustness.png')
+  metrics = paths.path(workdir) / 'metrics.jsonl'
+  if metrics.exists():
+    plots.plot_training_curves(metrics, out / 'training_curves.png')
 
 
 def evaluate_splits(model, cfg, data):

@@ -16,9 +16,11 @@ from typing import Callable
 
 from flax import nnx
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
+from cpo_jax import paths
 from cpo_jax.models import lora as lora_lib
 from cpo_jax.models.qwen2_5_vl import Qwen2_5_VL
 
@@ -115,20 +117,19 @@ def _from_model(arr, kind, config):
 def read_config(path):
   from transformers import Qwen2_5_VLConfig
 
-  cfg_file = os.path.join(path, 'config.json')
-  if not os.path.exists(cfg_file):
+  cfg_file = paths.path(path) / 'config.json'
+  if not cfg_file.exists():
     raise FileNotFoundError(
       f'{cfg_file} not found: expected a directory written by save_pretrained'
     )
-  with open(cfg_file) as f:
-    raw = json.load(f)
+  raw = json.loads(cfg_file.read_text())
   archs = raw.get('architectures') or []
   if raw.get('model_type') != MODEL_TYPE or (archs and ARCHITECTURE not in archs):
     raise ValueError(
       f'unsupported architecture in {cfg_file}: model_type={raw.get("model_type")!r}, '
       f'architectures={archs}; only {ARCHITECTURE} ({MODEL_TYPE}) is supported'
     )
-  return Qwen2_5_VLConfig.from_pretrained(path)
+  return Qwen2_5_VLConfig.from_dict(raw)
 
 
 _DTYPES = {
@@ -147,11 +148,12 @@ _DTYPES = {
 
 class SafetensorsReader:
   """Reads single tensors of a .safetensors file with plain file reads (no mmap), so a tensor
-  costs exactly its own bytes of host memory and nothing stays resident after use."""
+  costs exactly its own bytes of host memory and nothing stays resident after use. On gs:// each
+  read is a ranged read of that tensor's bytes: nothing is downloaded whole."""
 
   def __init__(self, filename):
-    self.filename = filename
-    with open(filename, 'rb') as f:
+    self.filename = paths.path(filename)
+    with self.filename.open('rb') as f:
       n = int.from_bytes(f.read(8), 'little')
       header = json.loads(f.read(n))
     self.data_start = 8 + n
@@ -172,7 +174,7 @@ class SafetensorsReader:
     begin, end = info['data_offsets']
     if arr.nbytes != end - begin:
       raise ValueError(f'tensor {name!r} in {self.filename}: header size mismatch')
-    with open(self.filename, 'rb') as f:
+    with self.filename.open('rb') as f:
       f.seek(self.data_start + begin)
       f.readinto(memoryview(arr.reshape(-1).view(np.uint8)))
     return arr
@@ -180,14 +182,14 @@ class SafetensorsReader:
 
 def _open_checkpoint(path):
   """({file: reader}, {canonical tensor name: (file, original name)}) for single or sharded files."""
-  index = os.path.join(path, 'model.safetensors.index.json')
-  if os.path.exists(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)['weight_map'].values()))
-  elif os.path.exists(os.path.join(path, 'model.safetensors')):
+  path = paths.path(path)
+  index = path / 'model.safetensors.index.json'
+  if index.exists():
+    files = sorted(set(json.loads(index.read_text())['weight_map'].values()))
+  elif (path / 'model.safetensors').exists():
     files = ['model.safetensors']
   else:
-    if any(n.endswith(('.bin', '.pt', '.pth', '.ckpt')) for n in os.listdir(path)):
+    if any(p.name.endswith(('.bin', '.pt', '.pth', '.ckpt')) for p in path.iterdir()):
       raise ValueError(
         f'{path} holds only pickle-based weights; cpo_jax reads safetensors only '
         '(convert with transformers: model.save_pretrained(dir, safe_serialization=True))'
@@ -195,7 +197,7 @@ def _open_checkpoint(path):
     raise FileNotFoundError(f'no model.safetensors or model.safetensors.index.json in {path}')
   readers, where = {}, {}
   for fn in files:
-    readers[fn] = SafetensorsReader(os.path.join(path, fn))
+    readers[fn] = SafetensorsReader(path / fn)
     for name in readers[fn].keys():
       where[canonical_name(name)] = (fn, name)
   return readers, where
@@ -320,14 +322,18 @@ def save_hf(model: Qwen2_5_VL, path, max_shard_bytes: int = 5 * 1024**3, dtype=N
   """Writes config.json + safetensors (sharded with an index above max_shard_bytes) that
   transformers loads with Qwen2_5_VLForConditionalGeneration.from_pretrained. Tensors are
   streamed one at a time. LoRA adapters, if present, are merged into the written weights as
-  each is written (no merged copy of the model). dtype: storage dtype (default: the params')."""
+  each is written (no merged copy of the model). dtype: storage dtype (default: the params').
+  With several processes every one must call it (parameters are gathered tensor by tensor);
+  only process 0 writes, to a local `path`."""
+  writer = jax.process_index() == 0
   config = model.config
   adapted = {  # kernel path -> its Linear, where adapters are on
     tuple(str(p) for p in k) + ('kernel',): m
     for k, m in nnx.iter_graph(model)
     if getattr(m, 'lora_a', None) is not None
   }
-  os.makedirs(path, exist_ok=True)
+  if writer:
+    os.makedirs(path, exist_ok=True)
   params = {
     tuple(str(p) for p in k): v for k, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)
   }
@@ -344,7 +350,7 @@ def save_hf(model: Qwen2_5_VL, path, max_shard_bytes: int = 5 * 1024**3, dtype=N
         if lin is not None:
           a, b = layer(lin.lora_a[...]), layer(lin.lora_b[...])
           value = lora_lib.merged_kernel(value, a, b, lin.lora_scale)
-        return _from_model(np.asarray(jax.device_get(value)), kind, config)
+        return _from_model(_to_host(value), kind, config)
 
       entries.append((n, store, _hf_shape(per_layer, kind, config), fetch))
   shards, cur, cur_bytes = [], [], 0
@@ -356,6 +362,11 @@ def save_hf(model: Qwen2_5_VL, path, max_shard_bytes: int = 5 * 1024**3, dtype=N
     cur.append(e)
     cur_bytes += nbytes
   shards.append(cur)
+  if not writer:  # the gathers are collectives: run them with process 0, write nothing
+    for shard in shards:
+      for e in shard:
+        e[3]()
+    return
   for old in os.listdir(path):  # stale weights from an earlier save would shadow the new ones
     if old.startswith('model') and old.endswith(('.safetensors', '.safetensors.index.json')):
       os.remove(os.path.join(path, old))
@@ -374,6 +385,14 @@ def save_hf(model: Qwen2_5_VL, path, max_shard_bytes: int = 5 * 1024**3, dtype=N
   total = sum(os.path.getsize(os.path.join(path, f)) for f in set(weight_index.values()))
   with open(os.path.join(path, 'model.safetensors.index.json'), 'w') as f:
     json.dump({'metadata': {'total_size': total}, 'weight_map': weight_index}, f, indent=2)
+
+
+def _to_host(value) -> np.ndarray:
+  """The whole array on this host. Parameters sharded across processes (a pod) are gathered:
+  a collective, so every process runs save_hf (process 0 alone writes the files)."""
+  if isinstance(value, jax.Array) and not value.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+  return np.asarray(jax.device_get(value))
 
 
 def _is_stacked(mpath):

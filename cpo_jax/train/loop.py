@@ -5,7 +5,6 @@ exact data order it would have seen (the Grain iterator state is saved with ever
 """
 
 import functools
-import os
 
 from absl import logging
 import grain
@@ -13,6 +12,7 @@ import jax
 import orbax.checkpoint as ocp
 import tqdm
 
+from cpo_jax import paths
 from cpo_jax import sharding
 from cpo_jax.train import accumulation
 from cpo_jax.train import optimizer
@@ -21,9 +21,13 @@ from cpo_jax.train import writers
 from cpo_jax.train.reference_table import ReferenceTable
 
 
+def checkpoint_dir(workdir, stage_name):
+  return paths.path(workdir) / 'checkpoints' / stage_name
+
+
 def has_checkpoint(workdir, stage_name):
-  path = os.path.join(os.path.abspath(workdir), 'checkpoints', stage_name)
-  return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
+  path = checkpoint_dir(workdir, stage_name)
+  return path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
 
 
 def run_stage(
@@ -54,7 +58,7 @@ def run_stage(
   opt_state = jax.jit(stage.tx.init, out_shardings=opt_sh)(trainable)
 
   manager = ocp.CheckpointManager(
-    os.path.join(os.path.abspath(workdir), 'checkpoints', stage.name),
+    checkpoint_dir(workdir, stage.name),
     options=ocp.CheckpointManagerOptions(max_to_keep=checkpoint_cfg.max_to_keep),
   )
   start = manager.latest_step() or 0

@@ -7,7 +7,7 @@ each batch guards the pairing.
 """
 
 import hashlib
-import os
+import io
 
 from absl import logging
 from flax import nnx
@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import tqdm
 
+from cpo_jax import paths
 from cpo_jax import sharding
 
 
@@ -44,11 +45,9 @@ class ReferenceTable:
   def load_or_compute(
     cls, stage, trainable, frozen, *, mesh, num_steps, make_batches, prepare, workdir
   ):
-    path = os.path.join(
-      os.path.abspath(workdir), 'reference', f'{stage.name}.process{jax.process_index()}.npz'
-    )
-    if os.path.exists(path):
-      with np.load(path, allow_pickle=False) as f:
+    path = paths.path(workdir) / 'reference' / f'{stage.name}.process{jax.process_index()}.npz'
+    if path.exists():
+      with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as f:
         table = cls(f['rows'], f['fingerprints'], path)
       if len(table.rows) >= num_steps:
         return table
@@ -73,10 +72,9 @@ class ReferenceTable:
       out = reference(trainable, frozen, sharding.global_batch(batch, mesh), np.int32(step))
       rows.append(sharding.process_rows(out))
     table = cls(np.stack(rows).astype(np.float32), np.asarray(fingerprints, np.uint64), path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + '.tmp', 'wb') as f:  # whole or absent: a preempted pass reruns
-      np.savez(f, rows=table.rows, fingerprints=table.fingerprints)
-    os.replace(path + '.tmp', path)
+    buf = io.BytesIO()
+    np.savez(buf, rows=table.rows, fingerprints=table.fingerprints)
+    paths.write_bytes_whole(path, buf.getvalue())  # whole or absent: a preempted pass reruns
     return table
 
   def attach(self, batch, step):

@@ -1,37 +1,93 @@
 """Metric writers (process 0): one JSON object per logged step in <workdir>/metrics.jsonl, and
 the same scalars as TensorBoard event files under <workdir>/tensorboard (tensorboardX: no
-TensorFlow), tagged '<stage>/<metric>' at the stage's step."""
+TensorFlow), tagged '<stage>/<metric>' at the stage's step.
 
+The workdir may be gs://: Cloud Storage has no append, so there both files are rewritten whole
+at each write (the rows so far are kept; a resumed run reads them back first). tensorboardX's own
+gs:// writer re-uploads from `__del__` after close; ours goes through epath and closes once.
+"""
+
+import io
 import json
-import os
 
 import jax
 import numpy as np
 import tensorboardX
+from tensorboardX import record_writer
 
 from cpo_jax import losses
+from cpo_jax import paths
+
+
+class _WholeFileWriter:
+  """A TensorBoard event file on object storage: buffered, uploaded whole on flush."""
+
+  def __init__(self, path):
+    self._path, self._buffer, self._dirty, self._closed = (
+      paths.path(path),
+      io.BytesIO(),
+      False,
+      False,
+    )
+
+  def write(self, data):
+    self._buffer.write(data)
+    self._dirty = True
+
+  def flush(self):
+    if self._dirty and not self._closed:
+      self._path.write_bytes(self._buffer.getvalue())
+      self._dirty = False
+
+  def close(self):
+    self.flush()
+    self._closed = True
+
+
+class _WholeFileFactory:
+  def open(self, path):
+    return _WholeFileWriter(path)
+
+  def directory_check(self, path):
+    del path  # object stores need no directories
+
+
+record_writer.register_writer_factory('gs', _WholeFileFactory())
 
 
 class MetricsWriter:
-  """Appends one JSON object per logged step to <workdir>/metrics.jsonl and its scalars to
+  """Writes one JSON object per logged step to <workdir>/metrics.jsonl and its scalars to
   TensorBoard."""
 
   def __init__(self, workdir):
-    self.path = os.path.join(workdir, 'metrics.jsonl')
-    self.tensorboard_dir = os.path.join(workdir, 'tensorboard')
+    self.path = paths.path(workdir) / 'metrics.jsonl'
+    self.tensorboard_dir = paths.join(workdir, 'tensorboard')
     self._events = None  # opened at the first row: only process 0 writes
+    self._text = None  # gs:// only: the file's content so far
 
   def write(self, row):
     if jax.process_index() != 0:
       return
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(row) + '\n')
+    line = json.dumps(row) + '\n'
+    if paths.is_remote(self.path):
+      if self._text is None:
+        self._text = self.path.read_text() if self.path.exists() else ''
+      self._text += line
+      self.path.write_text(self._text)
+    else:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      with self.path.open('a') as f:
+        f.write(line)
     if self._events is None:
       self._events = tensorboardX.SummaryWriter(self.tensorboard_dir)
     for key, value in row.items():
       if key not in ('stage', 'step'):
         self._events.add_scalar(f'{row["stage"]}/{key}', value, row['step'])
-    self._events.flush()  # a run may stop at any step; what was logged is on disk
+    self._events.flush()  # a run may stop at any step; what was logged is stored
+
+  def close(self):
+    if self._events is not None:
+      self._events.close()
 
 
 def metrics_row(stage, step, metrics, lr):
