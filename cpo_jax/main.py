@@ -155,14 +155,8 @@ def main(argv):
     print(json.dumps(plan_lib.plan(cfg, _PLAN_STAGE.value)))
   elif mode == 'inspect':
     report = inspect_data.inspect(cfg, workdir)
-    print(
-      json.dumps(
-        {
-          s: {k: v for k, v in r.items() if not isinstance(v, dict) or k == 'skipped'}
-          for s, r in report['splits'].items()
-        }
-      )
-    )
+    print('\n'.join(inspect_data.summary_lines(report)))
+    print(f'details: {paths.join(workdir, "inspect")}/ (inspect.json, lengths.png, examples.png)')
   elif mode == 'export':
     if not _EXPORT_DIR.value:
       raise app.UsageError('--mode=export needs --export_dir.')
