@@ -27,6 +27,7 @@ from cpo_jax import sharding
 from cpo_jax.data import streams
 from cpo_jax.evaluate import report as report_lib
 from cpo_jax.train import loop
+from cpo_jax.train import preemption
 from cpo_jax.train import stages
 from cpo_jax.train import writers
 
@@ -162,7 +163,11 @@ def main(argv):
       raise app.UsageError('--mode=export needs --export_dir.')
     export(cfg, workdir, _EXPORT_DIR.value)
   else:
-    report = run(cfg, workdir, mode)
+    try:
+      report = run(cfg, workdir, mode)
+    except preemption.Preempted as e:  # saved; the scheduler restarts the command
+      logging.warning('%s', e)
+      return
     if report is not None and jax.process_index() == 0:
       print(json.dumps(summary(report)))
 

@@ -16,6 +16,7 @@ from cpo_jax import paths
 from cpo_jax import sharding
 from cpo_jax.train import accumulation
 from cpo_jax.train import optimizer
+from cpo_jax.train import preemption
 from cpo_jax.train import steps
 from cpo_jax.train import writers
 from cpo_jax.train.reference_table import ReferenceTable
@@ -107,34 +108,45 @@ def run_stage(
     dynamic_ncols=True,
     disable=jax.process_index() != 0,
   )
+
+  def save(step):
+    manager.save(
+      step,
+      args=ocp.args.Composite(
+        params=ocp.args.StandardSave(trainable),
+        opt_state=ocp.args.StandardSave(opt_state),
+        data=grain.checkpoint.CheckpointSave(batches),
+      ),
+    )
+
   try:
-    for step in bar:
-      batch = prepare(next(batches))
-      if table is not None:
-        batch = table.attach(batch, step)
-      if stage.accumulation is not None:
-        acc = stage.accumulation
-        rows = accumulation.batch_rows(batch) * jax.process_count()
-        accumulation.check_micro_rows(rows, acc.steps, mesh)
-        batch = accumulation.split_micro(batch, acc.steps, acc.group)
-      batch = sharding.global_batch(batch, mesh, micro=stage.accumulation is not None)
-      trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, batch)
-      done = step + 1
-      if done % log_every == 0 or done == num_steps:
-        row = writers.metrics_row(stage.name, done, metrics, stage.schedule(step))
-        writer.write(row)
-        bar.set_postfix({k: f'{row[k]:.4g}' for k in ('loss', 'rewards/accuracies') if k in row})
-      if done % checkpoint_cfg.every_steps == 0 or done == num_steps:
-        manager.save(
-          done,
-          args=ocp.args.Composite(
-            params=ocp.args.StandardSave(trainable),
-            opt_state=ocp.args.StandardSave(opt_state),
-            data=grain.checkpoint.CheckpointSave(batches),
-          ),
-        )
+    with preemption.Watch() as watch:
+      for step in bar:
+        batch = prepare(next(batches))
+        if table is not None:
+          batch = table.attach(batch, step)
+        if stage.accumulation is not None:
+          acc = stage.accumulation
+          rows = accumulation.batch_rows(batch) * jax.process_count()
+          accumulation.check_micro_rows(rows, acc.steps, mesh)
+          batch = accumulation.split_micro(batch, acc.steps, acc.group)
+        batch = sharding.global_batch(batch, mesh, micro=stage.accumulation is not None)
+        trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, batch)
+        done = step + 1
+        if done % log_every == 0 or done == num_steps:
+          row = writers.metrics_row(stage.name, done, metrics, stage.schedule(step))
+          writer.write(row)
+          bar.set_postfix({k: f'{row[k]:.4g}' for k in ('loss', 'rewards/accuracies') if k in row})
+        periodic = done % checkpoint_cfg.every_steps == 0 or done == num_steps
+        if periodic:
+          save(done)
+        if watch.reached(done):  # every host at the same step: save there and stop
+          if not periodic:
+            save(done)
+          raise preemption.Preempted(stage.name, done)
   finally:
-    # Also on an interrupt: let the last (async) save land so a rerun resumes from it.
+    # Also on an interrupt or preemption: let the last (async) save land so a rerun resumes
+    # from it.
     manager.wait_until_finished()
     manager.close()
   return trainable, frozen
