@@ -227,6 +227,35 @@ def test_precomputed_reference_trains_like_adapters_off_and_guards_its_rows(setu
     table.attach({'source': np.zeros(8, np.int32)}, 1)
 
 
+def test_a_reference_pass_cut_short_resumes_from_its_stored_rows(setup, tmp_path, caplog):
+  proc, source, model_config, cfg, mesh = setup
+  cfg = cfg.copy_and_resolve_references()
+  cfg.cpo.reference, cfg.cpo.num_steps, cfg.checkpoint.every_steps = 'precomputed', 4, 2
+  make = functools.partial(_cpo_iter, proc, source)
+  grid = np.asarray(next(make())['image_grid_thw'][0])
+  sft_model = _model(model_config)
+
+  def crashing():  # the pass dies at its fourth batch, after the rows of two were stored
+    it = make()
+    for _ in range(3):
+      yield next(it)
+    raise RuntimeError('host lost')
+
+  with pytest.raises(RuntimeError, match='host lost'):
+    _run(stages.train_cpo, nnx.clone(sft_model), cfg, mesh, grid, crashing, tmp_path / 'cut')
+  table = tmp_path / 'cut' / 'reference' / 'cpo_plus.process0.npz'
+  with np.load(table) as f:
+    assert f['rows'].shape[0] == 2
+  with caplog.at_level('INFO'):
+    _run(stages.train_cpo, nnx.clone(sft_model), cfg, mesh, grid, make, tmp_path / 'cut')
+  assert 'has 2 of 4 steps; computing the rest' in caplog.text
+  _run(stages.train_cpo, nnx.clone(sft_model), cfg, mesh, grid, make, tmp_path / 'whole')
+  whole = tmp_path / 'whole' / 'reference' / 'cpo_plus.process0.npz'
+  with np.load(table) as cut, np.load(whole) as ref:
+    np.testing.assert_array_equal(cut['rows'], ref['rows'])
+    np.testing.assert_array_equal(cut['fingerprints'], ref['fingerprints'])
+
+
 def test_lora_sft_trains_adapters_and_merges_them(setup, tmp_path):
   """sft.trainable='lora' (the paper's SFT): adapters are attached, trained, then merged."""
   proc, source, model_config, cfg, mesh = setup

@@ -97,6 +97,7 @@ def run_stage(
       make_batches=make_batches,
       prepare=prepare,
       workdir=workdir,
+      save_every=checkpoint_cfg.every_steps,
     )
   step_fn = steps.make_train_step(stage, mesh, (trainable_sh, frozen_sh, opt_sh))
   bar = tqdm.tqdm(

@@ -3,7 +3,8 @@
 The pass computes the adapters-off log-probs of every step's batch, stores them per process as
 .npz (plain arrays, read without pickle) under <workdir>/reference/, and the step then runs no
 reference forward. The stream is deterministic, so row s belongs to step s; a fingerprint of
-each batch guards the pairing.
+each batch guards the pairing. The rows so far are stored every `checkpoint.every_steps`
+steps, so a pass cut short (preempted, killed) resumes from there.
 """
 
 import hashlib
@@ -43,15 +44,29 @@ class ReferenceTable:
 
   @classmethod
   def load_or_compute(
-    cls, stage, trainable, frozen, *, mesh, num_steps, make_batches, prepare, workdir
+    cls,
+    stage,
+    trainable,
+    frozen,
+    *,
+    mesh,
+    num_steps,
+    make_batches,
+    prepare,
+    workdir,
+    save_every=100,
   ):
+    """The table of `num_steps` steps: read, or computed (resuming a pass cut short: the rows
+    stored every `save_every` steps are kept, their batches skipped and checked)."""
     path = paths.path(workdir) / 'reference' / f'{stage.name}.process{jax.process_index()}.npz'
+    rows, fingerprints = [], []
     if path.exists():
       with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as f:
         table = cls(f['rows'], f['fingerprints'], path)
       if len(table.rows) >= num_steps:
         return table
-      logging.info('%s has %d of %d steps; recomputing.', path, len(table.rows), num_steps)
+      rows, fingerprints = list(table.rows), list(table.fingerprints)
+      logging.info('%s has %d of %d steps; computing the rest.', path, len(rows), num_steps)
 
     @jax.jit
     def reference(trainable, frozen, batch, step):
@@ -59,9 +74,24 @@ class ReferenceTable:
       # The update count the train step will see (device-made pairs fold it in).
       return stage.reference_fn(model, dict(batch, step=step))
 
-    batches, rows, fingerprints = make_batches(), [], []
+    def store():
+      buf = io.BytesIO()
+      stacked = np.stack(rows).astype(np.float32)
+      np.savez(buf, rows=stacked, fingerprints=np.asarray(fingerprints, np.uint64))
+      paths.write_bytes_whole(path, buf.getvalue())  # whole or absent, never half-written
+      return stacked
+
+    batches, done = make_batches(), len(rows)
+    for step in range(done):  # the stored rows' batches: only checked, not computed again
+      if batch_fingerprint(prepare(next(batches))) != fingerprints[step]:
+        raise ValueError(
+          f'{path}: step {step} was computed for another batch (data, seed or batch size '
+          'changed since); delete the file to recompute it.'
+        )
     for step in tqdm.tqdm(
-      range(num_steps),
+      range(done, num_steps),
+      initial=done,
+      total=num_steps,
       desc=f'{stage.name} reference log-probs',
       unit='step',
       dynamic_ncols=True,
@@ -71,11 +101,9 @@ class ReferenceTable:
       fingerprints.append(batch_fingerprint(batch))
       out = reference(trainable, frozen, sharding.global_batch(batch, mesh), np.int32(step))
       rows.append(sharding.process_rows(out))
-    table = cls(np.stack(rows).astype(np.float32), np.asarray(fingerprints, np.uint64), path)
-    buf = io.BytesIO()
-    np.savez(buf, rows=table.rows, fingerprints=table.fingerprints)
-    paths.write_bytes_whole(path, buf.getvalue())  # whole or absent: a preempted pass reruns
-    return table
+      if (step + 1) % save_every == 0 and step + 1 < num_steps:
+        store()  # a pass cut here (preemption, a crash) resumes from this row
+    return cls(store(), np.asarray(fingerprints, np.uint64), path)
 
   def attach(self, batch, step):
     if step >= len(self.rows) or batch_fingerprint(batch) != self.fingerprints[step]:
