@@ -18,6 +18,7 @@ from cpo_jax.train import accumulation
 from cpo_jax.train import optimizer
 from cpo_jax.train import preemption
 from cpo_jax.train import steps
+from cpo_jax.train import throughput
 from cpo_jax.train import writers
 from cpo_jax.train.reference_table import ReferenceTable
 
@@ -120,10 +121,12 @@ def run_stage(
       ),
     )
 
+  meter = throughput.Meter(stage, mesh)
   try:
     with preemption.Watch() as watch:
       for step in bar:
         batch = prepare(next(batches))
+        meter.add(batch)
         if table is not None:
           batch = table.attach(batch, step)
         if stage.accumulation is not None:
@@ -136,7 +139,7 @@ def run_stage(
         done = step + 1
         if done % log_every == 0 or done == num_steps:
           row = writers.metrics_row(stage.name, done, metrics, stage.schedule(step))
-          writer.write(row)
+          writer.write(dict(row, **meter.report()))
           bar.set_postfix({k: f'{row[k]:.4g}' for k in ('loss', 'rewards/accuracies') if k in row})
         periodic = done % checkpoint_cfg.every_steps == 0 or done == num_steps
         if periodic:
