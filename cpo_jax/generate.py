@@ -74,8 +74,8 @@ def _generate(
   out = jnp.full((b, max_new_tokens), pad, jnp.int32).at[:, 0].set(tok)
   graphdef, state = nnx.split(model)
 
-  def step(t, carry):
-    tok, done, out, cache, kv_valid, state = carry
+  def step(carry):
+    t, tok, done, out, cache, kv_valid, state = carry
     m = nnx.merge(graphdef, state)  # params ride in the carry: nnx needs them at this trace level
     slot = p + t - 1  # cache slot of the token being fed
     kv_valid = jax.lax.dynamic_update_slice(kv_valid, jnp.ones((b, 1), bool), (0, slot))
@@ -86,10 +86,13 @@ def _generate(
     nxt = sample_token(m.logits_from_hidden(h[:, -1]), rngs[t], temperature, top_p, greedy)
     nxt = jnp.where(done, pad, nxt)
     out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, t))
-    return nxt, done | jnp.isin(nxt, eos_ids), out, cache, kv_valid, state
+    return t + 1, nxt, done | jnp.isin(nxt, eos_ids), out, cache, kv_valid, state
 
-  out = jax.lax.fori_loop(1, max_new_tokens, step, (tok, done, out, cache, kv_valid, state))[2]
-  return out
+  # Stops as soon as every row has ended (rows that ended hold pad from then on anyway).
+  going = lambda carry: (carry[0] < max_new_tokens) & ~jnp.all(carry[2])
+  carry = (jnp.int32(1), tok, done, out, cache, kv_valid, state)
+  steps, *_, out, _, _, _ = jax.lax.while_loop(going, step, carry)
+  return out, steps
 
 
 def generate(
@@ -105,10 +108,12 @@ def generate(
   temperature: float = 0.0,
   top_p: float = 1.0,
   rng=None,
+  return_steps: bool = False,
 ):
   """New tokens [B, max_new_tokens] for left-padded prompts; after EOS a row holds pad_token_id.
 
-  eos_token_id: an int or a sequence of ints. Greedy when temperature == 0.
+  eos_token_id: an int or a sequence of ints. Greedy when temperature == 0. return_steps: also
+  the number of tokens decoded (fewer than max_new_tokens when every row ended earlier).
   """
   input_ids = np.asarray(input_ids)
   attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
@@ -129,7 +134,7 @@ def generate(
   greedy = temperature == 0.0
   rng = jax.random.key(0) if rng is None else rng
   with lora.deterministic(model):  # no LoRA dropout while sampling
-    return _generate(
+    out, steps = _generate(
       model,
       jnp.asarray(input_ids, jnp.int32),
       jnp.asarray(attention_mask, jnp.int32),
@@ -145,3 +150,4 @@ def generate(
       pad=int(pad_token_id),
       greedy=greedy,
     )
+  return (out, int(steps)) if return_steps else out

@@ -77,6 +77,28 @@ def test_stops_at_eos_and_pads(setup):
     assert (got[row, f + 1 :] == testing.PAD).all()
 
 
+def test_decoding_stops_when_every_row_has_ended(setup):
+  model, inp, ref = setup
+  eos = [int(r[3]) for r in ref]  # each row's 4th token ends it
+  last = max(int(np.argmax(np.isin(r, eos))) for r in ref)  # the last row to end
+  got, steps = generate(
+    model,
+    inp['input_ids'],
+    inp['attention_mask'],
+    inp['pixel_values'],
+    inp['image_grid_thw'],
+    max_new_tokens=STEPS,
+    eos_token_id=eos,
+    pad_token_id=testing.PAD,
+    return_steps=True,
+  )
+  assert steps == last + 1 < STEPS
+  for row, r in zip(got, ref):
+    end = int(np.argmax(np.isin(r, eos)))
+    np.testing.assert_array_equal(row[: end + 1], r[: end + 1])
+    assert (row[end + 1 :] == testing.PAD).all()
+
+
 def test_sampling(setup):
   model, inp, ref = setup
   # a vanishing nucleus is greedy
