@@ -352,3 +352,55 @@ def test_inspect_reads_the_data_without_training(tmp_path):
   for name in ("inspect.json", "lengths.png", "examples.png"):
     assert (tmp_path / "work" / "inspect" / name).stat().st_size > 0
   assert "train: 8 records, 6 usable" in inspect_data.summary_lines(report)[0]
+
+
+def test_own_data_runs_from_an_init_from_checkpoint(tmp_path):
+  # The same command with a Hugging Face directory (weights + its own tokenizer) instead of a
+  # random-init preset: the run takes the checkpoint's tokenizer and weights.
+  from flax import nnx
+
+  from cpo_jax import main
+  from cpo_jax import models
+  from cpo_jax.data import tokenizer as tok_lib
+
+  text = _free_text_set(tmp_path)
+  (tmp_path / "train.jsonl").write_text(text)
+  (tmp_path / "test.jsonl").write_text(text)
+  words = [m["content"] for line in text.splitlines() for m in json.loads(line)["messages"]]
+  tok = tok_lib.build_tokenizer(extra_texts=words)
+  checkpoint = tmp_path / "hf"
+  config = models.get_config_for_tokens("tiny", tok_lib.special_ids(tok))
+  models.save_hf(models.Qwen2_5_VL(config, rngs=nnx.Rngs(3)), str(checkpoint))
+  tok.save_pretrained(str(checkpoint))
+  cfg = _byod_config(
+    tmp_path,
+    f"--config.model.init_from={checkpoint}",
+    "--config.stages=sft,eval",
+    "--config.eval.robustness=False",
+  )
+  report = main.run(cfg, str(tmp_path / "work"))
+  assert not (tmp_path / "work" / "data" / "tokenizer").exists()  # the checkpoint's is used
+  split = report["splits"]["test"]
+  assert split["skipped"] == {} and (split["n"], split["unlabelled"]) == (4, 2)
+
+
+def test_a_512_px_stream_over_mixed_aspect_images_skips_nothing(tmp_path):
+  # The paper's 512 px over images of assorted sizes and aspects (the fixture's are 64 px wide,
+  # 40-80 px high): every record becomes a row on the one static grid (504 px, 324 tokens).
+  text = _free_text_set(tmp_path)
+  (tmp_path / "train.jsonl").write_text(text)
+  src = sources.make_source("swift_jsonl", "train", data_dir=str(tmp_path))
+  words = [m["content"] for line in text.splitlines() for m in json.loads(line)["messages"]]
+  from cpo_jax.data import tokenizer as tok_lib
+
+  tok_dir = tmp_path / "tok"
+  tok_lib.save_tokenizer(tok_lib.build_tokenizer(extra_texts=words), str(tok_dir))
+  proc512 = processors.make_processors(str(tok_dir), image_size=512)
+  skips = bad_records.SkipCounter()
+  rows = list(
+    datasets.make_sft_iterator(
+      src, proc512, batch_size=2, max_len=400, num_epochs=1, on_bad_record="skip", skips=skips
+    )
+  )
+  assert skips.total() == 0 and sum(len(b["input_ids"]) for b in rows) == 6
+  assert all(b["image_grid_thw"].tolist() == [[1, 36, 36]] * 2 for b in rows)
