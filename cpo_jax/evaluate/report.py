@@ -68,11 +68,14 @@ def evaluate_splits(model, cfg, data):
       skipped=dict(skips.counts),
     )
     source = data.sources[split]
-    records = [source[int(i)] for i in pred.indices]
+    labelled = len(pred.indices) and 'labels' in source[int(pred.indices[0])]
+    # The records again, for their gold texts and finding labels (only when those are scored).
+    wanted = len(pred.indices) and (cfg.eval.text_metrics or labelled)
+    records = [source[int(i)] for i in pred.indices] if wanted else []
     if cfg.eval.text_metrics and records:
       gold_texts = [eval_batches.gold_completion(source, r) for r in records]
       section['report_generation'] = findings.report_scores(gold_texts, pred.texts)
-    if records and 'labels' in records[0]:
+    if labelled:
       scorer = scorer or scoring.AnswerScorer(model, data.processors, graph)
       scores = findings.finding_scores(
         scorer, data.eval_batches(split), pred.texts, FINDINGS, desc=f'findings {split}'
