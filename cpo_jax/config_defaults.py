@@ -123,6 +123,11 @@ def base_config(arg, *, domain, data):
   # BLEU-1..4, ROUGE-L, METEOR (needs java), CIDEr of the generated chains: on by default for
   # the user's free-text data; the synthetic chains are templates.
   c.eval.text_metrics = c.data.name in ('swift_jsonl', 'mimic_ccf', 'codalm')
+  # Every this many steps (0: never) each stage's model answers the first every_steps_examples
+  # examples of the first eval split (logged as eval/<split>/accuracy); the trained params of
+  # the best step are kept apart in checkpoints/<stage>_best/.
+  c.eval.every_steps = 0
+  c.eval.every_steps_examples = 64
   c.eval.robustness = True
   c.eval.robustness_split = ''  # '' = the first eval split
   c.eval.robustness_max_examples = 128

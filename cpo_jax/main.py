@@ -115,6 +115,8 @@ def run(cfg, workdir, mode='train'):
   model = build_model(cfg, data, mesh)
   writer = writers.MetricsWriter(workdir)
   common = dict(mesh=mesh, grid=data.grid, workdir=workdir, writer=writer)
+  if cfg.eval.every_steps and data.eval_splits and mode == 'train':
+    common.update(evaluate=report_lib.during_training(cfg, data), eval_every=cfg.eval.every_steps)
 
   # Eval restores whatever checkpoints exist; training runs (or resumes) each listed stage.
   # Each stage starts from the previous stage's final model, so cpo_plus needs sft's.

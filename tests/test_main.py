@@ -16,6 +16,7 @@ from cpo_jax import main
 from cpo_jax import models
 from cpo_jax import plan
 from cpo_jax import sharding
+from cpo_jax.evaluate import report as report_lib
 
 
 def _config(workdir, *overrides):
@@ -82,6 +83,37 @@ def test_default_stages_write_the_contract_files_and_resume(tmp_path):
   exported = models.load_hf(str(export_dir))
   ids = np.array([[3, 4, 5, 6]])
   np.testing.assert_allclose(exported(ids), model(ids), atol=1e-5)
+
+
+def test_eval_during_training_logs_and_keeps_the_best_step(tmp_path, monkeypatch):
+  # The real evaluator runs; its accuracies (all 0 after so few steps) are replaced by a script
+  # so that the best step is neither the first nor the last.
+  script = iter([0.25, 0.75, 0.5, 0.1])
+  real = report_lib.during_training
+
+  def scripted(cfg, data):
+    evaluate = real(cfg, data)
+    return lambda model: dict(evaluate(model), **{'eval/test/accuracy': next(script)})
+
+  monkeypatch.setattr(report_lib, 'during_training', scripted)
+  cfg = _config(
+    tmp_path,
+    '--config.eval.every_steps=2',
+    '--config.eval.every_steps_examples=8',
+    '--config.sft.num_steps=6',
+    '--config.stages=sft,cpo_plus',
+  )
+  main.run(cfg, str(tmp_path))
+  evals = [r for r in _rows(tmp_path) if 'eval/test/accuracy' in r]
+  assert [(r['stage'], r['step']) for r in evals] == [
+    ('sft', 2),
+    ('sft', 4),
+    ('sft', 6),
+    ('cpo_plus', 2),
+  ]
+  assert all(0 <= r['eval/test/unparsed'] <= 8 for r in evals)  # on the first 8 examples
+  kept = lambda stage: [int(p.name) for p in (tmp_path / 'checkpoints' / f'{stage}_best').iterdir()]
+  assert kept('sft') == [4] and kept('cpo_plus') == [2]
 
 
 def test_plan_compiles_the_step_for_a_mesh_without_allocating():

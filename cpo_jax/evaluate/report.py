@@ -86,6 +86,26 @@ def evaluate_splits(model, cfg, data):
   return out
 
 
+def during_training(cfg, data):
+  """`evaluate(model)` for eval.every_steps: decision accuracy (and unparsed answers) on the
+  first `eval.every_steps_examples` examples of the first eval split."""
+  split = data.eval_splits[0]
+
+  def evaluate(model):
+    pred = answers.predict_decisions(
+      model,
+      data.eval_batches(split, max_examples=cfg.eval.every_steps_examples),
+      tokenizer=data.processors.tokenizer,
+      graph=data.graph,
+      max_new_tokens=data.max_new_tokens,
+      desc=f'eval {split} (during training)',
+    )
+    scores = answers.decision_accuracy(pred.predicted, pred.gold)
+    return {f'eval/{split}/{k}': scores[k] for k in ('accuracy', 'unparsed')}
+
+  return evaluate
+
+
 def robustness_sections(model, cfg, data):
   """`interference.<kind>.<severity>` (accuracy under that interference),
   `interference_not_applicable.<thinking kind>.<severity>` (rows that edit could not be scored

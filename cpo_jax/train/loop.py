@@ -7,6 +7,7 @@ exact data order it would have seen (the Grain iterator state is saved with ever
 import functools
 
 from absl import logging
+from flax import nnx
 import grain
 import jax
 import orbax.checkpoint as ocp
@@ -44,6 +45,8 @@ def run_stage(
   log_every,
   writer,
   restore_only=False,
+  evaluate=None,
+  eval_every=0,
 ):
   """Trains `stage` for `num_steps`, resuming from its latest checkpoint in the workdir.
 
@@ -51,6 +54,9 @@ def run_stage(
   checkpoint, so a resumed run sees exactly the batches an uninterrupted one would.
   `prepare(batch)` turns a pipeline batch into the step's input. Returns the trained
   (trainable, frozen); with `restore_only`, the latest checkpoint as it is (--mode=eval).
+  With `evaluate(model) -> {'eval/<split>/<metric>': value}` and `eval_every`, the model is
+  evaluated every `eval_every` steps (logged) and the trained params of the best step by the
+  first metric are kept apart, in checkpoints/<stage>_best/.
   """
   trainable_sh = sharding.state_shardings(stage.trainable, mesh)
   frozen_sh = sharding.state_shardings(stage.frozen, mesh)
@@ -122,6 +128,14 @@ def run_stage(
     )
 
   meter = throughput.Meter(stage, mesh)
+  best = None
+  if evaluate is not None and eval_every:
+    best = ocp.CheckpointManager(
+      checkpoint_dir(workdir, f'{stage.name}_best'),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=1, best_fn=lambda m: next(iter(m.values())), best_mode='max'
+      ),
+    )
   try:
     with preemption.Watch() as watch:
       for step in bar:
@@ -141,6 +155,12 @@ def run_stage(
           row = writers.metrics_row(stage.name, done, metrics, stage.schedule(step))
           writer.write(dict(row, **meter.report()))
           bar.set_postfix({k: f'{row[k]:.4g}' for k in ('loss', 'rewards/accuracies') if k in row})
+        if best is not None and (done % eval_every == 0 or done == num_steps):
+          scores = evaluate(nnx.merge(stage.graphdef, trainable, frozen))
+          writer.write({'stage': stage.name, 'step': done, **scores})
+          # None (no labelled row) ranks last.
+          ranked = {k: -float('inf') if v is None else v for k, v in scores.items()}
+          best.save(done, args=ocp.args.StandardSave(trainable), metrics=ranked)
         periodic = done % checkpoint_cfg.every_steps == 0 or done == num_steps
         if periodic:
           save(done)
@@ -153,4 +173,7 @@ def run_stage(
     # from it.
     manager.wait_until_finished()
     manager.close()
+    if best is not None:
+      best.wait_until_finished()
+      best.close()
   return trainable, frozen

@@ -199,7 +199,10 @@ def cpo_stage(stage_model, cfg, grid, image_processor=None, pair_layout=None):
   return stage, prepare
 
 
-def _run(stage, prepare, cfg, num_steps, train, **loop_kw):
+def _run(stage, prepare, cfg, num_steps, train, policy_of=lambda m: m, **loop_kw):
+  evaluate = loop_kw.pop('evaluate', None)
+  if evaluate is not None:  # evaluates what the stage returns: the CPO++ policy, not its pair
+    loop_kw['evaluate'] = lambda model: evaluate(policy_of(model))
   trainable, frozen = loop.run_stage(
     stage,
     num_steps=num_steps,
@@ -223,5 +226,5 @@ def train_sft(model, cfg, *, grid, train=True, **loop_kw):
 def train_cpo(model, cfg, *, grid, train=True, image_processor=None, pair_layout=None, **loop_kw):
   """Runs (or resumes, or with train=False restores) the CPO++ stage; returns the policy."""
   stage, prepare = cpo_stage(attach_adapters(model, cfg), cfg, grid, image_processor, pair_layout)
-  model = _run(stage, prepare, cfg, cfg.cpo.num_steps, train, **loop_kw)
-  return objectives.policy_and_reference(model)[0]
+  policy_of = lambda m: objectives.policy_and_reference(m)[0]
+  return policy_of(_run(stage, prepare, cfg, cfg.cpo.num_steps, train, policy_of, **loop_kw))

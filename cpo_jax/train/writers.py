@@ -81,7 +81,7 @@ class MetricsWriter:
     if self._events is None:
       self._events = tensorboardX.SummaryWriter(self.tensorboard_dir)
     for key, value in row.items():
-      if key not in ('stage', 'step'):
+      if key not in ('stage', 'step') and value is not None:  # None: not measured (JSON only)
         self._events.add_scalar(f'{row["stage"]}/{key}', value, row['step'])
     self._events.flush()  # a run may stop at any step; what was logged is stored
 
