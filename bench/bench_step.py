@@ -196,6 +196,33 @@ def _matmul_params(module, exclude=()):
   return n
 
 
+def step_configs(rpo_alpha=0.1):
+  """(loss config, optimizer config) of the benchmarked CPO++ step: sigmoid DPO at beta 0.1 +
+  rpo_alpha NLL, unweighted sources; AdamW (0.9, 0.98), wd 0.05, lr 1e-4, clip 1."""
+  cfg = ml_collections.ConfigDict(
+    dict(
+      beta=0.1,
+      loss_type='sigmoid',
+      label_smoothing=0.0,
+      rpo_alpha=rpo_alpha,
+      source_weights=(1.0, 1.0, 1.0),
+      normalize_weights=True,
+    )
+  )
+  opt = ml_collections.ConfigDict(
+    dict(
+      lr=1e-4,
+      end_lr_ratio=1e-3,
+      warmup_frac=0.05,
+      b1=0.9,
+      b2=0.98,
+      weight_decay=0.05,
+      grad_clip=1.0,
+    )
+  )
+  return cfg, opt
+
+
 def model_flops(
   model, config, batch, seq_len, grid, *, vit_encodes=2, head_positions=None, reference_forward=True
 ):
@@ -248,27 +275,7 @@ def bench_preset(
 ):
   config = models.get_config(preset, **TOKENS)
   grid = np.asarray([1, image_size // 14, image_size // 14])
-  cfg = ml_collections.ConfigDict(
-    dict(
-      beta=0.1,
-      loss_type='sigmoid',
-      label_smoothing=0.0,
-      rpo_alpha=0.1,
-      source_weights=(1.0, 1.0, 1.0),
-      normalize_weights=True,
-    )
-  )
-  opt = ml_collections.ConfigDict(
-    dict(
-      lr=1e-4,
-      end_lr_ratio=1e-3,
-      warmup_frac=0.05,
-      b1=0.9,
-      b2=0.98,
-      weight_decay=0.05,
-      grad_clip=1.0,
-    )
-  )
+  cfg, opt = step_configs()
   raw = synthetic_batch(batch, seq_len, grid, rng, config.text_config.vocab_size)
   prepared = stages.step_inputs(
     raw, grid, config, ('chosen_', 'rejected_'), extra=('source', 'sample_weight')

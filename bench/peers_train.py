@@ -14,7 +14,6 @@ import bench_step  # model_flops: the same yardstick
 import datasets
 from flax import nnx
 import jax
-import ml_collections
 import numpy as np
 import peers_common
 import peft
@@ -201,27 +200,7 @@ def bench_train(a, tok, processor, config, base_dir, peak):
     raise ValueError(f'completion tokens per row {comp}, expected {a.completion_len}')
   raw = ours_batch(collated, n, n_patches)
 
-  cfg = ml_collections.ConfigDict(
-    dict(
-      beta=0.1,
-      loss_type='sigmoid',
-      label_smoothing=0.0,
-      rpo_alpha=a.rpo_alpha,
-      source_weights=(1.0, 1.0, 1.0),
-      normalize_weights=True,
-    )
-  )
-  opt = ml_collections.ConfigDict(
-    dict(
-      lr=1e-4,
-      end_lr_ratio=1e-3,
-      warmup_frac=0.05,
-      b1=0.9,
-      b2=0.98,
-      weight_decay=0.05,
-      grad_clip=1.0,
-    )
-  )
+  cfg, opt = bench_step.step_configs(a.rpo_alpha)
   model = hf_io.load_hf(base_dir)
   print('ours: compiling the step', flush=True)
   ours = OurStep(model, config, raw, grid, cfg, opt, 1 + total + total_gc)
