@@ -196,6 +196,20 @@ def _matmul_params(module, exclude=()):
   return n
 
 
+def placed_step(stage, mesh, batch):
+  """The stage's jitted train step, and its inputs (trainable, frozen, optimizer state, batch)
+  placed on `mesh`."""
+  tr_sh = sharding.state_shardings(stage.trainable, mesh)
+  fr_sh = sharding.state_shardings(stage.frozen, mesh)
+  trainable = jax.device_put(stage.trainable, tr_sh)
+  frozen = jax.device_put(stage.frozen, fr_sh)
+  opt_state = jax.jit(stage.tx.init)(trainable)
+  opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
+  data = jax.device_put(batch, sharding.batch_sharding(mesh))
+  step = steps.make_train_step(stage, mesh, (tr_sh, fr_sh, opt_sh))
+  return step, (trainable, frozen, opt_state, data)
+
+
 def step_configs(rpo_alpha=0.1):
   """(loss config, optimizer config) of the benchmarked CPO++ step: sigmoid DPO at beta 0.1 +
   rpo_alpha NLL, unweighted sources; AdamW (0.9, 0.98), wd 0.05, lr 1e-4, clip 1."""
@@ -296,13 +310,7 @@ def bench_preset(
     tx, schedule = optimizer.make_optimizer(opt, 1000)
     loss_fn = lambda m, b, spec=spec: spec.loss_fn(m, b, grid, cfg)
     stage = steps.Stage('cpo_plus', graphdef, trainable, frozen, loss_fn, tx, schedule)
-    tr_sh = sharding.state_shardings(trainable, mesh)
-    fr_sh = sharding.state_shardings(frozen, mesh)
-    trainable, frozen = jax.device_put(trainable, tr_sh), jax.device_put(frozen, fr_sh)
-    opt_state = jax.jit(tx.init)(trainable)
-    opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
-    data = jax.device_put(data_in, sharding.batch_sharding(mesh))
-    step = steps.make_train_step(stage, mesh, (tr_sh, fr_sh, opt_sh))
+    step, (trainable, frozen, opt_state, data) = placed_step(stage, mesh, data_in)
     t0 = time.perf_counter()
     print(f'{preset} {variant}: set up in {t0 - t_setup:.1f} s, compiling', flush=True)
     compiled = step.lower(trainable, frozen, opt_state, data).compile()
