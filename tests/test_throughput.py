@@ -57,5 +57,22 @@ def test_the_meter_skips_the_compiling_interval_and_counts_tokens_and_rows():
   assert np.isclose(perf['perf/step_s'] * 3 * perf['perf/tokens_per_s'], 120)
   expected_mfu = meter.flops_per_token * 120 / (3 * perf['perf/step_s']) / 459e12
   assert np.isclose(perf['perf/mfu'], expected_mfu)
+
   cpu = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(device_kind='cpu')]))
   assert throughput.Meter(stage, cpu).peak is None  # no MFU without a known peak
+
+
+def test_a_restart_leaves_out_what_came_before(monkeypatch):
+  model, _ = _model()
+  _, trainable, frozen = steps.split_model(model, 'all')
+  stage = types.SimpleNamespace(name='sft', trainable=trainable, frozen=frozen, reference_fn=None)
+  mesh = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(device_kind='cpu')]))
+  clock = iter([0.0, 10.0, 11.0])  # the evaluation takes 10 s, the step after it 1 s
+  monkeypatch.setattr(throughput.time, 'perf_counter', lambda: next(clock))
+  meter = throughput.Meter(stage, mesh)
+  batch = {'input_ids': np.zeros((4, 10)), 'attention_mask': np.ones((4, 10))}
+  meter.report()  # t=0: the first interval starts
+  meter.add(batch)
+  meter.restart()  # t=10: after an evaluation
+  meter.add(batch)
+  assert meter.report() == {'perf/step_s': 1.0, 'perf/tokens_per_s': 40.0, 'perf/rows_per_s': 4.0}

@@ -161,6 +161,7 @@ def run_stage(
           # None (no labelled row) ranks last.
           ranked = {k: -float('inf') if v is None else v for k, v in scores.items()}
           best.save(done, args=ocp.args.StandardSave(trainable), metrics=ranked)
+          meter.restart()  # the evaluation's time is not the training's
         periodic = done % checkpoint_cfg.every_steps == 0 or done == num_steps
         if periodic:
           save(done)

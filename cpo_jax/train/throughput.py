@@ -92,6 +92,10 @@ class Meter:
     self._tokens += batch_tokens(host_batch) * jax.process_count()
     self._rows += batch_rows(host_batch) * jax.process_count()
 
+  def restart(self):
+    """Starts a new interval now (after work that is not training, e.g. an evaluation)."""
+    self._since, self._steps, self._tokens, self._rows = time.perf_counter(), 0, 0, 0
+
   def report(self) -> dict[str, float]:
     """At a logged step (its metrics fetched, so the step has finished)."""
     now, since = time.perf_counter(), self._since
