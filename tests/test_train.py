@@ -224,7 +224,7 @@ def test_precomputed_reference_trains_like_adapters_off_and_guards_its_rows(setu
     np.zeros((3, 8, 2), np.float32), np.zeros(3, np.uint64), str(path)
   )
   with pytest.raises(ValueError, match='step 1: the batch is not the one'):
-    table.attach({'source': np.zeros(8, np.int32)}, 1)
+    table.attach({'source': np.zeros(8, np.int32)}, 1, np.uint64(7))
 
 
 def test_a_reference_pass_cut_short_resumes_from_its_stored_rows(setup, tmp_path, caplog):
@@ -254,6 +254,24 @@ def test_a_reference_pass_cut_short_resumes_from_its_stored_rows(setup, tmp_path
   with np.load(table) as cut, np.load(whole) as ref:
     np.testing.assert_array_equal(cut['rows'], ref['rows'])
     np.testing.assert_array_equal(cut['fingerprints'], ref['fingerprints'])
+
+
+def test_the_fingerprint_reads_image_digests_instead_of_pixels(setup):
+  proc, source, *_ = setup
+  batch = next(_cpo_iter(proc, source))
+  assert batch['image_digest'].dtype == np.uint64 and len(set(batch['image_digest'])) > 1
+  fp = reference_table.batch_fingerprint(batch)
+  # Pixels are not hashed on the loop's path: the pipeline's digest stands for them...
+  same = dict(batch, chosen_pixel_values=np.zeros_like(batch['chosen_pixel_values']))
+  assert reference_table.batch_fingerprint(same) == fp
+  # ... and a row whose images differ has another digest, so another fingerprint.
+  digest = batch['image_digest'].copy()
+  digest[0] ^= np.uint64(1)
+  assert reference_table.batch_fingerprint(dict(batch, image_digest=digest)) != fp
+  # Without digests (another pipeline) the pixels are hashed.
+  bare = {k: v for k, v in batch.items() if k != 'image_digest'}
+  bare_zeros = dict(bare, chosen_pixel_values=np.zeros_like(batch['chosen_pixel_values']))
+  assert reference_table.batch_fingerprint(bare) != reference_table.batch_fingerprint(bare_zeros)
 
 
 def test_lora_sft_trains_adapters_and_merges_them(setup, tmp_path):

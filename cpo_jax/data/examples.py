@@ -8,6 +8,7 @@ codalm) give their pairs; the synthetic sources' pairs are made by `pairs.make_p
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -146,6 +147,7 @@ def cpo_example(
     "rejected_decision": np.int32(pair["rejected_decision"]),
     "index": np.int32(i),
     "flipped_concept": np.int32(pair["flipped_concept"]),
+    "image_digest": image_digest(pair["chosen_image"], pair["rejected_image"]),
   }
 
 
@@ -193,6 +195,7 @@ def swift_cpo_example(i: int, *, source, proc: Processors, max_len: int):
     "rejected_decision": np.int32(-1),
     "index": np.int32(i),
     "flipped_concept": np.int32(-1),
+    "image_digest": image_digest(rec["image"], rec["rejected_image"]),
   }
 
 
@@ -209,6 +212,21 @@ def swift_sft_example(i: int, *, source, proc: Processors, max_len: int):
     "decision": np.int32(-1),
     "index": np.int32(i),
   }
+
+
+def image_digest(*images) -> np.uint64:
+  """64-bit digest of a pair's source images (encoded bytes, or the array): computed once per
+  row in the pipeline, so the precomputed reference's batch fingerprint need not hash pixels
+  on the training loop's path."""
+  h = hashlib.blake2b(digest_size=8)
+  for image in images:
+    if isinstance(image, (bytes, np.bytes_)):
+      h.update(image)
+    else:
+      arr = np.ascontiguousarray(image)
+      h.update(str(arr.shape).encode())
+      h.update(arr.tobytes())
+  return np.uint64(int.from_bytes(h.digest(), "little"))
 
 
 def gives_pairs(source) -> bool:

@@ -22,6 +22,7 @@ from cpo_jax.train import steps
 from cpo_jax.train import throughput
 from cpo_jax.train import writers
 from cpo_jax.train.reference_table import ReferenceTable
+from cpo_jax.train.reference_table import batch_fingerprint
 
 
 def checkpoint_dir(workdir, stage_name):
@@ -139,10 +140,11 @@ def run_stage(
   try:
     with preemption.Watch() as watch:
       for step in bar:
-        batch = prepare(next(batches))
+        raw = next(batches)
+        batch = prepare(raw)
         meter.add(batch)
         if table is not None:
-          batch = table.attach(batch, step)
+          batch = table.attach(batch, step, batch_fingerprint(raw))
         if stage.accumulation is not None:
           acc = stage.accumulation
           rows = accumulation.batch_rows(batch) * jax.process_count()

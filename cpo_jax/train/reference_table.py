@@ -21,10 +21,14 @@ from cpo_jax import sharding
 
 
 def batch_fingerprint(batch):
-  """64-bit hash of a step's input arrays: checks that a precomputed reference row belongs
-  to the batch it is attached to (same stream, same data, same seed)."""
+  """64-bit hash of a step's pipeline batch: checks that a precomputed reference row belongs to
+  the batch it is attached to (same stream, same data, same seed). Pixel arrays are left out
+  when the rows carry the digest of their images (`image_digest`, made by the pipeline)."""
+  digested = 'image_digest' in batch
   h = hashlib.blake2b(digest_size=8)
   for key in sorted(batch):
+    if digested and key.endswith('pixel_values'):
+      continue
     h.update(key.encode())
     h.update(np.ascontiguousarray(batch[key]).tobytes())
   return np.uint64(int.from_bytes(h.digest(), 'little'))
@@ -83,7 +87,7 @@ class ReferenceTable:
 
     batches, done = make_batches(), len(rows)
     for step in range(done):  # the stored rows' batches: only checked, not computed again
-      if batch_fingerprint(prepare(next(batches))) != fingerprints[step]:
+      if batch_fingerprint(next(batches)) != fingerprints[step]:
         raise ValueError(
           f'{path}: step {step} was computed for another batch (data, seed or batch size '
           'changed since); delete the file to recompute it.'
@@ -97,16 +101,19 @@ class ReferenceTable:
       dynamic_ncols=True,
       disable=jax.process_index() != 0,
     ):
-      batch = prepare(next(batches))
-      fingerprints.append(batch_fingerprint(batch))
+      raw = next(batches)
+      fingerprints.append(batch_fingerprint(raw))
+      batch = prepare(raw)
       out = reference(trainable, frozen, sharding.global_batch(batch, mesh), np.int32(step))
       rows.append(sharding.process_rows(out))
       if (step + 1) % save_every == 0 and step + 1 < num_steps:
         store()  # a pass cut here (preemption, a crash) resumes from this row
     return cls(store(), np.asarray(fingerprints, np.uint64), path)
 
-  def attach(self, batch, step):
-    if step >= len(self.rows) or batch_fingerprint(batch) != self.fingerprints[step]:
+  def attach(self, batch, step, fingerprint):
+    """`batch` (prepared) with its reference row; `fingerprint`: batch_fingerprint of the
+    pipeline batch it was prepared from."""
+    if step >= len(self.rows) or fingerprint != self.fingerprints[step]:
       raise ValueError(
         f'step {step}: the batch is not the one the precomputed reference in {self.path} '
         f'was computed for (data, seed, batch size or perturbations changed since); '
