@@ -110,16 +110,17 @@ def make_trainer(a, processor, base_dir, dataset, max_steps, gradient_checkpoint
   hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
     base_dir, dtype=torch.float32
   )
+  cfg, opt = bench_step.step_configs(a.rpo_alpha)  # the same settings as our step's
   args = trl.DPOConfig(
     output_dir=os.path.join(base_dir, f'trl_gc{int(gradient_checkpointing)}'),
     per_device_train_batch_size=a.pairs,
     max_steps=max_steps,
-    learning_rate=1e-4,
-    adam_beta1=0.9,
-    adam_beta2=0.98,
-    weight_decay=0.05,
-    max_grad_norm=1.0,
-    beta=0.1,
+    learning_rate=opt.lr,
+    adam_beta1=opt.b1,
+    adam_beta2=opt.b2,
+    weight_decay=opt.weight_decay,
+    max_grad_norm=opt.grad_clip,
+    beta=cfg.beta,
     loss_type=['sigmoid', 'sft'],
     loss_weights=[1.0, a.rpo_alpha],
     bf16=False,

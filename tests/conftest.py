@@ -78,3 +78,18 @@ def gcs_server():
         os.environ[k] = v
     server.terminate()
     server.wait(10)
+
+
+def bucket_files(root):
+  """Names, relative to `root`, of every object under a gs:// prefix (epath has no rglob there,
+  and its walk() drops the scheme)."""
+  from etils import epath
+
+  out, todo = [], [epath.Path(root)]
+  while todo:
+    for p in todo.pop().iterdir():
+      if p.is_dir():
+        todo.append(p)
+      else:
+        out.append(os.path.relpath(os.fspath(p), os.fspath(root)))
+  return sorted(out)

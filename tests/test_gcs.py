@@ -6,6 +6,7 @@ import os
 
 from cli_configs import SMALL_RUN
 from cli_configs import cli_config
+from conftest import bucket_files
 from etils import epath
 from flax import nnx
 import jax
@@ -13,18 +14,6 @@ import numpy as np
 
 from cpo_jax import main
 from cpo_jax import models
-
-
-def _files(root):
-  """Relative names of every object under a gs:// prefix (epath has no rglob there)."""
-  out, todo = [], [epath.Path(root)]
-  while todo:
-    for p in todo.pop().iterdir():
-      if p.is_dir():
-        todo.append(p)
-      else:
-        out.append(os.path.relpath(os.fspath(p), os.fspath(root)))
-  return sorted(out)
 
 
 def test_a_run_on_gs_writes_everything_to_the_bucket_and_resumes(
@@ -39,7 +28,7 @@ def test_a_run_on_gs_writes_everything_to_the_bucket_and_resumes(
   )
   monkeypatch.chdir(tmp_path)  # anything written to a local path would land here
   report = main.run(cfg, workdir)
-  files = _files(workdir)
+  files = bucket_files(workdir)
   for name in ('config.json', 'metrics.jsonl', 'eval/report.json', 'eval/accuracy.png'):
     assert name in files, files
   assert any(f.startswith('tensorboard/events.out.tfevents') for f in files)
@@ -47,8 +36,8 @@ def test_a_run_on_gs_writes_everything_to_the_bucket_and_resumes(
     assert f'checkpoints/{stage}/4/commit_success.txt' in files or any(
       f.startswith(f'checkpoints/{stage}/') and f.endswith('commit_success.txt') for f in files
     )
-  assert any(f.startswith('synth_drive/') for f in _files(data_dir))
-  assert 'tokenizer/tokenizer.json' in _files(data_dir)
+  assert any(f.startswith('synth_drive/') for f in bucket_files(data_dir))
+  assert 'tokenizer/tokenizer.json' in bucket_files(data_dir)
   assert os.listdir(tmp_path) == []  # nothing written locally
 
   rows = epath.Path(workdir, 'metrics.jsonl').read_text().splitlines()
@@ -63,7 +52,7 @@ def test_a_run_on_gs_writes_everything_to_the_bucket_and_resumes(
 
   export_dir = 'gs://bucket/export'
   main.export(cfg, workdir, export_dir)
-  assert {'config.json', 'model.safetensors', 'tokenizer.json'} <= set(_files(export_dir))
+  assert {'config.json', 'model.safetensors', 'tokenizer.json'} <= set(bucket_files(export_dir))
   assert os.listdir(tmp_path) == []
   local_export = tmp_path_factory.mktemp('export')
   main.export(cfg, workdir, str(local_export))  # the same export, written to a local disk

@@ -171,7 +171,9 @@ def test_two_hosts_run_the_cli_on_a_gs_workdir_and_export_from_there(gcs_server)
   workdir = 'gs://bucket/two_hosts'
   p0, p1 = _run_two('cli', workdir)
   assert p0['report'] == p1['report'] and set(p0['report']) == {'test', 'ood'}
-  files = {str(p).removeprefix(workdir + '/') for p in _objects(workdir)}
+  from conftest import bucket_files  # here, not at the top: the workers import this file
+
+  files = set(bucket_files(workdir))
   assert {'config.json', 'metrics.jsonl', 'eval/report.json'} <= files
   assert any(f.startswith('tensorboard/') for f in files)
   assert any(f.startswith('checkpoints/cpo_plus/') for f in files)
@@ -181,14 +183,6 @@ def test_two_hosts_run_the_cli_on_a_gs_workdir_and_export_from_there(gcs_server)
   tokenizer = processors.make_processors(workdir + '_data/tokenizer').tokenizer
   assert exported.config.text_config.vocab_size == len(tokenizer)
   assert epath.Path(workdir + '_export', 'tokenizer.json').exists()
-
-
-def _objects(root):
-  out, todo = [], [epath.Path(root)]
-  while todo:
-    for p in todo.pop().iterdir():
-      (todo if p.is_dir() else out).append(p)
-  return out
 
 
 def _cli_worker(workdir):

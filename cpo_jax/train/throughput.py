@@ -17,6 +17,8 @@ import time
 import jax
 import numpy as np
 
+from cpo_jax.train import accumulation
+
 # Dense bf16 peak FLOP/s per chip, by a substring of jax.Device.device_kind.
 PEAK_FLOPS = (
   ('v6 lite', 918e12),
@@ -71,11 +73,6 @@ def batch_tokens(batch) -> int:
   return int(sum(np.asarray(v).sum() for k, v in batch.items() if k.endswith('attention_mask')))
 
 
-def batch_rows(batch) -> int:
-  ids = next(v for k, v in batch.items() if k.endswith('input_ids'))
-  return int(np.shape(ids)[0])
-
-
 class Meter:
   """Accumulates tokens and rows between logged steps; `report()` gives the perf/ metrics."""
 
@@ -90,7 +87,7 @@ class Meter:
   def add(self, host_batch):
     self._steps += 1
     self._tokens += batch_tokens(host_batch) * jax.process_count()
-    self._rows += batch_rows(host_batch) * jax.process_count()
+    self._rows += accumulation.batch_rows(host_batch) * jax.process_count()
 
   def restart(self):
     """Starts a new interval now (after work that is not training, e.g. an evaluation)."""
