@@ -121,22 +121,25 @@ def run(cfg, workdir, mode='train'):
   # Eval restores whatever checkpoints exist; training runs (or resumes) each listed stage.
   # Each stage starts from the previous stage's final model, so cpo_plus needs sft's.
   trained = []
-  if 'sft' in wanted or restoring or 'cpo_plus' in wanted:
-    model = stages.train_sft(
-      model, cfg, make_batches=data.sft_batches, train='sft' in wanted, **common
-    )
-    trained.append('sft')
-  if 'cpo_plus' in wanted or (restoring and loop.has_checkpoint(workdir, 'cpo_plus')):
-    model = stages.train_cpo(
-      model,
-      cfg,
-      make_batches=data.cpo_batches,
-      image_processor=data.processors.image_processor,
-      pair_layout=data.pair_layout,
-      train='cpo_plus' in wanted,
-      **common,
-    )
-    trained.append('cpo_plus')
+  try:
+    if 'sft' in wanted or restoring or 'cpo_plus' in wanted:
+      model = stages.train_sft(
+        model, cfg, make_batches=data.sft_batches, train='sft' in wanted, **common
+      )
+      trained.append('sft')
+    if 'cpo_plus' in wanted or (restoring and loop.has_checkpoint(workdir, 'cpo_plus')):
+      model = stages.train_cpo(
+        model,
+        cfg,
+        make_batches=data.cpo_batches,
+        image_processor=data.processors.image_processor,
+        pair_layout=data.pair_layout,
+        train='cpo_plus' in wanted,
+        **common,
+      )
+      trained.append('cpo_plus')
+  finally:
+    writer.close()  # its event file complete now, not from an exit hook (gs:// may be gone)
   data.log_skips()
   if mode == 'restore':
     return model, data

@@ -88,6 +88,7 @@ class MetricsWriter:
   def close(self):
     if self._events is not None:
       self._events.close()
+      self._events = None
 
 
 def metrics_row(stage, step, metrics, lr):
