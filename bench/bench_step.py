@@ -238,23 +238,34 @@ def step_configs(rpo_alpha=0.1):
 
 
 def model_flops(
-  model, config, batch, seq_len, grid, *, vit_encodes=2, head_positions=None, reference_forward=True
+  model,
+  config,
+  batch,
+  seq_len,
+  grid,
+  *,
+  vit_encodes=2,
+  head_positions=None,
+  reference_forward=True,
+  shared_prefix=None,
 ):
   """Peer-style model FLOPs of one CPO++ step (see module docstring). `vit_encodes` and
   `head_positions` (projected positions per sequence) give the formula count of what a
-  variant executes instead (1 encode, the compact slab)."""
+  variant executes instead (1 encode, the compact slab); `shared_prefix` (P, S): every pair
+  runs a P-token prefix once and two S-token continuations that attend to it (causal
+  attention: a continuation's queries see P + s keys)."""
   tc, vc = config.text_config, config.vision_config
   seqs = 2 * batch
-  tokens = seqs * seq_len
   n_llm = _matmul_params(model.layers)
-  attn = (
-    2
-    * seq_len**2
-    * tc.num_attention_heads
-    * (tc.hidden_size // tc.num_attention_heads)
-    * tc.num_hidden_layers
-    * seqs
-  )
+  per_key = 2 * tc.num_attention_heads * (tc.hidden_size // tc.num_attention_heads)
+  per_key *= tc.num_hidden_layers  # QK^T and PV per (query, key), every layer
+  if shared_prefix:
+    p, s = shared_prefix
+    tokens = batch * p + seqs * s
+    attn = per_key * (batch * p**2 / 2 + seqs * (s * p + s**2 / 2)) * 2
+  else:
+    tokens = seqs * seq_len
+    attn = per_key * seqs * seq_len**2
   head = 2 * tc.hidden_size * tc.vocab_size * seqs * (head_positions or seq_len)
   llm_fwd = 2 * n_llm * tokens + attn + head
   patches_per_image = int(np.prod(grid))

@@ -138,6 +138,11 @@ def main():
   ap.add_argument('--skip-generate', action='store_true')
   ap.add_argument('--quick', action='store_true', help='2 steps each, 2 generation reps')
   ap.add_argument(
+    '--no-shared-prefix',
+    action='store_true',
+    help='our step with full rows (both completions run the image and prompt)',
+  )
+  ap.add_argument(
     '--torch-threads',
     default='auto',
     help="the peer's torch threads: auto (the faster of its default and 1, see "

@@ -27,6 +27,8 @@ from cpo_jax.models import lora
 from cpo_jax.train import completion
 from cpo_jax.train import objectives
 from cpo_jax.train import optimizer
+from cpo_jax.train import pair_images
+from cpo_jax.train import shared_prefix as shared_prefix_lib
 from cpo_jax.train import stages
 from cpo_jax.train import steps
 
@@ -55,7 +57,7 @@ def ours_batch(collated, n, n_patches):
 class OurStep:
   """Our default CPO++ step, compiled, on a batch resident on the device."""
 
-  def __init__(self, model, config, raw, grid, cfg, opt, total_steps):
+  def __init__(self, model, config, raw, grid, cfg, opt, total_steps, shared_prefix=None):
     lora.apply_lora(model, rank=8, alpha=32.0, rngs=nnx.Rngs(1))
     prepared = stages.step_inputs(
       raw, grid, config, ('chosen_', 'rejected_'), extra=('source', 'sample_weight')
@@ -63,7 +65,15 @@ class OurStep:
     mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
     graphdef, trainable, frozen = steps.split_model(model, 'lora')
     tx, schedule = optimizer.make_optimizer(opt, total_steps)
-    loss_fn = lambda m, b: objectives.cpo_loss_fn(m, b, grid, cfg)
+    # The batch's pairs are all thinking pairs: the grouped layout (1, 1) and, as a user sets
+    # data.max_prompt_len / max_completion_len from --mode=inspect, the shared-prefix step.
+    kw = {}
+    if shared_prefix:
+      p_len, s_len = shared_prefix
+      kw = dict(pair_layout=(1, 1), max_prompt_len=p_len, max_completion_len=s_len)
+      pair_images.check_pair_layout(raw, (1, 1))
+      shared_prefix_lib.check_prefix_fits(raw, (1, 1), p_len)
+    loss_fn = lambda m, b: objectives.cpo_loss_fn(m, b, grid, cfg, **kw)
     stage = steps.Stage('cpo_plus', graphdef, trainable, frozen, loss_fn, tx, schedule)
     step, (trainable, frozen, opt_state, data) = bench_step.placed_step(stage, mesh, prepared)
     t = time.perf_counter()
@@ -198,7 +208,8 @@ def bench_train(a, tok, processor, config, base_dir, peak):
   cfg, opt = bench_step.step_configs(a.rpo_alpha)
   model = hf_io.load_hf(base_dir)
   print('ours: compiling the step', flush=True)
-  ours = OurStep(model, config, raw, grid, cfg, opt, 1 + total + total_gc)
+  shared = None if a.no_shared_prefix else (prompt_len, a.completion_len)
+  ours = OurStep(model, config, raw, grid, cfg, opt, 1 + total + total_gc, shared)
   print(f'ours: compiled in {ours.compile_s:.1f} s', flush=True)
   ours()  # warm-up, alone: its metrics are the first step's
 
@@ -207,9 +218,9 @@ def bench_train(a, tok, processor, config, base_dir, peak):
   del trainer
 
   flops_trl, parts = bench_step.model_flops(model, config, n, seq_len, grid)
-  slab = completion.completion_positions(seq_len, grid, model)
+  slab = a.completion_len if shared else completion.completion_positions(seq_len, grid, model)
   flops_ours = bench_step.model_flops(
-    model, config, n, seq_len, grid, vit_encodes=1, head_positions=slab
+    model, config, n, seq_len, grid, vit_encodes=1, head_positions=slab, shared_prefix=shared
   )[0]
   ours_med, trl_med = statistics.median(ours_s), statistics.median(trl_s)
   first_trl = next(g for g in logs if 'loss' in g)
@@ -225,6 +236,9 @@ def bench_train(a, tok, processor, config, base_dir, peak):
       completion_tokens=a.completion_len,
       seq_len=seq_len,
     ),
+    ours_shared_prefix=dict(prefix_tokens=shared[0], continuation_tokens=shared[1])
+    if shared
+    else None,
     steps_timed=len(trl_s),
     warmup_steps=a.warmup,
     speedup_vs_trl=trl_med / ours_med,

@@ -24,6 +24,10 @@ def get_config(arg=None):
     c.eval.max_examples = 256
     # synth_drive rows are 74-76 tokens: batches cut to 80 instead of 96 (exact, faster).
     c.data.length_buckets = '80'
+    # Prompts are 43 tokens (16 image + 27 text), chains 31-33: a thinking pair runs its prompt
+    # once and projects 40 completion positions per row (cpo.shared_prefix; exact).
+    c.data.max_prompt_len = 48
+    c.data.max_completion_len = 40
   c.data.num_examples = dict(train=4000, test=512, ood=512)
   c.data.spurious_correlation = 0.9
   return c

@@ -16,6 +16,10 @@ def get_config(arg=None):
     c.sft.optimizer.lr = 2e-3
     c.cpo.num_steps = 150
     c.cpo.optimizer.lr = 1e-4
+    # Prompts are 45 tokens (16 image + 29 text), chains 44-50: a thinking pair runs its prompt
+    # once and projects 56 completion positions per row (cpo.shared_prefix; exact).
+    c.data.max_prompt_len = 48
+    c.data.max_completion_len = 56
   c.data.num_examples = dict(train=4000, test=512, ood=512)
   c.data.spurious_correlation = 0.9
   return c

@@ -61,6 +61,10 @@ def base_config(arg, *, domain, data):
   # Completion positions projected to the vocabulary; 0 = all that can hold completion
   # tokens (max_len minus the image tokens). A longer completion is an error, never cut.
   c.data.max_completion_len = 0
+  # Tokens before the completion (image tokens included) a training thinking pair may have: its
+  # prompt then runs once for both sides (cpo.shared_prefix). 0 = the row length. A longer
+  # prompt is an error, never cut.
+  c.data.max_prompt_len = 0
   c.data.max_len = 96  # static sequence length; longer records are skipped or raise.
   # Shorter static lengths a training batch may be cut to, e.g. '64,80' (max_len is always
   # the last): each batch gets the smallest that holds all its rows, one compile per bucket.
@@ -108,6 +112,9 @@ def base_config(arg, *, domain, data):
   # Extra perception pairs made on device each step: 'kind:severity,...' (kinds of
   # perturb.PERCEPTION_MASKS, applied inside the row's evidence boxes); '' = off.
   c.cpo.device_perturbations = ''
+  # A thinking pair's image and prompt run through the LLM once, both completions attend to
+  # them (exact; used when it saves tokens: data.max_prompt_len + 2 slab < 2 rows).
+  c.cpo.shared_prefix = True
   c.cpo.optimizer = _adamw(lr=1e-4)
 
   c.eval = ml_collections.ConfigDict()

@@ -22,6 +22,7 @@ from cpo_jax.train import naive
 from cpo_jax.train import objectives
 from cpo_jax.train import optimizer
 from cpo_jax.train import pair_images
+from cpo_jax.train import shared_prefix
 from cpo_jax.train import stages
 from cpo_jax.train import steps
 
@@ -182,6 +183,67 @@ def test_thinking_pairs_encode_their_image_once_with_the_same_numbers(
   per_model = 2 if include_vision else 1
   assert (images_shared, sum(encoded)) == (6 * per_model, 8 * per_model)
   assert abs(float(shared[0]['rewards/margins'])) > 1e-4
+
+
+def _decoder_tokens(monkeypatch):
+  """Tokens each decoder call runs (rows x length), recorded while tracing."""
+  seen = []
+  original = models.Qwen2_5_VL.decoder
+
+  def counting(self, x, *args, **kw):
+    seen.append(x.shape[0] * x.shape[1])
+    return original(self, x, *args, **kw)
+
+  monkeypatch.setattr(models.Qwen2_5_VL, 'decoder', counting)
+  return seen
+
+
+@pytest.mark.parametrize('pattern,layout', [([True, False] * 2, (1, 2)), ([True] * 4, (1, 1))])
+def test_shared_prefix_step_equals_the_full_row_step(setup, pattern, layout, monkeypatch):
+  raw, _, grid, make_config, cfg = setup
+  grouped_raw, batch = _grouped_batch(raw, grid, make_config, pattern)
+  prompt = int(np.asarray(grouped_raw['chosen_loss_mask']).argmax(1).max())
+  shared_prefix.check_prefix_fits(grouped_raw, layout, prompt)
+  model, _ = _policy(make_config)
+  tokens = _decoder_tokens(monkeypatch)
+  kw = dict(pair_layout=layout, max_completion_len=40)
+  shared = _loss_and_grads(model, batch, grid, cfg, max_prompt_len=prompt, **kw)
+  shared_tokens, tokens[:] = sum(tokens), []
+  plain = _loss_and_grads(model, batch, grid, cfg, shared_prefix_step=False, **kw)
+  _assert_same(shared, plain)
+  assert abs(float(shared[0]['rewards/margins'])) > 1e-4
+  # Per model (policy and reference): the thinking pairs' prompts once, not twice.
+  n, length = batch['chosen_input_ids'].shape
+  n_t = sum(pattern)
+  expected = n_t * (prompt + 2 * 40) + 2 * (n - n_t) * length
+  assert (shared_tokens, sum(tokens)) == (2 * expected, 2 * 2 * n * length)
+
+
+def test_shared_prefix_with_device_made_pairs_equals_the_full_row_step(setup):
+  raw, _, grid, make_config, cfg = setup
+  grouped_raw, batch = _grouped_batch(raw, grid, make_config, [True, False] * 2)
+  batch['boxes'] = jnp.asarray(grouped_raw['boxes'])
+  prompt = int(np.asarray(grouped_raw['chosen_loss_mask']).argmax(1).max())
+  model, _ = _policy(make_config)
+  kw = dict(pair_layout=(1, 2), perturbations=(('blur', 0.5),), max_completion_len=40)
+  _assert_same(
+    _loss_and_grads(model, batch, grid, cfg, grads=False, max_prompt_len=prompt, **kw),
+    _loss_and_grads(model, batch, grid, cfg, grads=False, shared_prefix_step=False, **kw),
+  )
+
+
+def test_a_prompt_longer_than_the_prefix_or_differing_between_sides_is_an_error(setup):
+  raw, _, grid, make_config, _ = setup
+  grouped_raw, _ = _grouped_batch(raw, grid, make_config, [True, False] * 2)
+  prompt = int(np.asarray(grouped_raw['chosen_loss_mask']).argmax(1).max())
+  with pytest.raises(ValueError, match='max_prompt_len is'):
+    shared_prefix.check_prefix_fits(grouped_raw, (1, 2), prompt - 1)
+  grouped_raw['rejected_input_ids'][0, 3] += 1
+  with pytest.raises(ValueError, match='prompts differ'):
+    shared_prefix.check_prefix_fits(grouped_raw, (1, 2), prompt)
+  # No saving (no max_prompt_len, a long slab): the step keeps full rows.
+  assert shared_prefix.prefix_sizes(96, 80, 0) is None
+  assert shared_prefix.prefix_sizes(96, 40, 48) == (48, 40)
 
 
 def test_a_batch_off_its_pair_layout_is_an_error(setup):

@@ -20,6 +20,7 @@ from cpo_jax.models import lora
 from cpo_jax.train import completion
 from cpo_jax.train import device_pairs
 from cpo_jax.train import pair_images
+from cpo_jax.train import shared_prefix
 
 # The reference policy: the SFT model as the adapters-off policy (one model in memory), a
 # separate frozen copy, or its log-probs computed once over the stream before training and
@@ -106,7 +107,11 @@ def pair_rows(batch, k=0, key_names=PAIR_ROW_KEYS):
 def pair_logps(model, rows, n, loss_type, **forward):
   """`PairLogps` of `model` over the concatenated `rows` (see `pair_rows`); `forward` says how
   images arrive (pixel_values + image_grid_thw, or image_embeds) and the slab (num_positions)."""
-  out = completion.completion_logps(model, **rows, **forward)
+  return pair_logps_of(completion.completion_logps(model, **rows, **forward), n, loss_type)
+
+
+def pair_logps_of(out, n, loss_type):
+  """`PairLogps` from the `CompletionLogps` of the concatenated pair rows."""
   used = losses.logps_for_loss(out.total, out.mean, loss_type)  # ipo: mean; else sum.
   # The device-made rows copy chosen rows' tokens: only the first 2n can drop tokens of their own.
   return PairLogps(used[:n], used[n:], out.total[:n], out.count[:n], out.dropped[: 2 * n])
@@ -192,12 +197,17 @@ def step_logps(
   cfg,
   *,
   max_completion_len=0,
+  max_prompt_len=0,
+  shared_prefix_step=True,
   perturbations=(),
   layout=None,
   seed=0,
   pair_layout=None,
 ):
-  """(policy, reference or None, k, logps(model) -> PairLogps) of the default CPO++ step."""
+  """(policy, reference or None, k, logps(model) -> PairLogps) of the default CPO++ step.
+
+  With a pair layout holding thinking pairs, those pairs run their image and prompt once
+  (`shared_prefix`) unless shared_prefix_step=False or it would not save LLM tokens."""
   policy, reference = policy_and_reference(model)
   n, length = batch['chosen_input_ids'].shape
   k = len(perturbations)
@@ -208,19 +218,33 @@ def step_logps(
   rows = pair_rows(batch, k)
   positions = completion.completion_positions(length, grid, policy, max_completion_len)
 
+  sizes = None
+  if shared_prefix_step and pair_layout is not None and pair_layout[0]:
+    sizes = shared_prefix.prefix_sizes(length, positions, max_prompt_len)
+
   def embeds(m):
     return pair_images.pair_image_embeds(m, batch, grid, pair_layout, extra)
+
+  def logps_with(m, image_embeds):
+    if sizes is None:
+      return pair_logps(
+        m, rows, n, cfg.loss_type, image_embeds=image_embeds, num_positions=positions
+      )
+    out = shared_prefix.pair_completion_logps(
+      m, rows, n, image_embeds, pair_layout, sizes, positions
+    )
+    return pair_logps_of(out, n, cfg.loss_type)
 
   if vision_has_adapters(policy):
     # Each model encodes with its own (adapted or adapters-off) vision tower.
     def logps(m):
-      return pair_logps(m, rows, n, cfg.loss_type, image_embeds=embeds(m), num_positions=positions)
+      return logps_with(m, embeds(m))
   else:
     # A frozen ViT without adapters: identical embeddings for both models, no gradient.
     shared = jax.lax.stop_gradient(embeds(policy))
 
     def logps(m):
-      return pair_logps(m, rows, n, cfg.loss_type, image_embeds=shared, num_positions=positions)
+      return logps_with(m, shared)
 
   return policy, reference, k, logps
 

@@ -21,6 +21,7 @@ from cpo_jax.train import loop
 from cpo_jax.train import objectives
 from cpo_jax.train import optimizer
 from cpo_jax.train import pair_images
+from cpo_jax.train import shared_prefix
 from cpo_jax.train import steps
 
 SEQUENCE_KEYS = ('input_ids', 'attention_mask', 'loss_mask', 'pixel_values')
@@ -164,7 +165,14 @@ def cpo_stage(stage_model, cfg, grid, image_processor=None, pair_layout=None):
   max_completion_len = cfg.data.max_completion_len
   perturbations = device_pairs.parse_device_perturbations(cfg.cpo.device_perturbations)
   extra = ('source', 'sample_weight') + (('boxes',) if perturbations else ())
-  kw = dict(grid=grid, cfg=cfg.cpo, max_completion_len=max_completion_len, pair_layout=pair_layout)
+  kw = dict(
+    grid=grid,
+    cfg=cfg.cpo,
+    max_completion_len=max_completion_len,
+    pair_layout=pair_layout,
+    max_prompt_len=cfg.data.max_prompt_len,
+    shared_prefix_step=cfg.cpo.shared_prefix,
+  )
   if perturbations:
     kw.update(
       perturbations=perturbations,
@@ -185,15 +193,14 @@ def cpo_stage(stage_model, cfg, grid, image_processor=None, pair_layout=None):
   )
 
   def prepare(b):
-    completion.check_completion_lengths(
-      b,
-      completion.completion_positions(
-        b['chosen_input_ids'].shape[1], grid, policy, max_completion_len
-      ),
-      ('chosen_', 'rejected_'),
-    )
+    length = b['chosen_input_ids'].shape[1]
+    positions = completion.completion_positions(length, grid, policy, max_completion_len)
+    completion.check_completion_lengths(b, positions, ('chosen_', 'rejected_'))
     if pair_layout is not None:
       pair_images.check_pair_layout(b, pair_layout)
+      sizes = shared_prefix.prefix_sizes(length, positions, cfg.data.max_prompt_len)
+      if cfg.cpo.shared_prefix and pair_layout[0] and sizes:
+        shared_prefix.check_prefix_fits(b, pair_layout, sizes[0])
     return step_inputs(b, grid, policy.config, ('chosen_', 'rejected_'), extra=extra)
 
   return stage, prepare
