@@ -4,7 +4,9 @@ The side effects of training live here: a rerun resumes from the latest checkpoi
 exact data order it would have seen (the Grain iterator state is saved with every checkpoint).
 """
 
+import copy
 import functools
+import json
 
 from absl import logging
 from flax import nnx
@@ -32,6 +34,47 @@ def checkpoint_dir(workdir, stage_name):
 def has_checkpoint(workdir, stage_name):
   path = checkpoint_dir(workdir, stage_name)
   return path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
+
+
+class ReadAhead:
+  """Batch s + 1 is read, prepared and put on the devices right after step s is dispatched, so
+  that host work overlaps the step (logging, which waits for the step, comes after it). A
+  checkpoint saves the iterator state from before the batch read ahead: a resumed run starts
+  at the first batch not trained on. An error while reading ahead (bad data, a preempted
+  host) is raised when that batch is taken, after step s has been logged and saved."""
+
+  def __init__(self, batches, load):
+    self.batches, self.load = batches, load
+    self.pending = None  # (step, iterator state before its batch, batch or the error)
+
+  def read(self, step):
+    state = copy.deepcopy(self.batches.get_state())  # the iterator may update it in place
+    try:
+      self.pending = (step, state, self.load(step))
+    except Exception as e:  # noqa: BLE001 - re-raised by take()
+      self.pending = (step, state, e)
+
+  def take(self, step):
+    if self.pending is None or self.pending[0] != step:
+      self.read(step)
+    batch, self.pending = self.pending[2], None
+    if isinstance(batch, Exception):
+      raise batch
+    return batch
+
+  def saved_state(self):
+    """What grain.checkpoint.CheckpointSave writes: the state before the untrained batch."""
+    return self.batches if self.pending is None else _State(self.pending[1])
+
+
+class _State:
+  """A Grain iterator state as CheckpointSave takes it (an object with get_state() -> bytes)."""
+
+  def __init__(self, state):
+    self.state = state
+
+  def get_state(self):
+    return json.dumps(self.state, indent=4).encode()
 
 
 def run_stage(
@@ -124,11 +167,25 @@ def run_stage(
       args=ocp.args.Composite(
         params=ocp.args.StandardSave(trainable),
         opt_state=ocp.args.StandardSave(opt_state),
-        data=grain.checkpoint.CheckpointSave(batches),
+        data=grain.checkpoint.CheckpointSave(ahead.saved_state()),
       ),
     )
 
+  def load(step):  # the pipeline batch of `step`, checked and placed on the mesh
+    raw = next(batches)
+    batch = prepare(raw)
+    meter.add(batch)
+    if table is not None:
+      batch = table.attach(batch, step, batch_fingerprint(raw))
+    if stage.accumulation is not None:
+      acc = stage.accumulation
+      rows = accumulation.batch_rows(batch) * jax.process_count()
+      accumulation.check_micro_rows(rows, acc.steps, mesh)
+      batch = accumulation.split_micro(batch, acc.steps, acc.group)
+    return sharding.global_batch(batch, mesh, micro=stage.accumulation is not None)
+
   meter = throughput.Meter(stage, mesh)
+  ahead = ReadAhead(batches, load)
   best = None
   if evaluate is not None and eval_every:
     best = ocp.CheckpointManager(
@@ -140,19 +197,11 @@ def run_stage(
   try:
     with preemption.Watch() as watch:
       for step in bar:
-        raw = next(batches)
-        batch = prepare(raw)
-        meter.add(batch)
-        if table is not None:
-          batch = table.attach(batch, step, batch_fingerprint(raw))
-        if stage.accumulation is not None:
-          acc = stage.accumulation
-          rows = accumulation.batch_rows(batch) * jax.process_count()
-          accumulation.check_micro_rows(rows, acc.steps, mesh)
-          batch = accumulation.split_micro(batch, acc.steps, acc.group)
-        batch = sharding.global_batch(batch, mesh, micro=stage.accumulation is not None)
+        batch = ahead.take(step)
         trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, batch)
         done = step + 1
+        if done < num_steps:  # while the step runs (dispatch is asynchronous)
+          ahead.read(done)
         if done % log_every == 0 or done == num_steps:
           row = writers.metrics_row(stage.name, done, metrics, stage.schedule(step))
           writer.write(dict(row, **meter.report()))
