@@ -83,6 +83,9 @@ def base_config(arg, *, domain, data):
   # re-renders the same synthetic scene with one concept flipped (a minimal pair).
   c.data.perception_negative = 'hard'
   c.data.worker_count = 0  # Grain worker processes (0 = in-process).
+  # Processes that read, resize and encode the images when mimic_ccf / codalm files are
+  # prepared (-1 = min(8, usable CPUs); 0 or 1 = in this process). Same files for any number.
+  c.data.prepare_workers = -1
 
   # SFT: the paper uses lr 1e-4 cosine with LoRA on a pretrained model. The embedded default
   # trains a random-init tiny model, so it trains all weights at a higher rate.

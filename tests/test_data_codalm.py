@@ -13,6 +13,7 @@ from cpo_jax.data import codalm
 from cpo_jax.data import datasets
 from cpo_jax.data import eval_batches
 from cpo_jax.data import pairs as pairs_lib
+from cpo_jax.data import prepared_images
 from cpo_jax.data import processors
 from cpo_jax.data import sources
 from cpo_jax.data import tokenizer as tok_lib
@@ -78,14 +79,19 @@ def _write(root, bad=False):
 
 
 @pytest.fixture(scope="module")
-def proc(tmp_path_factory):
+def tok_dir(tmp_path_factory):
   d = tmp_path_factory.mktemp("tok")
   pairs = [p for t in (DS, DS2) for p in codalm.thinking_pair(t, load_graph("driving"))]
   tok_lib.save_tokenizer(
     tok_lib.build_tokenizer(extra_texts=[GP, DS, DS2, REG, *pairs, *codalm.QUESTIONS.values()]),
     str(d),
   )
-  return processors.make_processors(str(d))
+  return str(d)
+
+
+@pytest.fixture(scope="module")
+def proc(tok_dir):
+  return processors.make_processors(tok_dir)
 
 
 def test_codalm_prepares_and_feeds_sft_cpo_eval(proc, tmp_path):
@@ -432,3 +438,40 @@ def test_a_codalm_set_whose_records_are_all_bad_stops_at_once_with_the_counts(tm
     jpg.unlink()
   with pytest.raises(bad_records.TooManySkipsError, match=r"split 'train'.*'bad_image': 3"):
     sources.make_source("codalm", "train", data_dir=str(tmp_path), on_bad_record="skip")
+
+
+def test_codalm_boxes_are_drawn_on_the_published_image_then_resized_to_the_run(tok_dir, tmp_path):
+  _write(tmp_path)
+  blue = np.zeros((48, 64, 3), np.uint8)
+  blue[..., 2] = 255
+  (tmp_path / "val" / "images_w_boxes").mkdir()
+  Image.fromarray(blue).save(tmp_path / "val" / "images_w_boxes" / "0001_object_2.jpg")
+  src = sources.make_source("codalm", "train", data_dir=str(tmp_path), image_size=56)
+  rows = [src[i] for i in range(4)]  # val_0001: general, suggestion, region 1, region 2
+  side = 56
+  scene, region = (
+    np.asarray(Image.open(io.BytesIO(rows[k]["image"])).convert("RGB")).astype(int) for k in (0, 2)
+  )
+  assert scene.shape == region.shape == (side, side, 3)
+  # The box (x, y, w, h) = (10, 8, 20, 16) on the 64 x 48 image lands on the square scaled:
+  # only its outline differs from the prepared scene, and it is red.
+  changed = np.argwhere(np.abs(region - scene).sum(-1) > 90)
+  sx, sy = side / 64, side / 48
+  (y0, x0), (y1, x1) = changed.min(0), changed.max(0)
+  np.testing.assert_allclose([x0, y0, x1, y1], [10 * sx, 8 * sy, 30 * sx, 24 * sy], atol=2)
+  inner = np.abs(region - scene)[round(12 * sy) : round(20 * sy), round(14 * sx) : round(26 * sx)]
+  assert inner.max() < 40  # inside the outline: the scene itself
+  edge = region[changed[:, 0], changed[:, 1]]
+  assert (edge[:, 0] - edge[:, 1]).mean() > 60  # red
+  np.testing.assert_array_equal(rows[2]["box"], [10, 8, 20, 16])  # still the published pixels
+  assert src._src[2]["source_size"].tolist() == [64, 48]
+  # Through the run's processor the stored image gives the pixels of the boxed published one.
+  proc = processors.make_processors(tok_dir, image_size=side)
+  raw = (tmp_path / "val/images/0001.jpg").read_bytes()
+  drawn = prepared_images.draw_box(Image.open(io.BytesIO(raw)).convert("RGB"), [10, 8, 20, 16])
+  np.testing.assert_array_equal(proc.image_inputs(rows[2]["image"])[0], proc.image_inputs(drawn)[0])
+  # CODA-LM's own boxed image is used where present (resized the same way)
+  published = (tmp_path / "val/images_w_boxes/0001_object_2.jpg").read_bytes()
+  np.testing.assert_array_equal(
+    proc.image_inputs(rows[3]["image"])[0], proc.image_inputs(published)[0]
+  )

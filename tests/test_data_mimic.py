@@ -3,10 +3,15 @@
 import csv
 import gzip
 import io
+import itertools
 import json
+import shutil
+import tracemalloc
 
 from cli_configs import SMALL_RUN
 from cli_configs import cli_config
+from conftest import bucket_files
+from etils import epath
 import numpy as np
 from PIL import Image
 import pytest
@@ -22,6 +27,7 @@ from cpo_jax.data import processors
 from cpo_jax.data import sources
 from cpo_jax.data import streams
 from cpo_jax.data import tokenizer as tok_lib
+from cpo_jax.data import worker_pool
 from cpo_jax.knowledge import load_graph
 
 HEADER = ["subject_id", "study_id", *mimic_files.FINDINGS]
@@ -80,7 +86,7 @@ def _write(root, extra=(), drop_image=None):
 
 
 @pytest.fixture(scope="module")
-def proc(tmp_path_factory):
+def tok_dir(tmp_path_factory):
   d = tmp_path_factory.mktemp("tok")
   words = (
     REPORTS
@@ -91,7 +97,12 @@ def proc(tmp_path_factory):
     ]
   )
   tok_lib.save_tokenizer(tok_lib.build_tokenizer(extra_texts=words), str(d))
-  return processors.make_processors(str(d))
+  return str(d)
+
+
+@pytest.fixture(scope="module")
+def proc(tok_dir):
+  return processors.make_processors(tok_dir)
 
 
 def test_mimic_prepares_and_feeds_sft_cpo_eval(proc, tmp_path):
@@ -319,3 +330,154 @@ def test_a_mimic_run_reports_the_papers_findings_and_text_metrics(tmp_path):
     text_scores = section["report_generation"]
     assert text_scores["n"] == 1 and 0.0 <= text_scores["rouge_l"] <= 1.0
   assert (tmp_path / "work" / "eval" / "paper_metrics.png").stat().st_size > 0
+
+
+# ---- preparation: images at the run's size, streamed, in worker processes ---------------------
+
+
+def _image(size, mode="RGB", seed=0, quality=75):
+  """A noise JPEG (width, height) in `mode`."""
+  shape = (size[1], size[0]) + ((3,) if mode == "RGB" else ())
+  arr = np.random.default_rng(seed).integers(0, 255, shape, dtype=np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(arr, mode).save(buf, format="JPEG", quality=quality)
+  return buf.getvalue()
+
+
+def _write_many(root, n, size=(24, 20), bad=()):
+  """n train records (record k: finding k % 14, noise image k); records in `bad` lose their
+  image, and with `bad` every fifth has one empty counterfactual (counted, the record kept)."""
+  chex, split_rows, recs = [], [], []
+  for k in range(n):
+    subj, study, dicom = 10000000 + k, 50000000 + k, f"d{k:03d}"
+    d = root / "files" / f"p{str(subj)[:2]}" / f"p{subj}" / f"s{study}"
+    d.mkdir(parents=True)
+    if k not in bad:
+      (d / f"{dicom}.jpg").write_bytes(_image(size, seed=k, quality=95))
+    vals = [""] * 14
+    vals[k % 14] = "1.0"
+    chex.append([subj, study, *vals])
+    split_rows.append([dicom, study, subj, "train"])
+    cf = dict(CF, Edema="") if bad and k % 5 == 0 else CF
+    diagnose = mimic_files.FINDINGS[k % 14]
+    recs.append(
+      {"dicom_id": dicom, "report": REPORTS[k % 4], "diagnose": diagnose, "counterfact": cf}
+    )
+  with open(root / "mimic-cxr-2.0.0-chexpert.csv", "w", newline="") as f:
+    csv.writer(f).writerows([HEADER, *chex])
+  with open(root / "mimic-cxr-2.0.0-split.csv", "w", newline="") as f:
+    csv.writer(f).writerows([["dicom_id", "study_id", "subject_id", "split"], *split_rows])
+  (root / "cxr_counterfact.json").write_text(json.dumps(recs))
+
+
+def test_prepared_images_give_the_processors_pixels_of_the_published_ones(tok_dir, tmp_path):
+  _write(tmp_path)
+  published = [
+    tmp_path / "files/p10/p10000000/s50000000/d00-abc.jpg",  # RGB 32 x 40
+    tmp_path / "files/p10/p10000001/s50000001/d01-abc.jpg",
+  ]
+  published[1].write_bytes(_image((70, 50), mode="L", seed=7))  # grey, as MIMIC's, wide
+  # 50 px is rounded to the 28-px grid as the processor rounds it: 56
+  src = sources.make_source("mimic_ccf", "train", data_dir=str(tmp_path), image_size=50)
+  proc = processors.make_processors(tok_dir, image_size=50)
+  assert proc.image_size == 56
+  for k, (row, mode, size) in enumerate(((0, "RGB", (32, 40)), (2, "L", (70, 50)))):
+    stored = src[row]["image"]
+    with Image.open(io.BytesIO(stored)) as im:
+      assert (im.format, im.size, im.mode) == ("PNG", (56, 56), mode)
+    raw = published[k].read_bytes()
+    for got, want in zip(proc.image_inputs(stored), proc.image_inputs(raw)):
+      np.testing.assert_array_equal(got, want)  # bit-identical pixel_values
+    record = src._src[k]
+    assert record["source_size"].tolist() == list(size)
+    np.testing.assert_array_equal(record["thumbnail"], pairs_lib.thumbnail(raw))
+
+
+def test_a_run_at_another_image_size_never_reads_files_prepared_for_another(tmp_path):
+  _write(tmp_path)
+  for size in (28, 56):
+    src = sources.make_source("mimic_ccf", "train", data_dir=str(tmp_path), image_size=size)
+    assert Image.open(io.BytesIO(src[0]["image"])).size == (size, size)
+  prepared = tmp_path / "_tfds" / "mimic_ccf"
+  assert {p.name for p in prepared.iterdir()} >= {"raise_28px", "raise_56px"}
+  shutil.copytree(prepared / "raise_28px", prepared / "raise_84px")  # moved by hand
+  with pytest.raises(ValueError, match=r"prepared at side 28 .*not this run's 84; delete"):
+    sources.make_source("mimic_ccf", "train", data_dir=str(tmp_path), image_size=84)
+
+
+def test_two_workers_write_the_same_files_as_one(tmp_path):
+  n = 24
+  _write_many(tmp_path, n, bad=(3, 17))
+  assert worker_pool.resolve_workers(2, n) == 2  # enough records for the pool to start
+  dirs = []
+  for workers in (0, 2):
+    src = sources.make_source(
+      "mimic_ccf",
+      "train",
+      data_dir=str(tmp_path),
+      image_size=28,
+      on_bad_record="skip",
+      prepared_dir=str(tmp_path / f"w{workers}"),
+      prepare_workers=workers,
+    )
+    assert src.skipped == {"bad_image": 2, "empty_chain": 5}  # records 0, 5, 10, 15, 20
+    dirs.append(tmp_path / f"w{workers}" / "mimic_ccf" / "skip_28px" / "2.0.0")
+  names = sorted(p.name for p in dirs[0].iterdir())
+  assert names == sorted(p.name for p in dirs[1].iterdir())
+  assert "thumbnails.train.npy" in names and any(".array_record-" in f for f in names)
+  for name in names:
+    assert (dirs[0] / name).read_bytes() == (dirs[1] / name).read_bytes(), name
+  ids = [int(src._src[i]["subject_id"]) - 10000000 for i in range(len(src._src))]
+  assert ids == [k for k in range(n) if k not in (3, 17)]  # record order = file order
+
+
+def test_the_worker_map_keeps_order_and_reads_ahead_a_bounded_number(tmp_path):
+  pulled = itertools.count()
+
+  def inputs():
+    for k in range(200):
+      next(pulled)
+      yield k, "x" * k
+
+  with worker_pool.worker_pool(2) as workers:
+    out = worker_pool.ordered_map(workers, len, inputs())
+    first = next(out)
+    read_ahead = next(pulled)  # inputs taken when the first result came back
+    rest = list(out)
+  assert [first, *rest] == [(k, k) for k in range(200)]
+  assert read_ahead <= 2 * 2 * worker_pool.CHUNK + worker_pool.CHUNK
+
+
+def test_preparing_holds_a_few_images_at_a_time_not_the_split(tmp_path):
+  """Python memory while a split is prepared (tracemalloc: every bytes object and array) stays
+  at a few images, where holding the split as a list would hold all 48."""
+  _write_many(tmp_path / "warm", 2)
+  sources.make_source("mimic_ccf", "train", data_dir=str(tmp_path / "warm"), image_size=140)
+  n = 48
+  _write_many(tmp_path / "m", n, size=(160, 160))
+  tracemalloc.start()
+  try:
+    src = sources.make_source("mimic_ccf", "train", data_dir=str(tmp_path / "m"), image_size=140)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  per_image = np.mean([len(src._src[i]["image"]) for i in range(n)])
+  assert per_image > 30_000  # noise PNGs: the images dominate what preparation handles
+  assert peak < 16 * per_image, (peak, per_image)
+
+
+def test_mimic_prepares_from_a_gs_manual_dir(gcs_server, tmp_path, monkeypatch):
+  _write(tmp_path / "published")
+  manual = "gs://bucket/mimic_manual"
+  for f in (tmp_path / "published").rglob("*"):
+    if f.is_file():
+      target = epath.Path(manual) / str(f.relative_to(tmp_path / "published"))
+      epath.Path(f).copy(target, overwrite=True)
+  monkeypatch.chdir(tmp_path / "cwd" if (tmp_path / "cwd").mkdir() is None else tmp_path)
+  src = sources.make_source("mimic_ccf", "train", data_dir=manual, image_size=28)
+  assert len(src) == 5 and Image.open(io.BytesIO(src[0]["image"])).size == (28, 28)
+  files = bucket_files(manual + "/_tfds/mimic_ccf/raise_28px/2.0.0")
+  assert {"cpo_jax_report.json", "dataset_info.json", "thumbnails.train.npy"} <= set(files)
+  test = sources.make_source("mimic_ccf", "test", data_dir=manual, image_size=28)
+  assert len(test) == 1
+  assert list((tmp_path / "cwd").iterdir()) == []  # prepared in a temporary dir, uploaded

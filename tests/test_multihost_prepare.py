@@ -100,7 +100,8 @@ def test_a_failure_on_process_0_stops_every_process(tmp_path):
   p0, p1 = _run_two(tmp_path)
   assert p0["error"].startswith("BadRecordError") and "driving_suggestion" in p0["error"]
   assert p1["error"].startswith("RuntimeError") and "process 0 failed to prepare" in p1["error"]
-  assert not (tmp_path / "_tfds" / "codalm" / "raise" / "1.1.0" / "cpo_jax_report.json").exists()
+  prepared = tmp_path / "_tfds" / "codalm" / "raise_original" / "2.0.0"
+  assert not (prepared / "cpo_jax_report.json").exists()
 
 
 def _files(root):
@@ -156,7 +157,9 @@ def _worker(name, data_dir, on_bad_record, port, process_id):
     out.update(n=len(src), rows=h.hexdigest())
     if name == "codalm":
       with open(
-        os.path.join(prepared, "codalm", on_bad_record, "1.1.0", "cpo_jax_report.json")
+        os.path.join(
+          prepared, "codalm", f"{on_bad_record}_original", "2.0.0", "cpo_jax_report.json"
+        )
       ) as f:
         out["prepared_by"] = json.load(f)["prepared_by"]["pid"]
     multihost_utils.sync_global_devices("read")  # both have read before the final listing

@@ -18,7 +18,8 @@ The three tasks become examples exactly as the repo's convert2vqa.py makes its V
 general perception answers 'description and explanation', driving suggestion answers
 'driving_suggestion', and each region is one example on the image with its box drawn as a red
 rectangle (width 2, as convert2vqa.py; its saved images_w_boxes/<name>_object_<k>.jpg is used when
-present). Not confirmed: the 'description and explanation' summary of general_perception is absent
+present) on the published image, which is then resized to the run's square like any other
+(prepared_images.py; the `box` field stays in the published image's pixels, `source_size`). Not confirmed: the 'description and explanation' summary of general_perception is absent
 from the README's first version; the Test split's answers were released later (convert2vqa.py writes
 no answers for Test), so a record without its answer is a bad record (missing_field).
 
@@ -40,34 +41,34 @@ another decision and from another image, the nearest by thumbnail, an example wi
 preferring one with a box; SFT on this source sees such an example twice). Bad records (missing or
 undecodable image, missing field, empty answer, wrong types) follow data.on_bad_record when the
 files are prepared ('skip' counts them by reason: `source.skipped`; 'raise' names the file and the
-field).
+field). `data.manual_dir` may be a gs:// path.
 """
 
 from __future__ import annotations
 
-import glob
-import io
+import dataclasses
+import functools
 import json
 import os
 from typing import Any
 
 import numpy as np
-from PIL import Image
-from PIL import ImageDraw
 import tensorflow_datasets as tfds
 
+from cpo_jax import paths
 from cpo_jax.data.bad_records import BadRecordError
-from cpo_jax.data.bad_records import BadRecordPolicy
 from cpo_jax.data.manual_tfds import ManualBuilder
 from cpo_jax.data.manual_tfds import as_str as _s
 from cpo_jax.data.manual_tfds import load_thumbnails
 from cpo_jax.data.manual_tfds import missing_split_error
 from cpo_jax.data.manual_tfds import prepare_manual
+from cpo_jax.data.manual_tfds import source_size_feature
 from cpo_jax.data.manual_tfds import text as _text
 from cpo_jax.data.manual_tfds import thumbnail_feature
 from cpo_jax.data.pairs import SOURCE_IDS
 from cpo_jax.data.pairs import PairIndex
-from cpo_jax.data.pairs import thumbnail
+from cpo_jax.data.prepared_images import ImageJob
+from cpo_jax.data.prepared_images import ImageResult
 from cpo_jax.knowledge import free_text
 from cpo_jax.knowledge.graph import THINK_CLOSE
 from cpo_jax.knowledge.graph import THINK_OPEN
@@ -104,16 +105,6 @@ def _answer(x, field, rid) -> str:
   return x.strip()
 
 
-def boxed_image(image: bytes, box) -> bytes:
-  """The image with the xywh box drawn as convert2vqa.py draws it, as JPEG."""
-  img = Image.open(io.BytesIO(image)).convert("RGB")
-  x, y, w, h = [float(v) for v in box]
-  ImageDraw.Draw(img).rectangle([x, y, x + w, y + h], outline="red", width=2)
-  buf = io.BytesIO()
-  img.save(buf, format="JPEG", quality=95)
-  return buf.getvalue()
-
-
 def thinking_pair(answer: str, graph) -> tuple[str, str] | None:
   """(chosen, rejected) when the answer parses with the graph (module doc), else None."""
   d = free_text.answer_decision(graph, answer)
@@ -128,45 +119,57 @@ def thinking_pair(answer: str, graph) -> tuple[str, str] | None:
   return chosen, cf.completion
 
 
-def examples(manual_dir: str, split_dir: str, bad) -> list[dict[str, Any]]:
-  root = os.path.join(manual_dir, "CODA-LM", split_dir)
-  files = sorted(glob.glob(os.path.join(root, "*_*.json")))
+def _annotation_files(manual_dir: str, split_dir: str) -> list:
+  root = paths.path(manual_dir) / "CODA-LM" / split_dir
+  files = sorted(root.glob("*_*.json"), key=os.fspath)
   if not files:
     raise FileNotFoundError(
       f"codalm: no CODA-LM/{split_dir}/<img_dir>_<name>.json annotation files in {manual_dir}"
     )
-  graph, out = load_graph("driving"), []
+  return files
+
+
+@dataclasses.dataclass
+class _Scene:
+  """One annotation file (one scene image) on its way to examples, kept in the preparing
+  process while its images are prepared: the error that makes the whole file bad, or its
+  items in file order, each a BadRecordError (raised or counted in that order once the image
+  is known good) or (task, answer, meta, box k or None for the scene image, record id)."""
+
+  split: str
+  fname: str
+  error: BadRecordError | None = None
+  items: list = dataclasses.field(default_factory=list)
+
+
+def _scenes(manual_dir: str, split: str, files, side: int):
+  """(scene, image job) per annotation file, in file order (lazy; text only)."""
+
+  @functools.lru_cache(maxsize=None)
+  def published_boxes(img_dir: str) -> frozenset:  # <img_dir>/images_w_boxes, listed once
+    d = paths.path(manual_dir) / img_dir / "images_w_boxes"
+    return frozenset(p.name for p in d.iterdir()) if d.is_dir() else frozenset()
+
   for path in files:
-    fname = os.path.basename(path)
+    fname = path.name
     img_dir, name = fname[: -len(".json")].split("_", 1)
     try:
-      with open(path, encoding="utf-8") as f:
-        ann = json.load(f)
+      ann = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      bad(BadRecordError("bad_json", fname, f"not valid JSON: {e}"))
+      yield _Scene(split, fname, BadRecordError("bad_json", fname, f"not valid JSON: {e}")), None
       continue
     if not isinstance(ann, dict):
-      bad(BadRecordError("bad_type", fname, "an annotation file must hold a JSON object"))
+      error = BadRecordError("bad_type", fname, "an annotation file must hold a JSON object")
+      yield _Scene(split, fname, error), None
       continue
     img_path = os.path.join(manual_dir, img_dir, "images", f"{name}.jpg")
-    try:
-      with open(img_path, "rb") as f:
-        image = f.read()
-      # Of the scene: its regions' thin red boxes barely touch an 8x8 thumbnail.
-      thumb = thumbnail(image)
-    except OSError as e:
-      bad(BadRecordError("bad_image", fname, f"cannot read image {img_path}: {e.strerror}"))
-      continue
-    except Exception as e:  # PIL raises several types for a truncated or foreign file
-      bad(BadRecordError("bad_image", fname, f"cannot decode image {img_path}: {e!r}"))
-      continue
+    scene, boxes, published = _Scene(split, fname), [], []
     base = {
       "image_id": f"{img_dir}/{name}",
       "region": -1,
       "box": np.zeros(4, np.float32),
       "category": "",
     }
-    tasks = []  # (task, answer, meta, image), in file order; bad ones are raised/counted on the spot
     gp = ann.get("general_perception")
     for task, value, field in (
       (
@@ -177,12 +180,12 @@ def examples(manual_dir: str, split_dir: str, bad) -> list[dict[str, Any]]:
       ("driving_suggestion", ann.get("driving_suggestion"), "driving_suggestion"),
     ):
       try:
-        tasks.append((task, _answer(value, field, fname), base, image))
+        scene.items.append((task, _answer(value, field, fname), base, None, fname))
       except BadRecordError as e:
-        bad(e)
+        scene.items.append(e)
     regions = ann.get("region_perception", {})
     if not isinstance(regions, dict):
-      bad(
+      scene.items.append(
         BadRecordError(
           "bad_type", fname, "field 'region_perception' must be an object {index: region}"
         )
@@ -199,19 +202,8 @@ def examples(manual_dir: str, split_dir: str, bad) -> list[dict[str, Any]]:
         ):
           raise BadRecordError("bad_type", rid, "a region needs 'box': [x, y, w, h] numbers")
         text = _answer(reg.get("description and explanation"), "description and explanation", rid)
-        pre = os.path.join(manual_dir, img_dir, "images_w_boxes", f"{name}_object_{k}.jpg")
-        if os.path.exists(pre):
-          with open(pre, "rb") as f:
-            boxed = f.read()
-        else:
-          try:
-            boxed = boxed_image(image, reg["box"])
-          except Exception as e:
-            raise BadRecordError(
-              "bad_image", rid, f"cannot draw the box on {img_path}: {e!r}"
-            ) from e
       except BadRecordError as e:
-        bad(e)
+        scene.items.append(e)
         continue
       meta = {
         "image_id": f"{img_dir}/{name}",
@@ -219,22 +211,51 @@ def examples(manual_dir: str, split_dir: str, bad) -> list[dict[str, Any]]:
         "box": np.asarray(reg["box"], np.float32),
         "category": str(reg.get("category_name", "")),
       }
-      tasks.append(("region_perception", text, meta, boxed))
-    for task, answer, meta, img in tasks:
-      pair = thinking_pair(answer, graph)
-      out.append(
-        {
-          "image": img,
-          "thumbnail": thumb,
-          "question": QUESTIONS[task],
-          "answer": answer,
-          "task": task,
-          "chosen": pair[0] if pair else answer,
-          "rejected": pair[1] if pair else "",
-          "decision": np.int32(graph.decision_id(graph.parse_decision(pair[0])) if pair else -1),
-          **meta,
-        }
+      drawn = f"{name}_object_{k}.jpg"  # convert2vqa.py's own boxed image, used when present
+      published.append(
+        os.path.join(manual_dir, img_dir, "images_w_boxes", drawn)
+        if drawn in published_boxes(img_dir)
+        else ""
       )
+      boxes.append(tuple(float(v) for v in reg["box"]))
+      scene.items.append(("region_perception", text, meta, len(boxes) - 1, rid))
+    yield scene, ImageJob(img_path, side, tuple(boxes), tuple(published))
+
+
+def _scene_examples(scene: _Scene, image: ImageResult | None, bad, graph) -> list:
+  """(split, example) of one annotation file once its images are prepared; bad items are
+  raised or counted by `bad`, in file order (a file whose image is bad: that alone)."""
+  if scene.error is not None:
+    bad(scene.error)
+    return []
+  if image.error:
+    bad(BadRecordError("bad_image", scene.fname, image.error))
+    return []
+  out = []
+  for item in scene.items:
+    if isinstance(item, BadRecordError):
+      bad(item)
+      continue
+    task, answer, meta, k, rid = item
+    data = image.image if k is None else image.boxed[k]
+    if isinstance(data, str):  # the box could not be drawn
+      bad(BadRecordError("bad_image", rid, data))
+      continue
+    pair = thinking_pair(answer, graph)
+    example = {
+      "image": data,
+      # Of the scene: its regions' thin red boxes barely touch an 8x8 thumbnail.
+      "thumbnail": image.thumbnail,
+      "source_size": np.asarray(image.size, np.int32),
+      "question": QUESTIONS[task],
+      "answer": answer,
+      "task": task,
+      "chosen": pair[0] if pair else answer,
+      "rejected": pair[1] if pair else "",
+      "decision": np.int32(graph.decision_id(graph.parse_decision(pair[0])) if pair else -1),
+      **meta,
+    }
+    out.append((scene.split, example))
   return out
 
 
@@ -249,8 +270,11 @@ with tfds.core.registered.skip_registration():
       return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict(
           {
-            "image": _text(),  # JPEG bytes (regions: with the red box drawn)
+            # PNG at the config's side (prepared_images.py; regions: the red box drawn on the
+            # published image before resizing), or the JPEG as published
+            "image": _text(),
             "thumbnail": thumbnail_feature(),  # pairs.thumbnail of the scene image (without the box)
+            "source_size": source_size_feature(),  # of the published scene image
             "question": _text(),
             "answer": _text(),
             "task": _text(),
@@ -261,7 +285,8 @@ with tfds.core.registered.skip_registration():
             "region": tfds.features.Scalar(dtype=np.int32),
             # The driving decision id of a thinking pair, else -1.
             "decision": tfds.features.Scalar(dtype=np.int32),
-            "box": tfds.features.Tensor(shape=(4,), dtype=np.float32),  # xywh px; 0 = none
+            # xywh in the published image's pixels (source_size); 0 = none
+            "box": tfds.features.Tensor(shape=(4,), dtype=np.float32),
             "index": tfds.features.Scalar(dtype=np.int64),
           }
         ),
@@ -270,40 +295,51 @@ with tfds.core.registered.skip_registration():
         homepage="https://github.com/DLUT-LYZ/CODA-LM",
       )
 
-    def _split_generators(self, dl_manager):
-      self.policy = BadRecordPolicy(self.builder_config.name)
-      root = os.path.join(str(dl_manager.manual_dir), "CODA-LM")
-      present = sorted({v for v in SPLITS.values() if os.path.isdir(os.path.join(root, v))})
+    def _passes(self, manual_dir):
+      root = paths.path(manual_dir) / "CODA-LM"
+      present = sorted({v for v in SPLITS.values() if (root / v).is_dir()})
       if not present:
-        raise FileNotFoundError(
-          f"codalm: no CODA-LM/{{Train,Val,Test,Mini}} in {dl_manager.manual_dir}"
-        )
-      self.per_split = {
-        s.lower(): examples(str(dl_manager.manual_dir), s, self.policy) for s in present
+        raise FileNotFoundError(f"codalm: no CODA-LM/{{Train,Val,Test,Mini}} in {manual_dir}")
+      files = {s: _annotation_files(manual_dir, s) for s in present}  # all listed first
+      side = self.builder_config.image_side
+      self._graph = load_graph("driving")  # once: parsing it is not free
+      return [
+        (s.lower(), len(fs), _scenes(manual_dir, s.lower(), fs, side)) for s, fs in files.items()
+      ]
+
+    def _examples(self, context, result):
+      return _scene_examples(context, result, self.policy, self._graph)
+
+    def _facts(self, example):
+      """Decision, scene id and whether the image has a box (the perception index)."""
+      return {
+        "decisions": int(example["decision"]),
+        "image_ids": example["image_id"],
+        "boxed": int(example["region"] >= 0),
       }
-      return {s: self._generate_examples(exs) for s, exs in self.per_split.items() if exs}
 
 
 def data_source(
-  manual_dir: str, split: str, *, on_bad_record: str = "raise", prepared_dir: str | None = None
+  manual_dir: str,
+  split: str,
+  *,
+  on_bad_record: str = "raise",
+  prepared_dir: str | None = None,
+  image_size: int | None = None,
+  prepare_workers: int = 0,
 ) -> "CodalmSource":
+  """The split's pair-level source; the files are prepared first if needed, with the images at
+  the run's side (`image_size`, data.image_size; None keeps them as published) by
+  `prepare_workers` processes (data.prepare_workers)."""
   if split not in SPLITS:
     raise ValueError(f"codalm has no split {split!r} (names: {sorted(SPLITS)})")
-  builder, report = prepare_manual(Codalm, manual_dir, prepared_dir, on_bad_record, _sidecar)
+  builder, report = prepare_manual(
+    Codalm, manual_dir, prepared_dir, on_bad_record, image_size, prepare_workers
+  )
   s = SPLITS[split].lower()
   if s not in builder.info.splits:
     raise missing_split_error(f"codalm (CODA-LM/{SPLITS[split]})", split, builder, report)
   return CodalmSource(builder.as_data_source(split=s), s, report, load_thumbnails(builder, s))
-
-
-def _sidecar(builder) -> dict:
-  """Per split: decisions, scene ids and whether the image has a box (the perception index)."""
-  per = {s: exs for s, exs in builder.per_split.items() if exs}
-  return {
-    "decisions": {s: [int(e["decision"]) for e in exs] for s, exs in per.items()},
-    "image_ids": {s: [e["image_id"] for e in exs] for s, exs in per.items()},
-    "boxed": {s: [int(e["region"] >= 0) for e in exs] for s, exs in per.items()},
-  }
 
 
 def hard_negatives(decisions, image_ids, boxed, thumbnails, seed: int = 0) -> np.ndarray:

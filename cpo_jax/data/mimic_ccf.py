@@ -33,7 +33,9 @@ and the field; 'skip' drops it and counts it by reason (saved next to the prepar
 text: a record with an empty counterfactual keeps its other ones), missing_split (dicom not in the
 split CSV), missing_label (study not in the CheXpert CSV), bad_image (image file missing or not an
 image).
-Prepared files go to `prepared_dir` (default <manual_dir>/_tfds); delete them to re-prepare.
+Prepared files go to `prepared_dir` (default <manual_dir>/_tfds), one config per (policy, image
+side): the images are stored resized to the run's square as PNG (manual_tfds.py); delete them to
+re-prepare. `data.manual_dir` may be a gs:// path.
 """
 
 from __future__ import annotations
@@ -44,18 +46,17 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cpo_jax.data.bad_records import BadRecordPolicy
-from cpo_jax.data.bad_records import TooManySkipsError
+from cpo_jax.data import mimic_files
 from cpo_jax.data.manual_tfds import ManualBuilder
 from cpo_jax.data.manual_tfds import as_str as _s
 from cpo_jax.data.manual_tfds import load_thumbnails
 from cpo_jax.data.manual_tfds import missing_split_error
 from cpo_jax.data.manual_tfds import prepare_manual
+from cpo_jax.data.manual_tfds import source_size_feature
 from cpo_jax.data.manual_tfds import text as _text
 from cpo_jax.data.manual_tfds import thumbnail_feature
 from cpo_jax.data.mimic_files import FINDINGS
 from cpo_jax.data.mimic_files import SPLIT_ALIASES
-from cpo_jax.data.mimic_files import examples
 from cpo_jax.data.pairs import SOURCE_IDS
 from cpo_jax.data.pairs import PairIndex
 
@@ -72,8 +73,10 @@ with tfds.core.registered.skip_registration():
       return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict(
           {
-            "image": _text(),  # JPEG bytes as published
-            "thumbnail": thumbnail_feature(),  # pairs.thumbnail(image)
+            # PNG at the config's side (prepared_images.py), or the JPEG as published
+            "image": _text(),
+            "thumbnail": thumbnail_feature(),  # pairs.thumbnail(the published image)
+            "source_size": source_size_feature(),
             "question": _text(),
             "chosen": _text(),
             "counterfactuals": _text(),  # JSON [[disease, completion]]
@@ -93,29 +96,23 @@ with tfds.core.registered.skip_registration():
         metadata=tfds.core.MetadataDict(findings=list(FINDINGS)),
       )
 
-    def _split_generators(self, dl_manager):
-      self.policy = BadRecordPolicy(self.builder_config.name)
-      self.per_split = examples(str(dl_manager.manual_dir), self.policy)
-      if not self.per_split:
-        raise TooManySkipsError(
-          f"mimic_ccf: no usable record in split 'train' or any other of "
-          f"{dl_manager.manual_dir}: skipped {dict(self.policy.counts)}; first records: "
-          f"{dict(self.policy.examples)}"
-        )
-      return {s: self._generate_examples(exs) for s, exs in self.per_split.items()}
+    def _passes(self, manual_dir):
+      # One pass over the CXR-CounterFact file: each record goes to its split's files.
+      total, items = mimic_files.records(manual_dir, self.builder_config.image_side)
+      return [("CXR-CounterFact records", total, items)]
 
+    def _examples(self, context, result):
+      return mimic_files.examples_of(context, result, self.policy)
 
-def _sidecar(builder) -> dict:
-  """Per split: counterfactuals per record, the label multi-hots and the study ids (for the row
-  index and the perception negatives without reading every record back)."""
-  per = builder.per_split
-  return {
-    "num_counterfactuals": {
-      s: [len(json.loads(e["counterfactuals"])) for e in exs] for s, exs in per.items()
-    },
-    "labels": {s: [e["labels"].tolist() for e in exs] for s, exs in per.items()},
-    "study_ids": {s: [int(e["study_id"]) for e in exs] for s, exs in per.items()},
-  }
+    def _facts(self, example):
+      """Counterfactuals per record, the label multi-hot and the study id (the report keeps
+      them per split: the row index and the perception negatives without reading every record
+      back)."""
+      return {
+        "num_counterfactuals": len(json.loads(example["counterfactuals"])),
+        "labels": np.asarray(example["labels"]).tolist(),
+        "study_ids": int(example["study_id"]),
+      }
 
 
 def hard_negatives(
@@ -141,9 +138,16 @@ def data_source(
   view: str | None = None,
   on_bad_record: str = "raise",
   prepared_dir: str | None = None,
+  image_size: int | None = None,
+  prepare_workers: int = 0,
 ) -> "MimicCcfSource":
+  """The split's pair-level source; the files are prepared first if needed, with the images at
+  the run's side (`image_size`, data.image_size; None keeps them as published) by
+  `prepare_workers` processes (data.prepare_workers)."""
   split = SPLIT_ALIASES.get(split, split)
-  builder, report = prepare_manual(MimicCcf, manual_dir, prepared_dir, on_bad_record, _sidecar)
+  builder, report = prepare_manual(
+    MimicCcf, manual_dir, prepared_dir, on_bad_record, image_size, prepare_workers
+  )
   if split not in builder.info.splits:
     raise missing_split_error("mimic_ccf", split, builder, report)
   view = view or ("pairs" if split == "train" else "records")

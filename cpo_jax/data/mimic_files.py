@@ -4,24 +4,28 @@ What `mimic_ccf`'s builder writes (see its module doc for the layout of `data.ma
 the split from the split CSV, the labels from the CheXpert CSV by study, the chosen completion
 from the report and diagnose, one rejected thinking completion per counterfact disease. A
 record that cannot become an example raises `BadRecordError` naming it and the field, which the
-builder's bad-record policy raises or counts.
+builder's bad-record policy raises or counts. The files may be local or on gs:// (etils.epath);
+the records are read here, their images in the preparation's workers (prepared_images.py).
 """
 
 from __future__ import annotations
 
-import collections
 import csv
-import glob
+import dataclasses
 import gzip
+import io
 import json
 import math
 import os
 from typing import Any
+from typing import Iterator
 
 import numpy as np
 
+from cpo_jax import paths
 from cpo_jax.data.bad_records import BadRecordError
-from cpo_jax.data.pairs import thumbnail
+from cpo_jax.data.prepared_images import ImageJob
+from cpo_jax.data.prepared_images import ImageResult
 from cpo_jax.knowledge.graph import THINK_CLOSE
 from cpo_jax.knowledge.graph import THINK_OPEN
 from cpo_jax.knowledge.graph import load_graph
@@ -55,11 +59,14 @@ ANSWER = "The disease of this patient is {}."
 CHEXPERT_CSV, SPLIT_CSV = "mimic-cxr-2.0.0-chexpert.csv", "mimic-cxr-2.0.0-split.csv"
 
 
-def _open_csv(manual_dir: str, name: str):
-  for p in (os.path.join(manual_dir, name), os.path.join(manual_dir, name + ".gz")):
-    if os.path.exists(p):
-      raw = gzip.open(p, "rt", newline="") if p.endswith(".gz") else open(p, newline="")
-      return p, raw
+def _open_csv(manual_dir: str, name: str) -> tuple[str, io.StringIO]:
+  """(path, text) of `name` or `name.gz` (local or gs://; the CSVs are tens of MB)."""
+  for p in (paths.path(manual_dir) / name, paths.path(manual_dir) / (name + ".gz")):
+    if p.exists():
+      data = p.read_bytes()
+      if p.name.endswith(".gz"):
+        data = gzip.decompress(data)
+      return os.fspath(p), io.StringIO(data.decode("utf-8"), newline="")
   raise FileNotFoundError(f"mimic_ccf: {name}[.gz] not found in manual_dir {manual_dir}")
 
 
@@ -98,7 +105,7 @@ def read_split(manual_dir: str) -> dict[str, tuple[int, int, str]]:
 
 
 def find_ccf_json(manual_dir: str) -> str:
-  found = sorted(glob.glob(os.path.join(manual_dir, "*.json")))
+  found = sorted(os.fspath(p) for p in paths.path(manual_dir).glob("*.json"))
   if len(found) != 1:
     raise FileNotFoundError(
       f"mimic_ccf: expected exactly one CXR-CounterFact .json in {manual_dir}, found {found}"
@@ -144,25 +151,65 @@ def decision_id(diseases: list[str], g) -> int:
   return -1
 
 
-def examples(manual_dir: str, bad) -> dict[str, list[dict[str, Any]]]:
-  """split -> example dicts (image bytes read). `bad(err)` raises or counts a BadRecordError."""
+@dataclasses.dataclass
+class Record:
+  """One CXR-CounterFact record on its way to an example (kept in the preparing process while
+  its image is prepared): its example without the image, or the error that makes it bad."""
+
+  rid: str
+  split: str = ""
+  fields: dict[str, Any] | None = None
+  error: BadRecordError | None = None
+  # Empty counterfactuals: reported once the image is known good (a record with a bad image
+  # is reported for that alone, as the checks ran before preparation streamed).
+  late_errors: list[BadRecordError] = dataclasses.field(default_factory=list)
+
+
+def records(manual_dir: str, side: int) -> tuple[int, Iterator[tuple[Record, ImageJob | None]]]:
+  """(number of CCF records, their (Record, image job) pairs in file order; lazy). Only text
+  is read here: the images are read by the image jobs (prepared_images.prepare_image)."""
   chex, splits, path = read_chexpert(manual_dir), read_split(manual_dir), find_ccf_json(manual_dir)
-  with open(path, encoding="utf-8") as f:
-    recs = json.load(f)
+  recs = json.loads(paths.path(path).read_text(encoding="utf-8"))
   if not isinstance(recs, list):
     raise ValueError(f"{path}: CXR-CounterFact must be a JSON list of records")
-  out, graph = collections.defaultdict(list), load_graph("medical")
-  for k, r in enumerate(recs):
-    try:
-      ex = _example(manual_dir, r, f"{os.path.basename(path)}[{k}]", chex, splits, bad, graph)
-    except BadRecordError as e:
-      bad(e)
-      continue
-    out[ex.pop("split")].append(ex)
-  return out
+  graph = load_graph("medical")
+
+  def items():
+    for k in range(len(recs)):
+      r, recs[k] = recs[k], None  # let each record go once read: only the lookups stay
+      rid = f"{os.path.basename(path)}[{k}]"
+      try:
+        rec, image_file = _record(manual_dir, r, rid, chex, splits, graph)
+      except BadRecordError as e:
+        yield Record(rid, error=e), None
+        continue
+      yield rec, ImageJob(image_file, side)
+
+  return len(recs), items()
 
 
-def _example(manual_dir, r, rid, chex, splits, bad, graph) -> dict[str, Any]:
+def examples_of(rec: Record, image: ImageResult | None, bad) -> list[tuple[str, dict[str, Any]]]:
+  """The record's (split, example) once its image is prepared ([] for a bad record: `bad(err)`
+  raises or counts it, in record order)."""
+  if rec.error is not None:
+    bad(rec.error)
+    return []
+  if image.error:
+    bad(BadRecordError("bad_image", rec.rid, f"field 'dicom_id': {image.error}"))
+    return []
+  for e in rec.late_errors:
+    bad(e)
+  example = dict(
+    rec.fields,
+    image=image.image,
+    thumbnail=image.thumbnail,
+    source_size=np.asarray(image.size, np.int32),
+  )
+  return [(rec.split, example)]
+
+
+def _record(manual_dir, r, rid, chex, splits, graph) -> tuple[Record, str]:
+  """(the record without its image, the image's path); raises BadRecordError."""
   if not isinstance(r, dict):
     raise BadRecordError("bad_type", rid, f"a record must be a JSON object, got {type(r).__name__}")
   for field in ("dicom_id", "report", "diagnose", "counterfact"):
@@ -193,36 +240,24 @@ def _example(manual_dir, r, rid, chex, splits, bad, graph) -> dict[str, Any]:
         f"fields 'pid'/'sid' ({r.get('pid')}/{r.get('sid')}) disagree with "
         f"{SPLIT_CSV} (p{subject}/s{study})",
       )
+  except BadRecordError:
+    raise
   except ValueError as e:
     raise BadRecordError("bad_type", rid, f"fields 'pid'/'sid' are not ids: {e}") from e
   if (subject, study) not in chex:
     raise BadRecordError(
       "missing_label", rid, f"study s{study} of p{subject} not in {CHEXPERT_CSV}"
     )
-  img = image_path(manual_dir, subject, study, dicom)
-  try:
-    with open(img, "rb") as f:
-      image = f.read()
-  except OSError as e:
-    raise BadRecordError(
-      "bad_image", rid, f"field 'dicom_id': cannot read image {img}: {e.strerror}"
-    ) from e
-  try:
-    thumb = thumbnail(image)
-  except Exception as e:  # PIL raises several types for a truncated or foreign file
-    raise BadRecordError(
-      "bad_image", rid, f"field 'dicom_id': cannot decode image {img}: {e!r}"
-    ) from e
-  rejected = []
+  rejected, late = [], []
   for disease, text in cfs.items():
     if not text.strip() or not disease.strip():
-      bad(BadRecordError("empty_chain", f"{rid} counterfact[{disease!r}]", "empty counterfactual"))
+      late.append(
+        BadRecordError("empty_chain", f"{rid} counterfact[{disease!r}]", "empty counterfactual")
+      )
       continue
     rejected.append([disease, completion(text, [disease.strip()])])
   raw = chex[(subject, study)]
-  return {
-    "image": image,
-    "thumbnail": thumb,
+  fields = {
     "question": QUESTION,
     "chosen": completion(r["report"], diseases),
     "counterfactuals": json.dumps(rejected),
@@ -233,5 +268,6 @@ def _example(manual_dir, r, rid, chex, splits, bad, graph) -> dict[str, Any]:
     "dicom_id": dicom,
     "subject_id": subject,
     "study_id": study,
-    "split": SPLIT_ALIASES.get(split, split),
   }
+  split = SPLIT_ALIASES.get(split, split)
+  return Record(rid, split, fields, late_errors=late), image_path(manual_dir, subject, study, dicom)

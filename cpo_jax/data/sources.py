@@ -32,12 +32,16 @@ def make_source(
   on_bad_record: str = "raise",
   prepared_dir: str | None = None,
   view: str | None = None,
+  image_size: int | None = None,
+  prepare_workers: int = 0,
 ):
   """Random-access source of records. data_dir=None renders on the fly (no files);
   otherwise prepares/reads the TFDS ArrayRecord dataset there (same records).
   User datasets (swift_jsonl, mimic_ccf, codalm): data_dir is data.manual_dir; mimic_ccf and
   codalm prepare TFDS files under prepared_dir (default <manual_dir>/_tfds), applying
-  on_bad_record to the published files; `view` picks mimic_ccf's rows (pairs | records)."""
+  on_bad_record to the published files, with the images at `image_size` (the run's
+  data.image_size; None keeps them as published) by `prepare_workers` processes; `view` picks
+  mimic_ccf's rows (pairs | records)."""
   if name in ("mimic_ccf", "codalm"):
     if data_dir is None:
       raise ValueError(
@@ -50,7 +54,13 @@ def make_source(
       return _prepare_on_process_0(
         name,
         lambda: mimic_ccf.data_source(
-          data_dir, split, view=view, on_bad_record=on_bad_record, prepared_dir=prepared_dir
+          data_dir,
+          split,
+          view=view,
+          on_bad_record=on_bad_record,
+          prepared_dir=prepared_dir,
+          image_size=image_size,
+          prepare_workers=prepare_workers,
         ),
       )
     from cpo_jax.data import codalm
@@ -58,7 +68,12 @@ def make_source(
     return _prepare_on_process_0(
       name,
       lambda: codalm.data_source(
-        data_dir, split, on_bad_record=on_bad_record, prepared_dir=prepared_dir
+        data_dir,
+        split,
+        on_bad_record=on_bad_record,
+        prepared_dir=prepared_dir,
+        image_size=image_size,
+        prepare_workers=prepare_workers,
       ),
     )
   if name == "swift_jsonl":  # data_dir = manual_dir holding <split>.jsonl + images

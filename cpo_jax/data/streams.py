@@ -43,6 +43,10 @@ class RunData:
         data_dir=cfg.data.manual_dir,
         on_bad_record=cfg.data.on_bad_record,
       )
+      if name != 'swift_jsonl':  # prepared files hold the images at the run's size
+        make = functools.partial(
+          make, image_size=cfg.data.image_size, prepare_workers=cfg.data.prepare_workers
+        )
       self.sources = {'train': make('train')}
       for split in self.eval_splits:
         try:
