@@ -42,6 +42,12 @@ def base_config(arg, *, domain, data):
   # Activations recomputed in the backward pass, per scanned layer (decoder and ViT):
   # 'none' | 'full' | 'dots' (keep matmul outputs); see models/layers.py REMAT_MODES.
   c.model.remat = 'none'
+  # Text attention in blocks of at most this many query rows, each block's scores recomputed
+  # in the backward pass (exact; float32 scores [B, heads, chunk, S] instead of [B, heads, L,
+  # S]); 0 = all rows in one shot. Sequences up to this long run in one shot anyway. 512: 4
+  # blocks at 2048 tokens, no slower than one shot in bench/bench_attention_chunk.py (CPU and
+  # H200), 2.5x less scratch for the 3B step on the H200. See models/attention.py.
+  c.model.attention_chunk = 512
 
   # The paper: LoRA r=8, alpha=32 on all linear layers of the LLM, ViT frozen in CPO.
   c.lora = ml_collections.ConfigDict()

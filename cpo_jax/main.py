@@ -67,11 +67,17 @@ def build_model(cfg, data, mesh):
       param_dtype=param_dtype,
       sharding_for=sharding.sharding_for_params(mesh),
       remat=cfg.model.remat,
+      attention_chunk=cfg.model.attention_chunk,
     )
   config = models.get_config_for_tokens(cfg.model.preset, data.processors.ids)
   return sharding.init_sharded(
     lambda: models.Qwen2_5_VL(
-      config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(cfg.seed), remat=cfg.model.remat
+      config,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=nnx.Rngs(cfg.seed),
+      remat=cfg.model.remat,
+      attention_chunk=cfg.model.attention_chunk,
     ),
     mesh,
   )

@@ -42,6 +42,7 @@ def _build(cfg):
     param_dtype=getattr(jnp, cfg.model.param_dtype),
     rngs=nnx.Rngs(0),
     remat=cfg.model.remat,
+    attention_chunk=cfg.model.attention_chunk,
   )
 
 
@@ -125,6 +126,8 @@ def plan(cfg, stage='cpo_plus'):
     'trainable_bytes_total': nbytes(trainable),
     'batch': {k: list(v.shape) for k, v in batch.items() if k.endswith('input_ids')},
     'grad_accum_steps': stage_obj.accumulation.steps if stage_obj.accumulation else 1,
+    'remat': cfg.model.remat,
+    'attention_chunk': int(cfg.model.attention_chunk),  # query rows per attention block
     'work_per_step': _work(cfg, stage, num_perturbations, pair_layout),
     # XLA's own count of what the step holds per device; leave headroom for the runtime.
     'fits_tpu': [t for t, gib in TPU_HBM_GIB.items() if per_device <= gib * 2**30],

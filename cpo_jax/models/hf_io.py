@@ -209,6 +209,7 @@ def load_hf(
   param_dtype=None,
   sharding_for: Callable[..., jax.sharding.Sharding | None] | None = None,
   remat: str = 'none',
+  attention_chunk: int = 0,
 ) -> Qwen2_5_VL:
   """Loads a transformers Qwen2.5-VL directory. Params are stored in param_dtype (default dtype).
 
@@ -218,7 +219,14 @@ def load_hf(
   config = read_config(path)
   param_dtype = param_dtype or dtype
   model = nnx.eval_shape(
-    lambda: Qwen2_5_VL(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), remat=remat)
+    lambda: Qwen2_5_VL(
+      config,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=nnx.Rngs(0),
+      remat=remat,
+      attention_chunk=attention_chunk,
+    )
   )
   readers, where = _open_checkpoint(path)
   wmap = weight_map(config)

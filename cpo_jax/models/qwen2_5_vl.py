@@ -16,11 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cpo_jax.models import attention
 from cpo_jax.models import layers
 from cpo_jax.models import rope
 from cpo_jax.models.vision import VisionTower
 
 get_rope_index = rope.get_rope_index
+gqa_attention = attention.gqa_attention
 
 
 class _HashableConfig:
@@ -54,8 +56,18 @@ def check_supported(config):
 
 
 class DecoderLayer(nnx.Module):
-  def __init__(self, tc, *, dtype, param_dtype, rngs: nnx.Rngs, stack: int | None = None):
+  def __init__(
+    self,
+    tc,
+    *,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+    stack: int | None = None,
+    attention_chunk: int = 0,
+  ):
     h, f = tc.hidden_size, tc.intermediate_size
+    self.attention_chunk = attention_chunk  # query rows per attention block; 0 = one shot
     self.num_heads = tc.num_attention_heads
     self.num_kv_heads = tc.num_key_value_heads
     self.head_dim = h // self.num_heads
@@ -101,22 +113,11 @@ class DecoderLayer(nnx.Module):
         v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0)
       )
       k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
-    o = gqa_attention(q, k, v, mask, self.head_dim**-0.5)
+    o = gqa_attention(q, k, v, mask, self.head_dim**-0.5, self.attention_chunk)
     x = x + self.o_proj(o.reshape(b, seq, -1))
     h = self.post_attention_layernorm(x)
     act = layers.activation(self.act)
     return x + self.down_proj(act(self.gate_proj(h)) * self.up_proj(h)), k_cache, v_cache
-
-
-def gqa_attention(q, k, v, mask, scale):
-  """q [B, L, nH, d], k/v [B, S, nKV, d], mask bool [B, L, S] -> [B, L, nH, d]."""
-  b, seq, nh, d = q.shape
-  nkv = k.shape[2]
-  q = q.reshape(b, seq, nkv, nh // nkv, d)
-  logits = jnp.einsum('blkgd,bskd->bkgls', q, k).astype(jnp.float32) * scale
-  logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum('bkgls,bskd->blkgd', probs, v).reshape(b, seq, nh, d)
 
 
 def causal_padding_mask(attention_mask):
@@ -146,9 +147,11 @@ class Qwen2_5_VL(nnx.Module):
     param_dtype=jnp.float32,
     rngs: nnx.Rngs,
     remat: str = 'none',
+    attention_chunk: int = 0,
   ):
     check_supported(config)
     layers.remat(lambda: None, remat)  # a bad mode fails here, not in the first step
+    attention.check_chunk(attention_chunk)
     tc, vc = config.text_config, config.vision_config
     if vc.out_hidden_size != tc.hidden_size:
       raise ValueError(
@@ -173,7 +176,12 @@ class Qwen2_5_VL(nnx.Module):
     )
     # all decoder layers in one module with a leading 'layers' axis (run with nnx.scan)
     self.layers = DecoderLayer(
-      tc, dtype=dtype, param_dtype=param_dtype, rngs=rngs, stack=tc.num_hidden_layers
+      tc,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+      stack=tc.num_hidden_layers,
+      attention_chunk=int(attention_chunk),
     )
     self.norm = layers.RMSNorm(
       tc.hidden_size, tc.rms_norm_eps, dtype=dtype, param_dtype=param_dtype

@@ -1,0 +1,73 @@
+"""Grouped-query attention of the text decoder: in one shot, or in blocks of query rows.
+
+One shot materialises float32 scores [B, kv, group, L, S] (and, for the backward pass, the
+probabilities and their gradient of the same size): at 7B's 28 heads and L = S = 2048 that is
+470 MB per row of the batch per tensor, the largest activation of a layer. In query blocks
+(`chunk` rows at a time) each block takes its softmax over all keys, exactly the one-shot
+math per row, and is rematerialised: the backward pass recomputes a block's probabilities
+from its queries instead of storing them, so scores exist for one block at a time.
+
+Why query blocks and not an online softmax over key blocks (flash attention): a query block
+already holds every key, so the row's max and sum are those of the one-shot path (no
+rescaling, same numbers), and the mask stays an arbitrary bool [B, L, S] (causal + padding,
+the shared-prefix layout, a KV cache). At L = 2048 and chunk 512 a block's scores (117 MB per
+row at 7B) are about one MLP activation, and `--mode=plan` for 7B on one device shows the same
+peak at chunk 256 as at 512: the peak is elsewhere, so key blocks would buy nothing there.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def check_chunk(chunk):
+  """A clear error for a `model.attention_chunk` that is not an int >= 0."""
+  if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 0:
+    raise ValueError(f'model.attention_chunk={chunk!r}; expected an int >= 0 (0 = one shot).')
+
+
+def gqa_attention(q, k, v, mask, scale, chunk: int = 0):
+  """q [B, L, nH, d], k/v [B, S, nKV, d], mask bool [B, L, S] -> [B, L, nH, d].
+
+  chunk > 0: queries in blocks of at most `chunk` rows (when L > chunk); 0: in one shot.
+  """
+  if chunk <= 0 or q.shape[1] <= chunk:
+    return attend(q, k, v, mask, scale)
+  return attend_in_query_blocks(q, k, v, mask, scale, chunk)
+
+
+def attend(q, k, v, mask, scale):
+  """The one-shot path: float32 scores for all L x S pairs; softmax over the keys."""
+  b, seq, nh, d = q.shape
+  nkv = k.shape[2]
+  q = q.reshape(b, seq, nkv, nh // nkv, d)
+  logits = jnp.einsum('blkgd,bskd->bkgls', q, k).astype(jnp.float32) * scale
+  logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum('bkgls,bskd->blkgd', probs, v).reshape(b, seq, nh, d)
+
+
+def attend_in_query_blocks(q, k, v, mask, scale, chunk: int):
+  """`attend` in blocks of at most `chunk` query rows (lax.map), each block rematerialised.
+
+  The rows are split into ceil(L / chunk) blocks of equal size (L = 768, chunk 512: two
+  blocks of 384), so at most blocks - 1 rows are padding: zero queries whose keys are all
+  masked (a finite, uniform softmax), dropped at the end. Their outputs take no gradient, so
+  nothing leaks into the real rows.
+  """
+  b, seq, nh, d = q.shape
+  blocks = -(-seq // chunk)
+  rows = -(-seq // blocks)
+  pad = blocks * rows - seq
+  q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  mask = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)))
+  q_blocks = jnp.moveaxis(q.reshape(b, blocks, rows, nh, d), 1, 0)
+  mask_blocks = jnp.moveaxis(mask.reshape(b, blocks, rows, mask.shape[-1]), 1, 0)
+  # prevent_cse=False: inside a loop XLA cannot merge the recomputation away anyway.
+  block = jax.checkpoint(
+    lambda q_block, mask_block, k, v: attend(q_block, k, v, mask_block, scale), prevent_cse=False
+  )
+  out = jax.lax.map(lambda qm: block(qm[0], qm[1], k, v), (q_blocks, mask_blocks))
+  return jnp.moveaxis(out, 0, 1).reshape(b, blocks * rows, nh, d)[:, :seq]
