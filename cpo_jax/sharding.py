@@ -159,6 +159,23 @@ def init_sharded(make_model, mesh, rules=DEFAULT_RULES):
   return nnx.merge(graphdef, state)
 
 
+DATA_AXES = ('data', 'fsdp')  # the mesh axes that split a batch's rows
+
+
+def rows_over_data(x):
+  """Constrains activations [rows, ...] to rows split over the data-parallel axes when the step
+  is traced under a mesh (`steps.make_train_step`). Without it XLA may all-gather a layer's
+  activations over fsdp (the weights' axis) and every device computes the whole micro-batch.
+  Off a mesh, or when the rows do not divide, x as it is (the same values either way)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(DATA_AXES) <= set(mesh.axis_names):
+    return x
+  parts = math.prod(mesh.shape[a] for a in DATA_AXES)
+  if parts == 1 or x.shape[0] % parts:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(DATA_AXES))
+
+
 def batch_sharding(mesh, micro=False):
   """Batch rows over the data-parallel axes, the rest replicated; with `micro`, the rows of
   each micro-batch ([steps, rows, ...]: gradient accumulation)."""

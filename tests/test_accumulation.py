@@ -128,3 +128,31 @@ def test_micro_batches_keep_whole_pair_groups():
   assert micro['chosen_pixel_values'].shape == (3, 6, 5)
   with pytest.raises(ValueError, match='6 rows per process does not split into 3 micro-batches'):
     accumulation.split_micro(batch, 3, group=4)
+
+
+def _compiled_temp_bytes(stage, prepare, raw, mesh):
+  tr_sh = sharding.state_shardings(stage.trainable, mesh)
+  fr_sh = sharding.state_shardings(stage.frozen, mesh)
+  opt_sh = optimizer.opt_state_shardings(stage.tx, stage.trainable, tr_sh, mesh)
+  trainable = jax.device_put(stage.trainable, tr_sh)
+  frozen = jax.device_put(stage.frozen, fr_sh)
+  opt_state = jax.jit(stage.tx.init, out_shardings=opt_sh)(trainable)
+  batch = sharding.global_batch(prepare(raw), mesh)
+  step = steps.make_train_step(stage, mesh, (tr_sh, fr_sh, opt_sh))
+  return (
+    step.lower(trainable, frozen, opt_state, batch).compile().memory_analysis().temp_size_in_bytes
+  )
+
+
+def test_activations_stay_split_by_rows_on_an_fsdp_mesh(setup, monkeypatch):
+  # With the weights split over fsdp, XLA may gather a layer's activations instead and every
+  # device computes all rows: the step constrains them to rows over (data, fsdp).
+  model_config, cfg, raw, _, _ = setup
+  grid = np.asarray(raw['image_grid_thw'][0])
+  mesh = _mesh({'data': 1, 'fsdp': 8, 'tensor': 1})
+  model = models.Qwen2_5_VL(model_config, rngs=nnx.Rngs(0))
+  stage, prepare = stages.sft_stage(stages.sft_model(model, cfg), cfg, grid)
+  split = _compiled_temp_bytes(stage, prepare, raw, mesh)
+  monkeypatch.setattr(sharding, 'rows_over_data', lambda x: x)
+  free = _compiled_temp_bytes(stage, prepare, raw, mesh)
+  assert split < 0.75 * free, (split, free)

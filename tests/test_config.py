@@ -1,6 +1,7 @@
 """Configs: big_vision-style args, overrides, and the fields DESIGN.md promises."""
 
 from absl import flags
+import jax
 from ml_collections import config_flags
 import pytest
 
@@ -91,6 +92,12 @@ def test_real_presets_take_the_papers_recipe():
   resolved = stages.resolve_accumulation(cfg, mesh)
   assert (resolved.sft.grad_accum_steps, resolved.cpo.grad_accum_steps) == (30, 4)
   assert cfg.sft.grad_accum_steps == 0  # the config itself is left as written
+  # One device, one pair per micro-batch: a micro-batch still holds a whole (thinking,
+  # perception) group of the grouped layout.
+  one = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
+  assert stages.resolve_accumulation(cfg, one).cpo.grad_accum_steps == 16
+  cfg.data.pair_layout = 'mixed'
+  assert stages.resolve_accumulation(cfg, one).cpo.grad_accum_steps == 32
   cfg.cpo.batch_size = 12  # 12 pairs cannot split over 8 devices
   with pytest.raises(ValueError, match='does not split over the 8 data-parallel devices'):
     stages.resolve_accumulation(cfg, mesh)

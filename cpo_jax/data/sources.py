@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# Datasets whose records are preference pairs already (the user's files): no pair making, so no
+# grouped pair layout.
+PAIRS_GIVEN = ("swift_jsonl", "mimic_ccf", "codalm")
+
 # The splits each dataset evaluates on (config eval.splits='' takes these).
 EVAL_SPLITS = {
   "synth_drive": "test,ood",

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cpo_jax import sharding
 from cpo_jax.models import attention
 from cpo_jax.models import layers
 from cpo_jax.models import rope
@@ -271,14 +272,15 @@ class Qwen2_5_VL(nnx.Module):
     if cache is None:
 
       def body(layer, x):
-        return layer(x, cos, sin, mask)[0]
+        return sharding.rows_over_data(layer(sharding.rows_over_data(x), cos, sin, mask)[0])
 
       body = layers.remat(body, self.remat)
       x = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(self.layers, x)
       return self.norm(x), None
 
     def body_c(layer, x, kc, vc):
-      return layer(x, cos, sin, mask, kc, vc, cache_index)
+      x, kc, vc = layer(sharding.rows_over_data(x), cos, sin, mask, kc, vc, cache_index)
+      return sharding.rows_over_data(x), kc, vc
 
     x, k, v = nnx.scan(body_c, in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0, 0))(
       self.layers, x, cache['k'], cache['v']

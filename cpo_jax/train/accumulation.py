@@ -17,6 +17,7 @@ import functools
 from typing import Callable
 from typing import NamedTuple
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,19 +48,36 @@ def micro_shape(shape, steps):
   return (steps, shape[0] // steps, *shape[1:])
 
 
-def steps_for_mesh(rows, rows_per_device, mesh):
+def steps_for_mesh(rows, rows_per_device, mesh, group=1):
   """grad_accum_steps=0: the fewest micro-batches with at most `rows_per_device` rows per
-  data-parallel device that split the batch evenly over those devices."""
+  data-parallel device that split the batch evenly over those devices and keep whole pair
+  groups of `group` on each host. When no such split exists because a group needs more rows
+  than that, the smallest micro-batches that hold whole groups (with a warning)."""
   parts = mesh.shape['data'] * mesh.shape['fsdp']
-  for steps in range(1, rows + 1):
-    micro = rows // steps
-    if rows % steps == 0 and micro % parts == 0 and micro // parts <= rows_per_device:
-      return steps
-  raise ValueError(
-    f'a batch of {rows} rows does not split over the {parts} data-parallel devices (mesh data x '
-    f'fsdp) in micro-batches of at most {rows_per_device} rows per device; change batch_size, '
-    f'micro_batch_per_device or the mesh (e.g. a larger mesh.shape.tensor).'
+  hosts = jax.process_count()
+  fits = [
+    s
+    for s in range(1, rows + 1)
+    if rows % s == 0 and (rows // s) % parts == 0 and (rows // s // hosts) % group == 0
+  ]
+  small = [s for s in fits if rows // s // parts <= rows_per_device]
+  if small:
+    return small[0]
+  if not fits:
+    raise ValueError(
+      f'a batch of {rows} rows does not split over the {parts} data-parallel devices (mesh '
+      f'data x fsdp)'
+      + (f' in micro-batches of whole pair groups of {group} per host' if group > 1 else '')
+      + '; change batch_size or the mesh (e.g. a larger mesh.shape.tensor).'
+    )
+  logging.warning(
+    'micro-batches of %d rows per data-parallel device (micro_batch_per_device=%d) to keep '
+    'whole pair groups of %d together (data.pair_layout).',
+    rows // fits[-1] // parts,
+    rows_per_device,
+    group,
   )
+  return fits[-1]
 
 
 def check_micro_rows(rows, steps, mesh):

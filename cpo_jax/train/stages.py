@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cpo_jax.data import datasets
+from cpo_jax.data import sources
 from cpo_jax.models import get_rope_index  # host-side numpy, transformers' semantics.
 from cpo_jax.models import lora
 from cpo_jax.train import accumulation
@@ -108,14 +110,24 @@ def sft_stage(model, cfg, grid):
 
 
 def resolve_accumulation(cfg, mesh):
-  """A copy of `cfg` whose grad_accum_steps=0 (derive from the mesh) are resolved."""
+  """A copy of `cfg` whose grad_accum_steps=0 (derive from the mesh) are resolved; CPO++
+  micro-batches keep the pair layout's groups whole."""
   cfg = cfg.copy_and_resolve_references()
-  for stage in (cfg.sft, cfg.cpo):
+  for stage, group in ((cfg.sft, 1), (cfg.cpo, cpo_pair_group(cfg))):
     if stage.grad_accum_steps == 0:
       stage.grad_accum_steps = accumulation.steps_for_mesh(
-        stage.batch_size, stage.micro_batch_per_device, mesh
+        stage.batch_size, stage.micro_batch_per_device, mesh, group
       )
   return cfg
+
+
+def cpo_pair_group(cfg):
+  """Pairs a CPO++ micro-batch keeps together on a host: the grouped layout's group when the
+  pipeline makes the pairs (`datasets.pair_layout_for`), else 1."""
+  if cfg.data.pair_layout != 'grouped' or cfg.data.name in sources.PAIRS_GIVEN:
+    return 1
+  per_host = cfg.cpo.batch_size // jax.process_count()
+  return datasets.pair_layout_for(cfg.data.thinking_fraction, per_host)[1]
 
 
 def _accumulation(grad_accum_steps, make, **kw):

@@ -87,7 +87,8 @@ def make_train_step(stage, mesh, state_shardings):
     # The number of updates so far (traced, checkpointed with the optimizer): losses that
     # draw random numbers fold it into their key, deterministic and resumable.
     batch = dict(batch, step=optimizer.update_count(opt_state))
-    grads, metrics = gradients(trainable, frozen, batch)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # sharding.rows_over_data
+      grads, metrics = gradients(trainable, frozen, batch)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     metrics['grad_norm'] = optax.tree.norm(grads)
