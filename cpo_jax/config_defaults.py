@@ -28,7 +28,9 @@ def base_config(arg, *, domain, data):
   c = ml_collections.ConfigDict()
   c.domain = domain
   c.seed = 0
-  # Comma-separated so `--config.stages=sft,eval` works from the shell.
+  # Comma-separated so `--config.stages=sft,eval` works from the shell. `sft_more` in place of
+  # `cpo_plus` is the compute-matched control: the SFT objective on new LoRA adapters with the
+  # CPO++ stage's steps, rows per step (cpo.batch_size) and optimizer (stages.train_sft_more).
   c.stages = 'sft,cpo_plus,eval'
   c.log_every_steps = 10
 
@@ -81,6 +83,10 @@ def base_config(arg, *, domain, data):
   # skips every record, or more than this share of them, stops with the counts by reason.
   c.data.max_skipped_share = 1.0
   c.data.thinking_fraction = 0.5  # share of CPO pairs that are thinking pairs (rest: perception).
+  # A thinking pair's rejected chain: 'counterfactual' (the graph rewriter: CPO) or 'random'
+  # (another record's chain and answer for the same image: the paper's DPO baseline with random
+  # negatives; pairs.random_negative_pair).
+  c.data.thinking_negative = 'counterfactual'
   # 'grouped': every batch holds exactly that share, in fixed row groups, so the step
   # encodes a thinking pair's image once (pairs made by the pipeline); 'mixed': each pair
   # is thinking with that probability.
@@ -98,6 +104,10 @@ def base_config(arg, *, domain, data):
   c.sft = ml_collections.ConfigDict()
   c.sft.num_steps = 660
   c.sft.batch_size = 16
+  # Another workdir whose finished SFT checkpoint this run starts from (restored, never trained
+  # here; its data dir, so its tokenizer, too): the arms of an ablation share one SFT model
+  # (cpo_jax/ablate.py). '' = this workdir's own SFT stage.
+  c.sft.from_workdir = ''
   c.sft.trainable = 'all'  # 'all' | 'lora'
   # Micro-batches per update (batch_size rows in all): the same update as the whole batch.
   # 0 = derived from the mesh: micro_batch_per_device rows per data-parallel device.
@@ -128,7 +138,12 @@ def base_config(arg, *, domain, data):
 
   c.eval = ml_collections.ConfigDict()
   c.eval.splits = ''  # '' = the dataset's own (data.sources.EVAL_SPLITS), or e.g. 'test,ood'
+  # After CPO++ the report also measures the SFT baseline (adapters off) on the same examples;
+  # the ablation harness turns it off (its `sft` arm measures that model once per seed).
+  c.eval.baseline = True
   c.eval.max_examples = 256
+  # Rows per generate call on each host; every host decodes its own share of a split, and a
+  # call's rows are split over the mesh's data-parallel devices (padded to a whole number each).
   c.eval.batch_size = 32
   # Static eval shapes; 0 sizes them to the eval data: prompts to the longest one, new tokens
   # to the longest gold answer plus a quarter (at least 16). Answers cut by a set max_new_tokens

@@ -4,17 +4,29 @@ Prompts are LEFT padded (so every row's next token goes to the same cache slot);
 cache has a fixed size prompt_len + max_new_tokens, so one compiled program serves every
 batch of the same shapes. Positions follow transformers: the prompt gets 3D M-RoPE ids
 from get_rope_index; generated token t sits at (max prompt position + 1 + t) on all axes.
+
+On a mesh (a model whose parameters are sharded on one) the batch rows are split over the
+mesh's data-parallel axes ('data', 'fsdp'): either every process passes the same whole batch
+(`rows='all'`), or each process passes its own rows (`rows='process'`, data-parallel eval
+over hosts: `row_groups` says which share of the data a process reads). Rows are padded to a
+multiple of the data-parallel shards with inactive rows, which start as ended, so they never
+keep the loop going, and are cut off again.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
+from typing import NamedTuple
 
 from flax import nnx
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 import numpy as np
 
+from cpo_jax import sharding as sharding_lib
 from cpo_jax.models import lora
 from cpo_jax.models.qwen2_5_vl import get_rope_index
 
@@ -35,7 +47,9 @@ def sample_token(logits, rng, temperature, top_p, greedy: bool):
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(nnx.jit, static_argnames=('grid', 'max_new_tokens', 'pad', 'greedy'))
+@functools.partial(
+  nnx.jit, static_argnames=('grid', 'max_new_tokens', 'pad', 'greedy', 'rows_sharding')
+)
 def _generate(
   model,
   input_ids,
@@ -43,6 +57,7 @@ def _generate(
   pixel_values,
   position_ids,
   next_position,
+  active,
   temperature,
   top_p,
   eos,
@@ -52,12 +67,15 @@ def _generate(
   max_new_tokens,
   pad,
   greedy,
+  rows_sharding,
 ):
   b, p = input_ids.shape
   s = p + max_new_tokens
   grid_np = None if grid is None else np.asarray(grid, np.int64).reshape(-1, 3)
+  if pixel_values is not None:  # [B, patches, D] when the rows are sharded: the HF layout
+    pixel_values = pixel_values.reshape(-1, pixel_values.shape[-1])
   x = model.embed(input_ids, pixel_values, grid_np)
-  cos, sin = model.rotary(position_ids)
+  cos, sin = model.rotary(jnp.swapaxes(position_ids, 0, 1))  # given batch-major [B, 3, L]
   kv_valid = jnp.concatenate(
     [attention_mask.astype(bool), jnp.zeros((b, max_new_tokens), bool)], axis=1
   )
@@ -69,8 +87,9 @@ def _generate(
   eos_ids = eos
   rngs = jax.random.split(rng, max_new_tokens)
 
-  tok = sample_token(logits, rngs[0], temperature, top_p, greedy)
-  done = jnp.isin(tok, eos_ids)
+  # An inactive row (filler) holds pad and counts as ended from the start.
+  tok = jnp.where(active, sample_token(logits, rngs[0], temperature, top_p, greedy), pad)
+  done = jnp.isin(tok, eos_ids) | ~active
   out = jnp.full((b, max_new_tokens), pad, jnp.int32).at[:, 0].set(tok)
   graphdef, state = nnx.split(model)
 
@@ -88,11 +107,71 @@ def _generate(
     out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, t))
     return t + 1, nxt, done | jnp.isin(nxt, eos_ids), out, cache, kv_valid, state
 
-  # Stops as soon as every row has ended (rows that ended hold pad from then on anyway).
+  # Stops as soon as every row has ended (rows that ended hold pad from then on anyway); on a
+  # mesh `all` is a reduction over every shard's rows, so all devices leave the loop together.
   going = lambda carry: (carry[0] < max_new_tokens) & ~jnp.all(carry[2])
   carry = (jnp.int32(1), tok, done, out, cache, kv_valid, state)
   steps, *_, out, _, _, _ = jax.lax.while_loop(going, step, carry)
+  if rows_sharding is not None:  # the tokens stay where their rows are
+    out = jax.lax.with_sharding_constraint(out, rows_sharding)
   return out, steps
+
+
+def mesh_of(model):
+  """The mesh the model's parameters are sharded on (None: not on a mesh). Generation puts
+  its batch on the same mesh."""
+  meshes = {
+    x.sharding.mesh
+    for x in jax.tree.leaves(nnx.state(model))
+    if isinstance(getattr(x, 'sharding', None), NamedSharding)
+  }
+  if len(meshes) > 1:
+    raise ValueError(f'the model\'s parameters lie on {len(meshes)} different meshes')
+  return next(iter(meshes), None)
+
+
+class RowGroups(NamedTuple):
+  """How this process's devices split a batch's rows over the mesh's data-parallel axes.
+
+  Processes whose devices hold the same row shards (replicas: e.g. tensor parallel across
+  hosts) form one group and must feed the same rows; `index` of `count` groups is the share
+  of the data this process reads, `shards` the row shards its devices hold (its rows per call
+  are padded to a multiple of it)."""
+
+  index: int
+  count: int
+  shards: int
+
+
+def row_groups(mesh) -> RowGroups:
+  if mesh is None:
+    return RowGroups(0, 1, 1)
+  parts = mesh.shape['data'] * mesh.shape['fsdp']
+  starts = collections.defaultdict(set)  # process -> first row of each shard it holds
+  for device, (rows,) in sharding_lib.batch_sharding(mesh).devices_indices_map((parts,)).items():
+    starts[device.process_index].add(rows.start or 0)
+  groups = sorted({tuple(sorted(s)) for s in starts.values()})
+  held = [r for g in groups for r in g]
+  if len(held) != len(set(held)) or len({len(g) for g in groups}) != 1:
+    raise ValueError(
+      f'mesh {dict(mesh.shape)}: the processes hold overlapping or unequal shares of the '
+      f'batch rows ({groups}); order the devices so each host holds whole data-parallel shards.'
+    )
+  mine = tuple(sorted(starts[jax.process_index()]))
+  return RowGroups(groups.index(mine), len(groups), len(mine))
+
+
+def _eos_ids(eos_token_id):
+  """The end ids, repeated to a multiple of 8: one compiled program for up to 8 of them."""
+  eos = np.atleast_1d(np.asarray(eos_token_id, np.int32))
+  return np.resize(eos, -(-len(eos) // 8) * 8)
+
+
+def _pad_rows(x, n):
+  """x with its first row repeated up to n rows (None stays None)."""
+  if x is None or len(x) == n:
+    return x
+  return np.concatenate([x, np.repeat(x[:1], n - len(x), axis=0)])
 
 
 def generate(
@@ -109,45 +188,116 @@ def generate(
   top_p: float = 1.0,
   rng=None,
   return_steps: bool = False,
+  active=None,
+  rows: str = 'all',
 ):
   """New tokens [B, max_new_tokens] for left-padded prompts; after EOS a row holds pad_token_id.
 
   eos_token_id: an int or a sequence of ints. Greedy when temperature == 0. return_steps: also
   the number of tokens decoded (fewer than max_new_tokens when every row ended earlier).
+  active: [B] bool, False for filler rows: they hold pad_token_id and never keep the loop going.
+
+  On a model sharded on a mesh (`mesh_of`) the rows are split over its data-parallel axes and a
+  host numpy array comes back. rows='all': every process passes the same whole batch and gets
+  all its rows back; rows='process': each process passes its own rows (the same number on
+  every process; processes of one `row_groups` group the same rows) and gets those back, so
+  one call decodes every host's rows. Images: one per row, all of one grid (the eval layout).
+  Without a mesh the batch goes to the default device (a jax array comes back).
   """
+  if rows not in ('all', 'process'):
+    raise ValueError(f"rows={rows!r}; expected 'all' or 'process'")
   input_ids = np.asarray(input_ids)
   attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
-  if np.any(attention_mask[:, -1] == 0):
+  b = len(input_ids)
+  active = np.ones(b, bool) if active is None else np.asarray(active, bool).reshape(b)
+  if np.any(attention_mask[active, -1] == 0):
     raise ValueError(
       'generate expects LEFT-padded prompts (attention_mask[:, -1] must be 1 for every row)'
     )
   if max_new_tokens < 1:
     raise ValueError('max_new_tokens must be >= 1')
   position_ids, deltas = get_rope_index(input_ids, attention_mask, image_grid_thw, model.config)
-  next_position = deltas[:, 0] + attention_mask.sum(-1)  # = max prompt position + 1
-  eos = tuple(int(e) for e in np.atleast_1d(eos_token_id))
-  grid = (
-    None
-    if image_grid_thw is None
-    else tuple(np.asarray(image_grid_thw, np.int64).reshape(-1).tolist())
+  inputs = dict(
+    input_ids=input_ids.astype(np.int32),
+    attention_mask=attention_mask.astype(np.int32),
+    pixel_values=None if pixel_values is None else np.asarray(pixel_values),
+    position_ids=np.ascontiguousarray(np.swapaxes(position_ids, 0, 1), np.int32),  # [B, 3, L]
+    next_position=(deltas[:, 0] + attention_mask.sum(-1)).astype(np.int32),  # max prompt pos + 1
+    active=active,
   )
+  mesh = mesh_of(model)
+  grid = None if image_grid_thw is None else np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
+  if mesh is None:
+    sharding, placed = None, {k: None if v is None else jnp.asarray(v) for k, v in inputs.items()}
+  else:
+    sharding = sharding_lib.batch_sharding(mesh)
+    placed, grid = place_rows(inputs, grid, mesh, rows)
+  grid = None if grid is None else tuple(grid.reshape(-1).tolist())
   greedy = temperature == 0.0
   rng = jax.random.key(0) if rng is None else rng
   with lora.deterministic(model):  # no LoRA dropout while sampling
     out, steps = _generate(
       model,
-      jnp.asarray(input_ids, jnp.int32),
-      jnp.asarray(attention_mask, jnp.int32),
-      None if pixel_values is None else jnp.asarray(pixel_values),
-      jnp.asarray(position_ids, jnp.int32),
-      jnp.asarray(next_position, jnp.int32),
-      jnp.float32(temperature if not greedy else 1.0),
-      jnp.float32(top_p),
-      jnp.asarray(eos, jnp.int32),
+      placed['input_ids'],
+      placed['attention_mask'],
+      placed['pixel_values'],
+      placed['position_ids'],
+      placed['next_position'],
+      placed['active'],
+      np.float32(temperature if not greedy else 1.0),
+      np.float32(top_p),
+      _eos_ids(eos_token_id),
       rng,
       grid=grid,
       max_new_tokens=int(max_new_tokens),
       pad=int(pad_token_id),
       greedy=greedy,
+      rows_sharding=sharding,
     )
-  return (out, int(steps)) if return_steps else out
+  if mesh is not None:
+    if rows == 'process':
+      out = sharding_lib.process_rows(out)[:b]
+    elif jax.process_count() > 1:
+      out = multihost_utils.process_allgather(out, tiled=True)[:b]
+    else:
+      out = np.asarray(out)[:b]
+  steps = int(np.asarray(steps.addressable_data(0)))
+  return (out, steps) if return_steps else out
+
+
+def place_rows(inputs, grid, mesh, rows='all'):
+  """Host arrays of a batch (rows first) -> global arrays split by rows over the mesh's
+  data-parallel axes, and the grid of the global batch. Rows are padded with inactive copies
+  of the first to whole shards: of all shards (rows='all': every process holds the whole
+  batch), of this process's (rows='process': each holds its own rows)."""
+  b = len(inputs['input_ids'])
+  inputs, grid = _rows_layout(inputs, grid, b)
+  groups = row_groups(mesh)
+  multiple = mesh.shape['data'] * mesh.shape['fsdp'] if rows == 'all' else groups.shards
+  n = -(-b // multiple) * multiple
+  inputs = {k: _pad_rows(v, n) for k, v in inputs.items()}
+  inputs['active'][b:] = False
+  global_rows = n if rows == 'all' else n * groups.count
+  sharding = sharding_lib.batch_sharding(mesh)
+  # With the global shape equal to the local one, each process holds the whole array.
+  placed = {
+    k: None
+    if v is None
+    else jax.make_array_from_process_local_data(sharding, v, (global_rows,) + v.shape[1:])
+    for k, v in inputs.items()
+  }
+  return placed, None if grid is None else np.repeat(grid[:1], global_rows, axis=0)
+
+
+def _rows_layout(inputs, grid, b):
+  """Pixel values batch-major [B, patches, D] (one image per row, all of one grid), so every
+  input splits over rows; the grid of one row."""
+  pv = inputs['pixel_values']
+  if pv is None:
+    return inputs, grid
+  if grid is None or len(grid) != b or np.any(grid != grid[:1]):
+    raise ValueError(
+      'generate on a mesh splits the batch by rows: it needs one image per row, all with one '
+      f'grid; got image_grid_thw {None if grid is None else grid.tolist()} for {b} rows'
+    )
+  return dict(inputs, pixel_values=pv.reshape(b, -1, pv.shape[-1])), grid[:1]

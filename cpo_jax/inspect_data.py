@@ -121,6 +121,7 @@ def pair_sheet(data, path, count=4):
           index=index,
           thinking_fraction=cfg.data.thinking_fraction,
           perception_mode=cfg.data.perception_negative,
+          thinking_negative=cfg.data.thinking_negative,
         )
     except bad_records.BadRecordError:
       continue

@@ -44,7 +44,19 @@ _DISTRIBUTED = flags.DEFINE_bool(
   'distributed', False, 'Call jax.distributed.initialize() (multi-host TPU pods).'
 )
 
-STAGES = ('sft', 'cpo_plus', 'eval')
+STAGES = ('sft', 'sft_more', 'cpo_plus', 'eval')
+# What an SFT model shared through sft.from_workdir must agree on (the rest may differ per arm;
+# how the model computes, e.g. model.remat or model.dtype, does not change its weights).
+SFT_SOURCE_KEYS = (
+  'seed',
+  'model.preset',
+  'model.init_from',
+  'model.param_dtype',
+  'sft',
+  'data.name',
+  'data.num_examples',
+  'data.image_size',
+)
 
 
 def parse_stages(spec):
@@ -52,7 +64,45 @@ def parse_stages(spec):
   unknown = [s for s in names if s not in STAGES]
   if unknown:
     raise ValueError(f'config.stages has unknown stage(s) {unknown}; known: {STAGES}.')
+  if 'sft_more' in names and 'cpo_plus' in names:
+    raise ValueError(
+      "config.stages has both 'sft_more' and 'cpo_plus': each continues the SFT model on its "
+      'own adapters; run them in separate workdirs (cpo_jax/ablate.py does).'
+    )
   return names
+
+
+def check_sft_source(cfg, wanted):
+  """With sft.from_workdir: that workdir holds a finished SFT stage of the same model and data
+  (its config.json), and this run does not train SFT itself."""
+  source = cfg.sft.from_workdir
+  if 'sft' in wanted:
+    raise ValueError(
+      f"config.stages has 'sft' but sft.from_workdir={source!r} restores the SFT model from "
+      'there; drop sft from config.stages.'
+    )
+  step = loop.latest_step(source, 'sft')
+  if step != cfg.sft.num_steps:
+    raise FileNotFoundError(
+      f'sft.from_workdir={source!r}: its SFT checkpoints reach step {step or 0} of '
+      f'sft.num_steps={cfg.sft.num_steps}; finish that run first (--config.stages=sft there).'
+    )
+  config_file = paths.path(source) / 'config.json'
+  theirs, ours = json.loads(config_file.read_text()), json.loads(cfg.to_json_best_effort())
+  for c in (theirs, ours):
+    c['sft'].pop('from_workdir', None)  # where an SFT model came from, not what it is
+
+  def pick(c, key):
+    for k in key.split('.'):
+      c = c.get(k) if isinstance(c, dict) else None
+    return c
+
+  differ = [k for k in SFT_SOURCE_KEYS if pick(ours, k) != pick(theirs, k)]
+  if differ:
+    raise ValueError(
+      f'sft.from_workdir={source!r} was trained with another {", ".join(differ)} than this '
+      'run: ' + '; '.join(f'{k}: {pick(theirs, k)!r} there, {pick(ours, k)!r} here' for k in differ)
+    )
 
 
 def build_model(cfg, data, mesh):
@@ -107,14 +157,17 @@ def run(cfg, workdir, mode='train'):
   """
   wanted = parse_stages(cfg.stages) if mode == 'train' else ['eval']
   restoring = mode in ('eval', 'restore')
-  if restoring and not loop.has_checkpoint(workdir, 'sft'):
+  sft_workdir = cfg.sft.from_workdir or workdir  # a shared SFT model is restored from there
+  if restoring and not loop.has_checkpoint(sft_workdir, 'sft'):
     # Never the random initialisation labelled as a trained model.
     raise FileNotFoundError(
       f'--mode={"export" if mode == "restore" else mode}: no sft checkpoint under '
-      f'{loop.checkpoint_dir(workdir, "sft")}; train first, or check --workdir.'
+      f'{loop.checkpoint_dir(sft_workdir, "sft")}; train first, or check --workdir.'
     )
   mesh = sharding.make_mesh(cfg.mesh.shape)
   cfg = stages.resolve_accumulation(cfg, mesh)
+  if cfg.sft.from_workdir:
+    check_sft_source(cfg, wanted)
   if jax.process_index() == 0:
     paths.write_text(paths.path(workdir) / 'config.json', cfg.to_json_best_effort(indent=2))
   data = streams.RunData(cfg, workdir)
@@ -125,14 +178,30 @@ def run(cfg, workdir, mode='train'):
     common.update(evaluate=report_lib.during_training(cfg, data), eval_every=cfg.eval.every_steps)
 
   # Eval restores whatever checkpoints exist; training runs (or resumes) each listed stage.
-  # Each stage starts from the previous stage's final model, so cpo_plus needs sft's.
+  # Each stage starts from the previous stage's final model, so cpo_plus and sft_more need sft's
+  # (this workdir's, or with sft.from_workdir another's, restored and never trained here).
   trained = []
   try:
-    if 'sft' in wanted or restoring or 'cpo_plus' in wanted:
+    if (
+      'sft' in wanted
+      or restoring
+      or 'cpo_plus' in wanted
+      or 'sft_more' in wanted
+      or cfg.sft.from_workdir
+    ):
       model = stages.train_sft(
-        model, cfg, make_batches=data.sft_batches, train='sft' in wanted, **common
+        model,
+        cfg,
+        make_batches=data.sft_batches,
+        train='sft' in wanted,
+        **dict(common, workdir=sft_workdir),
       )
       trained.append('sft')
+    if 'sft_more' in wanted or (restoring and loop.has_checkpoint(workdir, 'sft_more')):
+      model = stages.train_sft_more(
+        model, cfg, make_batches=data.sft_more_batches, train='sft_more' in wanted, **common
+      )
+      trained.append('sft_more')
     if 'cpo_plus' in wanted or (restoring and loop.has_checkpoint(workdir, 'cpo_plus')):
       model = stages.train_cpo(
         model,

@@ -1,7 +1,8 @@
 """Two real JAX processes (jax.distributed on localhost, one CPU device each, gloo collectives)
 train on one global batch whose halves each host cut to a different length bucket: the hosts
 agree on the longest (sharding.pad_to_common_length) and the step is the one-device step over
-both halves.
+both halves. They evaluate data-parallel (each host decodes its share of the split) and get
+the answers, and the report, of one process.
 
 The worker is this file run as a script (see the bottom)."""
 
@@ -21,9 +22,13 @@ import numpy as np
 from cpo_jax import config_defaults
 from cpo_jax import models
 from cpo_jax import sharding
+from cpo_jax.data import bad_records
 from cpo_jax.data import datasets
+from cpo_jax.data import eval_batches
 from cpo_jax.data import processors
 from cpo_jax.data import sources
+from cpo_jax.evaluate import answers
+from cpo_jax.knowledge import load_graph
 from cpo_jax.train import objectives
 from cpo_jax.train import stages
 from cpo_jax.train import writers
@@ -40,6 +45,52 @@ def _setup():
   model_config = models.get_config_for_tokens('tiny', ids)
   source = sources.make_source('synth_drive', 'train', num_examples=64)
   return proc, model_config, source
+
+
+class _SomeUnreadable:
+  """An eval split whose records `bad` cannot be read: skipped and counted as bad records."""
+
+  def __init__(self, source, bad):
+    self.source, self.bad = source, set(bad)
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    if i in self.bad:
+      raise OSError(f'record {i} is corrupt')
+    return self.source[i]
+
+
+def _eval_predictions(model, proc, sharded):
+  """Greedy answers to 11 test examples in batches of 4, records 1 and 3 unreadable. `sharded`
+  (predict_split) on two hosts: host 0 reads records 0, 2, ..., 10 (2 batches) and host 1 the
+  3 readable odd ones (1 batch, then a blank one); else (predict_decisions) every process
+  reads all 9 (3 batches)."""
+  source = _SomeUnreadable(sources.make_source('synth_drive', 'test', num_examples=11), {1, 3})
+  read = functools.partial(
+    eval_batches.make_eval_batches,
+    source,
+    proc,
+    batch_size=4,
+    max_prompt_len=64,
+    graph=load_graph('driving'),
+    on_bad_record='skip',
+  )
+  skips = bad_records.SkipCounter()
+  kw = dict(tokenizer=proc.tokenizer, graph=load_graph('driving'), max_new_tokens=6)
+  if sharded:
+    blank = lambda: eval_batches.blank_batch(proc, batch_size=4, max_prompt_len=64)
+    pred = answers.predict_split(model, read, blank=blank, skips=skips, **kw)
+  else:
+    pred = answers.predict_decisions(model, read(skips=skips), **kw)
+  return {
+    'texts': pred.texts,
+    'indices': pred.indices.tolist(),
+    'predicted': pred.predicted.tolist(),
+    'gold': pred.gold.tolist(),
+    'skipped': dict(skips.counts),
+  }
 
 
 def _batches(kind, proc, source, host):
@@ -133,7 +184,15 @@ def test_two_hosts_with_different_buckets_train_on_one_global_batch(tmp_path):
     np.testing.assert_allclose(row['loss'], loss(step), rtol=1e-5)
   # Not a loss that one host's rows alone would give (the same rows twice: the same shape).
   assert abs(loss([steps[0][0]] * 2) - rows[0]['loss']) > 1e-3
-  print(f'two-process SFT, 2 steps: {elapsed:.1f}s')
+  # Data-parallel eval of the initial model: each host decodes its share (different numbers of
+  # rows and batches, bad records on one host only), both get every row back in record order,
+  # equal to one process decoding the whole split.
+  one_host = _eval_predictions(model, proc, sharded=False)
+  assert one_host['indices'] == [0, 2, 4, 5, 6, 7, 8, 9, 10]
+  assert one_host['skipped'] == {'unreadable_record': 2} and len(set(one_host['texts'])) > 3
+  assert p0['eval'] == p1['eval'] == one_host
+  assert p0['eval_replicated'] == p1['eval_replicated'] == one_host
+  print(f'two-process SFT, 2 steps, and an eval: {elapsed:.1f}s')
 
 
 def test_two_hosts_precompute_the_reference_and_train_cpo(tmp_path):
@@ -168,10 +227,21 @@ def test_two_hosts_run_the_cli_on_a_gs_workdir_and_export_from_there(gcs_server)
   # Both hosts train, evaluate and export through main.py with a gs:// workdir and data_dir:
   # process 0 prepares the data and uploads it, Orbax writes every host's shards to the bucket,
   # process 0 alone writes metrics, events, the report and the export (gathered tensors).
+  # Data-parallel eval: each host decodes its share of a split (test: 9 examples in batches
+  # of 4, so host 0 reads 2 batches, host 1 one and then a blank one) and both get every row.
   workdir = 'gs://bucket/two_hosts'
   p0, p1 = _run_two('cli', workdir)
   assert p0['report'] == p1['report'] and set(p0['report']) == {'test', 'ood'}
+  assert p0['report']['test']['n'] == 9
   from conftest import bucket_files  # here, not at the top: the workers import this file
+
+  from cpo_jax import main
+
+  # The report equals one process's eval of the same checkpoints (8 devices, data=8): the
+  # same metrics, counts and example answers.
+  two_hosts = json.loads(epath.Path(workdir, 'eval', 'report.json').read_text())
+  one_host = main.run(_cli_config(workdir), workdir, mode='eval')
+  assert two_hosts['splits'] == one_host['splits']
 
   files = set(bucket_files(workdir))
   assert {'config.json', 'metrics.jsonl', 'eval/report.json'} <= files
@@ -185,16 +255,14 @@ def test_two_hosts_run_the_cli_on_a_gs_workdir_and_export_from_there(gcs_server)
   assert epath.Path(workdir + '_export', 'tokenizer.json').exists()
 
 
-def _cli_worker(workdir):
+def _cli_config(workdir):
   from cli_configs import cli_config
-
-  from cpo_jax import main
 
   cfg = cli_config(
     'configs/driving.py',
     f'--config.data.data_dir={workdir}_data',
     '--config.data.num_examples.train=32',
-    '--config.data.num_examples.test=8',
+    '--config.data.num_examples.test=9',
     '--config.data.num_examples.ood=8',
     '--config.sft.num_steps=2',
     '--config.cpo.num_steps=1',
@@ -203,13 +271,20 @@ def _cli_worker(workdir):
     '--config.eval.batch_size=4',
     '--config.log_every_steps=1',
     '--config.eval.robustness=False',
+    '--config.eval.baseline=False',
     '--config.eval.max_new_tokens=4',
   )
   cfg.mesh.shape = {'data': -1, 'fsdp': 1, 'tensor': 1}
+  return cfg
+
+
+def _cli_worker(workdir):
+  from cpo_jax import main
+
+  cfg = _cli_config(workdir)
   report = main.run(cfg, workdir)
   main.export(cfg, workdir, workdir + '_export')
-  splits = {s: (r['accuracy'], r['n']) for s, r in report['splits'].items()}
-  print(json.dumps({'report': splits}), flush=True)
+  print(json.dumps({'report': report['splits']}), flush=True)
 
 
 def _worker(kind, workdir, port, process_id):
@@ -257,6 +332,13 @@ def _worker(kind, workdir, port, process_id):
     workdir=workdir,
     writer=writers.MetricsWriter(workdir),
   )
+  if kind == 'sft':  # the initial model, its parameters on the two hosts' mesh
+    model = models.Qwen2_5_VL(model_config, rngs=nnx.Rngs(0))
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, sharding.state_shardings(state, mesh)))
+    seen['eval'] = _eval_predictions(model, proc, sharded=True)
+    # The probes' path: both hosts read the whole split, each call's rows split over the hosts.
+    seen['eval_replicated'] = _eval_predictions(model, proc, sharded=False)
   print(json.dumps(seen), flush=True)
 
 

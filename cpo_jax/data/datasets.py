@@ -204,18 +204,25 @@ def make_cpo_dataset(
   worker_count: int = 0,
   length_buckets=(),
   pair_layout: tuple[int, int] | None = None,
+  thinking_negative: str = "counterfactual",
 ) -> grain.IterDataset:
   """CPO++ pair batches (see module doc). Each pair is thinking with prob thinking_fraction
   (seeded per position), else perception with `perception_mode` in hard | far | random |
   counterfactual (the last re-renders the chosen scene: synthetic sources only). With
   `pair_layout` (t, g) (`pair_layout_for`) every batch holds exactly that share, in groups.
-  `length_buckets` as in `make_sft_dataset`, over both sides of the pairs."""
+  `length_buckets` as in `make_sft_dataset`, over both sides of the pairs. `thinking_negative`:
+  the thinking pairs' rejected chain, the rewriter's counterfactual or another record's
+  (`pairs.random_negative_pair`, the DPO baseline with random negatives)."""
   buckets = parse_length_buckets(length_buckets, max_len)
   if not 0.0 <= thinking_fraction <= 1.0:
     raise ValueError(f"thinking_fraction {thinking_fraction} not in [0, 1]")
   if perception_mode not in pairs_lib.PERCEPTION_MODES:
     raise ValueError(
       f"perception_mode {perception_mode!r}; expected one of {pairs_lib.PERCEPTION_MODES}"
+    )
+  if thinking_negative not in pairs_lib.THINKING_NEGATIVES:
+    raise ValueError(
+      f"thinking_negative {thinking_negative!r}; expected one of {pairs_lib.THINKING_NEGATIVES}"
     )
   skips = SkipCounter() if skips is None else skips
   guard = _guard_for(
@@ -228,6 +235,11 @@ def make_cpo_dataset(
       f"use perception_mode in {pairs_lib.INDEX_MODES}"
     )
   if examples.gives_pairs(source):  # pairs given by the records: no rewriter, no image index
+    if thinking_negative != "counterfactual":
+      raise ValueError(
+        f"thinking_negative={thinking_negative!r} makes pairs from labelled records, but "
+        f"{source!r} gives its own pairs; leave it 'counterfactual' for this dataset"
+      )
     ds = _indices(
       len(source),
       seed=seed,
@@ -266,6 +278,7 @@ def make_cpo_dataset(
           max_len=max_len,
           thinking_fraction=fraction,
           perception_mode=perception_mode,
+          thinking_negative=thinking_negative,
         )
       ),
       seed=seed + 1 + stream,

@@ -141,6 +141,8 @@ def make_eval_batches(
   """Left-padded prompts in source order (+ gold labels); the last batch is filled to the
   static size by repeating its first row with valid=False. `graph` (default: the source's
   domain, medical for ingested pairs) is only used to read labels from ingested pairs.
+  With shard_count > 1, only every shard_count-th record from shard_index (one host's share
+  of a data-parallel eval; `index` keeps the record's place in the split).
 
   Bad records follow `on_bad_record` (skips counted in `skips`); a split whose records are all
   skipped, or more than `max_skipped_share` of them, stops with the counts (never an empty eval
@@ -169,6 +171,26 @@ def make_eval_batches(
     while len(rows) < batch_size:
       rows.append(dict(rows[0], valid=np.bool_(False)))
     yield stack_rows(rows)
+
+
+def blank_batch(proc: Processors, *, batch_size: int, max_prompt_len: int):
+  """An eval batch of `batch_size` invalid rows (valid=False, index and decision -1): a prompt
+  of the eval shape with a black image. A host that has run out of eval rows decodes it while
+  the others finish theirs (generate on a mesh is collective)."""
+  side = proc.image_size
+  pv, grid = proc.image_inputs(np.zeros((side, side, 3), np.uint8))
+  prompt = proc.prompt_ids("", proc.num_image_tokens(grid))
+  ids, attn = pack_left(prompt, max_prompt_len, proc.ids["pad_token_id"], "blank eval row")
+  row = {
+    "input_ids": ids,
+    "attention_mask": attn,
+    "pixel_values": pv,
+    "image_grid_thw": grid,
+    "decision": np.int32(-1),
+    "index": np.int32(-1),
+    "valid": np.bool_(False),
+  }
+  return stack_rows([row] * batch_size)
 
 
 def decision_token_ids(proc: Processors, graph: ConceptGraph) -> np.ndarray:

@@ -91,6 +91,7 @@ def cpo_example(
   max_len: int,
   thinking_fraction: float,
   perception_mode: str,
+  thinking_negative: str = "counterfactual",
 ):
   rec = read_record(source, i)
   rid = f"{source!r}[{i}]"
@@ -103,6 +104,7 @@ def cpo_example(
     index=index,
     thinking_fraction=thinking_fraction,
     perception_mode=perception_mode,
+    thinking_negative=thinking_negative,
   )
   c_pv, grid = checked_image(proc, pair["chosen_image"], rid)
   if pair["source"] == pairs_lib.SOURCE_IDS["thinking"]:

@@ -1,6 +1,8 @@
 """Counterfactual preference pairs (METHOD.md section 4) from labelled records.
 
-* thinking: same image; rejected completion = graph-rewritten chain + swapped answer.
+* thinking: same image; rejected completion = graph-rewritten chain + swapped answer
+  (`thinking_negative='counterfactual'`), or with `'random'` another record's chain and answer
+  (the paper's DPO baseline with random negatives: a negative that is not a counterfactual).
 * perception: same completion; rejected image = another image of the same split whose
   decision differs (and, where scene ids are known, of another scene). Selection modes: `hard`
   (default; same nuisance value when possible, then the nearest image by `thumbnail` where
@@ -28,6 +30,8 @@ from cpo_jax.knowledge.rewriter import rewrite
 SOURCE_IDS = {"thinking": 0, "perception": 1, "other": 2}
 INDEX_MODES = ("hard", "far", "random")  # negatives picked from the split by PairIndex
 PERCEPTION_MODES = INDEX_MODES + ("counterfactual",)
+THINKING_NEGATIVES = ("counterfactual", "random")  # how a thinking pair's rejected chain is made
+RANDOM_NEGATIVE_DRAWS = 64  # draws for another record whose completion differs, then an error
 
 
 def as_text(x) -> str:
@@ -221,6 +225,36 @@ def thinking_pair(
   }
 
 
+def random_negative_pair(
+  record: dict[str, Any], source, position: int, rng: np.random.Generator
+) -> dict[str, Any]:
+  """Same image; the rejected completion is another record's chain and answer (DPO with random
+  negatives, "same data size": METHOD.md section 3). Uniform over the split's other records,
+  redrawn while the completion equals the chosen one (a pair with nothing to prefer); not
+  targeted, so it may even name the same decision with other evidence. `position` is the
+  record's position in `source`."""
+  chosen = completion_of(record)
+  if len(source) < 2:
+    raise ValueError(f"random negatives need two records; {source!r} has {len(source)}")
+  for _ in range(RANDOM_NEGATIVE_DRAWS):
+    j = int(rng.integers(len(source) - 1))
+    j += j >= position  # any position but the record's own
+    other = source[j]
+    if completion_of(other) != chosen:
+      return {
+        "chosen_image": record["image"],
+        "rejected_image": record["image"],
+        "chosen_completion": chosen,
+        "rejected_completion": completion_of(other),
+        "rejected_decision": int(other["decision"]),
+        "rejected_index": j,
+      }
+  raise ValueError(
+    f"record {position} of {source!r}: no record with another chain and answer in "
+    f"{RANDOM_NEGATIVE_DRAWS} random draws (is every completion of the split the same?)"
+  )
+
+
 def counterfactual_flip(
   graph: ConceptGraph, a: dict[str, str], rng: np.random.Generator
 ) -> tuple[int, str]:
@@ -303,10 +337,20 @@ def make_pair(
   thinking_fraction: float = 0.5,
   perception_mode: str = "hard",
   source_weights: Sequence[float] | None = None,
+  thinking_negative: str = "counterfactual",
 ) -> dict[str, Any]:
-  """A pair dict: chosen/rejected image bytes + completions, question, source id, weight, boxes."""
+  """A pair dict: chosen/rejected image bytes + completions, question, source id, weight, boxes.
+
+  `thinking_negative='random'` makes the thinking pairs random-negative pairs (still tagged
+  thinking: same image, another text), the DPO baseline of `random_negative_pair`."""
+  if thinking_negative not in THINKING_NEGATIVES:
+    raise ValueError(
+      f"thinking_negative {thinking_negative!r}; expected one of {THINKING_NEGATIVES}"
+    )
   kind = "thinking" if rng.random() < thinking_fraction else "perception"
-  if kind == "thinking":
+  if kind == "thinking" and thinking_negative == "random":
+    pair = random_negative_pair(record, source, position, rng)
+  elif kind == "thinking":
     pair = thinking_pair(record, graph, rng)
   elif perception_mode == "counterfactual":
     pair = counterfactual_perception_pair(record, source, graph, rng)

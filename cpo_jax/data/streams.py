@@ -3,7 +3,8 @@
 Built once from the config; the training loop asks it for fresh Grain iterators (whose state
 goes into the checkpoints) and the evaluator for eval batches per split. This process reads
 only its own shard of the training data (`jax.process_index()` of `jax.process_count()`);
-every host evaluates the same batches.
+the eval reads a host's share when asked (evaluate.answers.predict_split), and the whole
+split for the robustness probes.
 """
 
 import functools
@@ -32,7 +33,8 @@ class RunData:
     if name not in DATASETS:
       raise ValueError(f'config.data.name={name!r} is not available; known: {DATASETS}.')
     self.graph = load_graph(cfg.domain)
-    data_dir = cfg.data.data_dir or paths.join(workdir, 'data')
+    # A run that starts from another workdir's SFT model reads that run's data (its tokenizer).
+    data_dir = cfg.data.data_dir or paths.join(cfg.sft.from_workdir or workdir, 'data')
     # The dataset's own eval splits unless the config names some; a split the dataset offers
     # but the user's files lack is skipped with a note, one the config asks for is an error.
     self.eval_splits = [s for s in (cfg.eval.splits or sources.EVAL_SPLITS[name]).split(',') if s]
@@ -141,14 +143,14 @@ class RunData:
       raise ValueError(f'batch size {batch_size} does not split over {jax.process_count()} hosts.')
     return batch_size // jax.process_count()
 
-  def sft_batches(self):
+  def sft_batches(self, batch_size=None, seed=None):
     c = self.cfg
     return datasets.make_sft_iterator(
       self.sources['train'],
       self.processors,
-      batch_size=self._per_host(c.sft.batch_size),
+      batch_size=self._per_host(batch_size or c.sft.batch_size),
       max_len=c.data.max_len,
-      seed=c.seed,
+      seed=c.seed if seed is None else seed,
       on_bad_record=c.data.on_bad_record,
       max_skipped_share=c.data.max_skipped_share,
       skips=self.skips,
@@ -156,6 +158,11 @@ class RunData:
       length_buckets=self.length_buckets,
       **self.shard,
     )
+
+  def sft_more_batches(self):
+    """The compute-matched control's stream (stage `sft_more`): SFT rows, cpo.batch_size per
+    step, in the CPO++ stream's shuffle of the split (its seed)."""
+    return self.sft_batches(self.cfg.cpo.batch_size, seed=self.cfg.seed + 1)
 
   def cpo_batches(self):
     c = self.cfg
@@ -168,6 +175,7 @@ class RunData:
       graph=self.graph,
       thinking_fraction=c.data.thinking_fraction,
       perception_mode=c.data.perception_negative,
+      thinking_negative=c.data.thinking_negative,
       on_bad_record=c.data.on_bad_record,
       max_skipped_share=c.data.max_skipped_share,
       skips=self.skips,
@@ -177,8 +185,9 @@ class RunData:
       **self.shard,
     )
 
-  def eval_batches(self, split, max_examples=None, skips=None):
-    """Eval batches of `split`; bad records follow data.on_bad_record, skips go to `skips`."""
+  def eval_batches(self, split, max_examples=None, skips=None, shard_index=0, shard_count=1):
+    """Eval batches of `split` (with shard_count > 1: every shard_count-th record from
+    shard_index); bad records follow data.on_bad_record, skips go to `skips`."""
     c = self.cfg
     return eval_batches.make_eval_batches(
       self.sources[split],
@@ -190,6 +199,15 @@ class RunData:
       on_bad_record=c.data.on_bad_record,
       skips=skips,
       max_skipped_share=c.data.max_skipped_share,
+      shard_index=shard_index,
+      shard_count=shard_count,
+    )
+
+  def blank_eval_batch(self):
+    """eval.batch_size invalid rows of the eval shape (a host that has run out of eval rows
+    decodes these while the others finish)."""
+    return eval_batches.blank_batch(
+      self.processors, batch_size=self.cfg.eval.batch_size, max_prompt_len=self.eval_prompt_len
     )
 
   def log_skips(self):

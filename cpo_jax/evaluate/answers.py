@@ -12,6 +12,8 @@ import numpy as np
 import tqdm
 
 from cpo_jax import generate as generate_lib
+from cpo_jax.data import bad_records
+from cpo_jax.evaluate import hosts
 
 
 def decision_accuracy(predicted, gold):
@@ -70,41 +72,100 @@ class Predictions(NamedTuple):
 
 
 def predict_decisions(model, batches, *, tokenizer, graph, max_new_tokens, desc='eval'):
-  """Greedy-decodes each batch and parses the decision.
+  """Greedy-decodes each batch and parses the decision. Every process passes the same batches
+  (the robustness probes do); on a mesh each call's rows are split over its data-parallel axes.
 
   Returns a Predictions of the valid rows, in order: `truncated` marks answers that did not
   end within max_new_tokens (cut, so likely unparsed: the report counts them), `indices` the
   rows' record indices.
   """
-  predicted, gold, texts, truncated, indices = [], [], [], [], []
   eos = tokenizer.convert_tokens_to_ids('<|im_end|>')
+  tables = []
   for batch in tqdm.tqdm(batches, desc=desc, unit='batch', leave=False):
-    tokens = generate_lib.generate(
-      model,
-      batch['input_ids'],
-      batch['attention_mask'],
-      batch['pixel_values'],
-      batch['image_grid_thw'],
-      max_new_tokens=max_new_tokens,
-      eos_token_id=eos,
-      pad_token_id=tokenizer.pad_token_id,
-    )
-    valid = np.asarray(batch['valid'], bool)  # the last batch is padded to a static shape.
-    rows = zip(np.asarray(jax.device_get(tokens)), valid, batch['decision'], batch['index'])
-    for row, keep, label, index in rows:
-      if not keep:
-        continue
-      indices.append(int(index))
-      text = tokenizer.decode(row, skip_special_tokens=True)
-      decision = graph.parse_decision(text)
-      predicted.append(graph.decision_id(decision) if decision is not None else -1)
-      gold.append(int(label))
-      texts.append(text)
-      truncated.append(eos not in row)
+    tokens = _generate(model, batch, tokenizer, eos, max_new_tokens, rows='all')
+    tables.append(_row_table(tokens, batch))
+  return _parse(tables, tokenizer, graph, eos, record_order=False)
+
+
+def predict_split(
+  model,
+  read_shard,
+  *,
+  blank,
+  tokenizer,
+  graph,
+  max_new_tokens,
+  skips=None,
+  desc='eval',
+):
+  """`predict_decisions` of a whole split, data-parallel over the JAX processes.
+
+  Each process reads only its share, `read_shard(shard_index=, shard_count=, skips=)` (eval
+  batches of every shard_count-th record, make_eval_batches), and every generate call decodes
+  all processes' rows at once, split over the mesh's data-parallel axes. A process that runs
+  out first feeds `blank()` (a batch of invalid rows) until all have, so the calls match. The
+  rows are gathered on every process and returned in record order (sorted by index), and the
+  skipped records summed into `skips`: the same Predictions and counts as one process reading
+  the whole split.
+  """
+  groups = generate_lib.row_groups(generate_lib.mesh_of(model))
+  own = bad_records.SkipCounter()
+  batches = read_shard(shard_index=groups.index, shard_count=groups.count, skips=own)
+  eos = tokenizer.convert_tokens_to_ids('<|im_end|>')
+  tables = []
+  for batch in tqdm.tqdm(hosts.lockstep(batches, blank), desc=desc, unit='batch', leave=False):
+    tokens = _generate(model, batch, tokenizer, eos, max_new_tokens, rows='process')
+    tables.append(_row_table(tokens, batch))
+  if tables:  # every process made the same calls: tables of one shape
+    tables = [hosts.allgather_rows(np.concatenate(tables))]
+  # Processes of one group read the same rows (and skipped the same records): count each once.
+  by_group = {g: c for g, c in hosts.allgather_json([groups.index, dict(own.counts)])}
+  if skips is not None:
+    for counts in by_group.values():
+      skips.counts.update(counts)
+  return _parse(tables, tokenizer, graph, eos, record_order=True)
+
+
+def _generate(model, batch, tokenizer, eos, max_new_tokens, rows):
+  valid = np.asarray(batch['valid'], bool)  # filler rows (valid=False) never extend the loop
+  return generate_lib.generate(
+    model,
+    batch['input_ids'],
+    batch['attention_mask'],
+    batch['pixel_values'],
+    batch['image_grid_thw'],
+    max_new_tokens=max_new_tokens,
+    eos_token_id=eos,
+    pad_token_id=tokenizer.pad_token_id,
+    active=valid,
+    rows=rows,
+  )
+
+
+def _row_table(tokens, batch):
+  """int32 [B, 3 + T]: valid, gold decision and record index of each row, then its tokens."""
+  meta = [np.asarray(batch[k]).astype(np.int32) for k in ('valid', 'decision', 'index')]
+  return np.concatenate([np.stack(meta, 1), np.asarray(jax.device_get(tokens), np.int32)], 1)
+
+
+def _parse(tables, tokenizer, graph, eos, *, record_order):
+  """Predictions of the valid rows of the row tables: in their order, or with `record_order`
+  sorted by record index, each record once (replica processes gave the same rows)."""
+  table = np.concatenate(tables) if tables else np.zeros((0, 3), np.int32)
+  table = table[table[:, 0] == 1]
+  if record_order:
+    _, first = np.unique(table[:, 2], return_index=True)
+    table = table[first]
+  predicted, texts = [], []
+  for row in table[:, 3:]:
+    text = tokenizer.decode(row, skip_special_tokens=True)
+    decision = graph.parse_decision(text)
+    predicted.append(graph.decision_id(decision) if decision is not None else -1)
+    texts.append(text)
   return Predictions(
     np.array(predicted, np.int64),
-    np.array(gold, np.int64),
+    table[:, 1].astype(np.int64),
     texts,
-    np.array(truncated, bool),
-    np.array(indices, np.int64),
+    np.array([eos not in row for row in table[:, 3:]], bool),
+    table[:, 2].astype(np.int64),
   )

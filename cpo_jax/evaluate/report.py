@@ -5,6 +5,8 @@ Written as <workdir>/eval/report.json plus plots (`plots.py`).
 
 from __future__ import annotations
 
+import functools
+
 from absl import logging
 import jax
 import numpy as np
@@ -45,12 +47,14 @@ def evaluate_splits(model, cfg, data):
   scorer = None
   for split in data.eval_splits:
     skips = bad_records.SkipCounter()
-    pred = answers.predict_decisions(
+    pred = answers.predict_split(  # each host decodes its share; all get every row back
       model,
-      data.eval_batches(split, skips=skips),
+      functools.partial(data.eval_batches, split),
+      blank=data.blank_eval_batch,
       tokenizer=data.processors.tokenizer,
       graph=graph,
       max_new_tokens=data.max_new_tokens,
+      skips=skips,
       desc=f'eval {split}',
     )
     if pred.truncated.any():
@@ -92,9 +96,10 @@ def during_training(cfg, data):
   split = data.eval_splits[0]
 
   def evaluate(model):
-    pred = answers.predict_decisions(
+    pred = answers.predict_split(
       model,
-      data.eval_batches(split, max_examples=cfg.eval.every_steps_examples),
+      functools.partial(data.eval_batches, split, max_examples=cfg.eval.every_steps_examples),
+      blank=data.blank_eval_batch,
       tokenizer=data.processors.tokenizer,
       graph=data.graph,
       max_new_tokens=data.max_new_tokens,
@@ -111,7 +116,8 @@ def robustness_sections(model, cfg, data):
   `interference_not_applicable.<thinking kind>.<severity>` (rows that edit could not be scored
   on) and `drift` (answer shift when one concept in the chain is substituted; its own
   `not_applicable` per metric) on `eval.robustness_split`. On real data (pair sources) the
-  thinking probes edit each record's own chain (chain_edits.mention_edit)."""
+  thinking probes edit each record's own chain (chain_edits.mention_edit). Every host reads
+  the whole probe split (the probes and the findings scorer are not split over hosts)."""
   split = cfg.eval.robustness_split or data.eval_splits[0]
   n = cfg.eval.robustness_max_examples
   batches = lambda: data.eval_batches(split, max_examples=n)
@@ -151,7 +157,7 @@ def run_eval(model, cfg, data, *, stage):
     'chance_accuracy': 1.0 / len(graph.decisions),
     **measure(model),
   }
-  if stage == 'cpo_plus':
+  if stage == 'cpo_plus' and cfg.eval.baseline:
     with lora.adapters_disabled(model):
       report['baseline'] = {'stage': 'sft', **measure(model)}
   return report

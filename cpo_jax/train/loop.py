@@ -32,8 +32,15 @@ def checkpoint_dir(workdir, stage_name):
 
 
 def has_checkpoint(workdir, stage_name):
+  return latest_step(workdir, stage_name) is not None
+
+
+def latest_step(workdir, stage_name):
+  """The step of the stage's latest finished checkpoint (Orbax names it by its step only once
+  it is complete), or None."""
   path = checkpoint_dir(workdir, stage_name)
-  return path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
+  done = [int(p.name) for p in path.iterdir() if p.name.isdigit()] if path.is_dir() else []
+  return max(done, default=None)
 
 
 class ReadAhead:

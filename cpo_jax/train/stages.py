@@ -72,20 +72,24 @@ def sft_model(model, cfg):
   return model
 
 
-def sft_stage(model, cfg, grid):
+def sft_stage(model, cfg, grid, *, name='sft', hparams=None):
   """Stage 1 (SFT) on the output of `sft_model`: completion-only cross-entropy on
   (image, prompt) -> chain + answer. Returns the Stage and the host-side `prepare(batch)` that
-  feeds its step."""
+  feeds its step. `name` and `hparams` (num_steps, optimizer, grad_accum_steps; cfg.sft when
+  None) let the compute-matched control (`train_sft_more`) train the same objective."""
   _check_sft_trainable(cfg)
-  if cfg.sft.trainable == 'lora' and not jax.tree.leaves(nnx.state(model, lora.LoRAParam)):
+  hparams = cfg.sft if hparams is None else hparams
+  trains = cfg.sft.trainable if name == 'sft' else 'lora'
+  if trains == 'lora' and not jax.tree.leaves(nnx.state(model, lora.LoRAParam)):
     raise ValueError(
-      "sft.trainable='lora' but the model has no adapters: pass it through sft_model."
+      f"stage {name!r} trains LoRA adapters but the model has none: pass it through "
+      f"{'sft_model' if name == 'sft' else 'train_sft_more'}."
     )
-  tx, schedule = optimizer.make_optimizer(cfg.sft.optimizer, cfg.sft.num_steps)
-  graphdef, trainable, frozen = steps.split_model(model, cfg.sft.trainable)
+  tx, schedule = optimizer.make_optimizer(hparams.optimizer, hparams.num_steps)
+  graphdef, trainable, frozen = steps.split_model(model, trains)
   max_completion_len = cfg.data.max_completion_len
   stage = steps.Stage(
-    'sft',
+    name,
     graphdef,
     trainable,
     frozen,
@@ -93,7 +97,7 @@ def sft_stage(model, cfg, grid):
     tx,
     schedule,
     accumulation=_accumulation(
-      cfg.sft.grad_accum_steps,
+      hparams.grad_accum_steps,
       accumulation.sft_accumulation,
       grid=grid,
       max_completion_len=max_completion_len,
@@ -240,6 +244,16 @@ def train_sft(model, cfg, *, grid, train=True, **loop_kw):
   model = _run(stage, prepare, cfg, cfg.sft.num_steps, train, **loop_kw)
   # In place: the adapters-on SFT model is not needed again, and a second copy may not fit.
   return lora.merge_lora(model, copy=False) if cfg.sft.trainable == 'lora' else model
+
+
+def train_sft_more(model, cfg, *, grid, train=True, **loop_kw):
+  """The compute-matched control of CPO++ (stage `sft_more`): the SFT objective continued on
+  new LoRA adapters (initialised as CPO++'s) for cpo.num_steps of cpo.batch_size rows with
+  cpo.optimizer, so it differs from the CPO++ stage only in its objective and pairs.
+  Runs (or resumes, or restores); returns the model."""
+  _apply_lora(model, cfg, seed=cfg.seed + 1)
+  stage, prepare = sft_stage(model, cfg, grid, name='sft_more', hparams=cfg.cpo)
+  return _run(stage, prepare, cfg, cfg.cpo.num_steps, train, **loop_kw)
 
 
 def train_cpo(model, cfg, *, grid, train=True, image_processor=None, pair_layout=None, **loop_kw):
