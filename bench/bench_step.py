@@ -140,8 +140,9 @@ def matmul_peak(n=2048, reps=5):
   return out
 
 
-def synthetic_batch(batch, seq_len, grid, rng, vocab):
-  """A CPO batch as the pipeline makes it (right padded), with random tokens and images."""
+def synthetic_batch(batch, seq_len, grid, rng, vocab, answer_len=(100, 200)):
+  """A CPO batch as the pipeline makes it (right padded), with random tokens and images;
+  completions of answer_len[0] to answer_len[1] - 1 tokens (plus <|im_end|>)."""
   n_patches = int(np.prod(grid))
   n_image = n_patches // 4
   rows = {
@@ -162,7 +163,7 @@ def synthetic_batch(batch, seq_len, grid, rng, vocab):
       + words(1)
     )
     for side in ('chosen_', 'rejected_'):
-      answer = words(int(rng.integers(100, 200))) + [IM_END]
+      answer = words(int(rng.integers(*answer_len))) + [IM_END]
       ids = prompt + answer
       if len(ids) > seq_len:
         raise ValueError(f'seq_len {seq_len} < {len(ids)}')
