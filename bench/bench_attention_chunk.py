@@ -11,10 +11,7 @@ float32 summation order). The step is bench_step's `optimized` CPO++ step (LoRA 
 """
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import time
 
@@ -111,26 +108,13 @@ def main():
       f'{chunk:6d}{r["step_s_median"]:9.3f}{r["step_time_ratio_vs_base"]:9.2f}'
       f'{r["temp_bytes"] / 1e9:9.2f}{r["temp_bytes_ratio_vs_base"]:13.3f}{r["loss"]:12.6f}'
     )
-  os.makedirs(a.out, exist_ok=True)
-  stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%SZ')
-  path = os.path.join(a.out, f'attention_chunk_{a.preset}_{stamp}.json')
-  with open(path, 'w') as f:
-    json.dump(
-      dict(
-        machine=dict(
-          platform=platform.platform(),
-          cpus=os.cpu_count(),
-          devices=[str(d) for d in jax.devices()],
-          jax=jax.__version__,
-          load_average_before=load_before,
-          load_average_after=os.getloadavg(),
-        ),
-        args=vars(a),
-        chunks={str(c): r for c, r in results.items()},
-      ),
-      f,
-      indent=1,
-    )
+  path = bench_step.write_result(
+    a.out,
+    f'attention_chunk_{a.preset}',
+    load_before,
+    args=vars(a),
+    chunks={str(c): r for c, r in results.items()},
+  )
   print('wrote', path)
 
 

@@ -211,6 +211,24 @@ def placed_step(stage, mesh, batch):
   return step, (trainable, frozen, opt_state, data)
 
 
+def write_result(out_dir, prefix, load_before, **payload):
+  """Writes payload + the machine's description to out_dir/<prefix>_<UTC stamp>.json."""
+  machine = dict(
+    platform=platform.platform(),
+    cpus=os.cpu_count(),
+    devices=[str(d) for d in jax.devices()],
+    jax=jax.__version__,
+    load_average_before=load_before,
+    load_average_after=os.getloadavg(),
+  )
+  os.makedirs(out_dir, exist_ok=True)
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%SZ')
+  path = os.path.join(out_dir, f'{prefix}_{stamp}.json')
+  with open(path, 'w') as f:
+    json.dump(dict(machine=machine, **payload), f, indent=1)
+  return path
+
+
 def step_configs(rpo_alpha=0.1):
   """(loss config, optimizer config) of the benchmarked CPO++ step: sigmoid DPO at beta 0.1 +
   rpo_alpha NLL, unweighted sources; AdamW (0.9, 0.98), wd 0.05, lr 1e-4, clip 1."""
@@ -480,27 +498,9 @@ def main():
     f'MFU: peer-style model FLOPs over the {a.dtype} matmul peak; HFU exec: the FLOPs each variant '
     f'executes (formula) over the same peak.'
   )
-  os.makedirs(a.out, exist_ok=True)
-  stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%SZ')
-  path = os.path.join(a.out, f'bench_step_{stamp}.json')
-  with open(path, 'w') as f:
-    json.dump(
-      dict(
-        machine=dict(
-          platform=platform.platform(),
-          cpus=os.cpu_count(),
-          devices=[str(d) for d in jax.devices()],
-          jax=jax.__version__,
-          load_average_before=load_before,
-          load_average_after=os.getloadavg(),
-        ),
-        args=vars(a),
-        matmul_peak_gflops=peak,
-        presets=rows,
-      ),
-      f,
-      indent=1,
-    )
+  path = write_result(
+    a.out, 'bench_step', load_before, args=vars(a), matmul_peak_gflops=peak, presets=rows
+  )
   print('wrote', path)
 
 

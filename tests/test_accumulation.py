@@ -37,8 +37,9 @@ def setup():
   return model_config, cfg, sft_raw, cpo_raw, layout
 
 
-def _one_step(stage, prepare, raw, mesh):
-  """One jitted step; returns (first moments = 0.1 * clipped gradients, metrics)."""
+def _placed_step(stage, prepare, raw, mesh):
+  """The stage's jitted step and its inputs (trainable, frozen, optimizer state, batch) placed
+  on `mesh`."""
   tr_sh = sharding.state_shardings(stage.trainable, mesh)
   fr_sh = sharding.state_shardings(stage.frozen, mesh)
   opt_sh = optimizer.opt_state_shardings(stage.tx, stage.trainable, tr_sh, mesh)
@@ -50,9 +51,14 @@ def _one_step(stage, prepare, raw, mesh):
   if acc is not None:
     batch = accumulation.split_micro(batch, acc.steps, acc.group)
   batch = sharding.global_batch(batch, mesh, micro=acc is not None)
-  out = steps.make_train_step(stage, mesh, (tr_sh, fr_sh, opt_sh))(
-    trainable, frozen, opt_state, batch
-  )
+  step = steps.make_train_step(stage, mesh, (tr_sh, fr_sh, opt_sh))
+  return step, (trainable, frozen, opt_state, batch)
+
+
+def _one_step(stage, prepare, raw, mesh):
+  """One jitted step; returns (first moments = 0.1 * clipped gradients, metrics)."""
+  step, args = _placed_step(stage, prepare, raw, mesh)
+  out = step(*args)
   mu = optax.tree_utils.tree_get(out.opt_state, 'mu')
   flat = {'/'.join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(mu)}
   return flat, jax.device_get(out.metrics)
@@ -131,17 +137,8 @@ def test_micro_batches_keep_whole_pair_groups():
 
 
 def _compiled_temp_bytes(stage, prepare, raw, mesh):
-  tr_sh = sharding.state_shardings(stage.trainable, mesh)
-  fr_sh = sharding.state_shardings(stage.frozen, mesh)
-  opt_sh = optimizer.opt_state_shardings(stage.tx, stage.trainable, tr_sh, mesh)
-  trainable = jax.device_put(stage.trainable, tr_sh)
-  frozen = jax.device_put(stage.frozen, fr_sh)
-  opt_state = jax.jit(stage.tx.init, out_shardings=opt_sh)(trainable)
-  batch = sharding.global_batch(prepare(raw), mesh)
-  step = steps.make_train_step(stage, mesh, (tr_sh, fr_sh, opt_sh))
-  return (
-    step.lower(trainable, frozen, opt_state, batch).compile().memory_analysis().temp_size_in_bytes
-  )
+  step, args = _placed_step(stage, prepare, raw, mesh)
+  return step.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
 def test_activations_stay_split_by_rows_on_an_fsdp_mesh(setup, monkeypatch):
