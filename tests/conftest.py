@@ -11,8 +11,14 @@ import urllib.request
 import pytest
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# The simulated devices meet in collectives as threads; on a loaded machine (two test workers
+# on two cores) one can arrive after XLA's default termination timeout, and XLA aborts the
+# process. The timeout guards against deadlocks, which these tests would show as a hang anyway.
 os.environ['XLA_FLAGS'] = (
-  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+  os.environ.get('XLA_FLAGS', '')
+  + ' --xla_force_host_platform_device_count=8'
+  + ' --xla_cpu_collective_call_terminate_timeout_seconds=900'
+  + ' --xla_cpu_collective_timeout_seconds=900'
 ).strip()
 
 
