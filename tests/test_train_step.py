@@ -244,6 +244,9 @@ def test_a_prompt_longer_than_the_prefix_or_differing_between_sides_is_an_error(
   # No saving (no max_prompt_len, a long slab): the step keeps full rows.
   assert shared_prefix.prefix_sizes(96, 80, 0) is None
   assert shared_prefix.prefix_sizes(96, 40, 48) == (48, 40)
+  # Nor without thinking pairs in the layout, or switched off.
+  assert shared_prefix.prefix_sizes(96, 40, 48, pair_layout=(0, 1)) is None
+  assert shared_prefix.prefix_sizes(96, 40, 48, enabled=False) is None
 
 
 def test_a_batch_off_its_pair_layout_is_an_error(setup):

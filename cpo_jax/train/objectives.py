@@ -218,9 +218,9 @@ def step_logps(
   rows = pair_rows(batch, k)
   positions = completion.completion_positions(length, grid, policy, max_completion_len)
 
-  sizes = None
-  if shared_prefix_step and pair_layout is not None and pair_layout[0]:
-    sizes = shared_prefix.prefix_sizes(length, positions, max_prompt_len)
+  sizes = shared_prefix.prefix_sizes(
+    length, positions, max_prompt_len, pair_layout, shared_prefix_step
+  )
 
   def embeds(m):
     return pair_images.pair_image_embeds(m, batch, grid, pair_layout, extra)

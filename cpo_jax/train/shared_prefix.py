@@ -19,9 +19,13 @@ from cpo_jax import losses
 from cpo_jax.train import completion
 
 
-def prefix_sizes(length, num_positions, max_prompt_len):
+def prefix_sizes(length, num_positions, max_prompt_len, pair_layout=(1, 1), enabled=True):
   """(P, S): static prefix and continuation lengths for rows of `length` tokens, or None when
-  they would not save LLM tokens (P + 2S >= 2 * length: e.g. no data.max_prompt_len set)."""
+  the step keeps full rows: switched off (cpo.shared_prefix), no thinking pairs in the grouped
+  `pair_layout` (t, g) (or none), or no saving (P + 2S >= 2 * length: e.g. no
+  data.max_prompt_len set). The stage's host check and the step both decide with this."""
+  if not enabled or pair_layout is None or not pair_layout[0]:
+    return None
   p = min(int(max_prompt_len), length) if max_prompt_len else length
   s = min(int(num_positions), length)
   return (p, s) if p + 2 * s < 2 * length else None

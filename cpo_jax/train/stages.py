@@ -214,8 +214,10 @@ def cpo_stage(stage_model, cfg, grid, image_processor=None, pair_layout=None):
     completion.check_completion_lengths(b, positions, ('chosen_', 'rejected_'))
     if pair_layout is not None:
       pair_images.check_pair_layout(b, pair_layout)
-      sizes = shared_prefix.prefix_sizes(length, positions, cfg.data.max_prompt_len)
-      if cfg.cpo.shared_prefix and pair_layout[0] and sizes:
+      sizes = shared_prefix.prefix_sizes(
+        length, positions, cfg.data.max_prompt_len, pair_layout, cfg.cpo.shared_prefix
+      )
+      if sizes:
         shared_prefix.check_prefix_fits(b, pair_layout, sizes[0])
     return step_inputs(b, grid, policy.config, ('chosen_', 'rejected_'), extra=extra)
 
