@@ -76,6 +76,21 @@ def test_sft_lowers_the_loss_on_the_mesh(setup, tmp_path):
   losses = [r['loss'] for r in _rows(tmp_path)]
   assert len(losses) == 12 and all(r['stage'] == 'sft' for r in _rows(tmp_path))
   assert losses[-1] < 0.8 * losses[0], losses
+  assert [r['perf/step_recompiles'] for r in _rows(tmp_path)] == [0] * 12
+
+
+def test_a_step_that_compiles_again_is_counted_and_logged(setup, tmp_path, caplog):
+  proc, source, model_config, cfg, mesh = setup
+  cfg = cfg.copy_and_resolve_references()
+  cfg.sft.num_steps, cfg.log_every_steps, cfg.checkpoint.every_steps = 3, 1, 100
+  grid = np.asarray(next(_sft_iter(proc, source))['image_grid_thw'][0])
+  short = next(datasets.make_sft_iterator(source, proc, batch_size=8, max_len=128, seed=0))
+  long = next(datasets.make_sft_iterator(source, proc, batch_size=8, max_len=160, seed=0))
+  batches = lambda: _Repeat(short, then=long, after=2)  # step 3 has longer rows
+  with caplog.at_level('WARNING'):
+    _run(stages.train_sft, _model(model_config), cfg, mesh, grid, batches, tmp_path)
+  assert [r['perf/step_recompiles'] for r in _rows(tmp_path)] == [0, 0, 1]
+  assert 'compiled again at step 3' in caplog.text
 
 
 def test_cpo_starts_at_the_reference_and_learns_the_preference(setup, tmp_path):
@@ -176,13 +191,17 @@ class _Preempted(grain.DatasetIterator):
 
 
 class _Repeat(grain.DatasetIterator):
-  """One batch forever (no state to checkpoint)."""
+  """One batch forever, or `then` from the `after`-th on (no state to checkpoint)."""
 
-  def __init__(self, batch):
+  def __init__(self, batch, then=None, after=None):
     super().__init__()
-    self.batch = batch
+    self.batch, self._then, self._left = batch, then, after
 
   def __next__(self):
+    if self._then is not None:
+      self._left -= 1
+      if self._left < 0:
+        return self._then
     return self.batch
 
   def get_state(self):

@@ -4,6 +4,7 @@ The side effects of training live here: a rerun resumes from the latest checkpoi
 exact data order it would have seen (the Grain iterator state is saved with every checkpoint).
 """
 
+import contextlib
 import copy
 import functools
 import json
@@ -18,6 +19,7 @@ import tqdm
 from cpo_jax import paths
 from cpo_jax import sharding
 from cpo_jax.train import accumulation
+from cpo_jax.train import compile_watch
 from cpo_jax.train import optimizer
 from cpo_jax.train import preemption
 from cpo_jax.train import steps
@@ -207,6 +209,8 @@ def run_stage(
     return sharding.global_batch(batch, mesh, micro=stage.accumulation is not None)
 
   meter = throughput.Meter(stage, mesh)
+  # Compilations of the step after its first call in this run (0 on a healthy run; logged).
+  recompiles = compile_watch.CompileCounter()
   ahead = ReadAhead(batches, load)
   best = None
   if evaluate is not None and eval_every:
@@ -220,12 +224,23 @@ def run_stage(
     with preemption.Watch() as watch:
       for step in bar:
         batch = ahead.take(step)
-        trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, batch)
+        seen = recompiles.total
+        with recompiles if step > start else contextlib.nullcontext():
+          trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, batch)
+        if recompiles.total > seen:
+          logging.warning(
+            '%s: the train step compiled again at step %d (%d times after its first call): '
+            'a batch shape, dtype or sharding changed; each costs a compilation.',
+            stage.name,
+            step + 1,
+            recompiles.total,
+          )
         done = step + 1
         if done < num_steps:  # while the step runs (dispatch is asynchronous)
           ahead.read(done)
         if done % log_every == 0 or done == num_steps:
           row = writers.metrics_row(stage.name, done, metrics, stage.schedule(step))
+          row['perf/step_recompiles'] = recompiles.total
           writer.write(dict(row, **meter.report()))
           bar.set_postfix({k: f'{row[k]:.4g}' for k in ('loss', 'rewards/accuracies') if k in row})
         if best is not None and (done % eval_every == 0 or done == num_steps):
