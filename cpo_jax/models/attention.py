@@ -39,14 +39,24 @@ def gqa_attention(q, k, v, mask, scale, chunk: int = 0):
 
 
 def attend(q, k, v, mask, scale):
-  """The one-shot path: float32 scores for all L x S pairs; softmax over the keys."""
+  """The one-shot path: float32 scores for all L x S pairs; softmax over the keys.
+
+  A kv head's query heads are stacked as rows ([B, kv, group * L, d]), so both products are
+  plain batched matmuls whose [.., group * L, S] results are already in the softmax's layout:
+  only q, k, v and the output ([.., d] wide) are transposed, never the scores (transposing
+  the scores and probabilities cost more than the products on a CPU).
+  """
   b, seq, nh, d = q.shape
-  nkv = k.shape[2]
-  q = q.reshape(b, seq, nkv, nh // nkv, d)
-  logits = jnp.einsum('blkgd,bskd->bkgls', q, k).astype(jnp.float32) * scale
+  s, nkv = k.shape[1], k.shape[2]
+  group = nh // nkv
+  q = q.reshape(b, seq, nkv, group, d).transpose(0, 2, 3, 1, 4).reshape(b, nkv, group * seq, d)
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, kv, S, d]
+  logits = jnp.einsum('bkqd,bksd->bkqs', q, k).astype(jnp.float32) * scale
+  logits = logits.reshape(b, nkv, group, seq, s)
   logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum('bkgls,bskd->blkgd', probs, v).reshape(b, seq, nh, d)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, nkv, group * seq, s)
+  out = jnp.einsum('bkqs,bksd->bkqd', probs, v).reshape(b, nkv, group, seq, d)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, seq, nh, d)
 
 
 def attend_in_query_blocks(q, k, v, mask, scale, chunk: int):
