@@ -56,12 +56,16 @@ from cpo_jax.knowledge.graph import load_graph
 def _indices(
   n: int, *, seed: int, shard_index: int, shard_count: int, num_epochs: int | None, shuffle: bool
 ):
-  """Per-host slice of the positions, then (seeded, per-epoch) shuffle and repeat."""
+  """Per-host slice of the positions, shuffled (seeded) and repeated, reshuffled each epoch:
+  every epoch visits each position once.
+
+  The shuffle comes before the repeat: after an endless repeat Grain shuffles one index range
+  of length sys.maxsize, so positions repeat within an epoch and others wait for ages."""
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
   ds = grain.MapDataset.range(n)[shard_index::shard_count]
-  ds = ds.repeat(num_epochs)
-  return ds.shuffle(seed=seed) if shuffle else ds
+  ds = ds.shuffle(seed=seed) if shuffle else ds
+  return ds.repeat(num_epochs)
 
 
 def _guard_for(n, shard_index, shard_count, num_epochs, policy, skips, max_skipped_share):
