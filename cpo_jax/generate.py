@@ -11,6 +11,12 @@ mesh's data-parallel axes ('data', 'fsdp'): either every process passes the same
 over hosts: `row_groups` says which share of the data a process reads). Rows are padded to a
 multiple of the data-parallel shards with inactive rows, which start as ended, so they never
 keep the loop going, and are cut off again.
+
+A call is one jitted program: the prefill (the vision tower, the prompt through the decoder,
+the first token) and a while loop of decode steps that stops when every row has ended
+(models/decode.py: per-layer heads-major caches, the layers unrolled on a CPU). The model is
+split once per call and the program takes its arrays and gives back tokens only (nnx.jit
+would hand every parameter back out of the program, a copy of the model per call).
 """
 
 from __future__ import annotations
@@ -27,7 +33,10 @@ from jax.sharding import NamedSharding
 import numpy as np
 
 from cpo_jax import sharding as sharding_lib
+from cpo_jax.models import decode
+from cpo_jax.models import layers
 from cpo_jax.models import lora
+from cpo_jax.models.qwen2_5_vl import causal_padding_mask
 from cpo_jax.models.qwen2_5_vl import get_rope_index
 
 
@@ -48,10 +57,20 @@ def sample_token(logits, rng, temperature, top_p, greedy: bool):
 
 
 @functools.partial(
-  nnx.jit, static_argnames=('grid', 'max_new_tokens', 'pad', 'greedy', 'rows_sharding')
+  jax.jit,
+  static_argnames=(
+    'graphdef',
+    'grid',
+    'max_new_tokens',
+    'pad',
+    'greedy',
+    'rows_sharding',
+    'unroll_layers',
+    'vision_score_bytes',
+  ),
 )
 def _generate(
-  model,
+  state,
   input_ids,
   attention_mask,
   pixel_values,
@@ -63,66 +82,81 @@ def _generate(
   eos,
   rng,
   *,
+  graphdef,
   grid,
   max_new_tokens,
   pad,
   greedy,
   rows_sharding,
+  unroll_layers,
+  vision_score_bytes,
 ):
+  model = nnx.merge(graphdef, state)
   b, p = input_ids.shape
   s = p + max_new_tokens
   grid_np = None if grid is None else np.asarray(grid, np.int64).reshape(-1, 3)
   if pixel_values is not None:  # [B, patches, D] when the rows are sharded: the HF layout
     pixel_values = pixel_values.reshape(-1, pixel_values.shape[-1])
-  x = model.embed(input_ids, pixel_values, grid_np)
+  if pixel_values is None:
+    x = model.embed(input_ids)
+  else:
+    image_embeds = model.encode_images(pixel_values, grid_np, vision_score_bytes)
+    x = model.embed(input_ids, image_embeds=image_embeds)
   cos, sin = model.rotary(jnp.swapaxes(position_ids, 0, 1))  # given batch-major [B, 3, L]
-  kv_valid = jnp.concatenate(
-    [attention_mask.astype(bool), jnp.zeros((b, max_new_tokens), bool)], axis=1
-  )
-  k_idx = jnp.arange(s)
-  mask = (k_idx[None, :] <= jnp.arange(p)[:, None])[None] & kv_valid[:, None, :]
-  cache = model.init_cache(b, s)
-  h, cache = model.decoder(x, cos, sin, mask, cache=cache, cache_index=0)
-  logits = model.logits_from_hidden(h[:, -1])
-  eos_ids = eos
+  h, caches = decode.prefill(model, x, cos, sin, causal_padding_mask(attention_mask), s)
+  logits = model.logits_from_hidden(h)
   rngs = jax.random.split(rng, max_new_tokens)
 
   # An inactive row (filler) holds pad and counts as ended from the start.
   tok = jnp.where(active, sample_token(logits, rngs[0], temperature, top_p, greedy), pad)
-  done = jnp.isin(tok, eos_ids) | ~active
+  done = jnp.isin(tok, eos) | ~active
   out = jnp.full((b, max_new_tokens), pad, jnp.int32).at[:, 0].set(tok)
-  graphdef, state = nnx.split(model)
+  if max_new_tokens == 1:  # the first token is all: no loop, no caches laid out for one
+    return _rows_stay(out, rows_sharding), jnp.int32(1)
+  kv_valid = jnp.concatenate(
+    [attention_mask.astype(bool), jnp.zeros((b, max_new_tokens), bool)], axis=1
+  )
+  # The loop reads the weights from this closure (loop invariants) and carries only what
+  # changes: the heads-major caches (see models/decode.py).
+  dec = decode.prepare(model, caches, unrolled=unroll_layers, after=logits)
 
   def step(carry):
-    t, tok, done, out, cache, kv_valid, state = carry
-    m = nnx.merge(graphdef, state)  # params ride in the carry: nnx needs them at this trace level
+    t, tok, done, out, caches, kv_valid = carry
     slot = p + t - 1  # cache slot of the token being fed
     kv_valid = jax.lax.dynamic_update_slice(kv_valid, jnp.ones((b, 1), bool), (0, slot))
     pos = jnp.broadcast_to((next_position + t - 1)[None, :, None], (3, b, 1))
-    c, s_ = m.rotary(pos)
-    step_mask = (k_idx <= slot)[None, None, :] & kv_valid[:, None, :]
-    h, cache = m.decoder(m.embed(tok[:, None]), c, s_, step_mask, cache=cache, cache_index=slot)
-    nxt = sample_token(m.logits_from_hidden(h[:, -1]), rngs[t], temperature, top_p, greedy)
+    c, s_ = model.rotary(pos)
+    x, caches = decode.step(dec.layers, model.embed(tok[:, None]), c, s_, caches, slot, kv_valid)
+    nxt = sample_token(dec.head(model.norm(x)[:, -1]), rngs[t], temperature, top_p, greedy)
     nxt = jnp.where(done, pad, nxt)
     out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, t))
-    return t + 1, nxt, done | jnp.isin(nxt, eos_ids), out, cache, kv_valid, state
+    return t + 1, nxt, done | jnp.isin(nxt, eos), out, caches, kv_valid
 
   # Stops as soon as every row has ended (rows that ended hold pad from then on anyway); on a
   # mesh `all` is a reduction over every shard's rows, so all devices leave the loop together.
   going = lambda carry: (carry[0] < max_new_tokens) & ~jnp.all(carry[2])
-  carry = (jnp.int32(1), tok, done, out, cache, kv_valid, state)
-  steps, *_, out, _, _, _ = jax.lax.while_loop(going, step, carry)
-  if rows_sharding is not None:  # the tokens stay where their rows are
-    out = jax.lax.with_sharding_constraint(out, rows_sharding)
-  return out, steps
+  carry = (jnp.int32(1), tok, done, out, dec.caches, kv_valid)
+  steps, _, _, out, _, _ = jax.lax.while_loop(going, step, carry)
+  return _rows_stay(out, rows_sharding), steps
+
+
+def _rows_stay(out, rows_sharding):
+  """The tokens stay where their rows are (on a mesh)."""
+  if rows_sharding is None:
+    return out
+  return jax.lax.with_sharding_constraint(out, rows_sharding)
 
 
 def mesh_of(model):
   """The mesh the model's parameters are sharded on (None: not on a mesh). Generation puts
   its batch on the same mesh."""
+  return _mesh_of_state(nnx.state(model))
+
+
+def _mesh_of_state(state):
   meshes = {
     x.sharding.mesh
-    for x in jax.tree.leaves(nnx.state(model))
+    for x in jax.tree.leaves(state)
     if isinstance(getattr(x, 'sharding', None), NamedSharding)
   }
   if len(meshes) > 1:
@@ -161,6 +195,12 @@ def row_groups(mesh) -> RowGroups:
   return RowGroups(groups.index(mine), len(groups), len(mine))
 
 
+def _on_cpu(state):
+  """Whether the model's weights lie on CPU devices."""
+  leaf = jax.tree.leaves(state)[0]
+  return all(d.platform == 'cpu' for d in leaf.devices())
+
+
 def _eos_ids(eos_token_id):
   """The end ids, repeated to a multiple of 8: one compiled program for up to 8 of them."""
   eos = np.atleast_1d(np.asarray(eos_token_id, np.int32))
@@ -190,6 +230,7 @@ def generate(
   return_steps: bool = False,
   active=None,
   rows: str = 'all',
+  unroll_layers: bool | None = None,
 ):
   """New tokens [B, max_new_tokens] for left-padded prompts; after EOS a row holds pad_token_id.
 
@@ -203,6 +244,10 @@ def generate(
   every process; processes of one `row_groups` group the same rows) and gets those back, so
   one call decodes every host's rows. Images: one per row, all of one grid (the eval layout).
   Without a mesh the batch goes to the default device (a jax array comes back).
+
+  unroll_layers: how the decode step runs the layers (models/decode.py): unrolled over a
+  per-layer copy of the weights (True), or scanned over the stack (False); None: unrolled
+  where the weights lie on a CPU, scanned on accelerators.
   """
   if rows not in ('all', 'process'):
     raise ValueError(f"rows={rows!r}; expected 'all' or 'process'")
@@ -225,35 +270,44 @@ def generate(
     next_position=(deltas[:, 0] + attention_mask.sum(-1)).astype(np.int32),  # max prompt pos + 1
     active=active,
   )
-  mesh = mesh_of(model)
+  with lora.deterministic(model):  # no LoRA dropout while sampling
+    graphdef, state = nnx.split(model)  # one walk of the model per call (jit takes arrays)
+  mesh = _mesh_of_state(state)
+  on_cpu = _on_cpu(state)
+  unroll_layers = on_cpu if unroll_layers is None else unroll_layers
   grid = None if image_grid_thw is None else np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
   if mesh is None:
-    sharding, placed = None, {k: None if v is None else jnp.asarray(v) for k, v in inputs.items()}
+    sharding, placed = (
+      None,
+      {k: None if v is None else jax.device_put(v) for k, v in inputs.items()},
+    )
   else:
     sharding = sharding_lib.batch_sharding(mesh)
     placed, grid = place_rows(inputs, grid, mesh, rows)
   grid = None if grid is None else tuple(grid.reshape(-1).tolist())
   greedy = temperature == 0.0
   rng = jax.random.key(0) if rng is None else rng
-  with lora.deterministic(model):  # no LoRA dropout while sampling
-    out, steps = _generate(
-      model,
-      placed['input_ids'],
-      placed['attention_mask'],
-      placed['pixel_values'],
-      placed['position_ids'],
-      placed['next_position'],
-      placed['active'],
-      np.float32(temperature if not greedy else 1.0),
-      np.float32(top_p),
-      _eos_ids(eos_token_id),
-      rng,
-      grid=grid,
-      max_new_tokens=int(max_new_tokens),
-      pad=int(pad_token_id),
-      greedy=greedy,
-      rows_sharding=sharding,
-    )
+  out, steps = _generate(
+    state,
+    placed['input_ids'],
+    placed['attention_mask'],
+    placed['pixel_values'],
+    placed['position_ids'],
+    placed['next_position'],
+    placed['active'],
+    np.float32(temperature if not greedy else 1.0),
+    np.float32(top_p),
+    _eos_ids(eos_token_id),
+    rng,
+    graphdef=graphdef,
+    grid=grid,
+    max_new_tokens=int(max_new_tokens),
+    pad=int(pad_token_id),
+    greedy=greedy,
+    rows_sharding=sharding,
+    unroll_layers=bool(unroll_layers),
+    vision_score_bytes=layers.CPU_SEGMENT_SCORE_BYTES if on_cpu else None,
+  )
   if mesh is not None:
     if rows == 'process':
       out = sharding_lib.process_rows(out)[:b]

@@ -60,11 +60,17 @@ def _gen(model, inp, **kw):
   )
 
 
-def test_greedy_matches_transformers(setup):
+@pytest.mark.parametrize('unroll_layers', [None, False], ids=['default (CPU: unrolled)', 'scanned'])
+def test_greedy_matches_transformers(setup, unroll_layers):
   model, inp, ref = setup
-  got = _gen(model, inp)
+  got = _gen(model, inp, unroll_layers=unroll_layers)
   assert len(set(ref[0].tolist())) > 5  # not a degenerate repeat
   np.testing.assert_array_equal(got, ref)
+
+
+def test_one_new_token_is_the_prefill_token(setup):
+  model, inp, ref = setup
+  np.testing.assert_array_equal(_gen(model, inp, max_new_tokens=1), ref[:, :1])
 
 
 def test_stops_at_eos_and_pads(setup):

@@ -182,16 +182,55 @@ def segment_gather_plan(cu_seqlens: np.ndarray):
   return idx.astype(np.int32), valid, flat_pos.astype(np.int32)
 
 
-def segment_attention(q, k, v, plan, scale: float):
-  """Bidirectional attention within segments. q/k/v: [N, heads, hd] -> [N, heads, hd]."""
+# Float32 scores of one block of (segment, head) pairs in `segment_attention` on a CPU (what
+# generation asks for there): a block's scores stay in a core's cache, where all of a batch's
+# at once (16 MB per head of a 1024-patch image, full attention) go through memory and, past
+# glibc's mmap threshold, are mapped afresh, page by page, on every call.
+CPU_SEGMENT_SCORE_BYTES = 4 << 20
+
+
+def segment_attention(q, k, v, plan, scale: float, score_bytes: int | None = None):
+  """Bidirectional attention within segments. q/k/v: [N, heads, hd] -> [N, heads, hd].
+
+  Each (segment, head) pair is one row of batched products, in blocks of pairs whose scores
+  fit `score_bytes` (lax.map over the blocks; at least one pair per block; None: all pairs in
+  one block, as an accelerator wants them and `--mode=plan` counts them). Segments of one
+  length that tile the tokens in order (whole images; windows of a grid they divide) are a
+  reshape, not a gather, and need no key mask.
+  """
   idx, valid, flat_pos = plan
-  qs, ks, vs = q[idx], k[idx], v[idx]  # [S, M, h, d]
-  logits = jnp.einsum('smhd,snhd->shmn', qs, ks).astype(jnp.float32) * scale
-  logits = jnp.where(jnp.asarray(valid)[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum('shmn,snhd->smhd', probs, vs)
   s, m = idx.shape
-  return out.reshape(s * m, *out.shape[2:])[flat_pos]
+  n, h, d = q.shape
+  dense = bool(valid.all()) and s * m == n and np.array_equal(idx.reshape(-1), np.arange(n))
+  to_rows = lambda x: jnp.swapaxes(x, 1, 2).reshape(s * h, m, d)  # [S, M, h, d] -> [S*h, M, d]
+  if dense:
+    qs, ks, vs = (to_rows(x.reshape(s, m, h, d)) for x in (q, k, v))
+    key_valid = None
+  else:
+    qs, ks, vs = (to_rows(x[idx]) for x in (q, k, v))
+    key_valid = jnp.asarray(np.repeat(valid, h, axis=0))  # [S*h, M]
+  per_block = s * h if score_bytes is None else max(1, score_bytes // (4 * m * m))
+  if s * h <= per_block:
+    out = _attend_rows(qs, ks, vs, key_valid, scale)
+  else:
+    blocks = -(-(s * h) // per_block)
+    pad = blocks * per_block - s * h  # filler rows: zero queries, dropped below
+    split = lambda x: jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(
+      blocks, per_block, *x.shape[1:]
+    )
+    xs = (split(qs), split(ks), split(vs), None if key_valid is None else split(key_valid))
+    out = jax.lax.map(lambda a: _attend_rows(*a, scale), xs).reshape(-1, m, d)[: s * h]
+  out = jnp.swapaxes(out.reshape(s, h, m, d), 1, 2)  # [S, M, h, d]
+  return out.reshape(n, h, d) if dense else out.reshape(s * m, h, d)[flat_pos]
+
+
+def _attend_rows(q, k, v, key_valid, scale):
+  """Softmax attention per row: q/k/v [R, M, d]; key_valid bool [R, M] or None (all keys)."""
+  logits = jnp.einsum('rmd,rnd->rmn', q, k).astype(jnp.float32) * scale
+  if key_valid is not None:
+    logits = jnp.where(key_valid[:, None, :], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum('rmn,rnd->rmd', probs, v)
 
 
 def rotate_half(x):

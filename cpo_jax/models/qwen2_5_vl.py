@@ -93,12 +93,8 @@ class DecoderLayer(nnx.Module):
     self.down_proj = layers.Linear(f, h, use_bias=False, names=('mlp', 'embed'), **kw)
     self.act = tc.hidden_act
 
-  def __call__(self, x, cos, sin, mask, k_cache=None, v_cache=None, cache_index=None):
-    """x [B, L, H]; cos/sin [B, L, hd]; mask bool [B, L, S] (S = L, or cache length).
-
-    With a cache ([B, S, kv, hd]) the new keys/values are written at cache_index and
-    attention runs over the whole cache. Returns (x, k_cache, v_cache).
-    """
+  def project(self, x, cos, sin):
+    """x [B, L, H] -> rotated queries [B, L, nH, hd], rotated keys and values [B, L, kv, hd]."""
     b, seq, _ = x.shape
     h = self.input_layernorm(x)
     q = self.q_proj(h).reshape(b, seq, self.num_heads, self.head_dim)
@@ -106,6 +102,23 @@ class DecoderLayer(nnx.Module):
     v = self.v_proj(h).reshape(b, seq, self.num_kv_heads, self.head_dim)
     q = layers.apply_rotary(q, cos[:, :, None], sin[:, :, None])
     k = layers.apply_rotary(k, cos[:, :, None], sin[:, :, None])
+    return q, k, v
+
+  def finish(self, x, o):
+    """The layer's output from its input x [B, L, H] and attention output o [B, L, nH, hd]."""
+    b, seq = o.shape[:2]
+    x = x + self.o_proj(o.reshape(b, seq, -1))
+    h = self.post_attention_layernorm(x)
+    act = layers.activation(self.act)
+    return x + self.down_proj(act(self.gate_proj(h)) * self.up_proj(h))
+
+  def __call__(self, x, cos, sin, mask, k_cache=None, v_cache=None, cache_index=None):
+    """x [B, L, H]; cos/sin [B, L, hd]; mask bool [B, L, S] (S = L, or cache length).
+
+    With a cache ([B, S, kv, hd]) the new keys/values are written at cache_index and
+    attention runs over the whole cache. Returns (x, k_cache, v_cache).
+    """
+    q, k, v = self.project(x, cos, sin)
     if k_cache is not None:
       k_cache = jax.lax.dynamic_update_slice(
         k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0)
@@ -115,10 +128,7 @@ class DecoderLayer(nnx.Module):
       )
       k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
     o = gqa_attention(q, k, v, mask, self.head_dim**-0.5, self.attention_chunk)
-    x = x + self.o_proj(o.reshape(b, seq, -1))
-    h = self.post_attention_layernorm(x)
-    act = layers.activation(self.act)
-    return x + self.down_proj(act(self.gate_proj(h)) * self.up_proj(h)), k_cache, v_cache
+    return self.finish(x, o), k_cache, v_cache
 
 
 def causal_padding_mask(attention_mask):
@@ -207,9 +217,11 @@ class Qwen2_5_VL(nnx.Module):
 
   # ------------------------------------------------------------------ pieces
 
-  def encode_images(self, pixel_values, image_grid_thw):
-    """[num_patches, C*T*P*P] -> [num_image_tokens, H] (vision tower + merger)."""
-    return self.visual(jnp.asarray(pixel_values).astype(self.dtype), image_grid_thw)
+  def encode_images(self, pixel_values, image_grid_thw, score_bytes=None):
+    """[num_patches, C*T*P*P] -> [num_image_tokens, H] (vision tower + merger; score_bytes:
+    see VisionTower)."""
+    pixel_values = jnp.asarray(pixel_values).astype(self.dtype)
+    return self.visual(pixel_values, image_grid_thw, score_bytes)
 
   def embed(self, input_ids, pixel_values=None, image_grid_thw=None, image_embeds=None):
     """Token embeddings with image features spliced in at image-token positions."""

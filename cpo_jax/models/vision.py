@@ -122,8 +122,11 @@ class VisionTower(nnx.Module):
     self.merger = PatchMerger(vc, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.full_flags = tuple(bool(i in set(vc.fullatt_block_indexes)) for i in range(vc.depth))
 
-  def __call__(self, pixel_values, grid_thw):
-    """pixel_values [N, C*T*P*P] (processor layout) -> merged tokens [N / merge^2, out_hidden]."""
+  def __call__(self, pixel_values, grid_thw, score_bytes=None):
+    """pixel_values [N, C*T*P*P] (processor layout) -> merged tokens [N / merge^2, out_hidden].
+
+    score_bytes: attention in blocks of (segment, head) pairs whose scores fit this many bytes
+    (`layers.segment_attention`); None: every pair at once."""
     grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)
     head_dim = self.hidden_size // self.num_heads
     plan = _vision_plan(
@@ -143,8 +146,9 @@ class VisionTower(nnx.Module):
     x = self.patch_embed(pixel_values)[plan['perm']]
     cos, sin = jnp.asarray(plan['cos']), jnp.asarray(plan['sin'])
     scale = head_dim**-0.5
-    full = functools.partial(layers.segment_attention, plan=plan['full_plan'], scale=scale)
-    window = functools.partial(layers.segment_attention, plan=plan['window_plan'], scale=scale)
+    attend = functools.partial(layers.segment_attention, scale=scale, score_bytes=score_bytes)
+    full = functools.partial(attend, plan=plan['full_plan'])
+    window = functools.partial(attend, plan=plan['window_plan'])
     if all(self.full_flags):
       window = full
     elif not any(self.full_flags):
