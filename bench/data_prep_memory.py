@@ -8,9 +8,11 @@ distinct images written under N names, so the fixture is quick to make), then pr
 at `--image_size` (448: the images resized and stored as PNG) in a fresh process per (N,
 workers), and records that process's peak RSS (ru_maxrss) and its RSS before preparing, the
 largest worker's and the total (sampled with psutil when installed), and seconds per 1000
-records. Streaming preparation keeps the main process's peak flat in N (before it,
-every image's bytes were held in lists until the split was written). Results:
-bench/results/data_prep_memory_<date>.json.
+records (and images per second). Streaming preparation keeps the main process's peak flat in N
+(before it, every image's bytes were held in lists until the split was written; and until the
+CXR-CounterFact JSON was read one record at a time, every record's text). Results:
+bench/results/data_prep_memory_<date><suffix>.json, rewritten after each run so a long one that
+is stopped leaves the runs before it.
 """
 
 from __future__ import annotations
@@ -189,6 +191,7 @@ def main() -> None:
         run = json.loads(out.stdout.strip().splitlines()[-1])
         run.update(n=n, workers=workers, published_image_bytes=image_bytes)
         run["seconds_per_1k"] = run["seconds"] / n * 1000
+        run["images_per_second"] = n / run["seconds"]
         runs.append(run)
         print(
           f"N={n} workers={workers}: peak RSS {run['peak_rss_mib']:.0f} MiB (before preparing "
@@ -196,9 +199,14 @@ def main() -> None:
           f"MiB, all {run['peak_total_rss_mib'] or 0:.0f} MiB), {run['seconds_per_1k']:.1f} s "
           f"per 1k records (CPU s: main {run['main_cpu_seconds']:.1f}, workers "
           f"{run['workers_cpu_seconds']:.1f}), {run['prepared_bytes'] / n / 1024:.0f} KiB per "
-          "prepared record"
+          f"prepared record, {run['images_per_second']:.1f} images/s"
         )
         shutil.rmtree(prepared)
+        write_result(args, runs)
+
+
+def write_result(args, runs: list[dict]) -> None:
+  """The results so far (every run's, in order) to bench/results/."""
   os.makedirs(args.out, exist_ok=True)
   name = f"data_prep_memory_{datetime.date.today().isoformat()}{args.suffix}.json"
   path = os.path.join(args.out, name)

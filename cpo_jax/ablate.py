@@ -3,7 +3,8 @@ r"""Ablation harness: seeds x arms from one shared SFT model per seed -> table, 
   python -m cpo_jax.ablate --config=configs/driving.py --seeds=0,1,2,3,4 \
       --arms=sft,sft_more,dpo_random,cpo_thinking,cpo_perception,cpo_plus --workdir=DIR
 
-Per seed it trains one SFT model (DIR/seed_<s>/sft_model, `config.stages=sft`), then runs each
+Per seed it trains one SFT model (DIR/seed_<s>/sft_model, `config.stages=sft`; arms of another
+SFT model, such as the early-stopped one of `*_early`, share DIR/seed_<s>/sft_model_<name>), then runs each
 arm in DIR/seed_<s>/<arm> from that checkpoint (`sft.from_workdir`: restored, never retrained)
 and evaluates it on the same examples (the same eval splits, eval.max_examples and probe seed;
 the report's own SFT baseline is off: the `sft` arm measures that model once). Every arm is a
@@ -42,6 +43,7 @@ class Arm:
   stages: str  # config.stages of the arm's run (SFT comes from the seed's shared model)
   overrides: tuple[tuple[str, object], ...]  # (dotted config key, value)
   what: str
+  sft: str = ''  # which of the seed's SFT models it starts from (SFT_MODELS)
 
 
 ARMS = {
@@ -65,15 +67,65 @@ ARMS = {
     'cpo_plus,eval', (('data.thinking_fraction', 0.0),), 'CPO++ with perception pairs only'
   ),
   'cpo_plus': Arm('cpo_plus,eval', (), 'CPO++ as configured (both pair sources)'),
+  'cpo_plus_shortcut': Arm(
+    'cpo_plus,eval',
+    (('data.thinking_target', 'shortcut'),),
+    'CPO++ whose thinking pairs reject the decision the nuisance predicts (records where it '
+    'predicts their own decision keep the random rewrite)',
+  ),
+  'cpo_plus_shortcut_rerender': Arm(
+    'cpo_plus,eval',
+    (('data.thinking_target', 'shortcut_rerender'),),
+    'CPO++ aimed at the shortcut, records agreeing with their nuisance re-rendered to disagree '
+    '(the rejected side is the shortcut\'s answer)',
+  ),
+  'cpo_plus_adaptive': Arm(
+    'cpo_plus,eval',
+    (('data.thinking_select', 'reference'),),
+    'CPO++ whose thinking pairs reject the 2 counterfactuals (of up to data.thinking_candidates '
+    'minimal rewrites) the SFT model finds most probable',
+  ),
+  'cpo_plus_fresh': Arm(
+    'cpo_plus,eval',
+    (('data.cpo_scenes', 'fresh'),),
+    'CPO++ with its pairs on train scenes the SFT stage never saw (data.cpo_examples of them)',
+  ),
+  'sft_more_fresh': Arm(
+    'sft_more,eval',
+    (('data.cpo_scenes', 'fresh'),),
+    'the compute-matched control on those fresh scenes: SFT continued on them (what the new '
+    'labelled scenes alone give)',
+  ),
+  'sft_early': Arm('eval', (), 'the early-stopped SFT model itself', sft='early'),
+  'sft_more_early': Arm(
+    'sft_more,eval', (), 'the compute-matched control from the early-stopped SFT model', sft='early'
+  ),
+  'cpo_plus_early': Arm(
+    'cpo_plus,eval',
+    (),
+    'CPO++ from the SFT model that stopped at its lowest held-out loss (sft.early_stop)',
+    sft='early',
+  ),
 }
 REFERENCE_ARM = 'sft'
 SFT_MODEL = 'sft_model'  # the seed's shared SFT run
+# The seed's SFT models, by the SFT overrides that make them: each trained once per seed, in
+# DIR/seed_<s>/sft_model[_<name>], and shared by the arms that name it (Arm.sft).
+SFT_MODELS = {'': (), 'early': (('sft.early_stop', 'val_loss'),)}
+
+
+def sft_model_name(variant: str) -> str:
+  return f'{SFT_MODEL}_{variant}' if variant else SFT_MODEL
+
+
+def is_sft_model(name: str) -> bool:
+  return name == SFT_MODEL or name.startswith(SFT_MODEL + '_')
 
 
 @dataclasses.dataclass
 class Run:
   seed: int
-  name: str  # an arm, or SFT_MODEL
+  name: str  # an arm, or an SFT model (sft_model_name)
   workdir: str
   cfg: object
 
@@ -94,23 +146,31 @@ def seed_dir(workdir, seed):
 
 
 def plan_runs(base_cfg, seeds, arms, workdir) -> list[Run]:
-  """Per seed: the shared SFT model, then each arm from it (in the order given)."""
+  """Per seed: the SFT models the arms start from (`SFT_MODELS`), then each arm from its
+  model (in the order given)."""
   unknown = [a for a in arms if a not in ARMS]
   if unknown:
     raise ValueError(f'--arms has unknown arm(s) {unknown}; known: {list(ARMS)}.')
   if len(set(seeds)) != len(seeds) or len(set(arms)) != len(arms):
     raise ValueError(f'--seeds {list(seeds)} and --arms {list(arms)} must not repeat.')
   runs = []
+  variants = list(dict.fromkeys(ARMS[a].sft for a in arms)) or ['']
   for seed in seeds:
-    sft_dir = paths.join(seed_dir(workdir, seed), SFT_MODEL)
-    cfg = base_cfg.copy_and_resolve_references()
-    cfg.seed, cfg.stages, cfg.sft.from_workdir = seed, 'sft', ''
-    runs.append(Run(seed, SFT_MODEL, sft_dir, cfg))
+    sft_dirs = {}
+    for variant in variants:
+      name = sft_model_name(variant)
+      sft_dirs[variant] = paths.join(seed_dir(workdir, seed), name)
+      cfg = base_cfg.copy_and_resolve_references()
+      cfg.seed, cfg.stages, cfg.sft.from_workdir = seed, 'sft', ''
+      for key, value in SFT_MODELS[variant]:
+        _set(cfg, key, value)
+      runs.append(Run(seed, name, sft_dirs[variant], cfg))
     for arm in arms:
       cfg = base_cfg.copy_and_resolve_references()
-      cfg.seed, cfg.stages, cfg.sft.from_workdir = seed, ARMS[arm].stages, sft_dir
+      cfg.seed, cfg.stages = seed, ARMS[arm].stages
+      cfg.sft.from_workdir = sft_dirs[ARMS[arm].sft]
       cfg.eval.baseline = False  # the `sft` arm measures the SFT model once
-      for key, value in ARMS[arm].overrides:
+      for key, value in SFT_MODELS[ARMS[arm].sft] + ARMS[arm].overrides:
         _set(cfg, key, value)
       runs.append(Run(seed, arm, paths.join(seed_dir(workdir, seed), arm), cfg))
   return runs
@@ -148,7 +208,7 @@ def run_state(run: Run) -> str:
       sorted(theirs.keys() - ours.keys()),
       sorted(ours.keys() - theirs.keys()),
     )
-  if run.name == SFT_MODEL:
+  if is_sft_model(run.name):
     keys = {
       k for k in keys if any(k == p or k.startswith(p + '.') for p in main_lib.SFT_SOURCE_KEYS)
     }
@@ -159,8 +219,8 @@ def run_state(run: Run) -> str:
       + '; '.join(f'{k}: {theirs.get(k)!r} there, {ours.get(k)!r} now' for k in differ[:8])
       + '); use another --workdir, or delete that directory to run it again.'
     )
-  if run.name == SFT_MODEL:
-    done = loop.latest_step(run.workdir, 'sft') == run.cfg.sft.num_steps
+  if is_sft_model(run.name):
+    done = loop.stage_finished(run.workdir, 'sft', run.cfg.sft.num_steps)
   else:
     done = (paths.path(run.workdir) / 'eval' / 'report.json').exists()
   return 'done' if done else 'partial'
@@ -178,10 +238,10 @@ def _duration(seconds):
 def _eta(pending, seconds_by_name):
   """Seconds left: each pending run as the mean of the measured runs of its name (else of all
   measured arms); None while nothing was measured."""
-  arm_times = [t for n, ts in seconds_by_name.items() if n != SFT_MODEL for t in ts]
+  arm_times = [t for n, ts in seconds_by_name.items() if not is_sft_model(n) for t in ts]
   total = 0.0
   for run in pending:
-    known = seconds_by_name.get(run.name) or (arm_times if run.name != SFT_MODEL else None)
+    known = seconds_by_name.get(run.name) or (None if is_sft_model(run.name) else arm_times)
     if not known:
       return None
     total += sum(known) / len(known)
@@ -193,7 +253,7 @@ def collect(runs, arms):
   values = {arm: {m: {} for m in ablation_report.METRICS} for arm in arms}
   for run in runs:
     report_file = paths.path(run.workdir) / 'eval' / 'report.json'
-    if run.name == SFT_MODEL or not report_file.exists():
+    if is_sft_model(run.name) or not report_file.exists():
       continue
     metrics_file = paths.path(run.workdir) / 'metrics.jsonl'
     rows = (
@@ -254,7 +314,7 @@ def ablate(
       f'{status} in {_duration(seconds)} (elapsed {_duration(clock() - started)}, '
       f'ETA {"?" if eta is None else _duration(eta)})',
     )
-    if run.name != SFT_MODEL:
+    if not is_sft_model(run.name):
       _write(workdir, base_cfg, runs, arms, seeds, record)
   return _write(workdir, base_cfg, runs, arms, seeds, record)
 

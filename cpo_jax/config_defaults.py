@@ -33,6 +33,12 @@ def base_config(arg, *, domain, data):
   # CPO++ stage's steps, rows per step (cpo.batch_size) and optimizer (stages.train_sft_more).
   c.stages = 'sft,cpo_plus,eval'
   c.log_every_steps = 10
+  # Weights & Biases (process 0), beside metrics.jsonl and TensorBoard, when a project is named;
+  # needs `pip install 'cpo_jax[wandb]'`. The WANDB_MODE environment variable overrides the mode.
+  c.log = ml_collections.ConfigDict()
+  c.log.wandb_project = ''  # '' = no W&B
+  c.log.wandb_entity = ''  # '' = the account's default entity
+  c.log.wandb_mode = 'online'  # 'online' | 'offline' (upload later: `wandb sync`) | 'disabled'
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = arg.model
@@ -87,13 +93,31 @@ def base_config(arg, *, domain, data):
   # (another record's chain and answer for the same image: the paper's DPO baseline with random
   # negatives; pairs.random_negative_pair).
   c.data.thinking_negative = 'counterfactual'
+  # Which counterfactual a thinking pair rejects (data/thinking_pairs.py): 'random' (a rewrite
+  # toward a random other decision), 'shortcut' (toward the decision the record's nuisance
+  # predicts; records whose nuisance predicts their own decision keep 'random', counted) or
+  # 'shortcut_rerender' (those records' scenes re-rendered to disagree with their nuisance,
+  # rejecting the shortcut's answer; synthetic data only).
+  c.data.thinking_target = 'random'
+  # 'reference': the 2 of up to thinking_candidates minimal rewrites that the SFT model finds
+  # most probable, scored once before CPO++ (train/counterfactual_selection.py); 'random': off.
+  c.data.thinking_select = 'random'
+  c.data.thinking_candidates = 8
   # 'grouped': every batch holds exactly that share, in fixed row groups, so the step
-  # encodes a thinking pair's image once (pairs made by the pipeline); 'mixed': each pair
-  # is thinking with that probability.
+  # encodes a thinking pair's image once and runs its prompt once (pairs given by the records
+  # are split by cpo_source: data/given_pairs.py); 'mixed': each pair is thinking with that
+  # probability (given pairs: in the records' own shares).
   c.data.pair_layout = 'grouped'
   # 'hard' | 'far' | 'random' pick another image (METHOD.md section 4); 'counterfactual'
   # re-renders the same synthetic scene with one concept flipped (a minimal pair).
   c.data.perception_negative = 'hard'
+  # Which scenes the CPO++ stage (and its compute-matched control, sft_more) makes its pairs
+  # on: 'sft' = the SFT stage's train records; 'fresh' = train-split scenes SFT never saw
+  # (synthetic data only: rendered past its records), data.cpo_examples of them (0 = one per
+  # pair the stage trains on, cpo.num_steps x cpo.batch_size: a single pass, as the paper's one
+  # epoch; its preference set is about 3x its SFT set).
+  c.data.cpo_scenes = 'sft'
+  c.data.cpo_examples = 0
   c.data.worker_count = 0  # Grain worker processes (0 = in-process).
   # Processes that read, resize and encode the images when mimic_ccf / codalm files are
   # prepared (-1 = min(8, usable CPUs); 0 or 1 = in this process). Same files for any number.
@@ -114,6 +138,15 @@ def base_config(arg, *, domain, data):
   c.sft.grad_accum_steps = 1
   c.sft.micro_batch_per_device = 1
   c.sft.optimizer = _adamw(lr=1e-4)
+  # 'val_loss': stop before memorising. Every val_every_steps steps the SFT loss is measured on
+  # val_examples held-out train-split scenes (synthetic data only; neither test nor ood); the
+  # params of its lowest value are what the stage hands on (to CPO++, to the ablation arms),
+  # and after `patience` measurements without a lower one it stops (0 = runs all num_steps).
+  # '' = off: the last step's params.
+  c.sft.early_stop = ''
+  c.sft.val_examples = 256
+  c.sft.val_every_steps = 50
+  c.sft.patience = 3
 
   # CPO++ (METHOD.md section 3): new LoRA adapters on the SFT model, reference = adapters off.
   c.cpo = ml_collections.ConfigDict()
@@ -159,6 +192,9 @@ def base_config(arg, *, domain, data):
   # the best step are kept apart in checkpoints/<stage>_best/.
   c.eval.every_steps = 0
   c.eval.every_steps_examples = 64
+  # Which params of the last stage --mode=eval / --mode=export (and the eval stage) use: 'last'
+  # (the stage's final checkpoint) or 'best' (checkpoints/<stage>_best/; needs eval.every_steps).
+  c.eval.checkpoint = 'last'
   c.eval.robustness = True
   c.eval.robustness_split = ''  # '' = the first eval split
   c.eval.robustness_max_examples = 128

@@ -24,6 +24,7 @@ from cpo_jax.data import eval_batches
 from cpo_jax.data import examples
 from cpo_jax.data import pairs as pairs_lib
 from cpo_jax.data import streams
+from cpo_jax.data import thinking_pairs
 
 matplotlib.use('Agg')
 from matplotlib import pyplot as plt  # noqa: E402
@@ -95,6 +96,17 @@ def pair_sheet(data, path, count=4):
   source, cfg = data.sources['train'], data.cfg
   rng = np.random.default_rng(cfg.seed)
   index = None if examples.gives_pairs(source) else pairs_lib.PairIndex.from_source(source)
+  # The shortcut targets; reference-picked ones need the model (shown as random rewrites here).
+  thinking = (
+    None
+    if examples.gives_pairs(source)
+    else thinking_pairs.plan_for(
+      source,
+      data.graph,
+      target=cfg.data.thinking_target,
+      negative=cfg.data.thinking_negative,
+    )
+  )
   shown = []
   for i in range(len(source)):
     if len(shown) == count:
@@ -122,6 +134,7 @@ def pair_sheet(data, path, count=4):
           thinking_fraction=cfg.data.thinking_fraction,
           perception_mode=cfg.data.perception_negative,
           thinking_negative=cfg.data.thinking_negative,
+          thinking=thinking,
         )
     except bad_records.BadRecordError:
       continue

@@ -68,7 +68,7 @@ def _assert_same(a, b):
   (mu_a, m_a), (mu_b, m_b) = a, b
   assert set(m_a) == set(m_b)
   for key in m_a:
-    np.testing.assert_allclose(m_a[key], m_b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(m_a[key], m_b[key], rtol=1e-5, atol=1e-5, err_msg=key)
   assert mu_a.keys() == mu_b.keys()
   for key in mu_a:
     np.testing.assert_allclose(mu_a[key], mu_b[key], rtol=1e-4, atol=1e-7, err_msg=key)

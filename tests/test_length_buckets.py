@@ -118,7 +118,8 @@ def test_cpo_stage_trains_on_a_stream_of_several_lengths(setup, tmp_path):
   cfg = cfg.copy_and_resolve_references()
   cfg.cpo.num_steps, cfg.log_every_steps, cfg.checkpoint.every_steps = 2, 1, 100
   mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})  # 8 simulated devices.
-  # synth_cxr rows are 89-95 tokens: with these buckets the first two batches differ in length.
+  # synth_cxr rows are 89-95 tokens: with these buckets the first batch (its longest row 95
+  # tokens) takes the full length and the second (93) the 94 bucket.
   source = sources.make_source('synth_cxr', 'train', num_examples=64, seed=0)
   make = lambda: datasets.make_cpo_iterator(
     source, proc, batch_size=8, max_len=L, seed=1, length_buckets='92,94'
@@ -134,7 +135,7 @@ def test_cpo_stage_trains_on_a_stream_of_several_lengths(setup, tmp_path):
     writer=writers.MetricsWriter(str(tmp_path)),
     make_batches=lambda: _Widths(make(), 'chosen_input_ids', widths),
   )
-  assert widths == [92, 94]
+  assert widths == [L, 94]
   rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   assert [(r['stage'], r['step']) for r in rows] == [('cpo_plus', 1), ('cpo_plus', 2)]
   assert all(np.isfinite(r['loss']) and r['completion_tokens_dropped'] == 0 for r in rows)

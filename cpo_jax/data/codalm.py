@@ -69,6 +69,7 @@ from cpo_jax.data.pairs import SOURCE_IDS
 from cpo_jax.data.pairs import PairIndex
 from cpo_jax.data.prepared_images import ImageJob
 from cpo_jax.data.prepared_images import ImageResult
+from cpo_jax.data.swift_jsonl import NO_PREFERENCE
 from cpo_jax.knowledge import free_text
 from cpo_jax.knowledge.graph import THINK_CLOSE
 from cpo_jax.knowledge.graph import THINK_OPEN
@@ -374,8 +375,9 @@ class CodalmSource:
 
   def __init__(self, src, split: str, report: dict, thumbnails: np.ndarray):
     self._src, self.split, self.skipped = src, split, report["skipped"]
+    self._decisions = report["decisions"][split]
     neg = hard_negatives(
-      report["decisions"][split], report["image_ids"][split], report["boxed"][split], thumbnails
+      self._decisions, report["image_ids"][split], report["boxed"][split], thumbnails
     )
     self._rows = [(i, -1) for i in range(len(src))] + [
       (i, int(j)) for i, j in enumerate(neg) if j >= 0
@@ -386,6 +388,19 @@ class CodalmSource:
 
   def __repr__(self):
     return f"codalm({self.split})"
+
+  def pair_sources(self) -> np.ndarray:
+    """[N] int8: each row's cpo_source id (an example without a thinking pair, decision -1:
+    NO_PREFERENCE), from the prepared files' report, without reading a record."""
+    return np.array(
+      [
+        SOURCE_IDS["perception"]
+        if j >= 0
+        else (SOURCE_IDS["thinking"] if self._decisions[i] >= 0 else NO_PREFERENCE)
+        for i, j in self._rows
+      ],
+      np.int8,
+    )
 
   def __getitem__(self, i: int) -> dict[str, Any]:
     if not 0 <= i < len(self):

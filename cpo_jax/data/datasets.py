@@ -42,6 +42,7 @@ import grain
 import numpy as np
 
 from cpo_jax.data import examples
+from cpo_jax.data import given_pairs
 from cpo_jax.data import pairs as pairs_lib
 from cpo_jax.data.bad_records import Guard
 from cpo_jax.data.bad_records import SkipCounter
@@ -54,16 +55,24 @@ from cpo_jax.knowledge.graph import load_graph
 
 
 def _indices(
-  n: int, *, seed: int, shard_index: int, shard_count: int, num_epochs: int | None, shuffle: bool
+  n: int,
+  *,
+  seed: int,
+  shard_index: int,
+  shard_count: int,
+  num_epochs: int | None,
+  shuffle: bool,
+  positions=None,
 ):
-  """Per-host slice of the positions, shuffled (seeded) and repeated, reshuffled each epoch:
-  every epoch visits each position once.
+  """Per-host slice of the positions (0..n-1, or the record indices `positions`), shuffled
+  (seeded) and repeated, reshuffled each epoch: every epoch visits each position once.
 
   The shuffle comes before the repeat: after an endless repeat Grain shuffles one index range
   of length sys.maxsize, so positions repeat within an epoch and others wait for ages."""
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
-  ds = grain.MapDataset.range(n)[shard_index::shard_count]
+  ds = grain.MapDataset.range(n) if positions is None else grain.MapDataset.source(positions)
+  ds = ds[shard_index::shard_count]
   ds = ds.shuffle(seed=seed) if shuffle else ds
   return ds.repeat(num_epochs)
 
@@ -209,6 +218,8 @@ def make_cpo_dataset(
   length_buckets=(),
   pair_layout: tuple[int, int] | None = None,
   thinking_negative: str = "counterfactual",
+  thinking=None,
+  max_prompt_len: int = 0,
 ) -> grain.IterDataset:
   """CPO++ pair batches (see module doc). Each pair is thinking with prob thinking_fraction
   (seeded per position), else perception with `perception_mode` in hard | far | random |
@@ -216,7 +227,12 @@ def make_cpo_dataset(
   `pair_layout` (t, g) (`pair_layout_for`) every batch holds exactly that share, in groups.
   `length_buckets` as in `make_sft_dataset`, over both sides of the pairs. `thinking_negative`:
   the thinking pairs' rejected chain, the rewriter's counterfactual or another record's
-  (`pairs.random_negative_pair`, the DPO baseline with random negatives)."""
+  (`pairs.random_negative_pair`, the DPO baseline with random negatives). `thinking`: a
+  `thinking_pairs.ThinkingPlan` choosing the counterfactual (None: a random rewrite).
+  Given pairs (swift_jsonl, mimic_ccf, codalm) take their kind from the records: with
+  `pair_layout` (`given_pairs.layout_for`) the stream splits them by cpo_source, and each
+  thinking pair must share its image and its prompt of at most `max_prompt_len` tokens
+  (data.max_prompt_len, 0 = no bound; a longer one is an OverlongError naming the record)."""
   buckets = parse_length_buckets(length_buckets, max_len)
   if not 0.0 <= thinking_fraction <= 1.0:
     raise ValueError(f"thinking_fraction {thinking_fraction} not in [0, 1]")
@@ -239,25 +255,47 @@ def make_cpo_dataset(
       f"use perception_mode in {pairs_lib.INDEX_MODES}"
     )
   if examples.gives_pairs(source):  # pairs given by the records: no rewriter, no image index
+    if thinking is not None:
+      raise ValueError(
+        f"data.thinking_target / thinking_select choose counterfactuals the pipeline makes, but "
+        f"{source!r} gives its own pairs; leave them 'random' for this dataset"
+      )
     if thinking_negative != "counterfactual":
       raise ValueError(
         f"thinking_negative={thinking_negative!r} makes pairs from labelled records, but "
         f"{source!r} gives its own pairs; leave it 'counterfactual' for this dataset"
       )
-    ds = _indices(
-      len(source),
+    if pair_layout is None:  # mixed: one stream, the records' kinds in their own shares
+      ds = _indices(
+        len(source),
+        seed=seed,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        num_epochs=num_epochs,
+        shuffle=True,
+      )
+      ds = ds.map(
+        guard(
+          functools.partial(examples.swift_cpo_example, source=source, proc=proc, max_len=max_len)
+        )
+      )
+      return _finish(_batched(ds, batch_size), worker_count, buckets, _PAIR_SIDES)
+    return _given_pairs_grouped(
+      source,
+      proc,
+      tuple(pair_layout),
+      batch_size=batch_size,
+      max_len=max_len,
+      max_prompt_len=max_prompt_len,
       seed=seed,
       shard_index=shard_index,
       shard_count=shard_count,
       num_epochs=num_epochs,
-      shuffle=True,
+      guard_for=lambda n: _guard_for(
+        n, shard_index, shard_count, num_epochs, on_bad_record, skips, max_skipped_share
+      ),
+      finish=lambda it: _finish(it, worker_count, buckets, _PAIR_SIDES),
     )
-    ds = ds.map(
-      guard(
-        functools.partial(examples.swift_cpo_example, source=source, proc=proc, max_len=max_len)
-      )
-    )
-    return _finish(_batched(ds, batch_size), worker_count, buckets, _PAIR_SIDES)
   graph = graph or load_graph(getattr(source, "domain", "driving"))
   if perception_mode != "counterfactual":  # counterfactual negatives need no index over the split
     pair_index = pair_index or pairs_lib.PairIndex.from_source(source)
@@ -283,6 +321,7 @@ def make_cpo_dataset(
           thinking_fraction=fraction,
           perception_mode=perception_mode,
           thinking_negative=thinking_negative,
+          thinking=thinking,
         )
       ),
       seed=seed + 1 + stream,
@@ -300,16 +339,59 @@ def make_cpo_dataset(
     return _finish(
       _batched(pairs(thinking_fraction, 0), batch_size), worker_count, buckets, _PAIR_SIDES
     )
-  # Two streams, each over the whole (shuffled) split: thinking pairs and perception pairs,
-  # batched by their share of the batch and interleaved group by group.
+  # Two streams, each over the whole (shuffled) split: thinking pairs and perception pairs.
+  zipped = _interleaved(pairs(1.0, 0), pairs(0.0, _PERCEPTION_STREAM), t, g, batch_size)
+  return _finish(zipped, worker_count, buckets, _PAIR_SIDES)
+
+
+def _interleaved(thinking, rest, t, g, batch_size, strict=True):
+  """Two streams of pair rows batched by their share of the batch and interleaved group by
+  group into the (t, g) layout. strict=False: a finite pass ends with the shorter stream."""
   groups = batch_size // g
   zipped = grain.experimental.ZipIterDataset(
-    parents=[
-      _batched(pairs(1.0, 0), groups * t),
-      _batched(pairs(0.0, _PERCEPTION_STREAM), groups * (g - t)),
-    ]
+    parents=[_batched(thinking, groups * t), _batched(rest, groups * (g - t))], strict=strict
   )
-  return _finish(zipped.map(_InterleaveGroups(t, g)), worker_count, buckets, _PAIR_SIDES)
+  return zipped.map(_InterleaveGroups(t, g))
+
+
+def _given_pairs_grouped(
+  source, proc, layout, *, batch_size, max_len, max_prompt_len, guard_for, finish, **where
+):
+  """Given pairs in the (t, g) layout: a thinking stream and a perception/other stream over
+  the records of each kind (`given_pairs`), each shuffled, sharded and repeated on its own
+  (`where`: seed, shard_index, shard_count, num_epochs). Thinking rows are checked to share
+  their image and prompt, of at most max_prompt_len tokens (0 = no bound)."""
+  t, g = layout
+  if batch_size % g:
+    raise ValueError(f"pair_layout {layout}: groups of {g} do not divide the batch {batch_size}")
+  thinking, rest = given_pairs.stream_positions(source, layout)
+  shard, shards = where["shard_index"], where["shard_count"]
+
+  def stream(positions, name, seed_offset, **check):
+    if not len(positions[shard::shards]):
+      raise ValueError(
+        f"{source!r}: this host's share (shard {shard} of {shards}) holds none of its "
+        f"{len(positions)} {name} pairs; the grouped layout needs some on every host"
+      )
+    ds = _indices(
+      len(positions),
+      positions=positions.tolist(),
+      shuffle=True,
+      **dict(where, seed=where["seed"] + seed_offset),
+    )
+    example = functools.partial(
+      examples.swift_cpo_example, source=source, proc=proc, max_len=max_len, **check
+    )
+    return ds.map(guard_for(len(positions))(example))
+
+  think = lambda: stream(thinking, "thinking", 0, max_prompt_len=int(max_prompt_len or 0))
+  other = lambda: stream(rest, "perception or other", _PERCEPTION_STREAM)
+  if t == g:
+    return finish(_batched(think(), batch_size))
+  if t == 0:
+    return finish(_batched(other(), batch_size))
+  # The kinds have their own sizes: with num_epochs set, the pass ends with the shorter one.
+  return finish(_interleaved(think(), other(), t, g, batch_size, strict=False))
 
 
 def make_sft_iterator(source, proc: Processors, **kw) -> grain.DatasetIterator:

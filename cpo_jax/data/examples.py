@@ -17,6 +17,7 @@ import numpy as np
 from cpo_jax.data import pairs as pairs_lib
 from cpo_jax.data.bad_records import BadRecordError
 from cpo_jax.data.bad_records import LeftOut
+from cpo_jax.data.bad_records import OverlongError
 from cpo_jax.data.packing import pack_right
 from cpo_jax.data.processors import Processors
 from cpo_jax.knowledge.graph import ConceptGraph
@@ -92,6 +93,7 @@ def cpo_example(
   thinking_fraction: float,
   perception_mode: str,
   thinking_negative: str = "counterfactual",
+  thinking=None,
 ):
   rec = read_record(source, i)
   rid = f"{source!r}[{i}]"
@@ -105,6 +107,7 @@ def cpo_example(
     thinking_fraction=thinking_fraction,
     perception_mode=perception_mode,
     thinking_negative=thinking_negative,
+    thinking=thinking,
   )
   c_pv, grid = checked_image(proc, pair["chosen_image"], rid)
   if pair["source"] == pairs_lib.SOURCE_IDS["thinking"]:
@@ -169,7 +172,12 @@ def _swift_side(proc: Processors, rec, prefix: str, max_len: int, want_grid=None
   return packed, pv, grid, len(prompt)
 
 
-def swift_cpo_example(i: int, *, source, proc: Processors, max_len: int):
+def swift_cpo_example(
+  i: int, *, source, proc: Processors, max_len: int, max_prompt_len: int | None = None
+):
+  """A given pair's row. `max_prompt_len` (the grouped stream's thinking pairs; 0 = no bound):
+  the record must be a thinking pair whose sides share the image and the prompt, of at most
+  that many tokens, so the step can run its prompt once (train/shared_prefix.py)."""
   rec = source[i]  # raises BadRecordError itself
   if rec["sample_weight"] == 0:
     # Nothing to prefer (rejected == chosen, codalm's 'other' rows): costs two forwards and
@@ -177,6 +185,8 @@ def swift_cpo_example(i: int, *, source, proc: Processors, max_len: int):
     raise LeftOut("no_preference", rec["record_id"])
   (c, c_pv, grid, c_len) = _swift_side(proc, rec, "", max_len)
   (r, r_pv, _, r_len) = _swift_side(proc, rec, "rejected_", max_len, want_grid=grid)
+  if max_prompt_len is not None:
+    _check_shared_prefix(rec, c[0][:c_len], r[0][:r_len], c_pv, r_pv, max_prompt_len)
   S = proc.image_size
   return {
     "chosen_input_ids": c[0],
@@ -199,6 +209,32 @@ def swift_cpo_example(i: int, *, source, proc: Processors, max_len: int):
     "flipped_concept": np.int32(-1),
     "image_digest": image_digest(rec["image"], rec["rejected_image"]),
   }
+
+
+def _check_shared_prefix(rec, chosen_prompt, rejected_prompt, chosen_pv, rejected_pv, bound):
+  rid, fix = rec["record_id"], "fix the record, or set data.pair_layout='mixed'"
+  if rec["source"] != pairs_lib.SOURCE_IDS["thinking"]:
+    raise BadRecordError("bad_type", rid, "in the thinking pairs' stream but not a thinking pair")
+  if not np.array_equal(chosen_pv, rejected_pv):
+    raise BadRecordError(
+      "unshared_thinking",
+      rid,
+      f"cpo_source 'thinking' but the rejected image differs from the chosen one (a thinking "
+      f"pair shares its image and prompt; only the completion is counterfactual); {fix}",
+    )
+  if not np.array_equal(chosen_prompt, rejected_prompt):
+    raise BadRecordError(
+      "unshared_thinking",
+      rid,
+      f"cpo_source 'thinking' but the prompt turns of 'rejected_messages' differ from those of "
+      f"'messages' (a thinking pair shares its image and prompt); {fix}",
+    )
+  if bound and len(chosen_prompt) > bound:
+    raise OverlongError(
+      rid,
+      f"prompt of {len(chosen_prompt)} tokens (image tokens included) > data.max_prompt_len "
+      f"{bound}, the thinking pairs' shared prefix; raise it (0 = the row length), never cut",
+    )
 
 
 def swift_sft_example(i: int, *, source, proc: Processors, max_len: int):

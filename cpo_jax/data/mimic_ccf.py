@@ -6,7 +6,8 @@ The user's `data.manual_dir` holds the files as published (`.csv` or `.csv.gz`):
                                             (1.0 positive, 0.0 negative, -1.0 uncertain, blank)
   mimic-cxr-2.0.0-split.csv[.gz]            dicom_id, study_id, subject_id, split (train/validate/test)
   one CXR-CounterFact *.json                a list of {dicom_id, sid, pid, report, diagnose,
-                                            counterfact: {disease: text}} (METHOD.md section 4)
+                                            counterfact: {disease: text}} (METHOD.md section 4),
+                                            read one record at a time (ijson)
 One example per CCF record (split from the split CSV, labels from the CheXpert CSV by study):
   chosen = '<think> REPORT </think> The disease of this patient is A, B.' (report + diagnose),
   counterfactuals = one rejected thinking completion per counterfact disease, the precomputed
@@ -59,6 +60,7 @@ from cpo_jax.data.mimic_files import FINDINGS
 from cpo_jax.data.mimic_files import SPLIT_ALIASES
 from cpo_jax.data.pairs import SOURCE_IDS
 from cpo_jax.data.pairs import PairIndex
+from cpo_jax.data.swift_jsonl import NO_PREFERENCE
 
 # ---- TFDS builder -----------------------------------------------------------------------
 
@@ -97,8 +99,9 @@ with tfds.core.registered.skip_registration():
       )
 
     def _passes(self, manual_dir):
-      # One pass over the CXR-CounterFact file: each record goes to its split's files.
+      # One pass over the CXR-CounterFact records: each goes to its split's files.
       total, items = mimic_files.records(manual_dir, self.builder_config.image_side)
+      self._label_sets = {}  # label set -> the one tuple every record with it shares
       return [("CXR-CounterFact records", total, items)]
 
     def _examples(self, context, result):
@@ -107,10 +110,11 @@ with tfds.core.registered.skip_registration():
     def _facts(self, example):
       """Counterfactuals per record, the label multi-hot and the study id (the report keeps
       them per split: the row index and the perception negatives without reading every record
-      back)."""
+      back). Records share a few label sets: each is held once (a tuple, written as a list)."""
+      labels = tuple(np.asarray(example["labels"]).tolist())
       return {
         "num_counterfactuals": len(json.loads(example["counterfactuals"])),
-        "labels": np.asarray(example["labels"]).tolist(),
+        "labels": self._label_sets.setdefault(labels, labels),
         "study_ids": int(example["study_id"]),
       }
 
@@ -187,12 +191,27 @@ class MimicCcfSource:
       self._rows += [(i, -1 - int(v)) for i, v in enumerate(neg) if v >= 0]
     else:
       self._rows = [(i, 0) for i in range(len(n_cf))]
+    self._num_counterfactuals = n_cf
 
   def __len__(self) -> int:
     return len(self._rows)
 
   def __repr__(self):
     return f"mimic_ccf({self.split}, {self.view})"
+
+  def pair_sources(self) -> np.ndarray:
+    """[N] int8: each row's cpo_source id (a record without counterfactuals: NO_PREFERENCE),
+    from the prepared files' report, without reading a record."""
+    n_cf = self._num_counterfactuals
+    return np.array(
+      [
+        SOURCE_IDS["perception"]
+        if j < 0
+        else (SOURCE_IDS["thinking"] if j < n_cf[i] else NO_PREFERENCE)
+        for i, j in self._rows
+      ],
+      np.int8,
+    )
 
   def __getitem__(self, i: int) -> dict[str, Any]:
     if not 0 <= i < len(self):

@@ -10,6 +10,8 @@ the records are read here, their images in the preparation's workers (prepared_i
 
 from __future__ import annotations
 
+import array
+import contextlib
 import csv
 import dataclasses
 import gzip
@@ -20,6 +22,7 @@ import os
 from typing import Any
 from typing import Iterator
 
+import ijson
 import numpy as np
 
 from cpo_jax import paths
@@ -59,14 +62,17 @@ ANSWER = "The disease of this patient is {}."
 CHEXPERT_CSV, SPLIT_CSV = "mimic-cxr-2.0.0-chexpert.csv", "mimic-cxr-2.0.0-split.csv"
 
 
-def _open_csv(manual_dir: str, name: str) -> tuple[str, io.StringIO]:
-  """(path, text) of `name` or `name.gz` (local or gs://; the CSVs are tens of MB)."""
+@contextlib.contextmanager
+def _open_csv(manual_dir: str, name: str) -> Iterator[tuple[str, io.TextIOBase]]:
+  """(path, text stream) of `name` or `name.gz` (local or gs://), read as it is parsed: the
+  published CSVs are tens of MB, and a whole copy of one (bytes, text) would set the peak."""
   for p in (paths.path(manual_dir) / name, paths.path(manual_dir) / (name + ".gz")):
     if p.exists():
-      data = p.read_bytes()
-      if p.name.endswith(".gz"):
-        data = gzip.decompress(data)
-      return os.fspath(p), io.StringIO(data.decode("utf-8"), newline="")
+      with p.open("rb") as raw:
+        stream = gzip.GzipFile(fileobj=raw) if p.name.endswith(".gz") else raw
+        with io.TextIOWrapper(stream, encoding="utf-8", newline="") as f:
+          yield os.fspath(p), f
+      return
   raise FileNotFoundError(f"mimic_ccf: {name}[.gz] not found in manual_dir {manual_dir}")
 
 
@@ -76,32 +82,114 @@ def _id(x, prefix: str) -> int:
   return int(s[1:] if s[:1].lower() == prefix else s)
 
 
-def read_chexpert(manual_dir: str) -> dict[tuple[int, int], np.ndarray]:
+def _unique_sorted(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(sorted unique keys, the row of each): the last row of a repeated key wins, as in a dict."""
+  order = np.argsort(keys, kind="stable")
+  keys = keys[order]
+  last = np.append(keys[1:] != keys[:-1], True)
+  return keys[last], order[last]
+
+
+def _find(sorted_keys: np.ndarray, key) -> int:
+  """The row of `key` in `sorted_keys`, or -1 (compared whole: numpy would cut a longer key to
+  the array's width)."""
+  i = int(np.searchsorted(sorted_keys, key))
+  return i if i < len(sorted_keys) and sorted_keys[i] == key else -1
+
+
+class StudyLabels:
+  """(subject_id, study_id) -> [14] float32 CheXpert row (NaN = blank), as sorted arrays: about
+  64 bytes a study where a dict of arrays took about 310 (the CSV has every MIMIC-CXR study)."""
+
+  def __init__(self, path: str, keys: np.ndarray, values: np.ndarray):
+    if len(keys) and (keys.min() < 0 or keys.max() >= 1 << 32):
+      raise ValueError(f"{path}: subject_id and study_id must be ids in [0, 2**32)")
+    self._keys, rows = _unique_sorted(keys[:, 0] << 32 | keys[:, 1])
+    self._values = values[rows]
+
+  def _row(self, key: tuple[int, int]) -> int:
+    subject, study = key
+    if not (0 <= subject < 1 << 32 and 0 <= study < 1 << 32):
+      return -1
+    return _find(self._keys, np.int64(subject << 32 | study))
+
+  def __contains__(self, key: tuple[int, int]) -> bool:
+    return self._row(key) >= 0
+
+  def __getitem__(self, key: tuple[int, int]) -> np.ndarray:
+    row = self._row(key)
+    if row < 0:
+      raise KeyError(key)
+    return self._values[row].copy()
+
+  def __len__(self) -> int:
+    return len(self._keys)
+
+
+def read_chexpert(manual_dir: str) -> StudyLabels:
   """(subject_id, study_id) -> [14] float32 (NaN = blank)."""
-  path, f = _open_csv(manual_dir, CHEXPERT_CSV)
-  with f:
+  keys, values = array.array("q"), array.array("f")  # float32, as np.float32 rounds
+  with _open_csv(manual_dir, CHEXPERT_CSV) as (path, f):
     rows = csv.DictReader(f)
     missing = [c for c in ("subject_id", "study_id") + FINDINGS if c not in (rows.fieldnames or ())]
     if missing:
       raise ValueError(f"{path}: missing columns {missing}")
-    return {
-      (int(r["subject_id"]), int(r["study_id"])): np.array(
-        [float(r[c]) if r[c].strip() else math.nan for c in FINDINGS], np.float32
-      )
-      for r in rows
-    }
+    for r in rows:
+      keys.extend((int(r["subject_id"]), int(r["study_id"])))
+      values.extend(float(r[c]) if r[c].strip() else math.nan for c in FINDINGS)
+  return StudyLabels(
+    path,
+    np.frombuffer(keys, np.int64).reshape(-1, 2),
+    np.frombuffer(values, np.float32).reshape(-1, len(FINDINGS)),
+  )
 
 
-def read_split(manual_dir: str) -> dict[str, tuple[int, int, str]]:
+class DicomSplits:
+  """dicom_id -> (subject_id, study_id, split), as sorted arrays: about 64 bytes an image where
+  a dict took about 250 (the CSV has every MIMIC-CXR image)."""
+
+  def __init__(self, dicoms: np.ndarray, ids: np.ndarray, splits: np.ndarray, names: list[str]):
+    self._dicoms, rows = _unique_sorted(dicoms)
+    self._ids, self._splits, self._names = ids[rows], splits[rows], names
+
+  def _row(self, dicom: str) -> int:
+    return _find(self._dicoms, dicom.encode("utf-8"))
+
+  def __contains__(self, dicom: str) -> bool:
+    return self._row(dicom) >= 0
+
+  def __getitem__(self, dicom: str) -> tuple[int, int, str]:
+    row = self._row(dicom)
+    if row < 0:
+      raise KeyError(dicom)
+    subject, study = self._ids[row].tolist()
+    return subject, study, self._names[self._splits[row]]
+
+  def __len__(self) -> int:
+    return len(self._dicoms)
+
+
+def read_split(manual_dir: str) -> DicomSplits:
   """dicom_id -> (subject_id, study_id, split)."""
-  path, f = _open_csv(manual_dir, SPLIT_CSV)
-  with f:
+  chunks, dicoms, ids, splits, names = [], [], array.array("q"), array.array("i"), {}
+  with _open_csv(manual_dir, SPLIT_CSV) as (path, f):
     rows = csv.DictReader(f)
     if not {"dicom_id", "study_id", "subject_id", "split"} <= set(rows.fieldnames or ()):
       raise ValueError(f"{path}: needs columns dicom_id, study_id, subject_id, split")
-    return {
-      r["dicom_id"]: (int(r["subject_id"]), int(r["study_id"]), r["split"].strip()) for r in rows
-    }
+    for r in rows:
+      dicoms.append(r["dicom_id"].encode("utf-8"))
+      ids.extend((int(r["subject_id"]), int(r["study_id"])))
+      splits.append(names.setdefault(r["split"].strip(), len(names)))
+      if len(dicoms) == 1 << 16:  # fixed-width bytes in chunks: no list of every id
+        chunks.append(np.array(dicoms, np.bytes_))
+        dicoms = []
+  chunks.append(np.array(dicoms, np.bytes_))
+  return DicomSplits(
+    np.concatenate(chunks),
+    np.frombuffer(ids, np.int64).reshape(-1, 2),
+    np.frombuffer(splits, np.int32),
+    list(names),
+  )
 
 
 def find_ccf_json(manual_dir: str) -> str:
@@ -165,18 +253,40 @@ class Record:
   late_errors: list[BadRecordError] = dataclasses.field(default_factory=list)
 
 
+def ccf_records(path: str) -> tuple[int, Iterator[Any]]:
+  """(number of records, the records one at a time) of a CXR-CounterFact JSON list. The file is
+  parsed twice, incrementally (ijson): once now to count and check it (a broken file stops
+  before any image is prepared), then as the records are taken, so only one is in memory.
+  The values are json.loads' (floats as float), except that an integer past 64 bits is an
+  error (yajl's)."""
+  file = paths.path(path)
+  try:
+    with file.open("rb") as f:
+      first = next(ijson.parse(f), None)
+      if first is None or first[:2] != ("", "start_array"):
+        raise ValueError(f"{path}: CXR-CounterFact must be a JSON list of records")
+      f.seek(0)
+      total = sum(1 for _ in ijson.items(f, "item", use_float=True))
+  except ijson.JSONError as e:
+    raise ValueError(f"{path}: not valid JSON: {e}") from e
+
+  def each():
+    with file.open("rb") as f:
+      yield from ijson.items(f, "item", use_float=True)
+
+  return total, each()
+
+
 def records(manual_dir: str, side: int) -> tuple[int, Iterator[tuple[Record, ImageJob | None]]]:
   """(number of CCF records, their (Record, image job) pairs in file order; lazy). Only text
-  is read here: the images are read by the image jobs (prepared_images.prepare_image)."""
+  is read here, one record at a time: the images are read by the image jobs
+  (prepared_images.prepare_image)."""
   chex, splits, path = read_chexpert(manual_dir), read_split(manual_dir), find_ccf_json(manual_dir)
-  recs = json.loads(paths.path(path).read_text(encoding="utf-8"))
-  if not isinstance(recs, list):
-    raise ValueError(f"{path}: CXR-CounterFact must be a JSON list of records")
+  total, recs = ccf_records(path)
   graph = load_graph("medical")
 
   def items():
-    for k in range(len(recs)):
-      r, recs[k] = recs[k], None  # let each record go once read: only the lookups stay
+    for k, r in enumerate(recs):
       rid = f"{os.path.basename(path)}[{k}]"
       try:
         rec, image_file = _record(manual_dir, r, rid, chex, splits, graph)
@@ -185,7 +295,7 @@ def records(manual_dir: str, side: int) -> tuple[int, Iterator[tuple[Record, Ima
         continue
       yield rec, ImageJob(image_file, side)
 
-  return len(recs), items()
+  return total, items()
 
 
 def examples_of(rec: Record, image: ImageResult | None, bad) -> list[tuple[str, dict[str, Any]]]:

@@ -3,6 +3,8 @@
 * thinking: same image; rejected completion = graph-rewritten chain + swapped answer
   (`thinking_negative='counterfactual'`), or with `'random'` another record's chain and answer
   (the paper's DPO baseline with random negatives: a negative that is not a counterfactual).
+  Which counterfactual (aimed at the shortcut, or picked by the reference model): the
+  `thinking_pairs.ThinkingPlan` passed as `thinking`.
 * perception: same completion; rejected image = another image of the same split whose
   decision differs (and, where scene ids are known, of another scene). Selection modes: `hard`
   (default; same nuisance value when possible, then the nearest image by `thumbnail` where
@@ -282,9 +284,11 @@ def counterfactual_flip(
 
 
 def counterfactual_perception_pair(
-  record: dict[str, Any], source, graph: ConceptGraph, rng: np.random.Generator
+  record: dict[str, Any], source, graph: ConceptGraph, rng: np.random.Generator, position: int
 ) -> dict[str, Any]:
-  """Same text; the rejected image is the chosen scene re-rendered with one concept flipped."""
+  """Same text; the rejected image is the chosen scene re-rendered with one concept flipped.
+  `position`: the record's position in `source` (what `source.counterfactual` takes; a source
+  of later scenes, data.cpo_scenes='fresh', numbers its records' `index` from its first)."""
   if not hasattr(source, "counterfactual"):
     raise ValueError(
       f"perception_mode='counterfactual' re-renders the chosen scene with one concept changed; "
@@ -293,7 +297,7 @@ def counterfactual_perception_pair(
     )
   a = graph.assignment_from_ids(record["concepts"])
   ci, v = counterfactual_flip(graph, a, rng)
-  cf = source.counterfactual(int(record["index"]), {**a, graph.concepts[ci].name: v})
+  cf = source.counterfactual(position, {**a, graph.concepts[ci].name: v})
   return {
     "chosen_image": record["image"],
     "rejected_image": cf["image"],
@@ -338,11 +342,14 @@ def make_pair(
   perception_mode: str = "hard",
   source_weights: Sequence[float] | None = None,
   thinking_negative: str = "counterfactual",
+  thinking=None,
 ) -> dict[str, Any]:
   """A pair dict: chosen/rejected image bytes + completions, question, source id, weight, boxes.
 
   `thinking_negative='random'` makes the thinking pairs random-negative pairs (still tagged
-  thinking: same image, another text), the DPO baseline of `random_negative_pair`."""
+  thinking: same image, another text), the DPO baseline of `random_negative_pair`. `thinking`:
+  a `thinking_pairs.ThinkingPlan` choosing which counterfactual a thinking pair rejects (aimed
+  at the shortcut, or picked by the reference); None = the random rewrite."""
   if thinking_negative not in THINKING_NEGATIVES:
     raise ValueError(
       f"thinking_negative {thinking_negative!r}; expected one of {THINKING_NEGATIVES}"
@@ -350,10 +357,12 @@ def make_pair(
   kind = "thinking" if rng.random() < thinking_fraction else "perception"
   if kind == "thinking" and thinking_negative == "random":
     pair = random_negative_pair(record, source, position, rng)
+  elif kind == "thinking" and thinking is not None:
+    pair = thinking.pair(record, position, graph, source, rng)
   elif kind == "thinking":
     pair = thinking_pair(record, graph, rng)
   elif perception_mode == "counterfactual":
-    pair = counterfactual_perception_pair(record, source, graph, rng)
+    pair = counterfactual_perception_pair(record, source, graph, rng, position)
   else:
     pair = perception_pair(record, source, index, position, perception_mode, rng)
   pair.setdefault("flipped_concept", -1)  # the concept changed in a counterfactual image, else -1
@@ -362,8 +371,9 @@ def make_pair(
     source=SOURCE_IDS[kind],
     # per-example weight (cpo_sample_weight); per-source weights are the loss's job
     sample_weight=float(record.get("cpo_sample_weight", 1.0)),
-    chosen_decision=int(record["decision"]),
-    boxes=np.asarray(record["boxes"], np.int32),
     index=int(record["index"]),
   )
+  # A re-rendered chosen scene (thinking_target='shortcut_rerender') brings its own.
+  pair.setdefault("chosen_decision", int(record["decision"]))
+  pair.setdefault("boxes", np.asarray(record["boxes"], np.int32))
   return pair

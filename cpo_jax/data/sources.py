@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-# Datasets whose records are preference pairs already (the user's files): no pair making, so no
-# grouped pair layout.
+# Datasets whose records are preference pairs already (the user's files): no pair making; the
+# grouped pair layout splits them by their cpo_source (given_pairs.py).
 PAIRS_GIVEN = ("swift_jsonl", "mimic_ccf", "codalm")
 
 # The splits each dataset evaluates on (config eval.splits='' takes these).
@@ -38,6 +38,7 @@ def make_source(
   view: str | None = None,
   image_size: int | None = None,
   prepare_workers: int = 0,
+  first_index: int = 0,
 ):
   """Random-access source of records. data_dir=None renders on the fly (no files);
   otherwise prepares/reads the TFDS ArrayRecord dataset there (same records).
@@ -45,7 +46,13 @@ def make_source(
   codalm prepare TFDS files under prepared_dir (default <manual_dir>/_tfds), applying
   on_bad_record to the published files, with the images at `image_size` (the run's
   data.image_size; None keeps them as published) by `prepare_workers` processes; `view` picks
-  mimic_ccf's rows (pairs | records)."""
+  mimic_ccf's rows (pairs | records). `first_index` (synth_* only): record i is the split's
+  scene first_index + i, so a source from index n on holds scenes one over [0, n) never shows."""
+  if first_index and name not in ("synth_drive", "synth_cxr"):
+    raise ValueError(
+      f"first_index={first_index}: only the synthetic datasets (synth_drive, synth_cxr) can "
+      f"render scenes beyond a split's records; {name} reads the files it has"
+    )
   if name in ("mimic_ccf", "codalm"):
     if data_dir is None:
       raise ValueError(
@@ -103,17 +110,23 @@ def make_source(
     if name == "synth_cxr":
       from cpo_jax.data import synth_cxr
 
-      return synth_cxr.SynthCxrSource(split, n, seed, agreement=shortcut_agreement)
+      return synth_cxr.SynthCxrSource(
+        split, n, seed, agreement=shortcut_agreement, first_index=first_index
+      )
     from cpo_jax.data import synth_drive
 
-    return synth_drive.SynthDriveSource(split, n, seed, agreement=shortcut_agreement)
+    return synth_drive.SynthDriveSource(
+      split, n, seed, agreement=shortcut_agreement, first_index=first_index
+    )
   from cpo_jax.data import tfds_synth
 
   # One TFDS config per (split, size, seed, shortcut): preparing a split never generates the others.
   cfg = tfds_synth.SynthConfig(
-    name=f"{split}_{n}_seed{seed}_a{round(shortcut_agreement * 100)}",
+    name=f"{split}_{n}_seed{seed}_a{round(shortcut_agreement * 100)}"
+    + (f"_from{first_index}" if first_index else ""),
     seed=seed,
     agreement=shortcut_agreement,
+    first_index=first_index,
     **{f"num_{s}": (n if s == split else 0) for s in ("train", "test", "ood")},
   )
   return _prepare_on_process_0(name, lambda: tfds_synth.data_source(name, data_dir, split, cfg))

@@ -18,12 +18,15 @@ from cpo_jax.data import bad_records
 from cpo_jax.data import datasets
 from cpo_jax.data import eval_batches
 from cpo_jax.data import examples
+from cpo_jax.data import given_pairs
 from cpo_jax.data import packing
 from cpo_jax.data import processors
 from cpo_jax.data import sources
+from cpo_jax.data import thinking_pairs
 from cpo_jax.knowledge import load_graph
 
 DATASETS = ('synth_drive', 'synth_cxr', 'swift_jsonl', 'mimic_ccf', 'codalm')
+CPO_SCENES = ('sft', 'fresh')  # data.cpo_scenes
 
 
 class RunData:
@@ -72,6 +75,7 @@ class RunData:
         )
         for split, n in cfg.data.num_examples.items()
       }
+    self.sft_val_source, self.cpo_source = self._held_out_sources(data_dir)
     # A Hugging Face checkpoint brings its own tokenizer; a random-init preset builds one over
     # the domain's words and, for the user's own records, theirs (so a CPU smoke run on one's
     # own data does not skip every record as `unknown_token`).
@@ -87,16 +91,18 @@ class RunData:
     self.grid = self.processors.static_grid  # [3]: (t, h, w) patches of every image.
     self.eval_prompt_len, self.max_new_tokens = self._eval_lengths()
     self.length_buckets = self._length_buckets()
-    # Grouped pairs let the step encode a thinking pair's image once; pairs given by the
-    # records (swift_jsonl, mimic_ccf, codalm) come in their own order.
-    grouped = cfg.data.pair_layout == 'grouped' and not examples.gives_pairs(self.sources['train'])
+    # Grouped pairs let the step encode a thinking pair's image once (and run its prompt
+    # once); pairs given by the records (swift_jsonl, mimic_ccf, codalm) are split by their
+    # cpo_source into that layout, or all of the one kind they hold (given_pairs.layout_for).
     if cfg.data.pair_layout not in ('grouped', 'mixed'):
       raise ValueError(f"data.pair_layout={cfg.data.pair_layout!r}; expected 'grouped' or 'mixed'.")
-    self.pair_layout = (
-      datasets.pair_layout_for(cfg.data.thinking_fraction, self._per_host(cfg.cpo.batch_size))
-      if grouped
-      else None
-    )
+    self.pair_layout = None
+    if cfg.data.pair_layout == 'grouped':
+      layout = datasets.pair_layout_for(
+        cfg.data.thinking_fraction, self._per_host(cfg.cpo.batch_size)
+      )
+      given = examples.gives_pairs(self.cpo_source)
+      self.pair_layout = given_pairs.layout_for(self.cpo_source, layout) if given else layout
 
   def _eval_lengths(self):
     """(eval prompt length, max new tokens): the config's, or sized to the eval data when 0,
@@ -138,15 +144,58 @@ class RunData:
       )
     return buckets
 
+  def _held_out_sources(self, data_dir):
+    """(SFT validation source or None, CPO++ source). The synthetic train split is unlimited:
+    past the SFT stage's records [0, n) come sft.val_examples scenes that validate SFT
+    (sft.early_stop), then, with data.cpo_scenes='fresh', the CPO++ stage's data.cpo_examples
+    scenes (0: one per pair it trains on). Same renderer and shortcut, never seen by SFT."""
+    c, name = self.cfg, self.cfg.data.name
+    if c.data.cpo_scenes not in CPO_SCENES:
+      raise ValueError(
+        f'config.data.cpo_scenes={c.data.cpo_scenes!r}; expected one of {CPO_SCENES}.'
+      )
+    wanted = [f'sft.early_stop={c.sft.early_stop!r}'] if c.sft.early_stop else []
+    if c.data.cpo_scenes == 'fresh':
+      wanted.append("data.cpo_scenes='fresh'")
+    if name not in ('synth_drive', 'synth_cxr'):
+      if wanted:
+        raise ValueError(
+          f'{" and ".join(wanted)} need train scenes beyond the SFT records, which only the '
+          f'synthetic datasets (synth_drive, synth_cxr) render; {name} has the files it has.'
+        )
+      return None, self.sources.get('train')
+    held_out = functools.partial(
+      sources.make_source,
+      name,
+      'train',
+      seed=c.seed,
+      data_dir=data_dir,
+      shortcut_agreement=c.data.spurious_correlation,
+    )
+    first, val = c.data.num_examples['train'], None
+    if c.sft.early_stop:
+      rows = c.sft.batch_size // c.sft.grad_accum_steps
+      if c.sft.val_examples < rows:
+        raise ValueError(
+          f'sft.val_examples={c.sft.val_examples} holds no whole validation batch of {rows} rows '
+          '(sft.batch_size / sft.grad_accum_steps); raise it.'
+        )
+      val = held_out(num_examples=c.sft.val_examples, first_index=first)
+      first += c.sft.val_examples
+    if c.data.cpo_scenes == 'sft':
+      return val, self.sources['train']
+    n = c.data.cpo_examples or c.cpo.num_steps * c.cpo.batch_size
+    return val, held_out(num_examples=n, first_index=first)
+
   def _per_host(self, batch_size):
     if batch_size % jax.process_count():
       raise ValueError(f'batch size {batch_size} does not split over {jax.process_count()} hosts.')
     return batch_size // jax.process_count()
 
-  def sft_batches(self, batch_size=None, seed=None):
+  def sft_batches(self, batch_size=None, seed=None, source=None):
     c = self.cfg
     return datasets.make_sft_iterator(
-      self.sources['train'],
+      self.sources['train'] if source is None else source,
       self.processors,
       batch_size=self._per_host(batch_size or c.sft.batch_size),
       max_len=c.data.max_len,
@@ -161,13 +210,44 @@ class RunData:
 
   def sft_more_batches(self):
     """The compute-matched control's stream (stage `sft_more`): SFT rows, cpo.batch_size per
-    step, in the CPO++ stream's shuffle of the split (its seed)."""
-    return self.sft_batches(self.cfg.cpo.batch_size, seed=self.cfg.seed + 1)
+    step, in the CPO++ stream's shuffle of its records (its seed and, with
+    data.cpo_scenes='fresh', its fresh scenes: the control sees the same new scenes)."""
+    return self.sft_batches(self.cfg.cpo.batch_size, seed=self.cfg.seed + 1, source=self.cpo_source)
 
-  def cpo_batches(self):
+  def sft_val_batches(self):
+    """The held-out batches of SFT early stopping (sft.early_stop): one pass over
+    sft.val_examples scenes in a fixed order, one micro-batch of rows each (what the step holds);
+    the same rows every call. Their skips (if any) are not added to the run's counts."""
     c = self.cfg
+    if self.sft_val_source is None:
+      raise ValueError('no held-out SFT scenes: sft.early_stop is off.')
+    return datasets.make_sft_iterator(
+      self.sft_val_source,
+      self.processors,
+      batch_size=self._per_host(c.sft.batch_size // c.sft.grad_accum_steps),
+      max_len=c.data.max_len,
+      seed=c.seed,
+      num_epochs=1,
+      on_bad_record=c.data.on_bad_record,
+      max_skipped_share=c.data.max_skipped_share,
+      length_buckets=self.length_buckets,
+      **self.shard,
+    )
+
+  def cpo_batches(self, selection=None):
+    """`selection`: the reference-picked counterfactuals (data.thinking_select='reference';
+    train/counterfactual_selection.py)."""
+    c = self.cfg
+    thinking = thinking_pairs.plan_for(
+      self.cpo_source,
+      self.graph,
+      target=c.data.thinking_target,
+      select=c.data.thinking_select,
+      negative=c.data.thinking_negative,
+      selection=selection,
+    )
     return datasets.make_cpo_iterator(
-      self.sources['train'],
+      self.cpo_source,
       self.processors,
       batch_size=self._per_host(c.cpo.batch_size),
       max_len=c.data.max_len,
@@ -176,12 +256,14 @@ class RunData:
       thinking_fraction=c.data.thinking_fraction,
       perception_mode=c.data.perception_negative,
       thinking_negative=c.data.thinking_negative,
+      thinking=thinking,
       on_bad_record=c.data.on_bad_record,
       max_skipped_share=c.data.max_skipped_share,
       skips=self.skips,
       worker_count=c.data.worker_count,
       length_buckets=self.length_buckets,
       pair_layout=self.pair_layout,
+      max_prompt_len=c.data.max_prompt_len,
       **self.shard,
     )
 

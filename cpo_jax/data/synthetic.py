@@ -128,9 +128,9 @@ class Synth:
     Same nuisance and the same rng state as make_example, so whatever the renderer draws
     independently of a concept's value (background, other objects, their jitter) comes out
     pixel-identical: with one concept changed this is a minimal pair (METHOD.md section 4).
-    synth_drive draws the same randomness whatever the concept values (tested pixel-exact);
-    synth_cxr does not: consolidation blobs draw from the shared stream (a flip reshuffles the
-    heart jitter and film grain everywhere) and the lungs' shape moves effusion and pneumothorax.
+    Both renderers draw the same randomness whatever the concept values (tested pixel-exact
+    for synth_drive); in synth_cxr the lungs' shape (hyperinflation, volume loss) moves the
+    effusion and pneumothorax drawn inside them.
     Returns image, decision, concepts, boxes (no texts: the pair keeps the chosen text).
     """
     g = self.graph()
@@ -163,6 +163,7 @@ class SynthSource:
     seed: int = 0,
     encode_png: bool = True,
     agreement: float | None = None,
+    first_index: int = 0,
   ):
     self.split, self.num_examples, self.seed, self.encode_png = (
       split,
@@ -171,6 +172,11 @@ class SynthSource:
       encode_png,
     )
     self.agreement = agreement
+    # Record i is the split's scene first_index + i: another range of the same split gives
+    # scenes from the same distribution that a source over [0, first_index) never shows.
+    if first_index < 0:
+      raise ValueError(f"first_index={first_index}; expected >= 0")
+    self.first_index = int(first_index)
 
   def __len__(self) -> int:
     return self.num_examples
@@ -179,7 +185,11 @@ class SynthSource:
     if not 0 <= index < self.num_examples:
       raise IndexError(index)
     return self.synth.make_example(
-      self.seed, self.split, int(index), encode_png=self.encode_png, agreement=self.agreement
+      self.seed,
+      self.split,
+      self.first_index + int(index),
+      encode_png=self.encode_png,
+      agreement=self.agreement,
     )
 
   def counterfactual(self, index: int, assignment: dict[str, str]) -> dict[str, Any]:
@@ -187,7 +197,7 @@ class SynthSource:
     return self.synth.counterfactual(
       self.seed,
       self.split,
-      int(index),
+      self.first_index + int(index),
       assignment,
       encode_png=self.encode_png,
       agreement=self.agreement,
@@ -197,7 +207,7 @@ class SynthSource:
     """(decision [N], concepts [N,C], nuisance [N]) without rendering (for the pair index)."""
     g = self.synth.graph()
     d, c, n = [], [], []
-    for i in range(self.num_examples):
+    for i in range(self.first_index, self.first_index + self.num_examples):
       a, dec, nuis, _ = self.synth.sample_labels(self.seed, self.split, i, self.agreement)
       d.append(g.decision_id(dec))
       c.append(g.value_ids(a))
@@ -205,4 +215,7 @@ class SynthSource:
     return np.asarray(d, np.int32), np.asarray(c, np.int32), np.asarray(n, np.int32)
 
   def __repr__(self):
-    return f"{type(self).__name__}(split={self.split!r}, n={self.num_examples}, seed={self.seed})"
+    first = f", first_index={self.first_index}" if self.first_index else ""
+    return (
+      f"{type(self).__name__}(split={self.split!r}, n={self.num_examples}, seed={self.seed}{first})"
+    )

@@ -25,6 +25,7 @@ class SynthConfig(tfds.core.BuilderConfig):
   num_test: int = 512
   num_ood: int = 512
   agreement: float = 0.9  # shortcut strength in train/test
+  first_index: int = 0  # record i of a split is its scene first_index + i (unseen scenes)
 
   def sizes(self) -> dict[str, int]:
     return {"train": self.num_train, "test": self.num_test, "ood": self.num_ood}
@@ -68,7 +69,7 @@ with tfds.core.registered.skip_registration():
           }
         ),
         supervised_keys=None,
-        disable_shuffling=True,  # record i of a split is make_example(seed, split, i)
+        disable_shuffling=True,  # record i is make_example(seed, split, first_index + i)
         homepage="https://github.com/ (cpo_jax, generated)",
         metadata=tfds.core.MetadataDict(
           image_size=self.RENDERER.IMAGE_SIZE, concepts=list(g.concept_names)
@@ -85,7 +86,8 @@ with tfds.core.registered.skip_registration():
     def _generate_examples(self, split: str, n: int):
       cfg = self.builder_config
       for i in range(n):
-        yield i, self.RENDERER.make_example(cfg.seed, split, i, agreement=cfg.agreement)
+        scene = cfg.first_index + i
+        yield i, self.RENDERER.make_example(cfg.seed, split, scene, agreement=cfg.agreement)
 
 
 class SynthDrive(_SynthBuilder):
@@ -98,6 +100,11 @@ class SynthCxr(_SynthBuilder):
   """Procedural chest-X-ray-like images with a corner-marker shortcut (cpo_jax/data/synth_cxr.py)."""
 
   RENDERER = synth_cxr
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+    "1.0.0": "Initial release.",
+    "2.0.0": "A tempting shortcut: full-height side-marker bands, fainter and smaller evidence.",
+  }
 
 
 BUILDERS = {"synth_drive": SynthDrive, "synth_cxr": SynthCxr}
@@ -140,7 +147,11 @@ class _WithDomain:
 
   def counterfactual(self, index: int, assignment: dict[str, str]):
     return self._synth.counterfactual(
-      self._cfg.seed, self._split, int(index), assignment, agreement=self._cfg.agreement
+      self._cfg.seed,
+      self._split,
+      self._cfg.first_index + int(index),
+      assignment,
+      agreement=self._cfg.agreement,
     )
 
   def __len__(self):

@@ -111,6 +111,28 @@ def predict_split(
   groups = generate_lib.row_groups(generate_lib.mesh_of(model))
   own = bad_records.SkipCounter()
   batches = read_shard(shard_index=groups.index, shard_count=groups.count, skips=own)
+  pred = predict_shared(
+    model,
+    batches,
+    blank=blank,
+    tokenizer=tokenizer,
+    graph=graph,
+    max_new_tokens=max_new_tokens,
+    desc=desc,
+  )
+  # Processes of one group read the same rows (and skipped the same records): count each once.
+  by_group = {g: c for g, c in hosts.allgather_json([groups.index, dict(own.counts)])}
+  if skips is not None:
+    for counts in by_group.values():
+      skips.counts.update(counts)
+  return pred
+
+
+def predict_shared(model, batches, *, blank, tokenizer, graph, max_new_tokens, desc='eval'):
+  """`predict_decisions` of the rows every process holds together: `batches` are this
+  process's share (predict_split's, or a probe's perturbed share), decoded in calls that take
+  every process's rows at once; a process that runs out feeds `blank()`. The Predictions of
+  all rows, on every process, in record order."""
   eos = tokenizer.convert_tokens_to_ids('<|im_end|>')
   tables = []
   for batch in tqdm.tqdm(hosts.lockstep(batches, blank), desc=desc, unit='batch', leave=False):
@@ -118,11 +140,6 @@ def predict_split(
     tables.append(_row_table(tokens, batch))
   if tables:  # every process made the same calls: tables of one shape
     tables = [hosts.allgather_rows(np.concatenate(tables))]
-  # Processes of one group read the same rows (and skipped the same records): count each once.
-  by_group = {g: c for g, c in hosts.allgather_json([groups.index, dict(own.counts)])}
-  if skips is not None:
-    for counts in by_group.values():
-      skips.counts.update(counts)
   return _parse(tables, tokenizer, graph, eos, record_order=True)
 
 

@@ -15,11 +15,14 @@ generated answer against the gold answer's, scored by `paper_metrics.report_gene
 from __future__ import annotations
 
 import re
+from typing import Callable
+from typing import Mapping
 from typing import Sequence
 
 import numpy as np
 import tqdm
 
+from cpo_jax.evaluate import hosts
 from cpo_jax.evaluate import paper_metrics
 from cpo_jax.evaluate.scoring import AnswerScorer
 from cpo_jax.evaluate.scoring import encode_text
@@ -53,20 +56,35 @@ def thought(text: str) -> str:
   return f'{THINK_OPEN} {chain_text(text)} {THINK_CLOSE}'
 
 
-def finding_scores(scorer: AnswerScorer, batches, texts, names: Sequence[str], desc='findings'):
-  """[N, K] the AUC scores above, for the valid rows of `batches` in order (`texts`: the
-  generated answers of those rows, same order)."""
+def finding_scores(
+  scorer: AnswerScorer,
+  batches,
+  texts: Mapping[int, str],
+  names: Sequence[str],
+  desc='findings',
+  blank: Callable[[], dict] | None = None,
+):
+  """[N, K] the AUC scores above, for the valid rows of `batches` in record order (`texts`:
+  the generated answer of each of those rows, by record index). With `blank`, `batches` are
+  this process's share (as answers.predict_split reads it): a process that runs out feeds
+  `blank()` until all have, and the rows are gathered on every process."""
   sequences = [encode_text(scorer.tokenizer, f' {n}') for n in names]
-  out, k = [], 0
+  if blank is not None:
+    batches = hosts.lockstep(batches, blank)
+  rows = []
   for batch in tqdm.tqdm(batches, desc=desc, unit='batch', leave=False):
     valid = np.asarray(batch['valid'], bool)
-    chains = []
-    for keep in valid:
-      chains.append(thought(texts[k]) if keep else '')
-      k += keep
+    index = np.asarray(batch['index'])
+    chains = [thought(texts[int(i)]) if keep else '' for i, keep in zip(index, valid)]
     logps = scorer.sequence_logps(batch, chains, scorer.encode(batch), sequences)
-    out.append(logps[valid])
-  return np.concatenate(out) if out else np.zeros((0, len(names)))
+    rows += [{'index': int(index[i]), 'scores': logps[i].tolist()} for i in np.flatnonzero(valid)]
+  rows = hosts.rows_by_index(rows, gather=blank is not None)
+  if [r['index'] for r in rows] != sorted(texts):
+    raise ValueError(
+      f'{desc}: scored the rows {[r["index"] for r in rows][:10]}... but the answers are of '
+      f'{sorted(texts)[:10]}...: the batches must be those the answers were generated for'
+    )
+  return np.asarray([r['scores'] for r in rows], np.float64).reshape(len(rows), len(names))
 
 
 def report_scores(gold_texts: Sequence[str], generated: Sequence[str]) -> dict:

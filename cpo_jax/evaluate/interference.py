@@ -7,6 +7,12 @@ clean splits. Thinking interference edits the chain (`chain_edits`: graph senten
 data the record's own chain in place) and reads the answer distribution
 (`scoring.AnswerScorer`). Report contract (DESIGN.md):
 `interference.<kind>.<severity>` is an accuracy (the return of `interference_report`).
+
+Random masks draw per row from the record index (not the batch), so a cell does not depend on
+how the split is batched or shared over hosts: with `blank`, each host reads, perturbs, decodes
+and scores its own share, and the cells are those of one process reading the whole split.
+`image_swap` takes its donors from the batch and earlier batches, so it reads the whole split
+on every host (its calls still split the rows over the mesh).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import numpy as np
 from cpo_jax import perturb
 from cpo_jax.evaluate import answers
 from cpo_jax.evaluate import chain_edits
+from cpo_jax.evaluate import hosts
 from cpo_jax.evaluate.scoring import AnswerScorer
 from cpo_jax.evaluate.scoring import mean_or_none
 from cpo_jax.knowledge.graph import ConceptGraph
@@ -51,15 +58,24 @@ def perturb_batch(batch, kind: str, severity: float, rng, *, layout: perturb.Pat
   """The eval batch with masked pixel_values (kinds of perturb.PERCEPTION_MASKS).
 
   occlude uses the batch's evidence boxes, in pixels of the processed image (the pipeline
-  rescales them when it resizes an image).
+  rescales them when it resizes an image). A random mask draws each row's from `rng` folded
+  with the row's record index: the same row gets the same mask in any batch.
   """
   grid = perturb.grid_of(batch['image_grid_thw'])
   pixels = jnp.asarray(batch['pixel_values'])
   if kind == 'occlude':
     boxes = jnp.asarray(batch['boxes'], jnp.float32)
     out = perturb.occlude_boxes(rng, pixels, grid, boxes, severity, layout=layout)
-  elif kind in ('mask_patches', 'noise', 'blur'):
-    out = perturb.PERCEPTION_MASKS[kind](rng, pixels, grid, None, severity, layout=layout)
+  elif kind == 'blur':  # deterministic
+    out = perturb.gaussian_blur(rng, pixels, grid, None, severity, layout=layout)
+  elif kind in ('mask_patches', 'noise'):
+    mask = functools.partial(
+      perturb.PERCEPTION_MASKS[kind], grid=grid, boxes=None, severity=severity, layout=layout
+    )
+    index = np.asarray(batch['index']).astype(np.uint32)  # -1 (blank rows) wraps
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, index)
+    rows = pixels.reshape(len(index), -1, pixels.shape[-1])
+    out = jax.vmap(mask)(keys, rows).reshape(pixels.shape)
   else:
     raise ValueError(
       f'perturb_batch: kind {kind!r}; expected one of '
@@ -110,18 +126,18 @@ def _perturbed_batches(batches, kind, severity, key, *, layout, donors):
   """Applies one interference to every batch; collects the swap donors' decisions of scored rows."""
   pool = {}
   swap_rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).astype(np.uint64).tolist())
-  for i, batch in enumerate(batches):
+  for batch in batches:
     if kind == 'image_swap':
       batch, donor = swap_images(batch, severity, swap_rng, pool, layout=layout)
       donors.extend(donor[np.asarray(batch['valid'], bool)].tolist())
     else:
-      batch = perturb_batch(batch, kind, severity, jax.random.fold_in(key, i), layout=layout)
+      batch = perturb_batch(batch, kind, severity, key, layout=layout)
     yield batch
 
 
 def interference_details(
   model,
-  batches_fn: Callable[[], Iterable[dict]],
+  batches_fn: Callable[..., Iterable[dict]],
   *,
   processors,
   graph: ConceptGraph,
@@ -130,6 +146,7 @@ def interference_details(
   rng_seed: int = 0,
   scorer=None,
   source=None,
+  blank: Callable[[], dict] | None = None,
 ):
   """Every interference cell with its diagnostics: {kind: {str(severity): cell}}.
 
@@ -143,6 +160,11 @@ def interference_details(
   `not_applicable` = rows not scored (`skipped` + rows without a known expected answer, e.g.
   unlabelled ones). `batches_fn()` must give the same eval batches (make_eval_batches format) on
   every call. `scorer`: an AnswerScorer to reuse (e.g. the one given to drift_probe).
+
+  With `blank` (an eval batch of invalid rows) the hosts share the split, as
+  answers.predict_split does: `batches_fn(shard_index=, shard_count=)` gives this process's
+  share, which it perturbs, decodes and scores itself; the cells, gathered on every process, are
+  one process's (image_swap reads the whole split, `batches_fn()`, everywhere).
   """
   kinds = dict(DEFAULT_SEVERITIES if kinds_and_severities is None else kinds_and_severities)
   unknown = [k for k in kinds if k not in PERCEPTION_KINDS + THINKING_KINDS]
@@ -151,15 +173,15 @@ def interference_details(
       f'unknown interference kinds {unknown}; known: {PERCEPTION_KINDS + THINKING_KINDS}'
     )
   layout = perturb.PatchLayout.from_processor(processors.image_processor)
-  decode = functools.partial(
-    answers.predict_decisions,
-    model,
-    tokenizer=processors.tokenizer,
-    graph=graph,
-    max_new_tokens=max_new_tokens,
-  )
-  predicted, gold, texts, *_ = decode(batches_fn(), desc='interference: none')
-  report = {'none': {'0': answers.decision_accuracy(predicted, gold)}}
+  kw = dict(tokenizer=processors.tokenizer, graph=graph, max_new_tokens=max_new_tokens)
+  whole = functools.partial(answers.predict_decisions, model, **kw)
+  if blank is None:
+    own, decode = batches_fn, whole
+  else:
+    own = functools.partial(batches_fn, **hosts.share(model))
+    decode = functools.partial(answers.predict_shared, model, blank=blank, **kw)
+  clean = decode(own(), desc='interference: none')
+  report = {'none': {'0': answers.decision_accuracy(clean.predicted, clean.gold)}}
   key = jax.random.key(rng_seed)
   for kind in (k for k in kinds if k in PERCEPTION_KINDS):
     report[kind] = {}
@@ -169,89 +191,118 @@ def interference_details(
         jax.random.fold_in(key, PERCEPTION_KINDS.index(kind)), int(round(1000 * float(severity)))
       )
       donors = []
+      swap = kind == 'image_swap'
       batches = _perturbed_batches(
-        batches_fn(), kind, severity, cell_key, layout=layout, donors=donors
+        (batches_fn if swap else own)(), kind, severity, cell_key, layout=layout, donors=donors
       )
-      predicted, gold, *_ = decode(batches, desc=f'interference: {kind} {severity}')
+      desc = f'interference: {kind} {severity}'
+      predicted, gold, *_ = (whole if swap else decode)(batches, desc=desc)
       cell = answers.decision_accuracy(predicted, gold)
-      if kind == 'image_swap':
+      if swap:
         cell['follows_donor'] = mean_or_none(predicted == np.asarray(donors)) if donors else None
       report[kind][str(severity)] = cell
   thinking = {k: v for k, v in kinds.items() if k in THINKING_KINDS}
   if thinking:
     scorer = scorer or AnswerScorer(model, processors, graph)
-    report.update(
-      _thinking_interference(scorer, batches_fn(), texts, thinking, graph, rng_seed, source)
-    )
+    batches = own()
+    if blank is not None:
+      batches = hosts.lockstep(batches, lambda: hosts.probe_blank(blank(), len(graph.concepts)))
+    texts = dict(zip(clean.indices.tolist(), clean.texts))
+    rows = [
+      r
+      for batch in batches
+      for r in _thinking_rows(scorer, batch, texts, thinking, graph, rng_seed, source)
+    ]
+    report.update(_thinking_cells(hosts.rows_by_index(rows, gather=blank is not None), thinking))
   return report
 
 
 def _rows(graph, batch, texts, source):
   """The chains to edit: the records' own (real data), else the model's own chain when usable,
-  else the gold one (chain_edits.base_chain). `texts` yields the valid rows' generated texts."""
+  else the gold one (chain_edits.base_chain). `texts`: the generated text of each valid row by
+  record index."""
   if chain_edits.uses_records(source):
     return chain_edits.record_rows(graph, batch, source)
   rows = []
-  for concepts, keep in zip(batch['concepts'], np.asarray(batch['valid'], bool)):
+  for concepts, keep, idx in zip(
+    batch['concepts'], np.asarray(batch['valid'], bool), batch['index']
+  ):
     gold = graph.assignment_from_ids(concepts)
-    # texts hold only the valid rows, in order; filler rows reuse the gold chain.
-    a, s, own = chain_edits.base_chain(graph, next(texts), gold) if keep else (gold, {}, False)
+    # Filler rows reuse the gold chain.
+    a, s, own = chain_edits.base_chain(graph, texts[int(idx)], gold) if keep else (gold, {}, False)
     rows.append(chain_edits.ProbeRow(graph.chain_text(a, s), a, s, own))
   return rows
 
 
-def _thinking_interference(scorer, batches, texts, kinds, graph, rng_seed, source=None):
-  cells = {
-    (kind, s): {'hit': [], 'unchanged': [], 'own': [], 'skipped': 0, 'not_applicable': 0}
-    for kind, sevs in kinds.items()
-    for s in sevs
-  }
-  text_iter = iter(texts)
-  for batch in batches:
-    valid = np.asarray(batch['valid'], bool)
-    gold = np.asarray(batch['decision'])
-    rows = _rows(graph, batch, text_iter, source)
-    # A row without a chain still needs one in the static batch; it is never scored.
-    base = [
-      r.chain or graph.chain_text(graph.assignment_from_ids(c))
-      for r, c in zip(rows, batch['concepts'])
+def _thinking_rows(scorer, batch, texts, kinds, graph, rng_seed, source=None) -> list[dict]:
+  """Per valid row of the batch, per cell 'kind/severity': its answer was the expected one
+  (`hit`), the same as for the unedited chain (`unchanged`), its own chain was edited (`own`);
+  or `skipped` (no such edit) or `not_applicable` (no expected answer). Every process makes
+  the same scorer calls (a cell no row can be scored on anywhere is skipped)."""
+  valid = np.asarray(batch['valid'], bool)
+  gold = np.asarray(batch['decision'])
+  rows = _rows(graph, batch, texts, source)
+  # A row without a chain still needs one in the static batch; it is never scored.
+  base = [
+    r.chain or graph.chain_text(graph.assignment_from_ids(c))
+    for r, c in zip(rows, batch['concepts'])
+  ]
+  embeds = scorer.encode(batch)
+  p0 = scorer.distributions(batch, base, embeds)
+  out = {i: {'index': int(batch['index'][i])} for i in np.flatnonzero(valid).tolist()}
+  cells = [(kind, s) for kind, sevs in kinds.items() for s in sevs]
+  edits, scored = {}, {}
+  for kind, severity in cells:
+    edits[kind, severity] = [
+      r.edit(
+        graph,
+        kind,
+        np.random.default_rng([rng_seed, THINKING_KINDS.index(kind), int(severity), int(idx)]),
+        num_edits=int(severity),
+      )
+      if keep
+      else None  # filler and blank rows (index -1) are never edited
+      for r, idx, keep in zip(rows, batch['index'], valid)
     ]
-    embeds = scorer.encode(batch)
-    p0 = scorer.distributions(batch, base, embeds)
-    for (kind, severity), cell in cells.items():
-      edits = [
-        r.edit(
-          graph,
-          kind,
-          np.random.default_rng([rng_seed, THINKING_KINDS.index(kind), int(severity), int(idx)]),
-          num_edits=int(severity),
-        )
-        for r, idx in zip(rows, batch['index'])
-      ]
-      edited = [i for i in np.flatnonzero(valid) if edits[i] is not None]
-      expected = {i: rows[i].expected(graph, edits[i], int(gold[i])) for i in edited}
-      scored = [i for i in edited if expected[i] is not None]
-      cell['skipped'] += int(valid.sum()) - len(edited)
-      cell['not_applicable'] += int(valid.sum()) - len(scored)
-      if not scored:
-        continue
-      chains = [e.chain if e is not None else b for e, b in zip(edits, base)]
-      p1 = scorer.distributions(batch, chains, embeds)
-      for i in scored:
-        answer = int(np.argmax(p1[i]))
-        cell['hit'].append(answer == expected[i])
-        cell['unchanged'].append(answer == int(np.argmax(p0[i])))
-        cell['own'].append(rows[i].own)
+    scored[kind, severity] = {}
+    for i in out:
+      e = edits[kind, severity][i]
+      expected = None if e is None else rows[i].expected(graph, e, int(gold[i]))
+      if expected is not None:
+        scored[kind, severity][i] = expected
+      else:
+        out[i][f'{kind}/{severity}'] = 'skipped' if e is None else 'not_applicable'
+  needed = hosts.any_process([bool(scored[cell]) for cell in cells])
+  for cell, need in zip(cells, needed):
+    if not need:
+      continue
+    chains = [e.chain if e is not None else b for e, b in zip(edits[cell], base)]
+    p1 = scorer.distributions(batch, chains, embeds)
+    for i, expected in scored[cell].items():
+      answer = int(np.argmax(p1[i]))
+      out[i][f'{cell[0]}/{cell[1]}'] = {
+        'hit': answer == expected,
+        'unchanged': answer == int(np.argmax(p0[i])),
+        'own': bool(rows[i].own),
+      }
+  return list(out.values())
+
+
+def _thinking_cells(rows: list[dict], kinds) -> dict:
+  """{kind: {str(severity): cell}} from every row's results, in record order."""
   out = {}
-  for (kind, severity), cell in cells.items():
-    out.setdefault(kind, {})[str(severity)] = {
-      'accuracy': mean_or_none(cell['hit']),
-      'n': len(cell['hit']),
-      'unchanged': mean_or_none(cell['unchanged']),
-      'own_chain': mean_or_none(cell['own']),
-      'skipped': cell['skipped'],
-      'not_applicable': cell['not_applicable'],
-    }
+  for kind, sevs in kinds.items():
+    for severity in sevs:
+      status = [r[f'{kind}/{severity}'] for r in rows]
+      scored = [v for v in status if isinstance(v, dict)]
+      out.setdefault(kind, {})[str(severity)] = {
+        'accuracy': mean_or_none([v['hit'] for v in scored]),
+        'n': len(scored),
+        'unchanged': mean_or_none([v['unchanged'] for v in scored]),
+        'own_chain': mean_or_none([v['own'] for v in scored]),
+        'skipped': status.count('skipped'),
+        'not_applicable': len(status) - len(scored),
+      }
   return out
 
 

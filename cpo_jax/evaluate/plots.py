@@ -48,7 +48,7 @@ def plot_training_curves(metrics_path, path):
   stages = list(dict.fromkeys(r['stage'] for r in rows))
   fig, axes = plt.subplots(1, len(stages) + 1, figsize=(4.5 * (len(stages) + 1), 3.5))
   for ax, stage in zip(axes, stages):
-    rs = [r for r in rows if r['stage'] == stage]
+    rs = [r for r in rows if r['stage'] == stage and 'loss' in r]  # not eval.every_steps rows
     ax.plot([r['step'] for r in rs], [r['loss'] for r in rs])
     ax.set_title(f'{stage} loss')
     ax.set_xlabel('step')

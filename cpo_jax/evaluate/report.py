@@ -18,6 +18,7 @@ from cpo_jax.data.mimic_files import FINDINGS
 from cpo_jax.evaluate import answers
 from cpo_jax.evaluate import drift_probe as drift_probe_lib
 from cpo_jax.evaluate import findings
+from cpo_jax.evaluate import hosts
 from cpo_jax.evaluate import interference
 from cpo_jax.evaluate import plots
 from cpo_jax.evaluate import scoring
@@ -81,8 +82,13 @@ def evaluate_splits(model, cfg, data):
       section['report_generation'] = findings.report_scores(gold_texts, pred.texts)
     if labelled:
       scorer = scorer or scoring.AnswerScorer(model, data.processors, graph)
-      scores = findings.finding_scores(
-        scorer, data.eval_batches(split), pred.texts, FINDINGS, desc=f'findings {split}'
+      scores = findings.finding_scores(  # each host scores its share, as it decoded it
+        scorer,
+        data.eval_batches(split, **hosts.share(model)),
+        dict(zip(pred.indices.tolist(), pred.texts)),
+        FINDINGS,
+        desc=f'findings {split}',
+        blank=data.blank_eval_batch,
       )
       labels = np.stack([np.asarray(r['labels']) for r in records])
       section['findings'] = findings.findings_report(labels, pred.texts, scores, FINDINGS)
@@ -116,13 +122,18 @@ def robustness_sections(model, cfg, data):
   `interference_not_applicable.<thinking kind>.<severity>` (rows that edit could not be scored
   on) and `drift` (answer shift when one concept in the chain is substituted; its own
   `not_applicable` per metric) on `eval.robustness_split`. On real data (pair sources) the
-  thinking probes edit each record's own chain (chain_edits.mention_edit). Every host reads
-  the whole probe split (the probes and the findings scorer are not split over hosts)."""
+  thinking probes edit each record's own chain (chain_edits.mention_edit). Each host reads,
+  decodes and scores its share of the probe split, as for the splits (image_swap excepted:
+  its donors come from the whole split, which every host reads)."""
   split = cfg.eval.robustness_split or data.eval_splits[0]
   n = cfg.eval.robustness_max_examples
-  batches = lambda: data.eval_batches(split, max_examples=n)
+  batches = lambda **share: data.eval_batches(split, max_examples=n, **share)
   kw = dict(
-    processors=data.processors, graph=data.graph, rng_seed=cfg.seed, source=data.sources[split]
+    processors=data.processors,
+    graph=data.graph,
+    rng_seed=cfg.seed,
+    source=data.sources[split],
+    blank=data.blank_eval_batch,
   )
   details = interference.interference_details(
     model, batches, max_new_tokens=data.max_new_tokens, **kw
@@ -131,7 +142,7 @@ def robustness_sections(model, cfg, data):
     'robustness_split': split,
     'interference': interference.accuracies(details),
     'interference_not_applicable': interference.not_applicable(details),
-    'drift': drift_probe_lib.drift_probe(model, batches(), **kw),
+    'drift': drift_probe_lib.drift_probe(model, batches(**hosts.share(model)), **kw),
   }
 
 

@@ -78,6 +78,37 @@ def counterfactual_assignment(
   return dict(cands[int(best[rng.integers(len(best))])]), True
 
 
+def nearest_rewrites(
+  g: ConceptGraph, a: Assignment, decisions: Sequence[str]
+) -> list[dict[str, str]]:
+  """The valid assignments whose decision is in `decisions` at the fewest changed concepts
+  from `a` (the minimal counterfactuals toward those decisions), in the graph's enumeration
+  order; [] when none of them is reachable. Graphs are small by design: an exhaustive search."""
+  cached = getattr(g, "_decided_assignments", None)
+  if cached is None:  # (assignment, decision) of every valid assignment, once per graph
+    cached = [(b, g.decide(b)) for b in g.all_assignments()]
+    object.__setattr__(g, "_decided_assignments", cached)
+  wanted = set(decisions)
+  cands = [dict(b) for b, d in cached if d in wanted and b != dict(a)]
+  if not cands:
+    return []
+  dist = [sum(b[k] != a[k] for k in g.concept_names) for b in cands]
+  return [b for b, d in zip(cands, dist) if d == min(dist)]
+
+
+def candidate_rewrites(g: ConceptGraph, a: Assignment, *, k: int, seed=0) -> list[dict[str, str]]:
+  """Up to k distinct minimal counterfactuals of `a`: the nearest rewrites toward each other
+  decision, pooled (enumeration order); more than k -> a seeded choice of k, order kept."""
+  if k < 1:
+    raise ValueError(f"k={k}: at least one candidate rewrite is needed")
+  orig = g.decide(a)
+  pool = [b for t in g.decisions if t != orig for b in nearest_rewrites(g, a, [t])]
+  if len(pool) > k:
+    keep = np.sort(_rng(seed).choice(len(pool), k, replace=False))
+    pool = [pool[i] for i in keep]
+  return pool
+
+
 def rewrite(
   g: ConceptGraph,
   a: Assignment,

@@ -19,9 +19,88 @@ def get_rope_index(input_ids, attention_mask, image_grid_thw, config):
 
   Text tokens advance all three axes together; a run of image tokens gets a
   (t, h/merge, w/merge) grid starting at the current position; the next text resumes
-  at max(h, w)/merge after the grid start. Padding (attention_mask == 0) gets 0.
+  at max(h, w)/merge after the grid start. Padding (attention_mask == 0) gets 0; a row's
+  tokens are read in order skipping its padding, and image runs take the rows of
+  image_grid_thw in (row, position) order. Whole-batch numpy (no loop over rows), the
+  same ids and errors as `get_rope_index_per_row`.
   Returns (position_ids [3, B, L] int64, rope_deltas [B, 1] int64) as numpy arrays.
   """
+  input_ids = np.asarray(input_ids)
+  b, seq = input_ids.shape
+  mask = (
+    np.ones((b, seq), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+  )
+  grids = np.asarray([] if image_grid_thw is None else image_grid_thw, np.int64).reshape(-1, 3)
+  merge = config.vision_config.spatial_merge_size
+  block_starts = mask.copy()
+  block_starts[:, 1:] &= ~mask[:, :-1]
+  if np.all(block_starts.sum(1) <= 1):  # left or right padding: each row's tokens in one block
+    return _rope_index_of_blocks(input_ids, mask, grids, merge, config.image_token_id)
+  # Padding between tokens: move each row's tokens to its front, compute, move them back.
+  rows, cols = np.nonzero(mask)
+  dest = (np.cumsum(mask, 1) - 1)[rows, cols]
+  packed = np.zeros_like(input_ids)
+  packed[rows, dest] = input_ids[rows, cols]
+  dense = np.arange(seq)[None] < mask.sum(1)[:, None]
+  pos, deltas = _rope_index_of_blocks(packed, dense, grids, merge, config.image_token_id)
+  out = np.zeros_like(pos)
+  out[:, rows, cols] = pos[:, rows, dest]
+  return out, deltas
+
+
+def _rope_index_of_blocks(input_ids, mask, grids, merge, image_token_id):
+  """`get_rope_index` for rows whose attended tokens form one block each."""
+  seq = input_ids.shape[1]
+  is_image = mask & (input_ids == image_token_id)
+  starts = is_image.copy()
+  starts[:, 1:] &= ~is_image[:, :-1]
+  ends = is_image.copy()
+  ends[:, :-1] &= ~is_image[:, 1:]
+  # flatnonzero is row-major: the order in which the image runs take the grids.
+  run_row, run_start = np.divmod(np.flatnonzero(starts), seq)
+  run_end = np.flatnonzero(ends) % seq
+  run_len = run_end - run_start + 1
+  known = min(len(run_row), len(grids))
+  g = grids[:known]
+  gt, gh, gw = g[:, 0], g[:, 1] // merge, g[:, 2] // merge
+  wrong = np.flatnonzero(gt * gh * gw != run_len[:known])
+  if wrong.size:  # the first bad run, in the order the per-row form meets it
+    k = int(wrong[0])
+    t, h, w = g[k].tolist()
+    raise ValueError(
+      f'sample {int(run_row[k])}: image run of {int(run_len[k])} tokens at '
+      f'{int(run_start[k] - mask[run_row[k]].argmax())} does not match grid {(t, h, w)} '
+      f'({int(gt[k] * gh[k] * gw[k])} tokens after {merge}x{merge} merge)'
+    )
+  if len(run_row) > known:
+    raise ValueError(
+      f'sample {int(run_row[known])}: more image-token runs than rows in image_grid_thw'
+    )
+  # A text token advances the position by 1, an image run by max(h, w) / merge (at its last
+  # token): a token's piece starts at the sum of the advances before it.
+  advance = (mask & ~is_image).astype(np.int64)
+  advance[run_row, run_end] = np.maximum(g[:, 1], g[:, 2]) // merge
+  start = np.cumsum(advance, 1)
+  start -= advance
+  start *= mask
+  pos = np.repeat(start[None], 3, 0)
+  if known:  # image tokens: their (t, h, w) cell of the run's grid, from the run's start
+    offset = np.arange(run_len.sum()) - np.repeat(np.cumsum(run_len) - run_len, run_len)
+    area, width = np.repeat(gh * gw, run_len), np.repeat(gw, run_len)
+    flat = np.repeat(run_row * seq + run_start, run_len) + offset
+    for axis, value in enumerate((offset // area, offset % area // width, offset % width)):
+      pos[axis].reshape(-1)[flat] += value
+  # A row's largest position: its last text token's, or an image run's far corner.
+  top = start.max(1, initial=0)
+  np.maximum.at(top, run_row, start[run_row, run_start] + np.maximum(gt, np.maximum(gh, gw)) - 1)
+  count = mask.sum(1)
+  return pos, np.where(count > 0, top + 1 - count, 0)[:, None].astype(np.int64)
+
+
+def get_rope_index_per_row(input_ids, attention_mask, image_grid_thw, config):
+  """`get_rope_index` one row at a time in Python, as transformers writes it: the plain form
+  the vectorised one is tested (tests/test_rope_index.py) and timed (bench/bench_rope_index.py)
+  against."""
   input_ids = np.asarray(input_ids)
   b, seq = input_ids.shape
   mask = (

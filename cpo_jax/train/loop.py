@@ -20,6 +20,7 @@ from cpo_jax import paths
 from cpo_jax import sharding
 from cpo_jax.train import accumulation
 from cpo_jax.train import compile_watch
+from cpo_jax.train import early_stop
 from cpo_jax.train import optimizer
 from cpo_jax.train import preemption
 from cpo_jax.train import steps
@@ -43,6 +44,56 @@ def latest_step(workdir, stage_name):
   path = checkpoint_dir(workdir, stage_name)
   done = [int(p.name) for p in path.iterdir() if p.name.isdigit()] if path.is_dir() else []
   return max(done, default=None)
+
+
+def stage_finished(workdir, stage_name, num_steps):
+  """Whether the stage ran all `num_steps`, or stopped early (sft.early_stop) at its latest
+  checkpoint."""
+  return early_stop.finished(workdir, stage_name, num_steps, latest_step(workdir, stage_name))
+
+
+def _ranking_metric(metrics):
+  return next(iter(metrics.values()))  # the first eval metric ranks the steps
+
+
+def _best_manager(workdir, stage_name, read_only=False):
+  """checkpoints/<stage>_best/: the trained params of the stage's best evaluated step only."""
+  return ocp.CheckpointManager(
+    checkpoint_dir(workdir, f'{stage_name}_best'),
+    options=ocp.CheckpointManagerOptions(
+      max_to_keep=1, best_fn=_ranking_metric, best_mode='max', read_only=read_only
+    ),
+  )
+
+
+def best_checkpoint(workdir, stage_name):
+  """(step, metrics) of the stage's best evaluated step: the eval metrics it was ranked by
+  (the first one ranks; None where the split had no labelled row)."""
+  path = checkpoint_dir(workdir, f'{stage_name}_best')
+  if not (path.is_dir() and any(p.name.isdigit() for p in path.iterdir())):
+    raise FileNotFoundError(
+      f"eval.checkpoint='best': no best checkpoint of stage {stage_name!r} under {path}; one is "
+      "kept only when the stage trains with eval.every_steps > 0. Use eval.checkpoint='last', or "
+      'check --workdir.'
+    )
+  manager = _best_manager(workdir, stage_name, read_only=True)
+  try:
+    step = manager.best_step()
+    metrics = manager.metrics(step)
+  finally:
+    manager.close()
+  return step, {k: None if v == -float('inf') else v for k, v in metrics.items()}
+
+
+def restore_best(workdir, stage_name, like):
+  """The stage's best trained params (`best_checkpoint`), in the shardings of `like`."""
+  step, _ = best_checkpoint(workdir, stage_name)
+  manager = _best_manager(workdir, stage_name, read_only=True)
+  try:
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    return manager.restore(step, args=ocp.args.StandardRestore(target))
+  finally:
+    manager.close()
 
 
 # Replicated arrays are written in slices by their replicas only when a slice is this large:
@@ -114,6 +165,8 @@ def run_stage(
   restore_only=False,
   evaluate=None,
   eval_every=0,
+  returns='last',
+  validation=None,
 ):
   """Trains `stage` for `num_steps`, resuming from its latest checkpoint in the workdir.
 
@@ -123,9 +176,28 @@ def run_stage(
   (trainable, frozen); with `restore_only`, the latest checkpoint as it is (--mode=eval).
   With `evaluate(model) -> {'eval/<split>/<metric>': value}` and `eval_every`, the model is
   evaluated every `eval_every` steps (logged) and the trained params of the best step by the
-  first metric are kept apart, in checkpoints/<stage>_best/.
+  first metric are kept apart, in checkpoints/<stage>_best/. With returns='best' the stage
+  returns those params (`restore_best`) in place of its last ones (eval.checkpoint).
+  With `validation` (an `early_stop.Validation`) the held-out loss is measured as it says (each
+  time with a checkpoint), the stage may stop before `num_steps`, and it returns the params of
+  the lowest held-out loss (`early_stop.py`).
   """
   _register_array_handler()
+  if returns not in ('last', 'best'):
+    raise ValueError(f"returns={returns!r}; expected 'last' or 'best'.")
+  if returns == 'best' and validation is not None:
+    raise ValueError(
+      f'stage {stage.name!r} keeps the params of its lowest held-out loss (early stopping); '
+      "it cannot also return its best evaluated ones (eval.checkpoint='best')."
+    )
+
+  def _returned(trainable, frozen):
+    if returns == 'best':
+      trainable = restore_best(workdir, stage.name, trainable)
+    if validation is not None:
+      trainable = early_stop.restore_best(workdir, stage.name, trainable)
+    return trainable, frozen
+
   trainable_sh = sharding.state_shardings(stage.trainable, mesh)
   frozen_sh = sharding.state_shardings(stage.frozen, mesh)
   trainable = jax.device_put(stage.trainable, trainable_sh)
@@ -138,14 +210,15 @@ def run_stage(
     options=ocp.CheckpointManagerOptions(max_to_keep=checkpoint_cfg.max_to_keep),
   )
   start = manager.latest_step() or 0
-  if start >= num_steps or restore_only:
+  stopped = validation is not None and start and early_stop.stopped_at(workdir, stage.name) == start
+  if start >= num_steps or restore_only or stopped:
     if start:
       target = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainable)
       trainable = manager.restore(
         start, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
       )['params']
     manager.close()
-    return trainable, frozen
+    return _returned(trainable, frozen)
 
   batches = make_batches()
   if start:
@@ -214,11 +287,11 @@ def run_stage(
   ahead = ReadAhead(batches, load)
   best = None
   if evaluate is not None and eval_every:
-    best = ocp.CheckpointManager(
-      checkpoint_dir(workdir, f'{stage.name}_best'),
-      options=ocp.CheckpointManagerOptions(
-        max_to_keep=1, best_fn=lambda m: next(iter(m.values())), best_mode='max'
-      ),
+    best = _best_manager(workdir, stage.name)
+  monitor = None
+  if validation is not None:
+    monitor = early_stop.Monitor(
+      validation, stage, mesh, (trainable_sh, frozen_sh), workdir, writer, start
     )
   try:
     with preemption.Watch() as watch:
@@ -250,9 +323,16 @@ def run_stage(
           ranked = {k: -float('inf') if v is None else v for k, v in scores.items()}
           best.save(done, args=ocp.args.StandardSave(trainable), metrics=ranked)
           meter.restart()  # the evaluation's time is not the training's
-        periodic = done % checkpoint_cfg.every_steps == 0 or done == num_steps
+        measured = monitor is not None and monitor.due(done, num_steps)
+        stop = measured and monitor.measure(done, trainable, frozen)
+        if measured:
+          meter.restart()
+        periodic = done % checkpoint_cfg.every_steps == 0 or done == num_steps or measured
         if periodic:
           save(done)
+        if stop:  # no lower held-out loss for `patience` measurements: the stage ends here
+          monitor.mark_stopped(done)
+          break
         if watch.reached(done):  # every host at the same step: save there and stop
           if not periodic:
             save(done)
@@ -265,4 +345,6 @@ def run_stage(
     if best is not None:
       best.wait_until_finished()
       best.close()
-  return trainable, frozen
+    if monitor is not None:
+      monitor.close()
+  return _returned(trainable, frozen)

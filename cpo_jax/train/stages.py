@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from cpo_jax.data import datasets
-from cpo_jax.data import sources
 from cpo_jax.models import get_rope_index  # host-side numpy, transformers' semantics.
 from cpo_jax.models import lora
 from cpo_jax.train import accumulation
 from cpo_jax.train import completion
 from cpo_jax.train import device_pairs
+from cpo_jax.train import early_stop
 from cpo_jax.train import loop
 from cpo_jax.train import objectives
 from cpo_jax.train import optimizer
@@ -126,9 +126,10 @@ def resolve_accumulation(cfg, mesh):
 
 
 def cpo_pair_group(cfg):
-  """Pairs a CPO++ micro-batch keeps together on a host: the grouped layout's group when the
-  pipeline makes the pairs (`datasets.pair_layout_for`), else 1."""
-  if cfg.data.pair_layout != 'grouped' or cfg.data.name in sources.PAIRS_GIVEN:
+  """Pairs a CPO++ micro-batch keeps together on a host: the grouped layout's group
+  (`datasets.pair_layout_for`; given pairs split by cpo_source take it, or groups of 1 when
+  they hold one kind only), else 1."""
+  if cfg.data.pair_layout != 'grouped':
     return 1
   per_host = cfg.cpo.batch_size // jax.process_count()
   return datasets.pair_layout_for(cfg.data.thinking_fraction, per_host)[1]
@@ -240,9 +241,30 @@ def _run(stage, prepare, cfg, num_steps, train, policy_of=lambda m: m, **loop_kw
   return nnx.merge(stage.graphdef, trainable, frozen)
 
 
-def train_sft(model, cfg, *, grid, train=True, **loop_kw):
-  """Runs (or resumes, or with train=False restores) the SFT stage; returns the model."""
+def sft_validation(cfg, make_val_batches, prepare):
+  """The SFT stage's `early_stop.Validation` (sft.early_stop='val_loss'), or None.
+  `make_val_batches()`: a fresh iterator over the held-out SFT batches (the same each call)."""
+  mode = cfg.sft.early_stop
+  if mode not in early_stop.MODES:
+    raise ValueError(f'config.sft.early_stop={mode!r}; expected one of {early_stop.MODES}.')
+  if not mode:
+    return None
+  if make_val_batches is None:
+    raise ValueError(f"sft.early_stop={mode!r} needs held-out batches (make_val_batches).")
+  return early_stop.Validation(
+    every=cfg.sft.val_every_steps,
+    patience=cfg.sft.patience,
+    batches=lambda: (prepare(b) for b in make_val_batches()),
+  )
+
+
+def train_sft(model, cfg, *, grid, train=True, make_val_batches=None, **loop_kw):
+  """Runs (or resumes, or with train=False restores) the SFT stage; returns the model: with
+  sft.early_stop='val_loss', the params of its lowest held-out loss (`early_stop.py`)."""
   stage, prepare = sft_stage(sft_model(model, cfg), cfg, grid)
+  validation = sft_validation(cfg, make_val_batches, prepare)
+  if validation is not None:
+    loop_kw['validation'] = validation
   model = _run(stage, prepare, cfg, cfg.sft.num_steps, train, **loop_kw)
   # In place: the adapters-on SFT model is not needed again, and a second copy may not fit.
   return lora.merge_lora(model, copy=False) if cfg.sft.trainable == 'lora' else model

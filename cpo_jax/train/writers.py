@@ -1,6 +1,7 @@
 """Metric writers (process 0): one JSON object per logged step in <workdir>/metrics.jsonl, and
 the same scalars as TensorBoard event files under <workdir>/tensorboard (tensorboardX: no
-TensorFlow), tagged '<stage>/<metric>' at the stage's step.
+TensorFlow), tagged '<stage>/<metric>' at the stage's step, and to W&B when the run names a
+project (`wandb_writer.py`).
 
 The workdir may be gs://: Cloud Storage has no append, so there both files are rewritten whole
 at each write (the rows so far are kept; a resumed run reads them back first). tensorboardX's own
@@ -57,13 +58,14 @@ record_writer.register_writer_factory('gs', _WholeFileFactory())
 
 class MetricsWriter:
   """Writes one JSON object per logged step to <workdir>/metrics.jsonl and its scalars to
-  TensorBoard."""
+  TensorBoard and, given a `wandb_writer.WandbWriter`, to W&B."""
 
-  def __init__(self, workdir):
+  def __init__(self, workdir, wandb=None):
     self.path = paths.path(workdir) / 'metrics.jsonl'
     self.tensorboard_dir = paths.join(workdir, 'tensorboard')
     self._events = None  # opened at the first row: only process 0 writes
     self._text = None  # gs:// only: the file's content so far
+    self._wandb = wandb
 
   def write(self, row):
     if jax.process_index() != 0:
@@ -84,11 +86,17 @@ class MetricsWriter:
       if key not in ('stage', 'step') and value is not None:  # None: not measured (JSON only)
         self._events.add_scalar(f'{row["stage"]}/{key}', value, row['step'])
     self._events.flush()  # a run may stop at any step; what was logged is stored
+    if self._wandb is not None:
+      self._wandb.write(row)
 
   def close(self):
-    if self._events is not None:
-      self._events.close()
-      self._events = None
+    try:
+      if self._events is not None:
+        self._events.close()
+        self._events = None
+    finally:
+      if self._wandb is not None:
+        self._wandb.close()
 
 
 def metrics_row(stage, step, metrics, lr):

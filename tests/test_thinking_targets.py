@@ -1,0 +1,173 @@
+"""Shortcut-aimed thinking pairs (data.thinking_target): the nuisance -> decision map read from
+the labels, rejected chains that reach the nuisance's decision by a minimal rewrite, counted
+fallbacks, re-rendered disagreeing scenes, and the config's guards."""
+
+import numpy as np
+import pytest
+
+from cpo_jax.data import datasets
+from cpo_jax.data import pairs as pairs_lib
+from cpo_jax.data import processors
+from cpo_jax.data import sources
+from cpo_jax.data import thinking_pairs as tp
+from cpo_jax.knowledge import load_graph
+from cpo_jax.knowledge.rewriter import candidate_rewrites
+from cpo_jax.knowledge.rewriter import nearest_rewrites
+
+
+@pytest.fixture(scope='module')
+def drive():
+  return sources.make_source('synth_drive', 'train', num_examples=400), load_graph('driving')
+
+
+def _hamming(a, b):
+  return sum(a[k] != b[k] for k in a)
+
+
+def test_the_map_reads_the_shortcut_from_the_labels():
+  # Value 0 names decision 0. Under value 1, decision 0 is still the most frequent but less so
+  # than overall (dropped), 1 and 2 are half as frequent and likelier than overall (kept).
+  # Value 2 is unseen; nuisance -1 (unknown) counts nowhere.
+  decision = [0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3]
+  nuisance = [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, -1]
+  m = tp.ShortcutMap.from_labels(decision, nuisance, num_decisions=4, num_values=3)
+  assert m.predicts == ((0,), (1, 2), ())
+  assert m.decisions_for(-1) == () and m.decisions_for(7) == ()
+
+
+@pytest.mark.parametrize('name,graph', [('synth_drive', 'driving'), ('synth_cxr', 'medical')])
+def test_on_the_synthetic_train_split_the_map_is_the_shortcut_sft_can_learn(name, graph):
+  g = load_graph(graph)
+  decision, nuisance = tp.split_labels(sources.make_source(name, 'train', num_examples=600))
+  m = tp.ShortcutMap.from_labels(decision, nuisance, len(g.decisions), len(g.nuisance_values))
+  hit = np.array([d in m.decisions_for(v) for d, v in zip(decision, nuisance)])
+  assert hit.mean() > 0.8  # the nuisance alone names the decision (90% by construction)
+  assert all(m.predicts)  # every value predicts something
+  if graph == 'driving':  # one decision per sky
+    assert m.describe(g) == 'night -> stop, fog -> slow_down, day -> proceed, dusk -> change_lane'
+
+
+def test_aimed_pairs_reject_the_nuisance_decision_with_a_minimal_rewrite(drive, caplog):
+  source, g = drive
+  with caplog.at_level('WARNING'):
+    plan = tp.plan_for(source, g, target='shortcut')
+  assert 'aimed' in caplog.text and 'agrees_random' in caplog.text  # logged with the shares
+  kinds = {k: 0 for k in plan.counts}
+  rng = np.random.default_rng(0)
+  for i in range(len(source)):
+    rec = source[i]
+    kind, goal = plan.kind_of(int(rec['decision']), int(rec['nuisance']), g)
+    kinds[kind] += 1
+    pair = pairs_lib.make_pair(
+      rec, i, rng, graph=g, source=source, index=None, thinking_fraction=1.0, thinking=plan
+    )
+    a = g.assignment_from_ids(rec['concepts'])
+    b, _ = g.parse_chain(pair['rejected_completion'])
+    assert g.decide(b) == g.parse_decision(pair['rejected_completion']) != g.decide(a)
+    assert pair['chosen_completion'] == pairs_lib.completion_of(rec)
+    if kind == tp.AIMED:
+      assert pair['rejected_decision'] in plan.shortcut.decisions_for(int(rec['nuisance']))
+      fewest = min(
+        _hamming(a, c) for c in g.all_assignments() if g.decision_id(g.decide(c)) in goal
+      )
+      assert _hamming(a, b) == fewest
+  assert kinds == plan.counts
+  assert 0 < plan.counts[tp.AIMED] < plan.counts[tp.AGREES]  # ~10% / ~90% of train
+
+
+@pytest.mark.parametrize('first_index', [0, 1000])  # 1000: later scenes (data.cpo_scenes)
+def test_rerendered_pairs_reject_the_shortcut_answer_on_a_disagreeing_scene(first_index):
+  g = load_graph('driving')
+  source = sources.make_source('synth_drive', 'train', num_examples=40, first_index=first_index)
+  plan = tp.plan_for(source, g, target='shortcut_rerender')
+  assert plan.counts[tp.AGREES] == 0 and plan.counts[tp.RERENDERED] > 0
+  rng, seen = np.random.default_rng(0), 0
+  for i in range(40):
+    rec = source[i]
+    if plan.kind_of(int(rec['decision']), int(rec['nuisance']), g)[0] != tp.RERENDERED:
+      continue
+    seen += 1
+    pair = pairs_lib.make_pair(
+      rec, i, rng, graph=g, source=source, index=None, thinking_fraction=1.0, thinking=plan
+    )
+    predicted = plan.shortcut.decisions_for(int(rec['nuisance']))
+    assert rec['decision'] in predicted and pair['chosen_decision'] not in predicted
+    assert pair['rejected_completion'] == pairs_lib.completion_of(rec)  # the shortcut's answer
+    assert pair['chosen_image'] == pair['rejected_image'] != rec['image']
+    chosen, _ = g.parse_chain(pair['chosen_completion'])
+    a = g.assignment_from_ids(rec['concepts'])
+    assert g.decision_id(g.decide(chosen)) == pair['chosen_decision']
+    allowed = [d for j, d in enumerate(g.decisions) if j not in predicted]
+    assert chosen in nearest_rewrites(g, a, allowed)
+    rerender = source.counterfactual(i, chosen)  # the scene the chosen chain describes
+    assert rerender['image'] == pair['chosen_image']
+    same_scene = source.counterfactual(i, a)['image'] == rec['image']  # its own layout and noise
+    assert same_scene
+    np.testing.assert_array_equal(pair['boxes'], rerender['boxes'])
+  assert seen > 20
+
+
+def test_without_a_nuisance_every_pair_falls_back_and_is_counted(drive, caplog):
+  source, g = drive
+  records = [dict(source[i], nuisance=-1) for i in range(8)]
+  with caplog.at_level('WARNING'):
+    plan = tp.plan_for(records, g, target='shortcut')
+  assert plan.counts[tp.NO_SHORTCUT] == 8 and "no_shortcut_random 8 (100.0%)" in caplog.text
+  pair = plan.pair(records[0], 0, g, records, np.random.default_rng(0))
+  assert pair['rejected_decision'] != records[0]['decision']
+
+
+def test_candidate_rewrites_are_minimal_distinct_and_seeded():
+  g = load_graph('driving')
+  for a in g.all_assignments():
+    every = candidate_rewrites(g, a, k=99)
+    assert {g.decide(b) for b in every} == set(g.decisions) - {g.decide(a)}
+    for b in every:
+      assert b in nearest_rewrites(g, a, [g.decide(b)])
+    few = candidate_rewrites(g, a, k=2, seed=3)
+    assert few == candidate_rewrites(g, a, k=2, seed=3) and len(few) == min(2, len(every))
+    assert all(b in every for b in few)
+
+
+@pytest.mark.parametrize('target', ['shortcut', 'shortcut_rerender'])
+def test_the_pipeline_makes_the_targeted_pairs(drive, target):
+  _, g = drive
+  small = sources.make_source('synth_drive', 'train', num_examples=32)
+  plan = tp.plan_for(small, g, target=target)
+  batch = next(
+    datasets.make_cpo_iterator(
+      small,
+      processors.make_processors(None),
+      batch_size=16,
+      max_len=96,
+      graph=g,
+      thinking_fraction=1.0,
+      pair_layout=(1, 1),
+      thinking=plan,
+    )
+  )
+  kinds = []
+  for row, index in enumerate(batch['index']):
+    rec = small[int(index)]
+    kind, goal = plan.kind_of(int(rec['decision']), int(rec['nuisance']), g)
+    kinds.append(kind)
+    if kind == tp.AIMED:
+      assert batch['rejected_decision'][row] in goal
+      assert batch['chosen_decision'][row] == rec['decision']
+    if kind == tp.RERENDERED:  # a new scene whose evidence leaves the nuisance's decision
+      assert batch['chosen_decision'][row] in goal
+      assert batch['rejected_decision'][row] == rec['decision']
+  assert tp.AGREES in kinds if target == 'shortcut' else tp.RERENDERED in kinds
+
+
+def test_the_config_guards(drive):
+  source, g = drive
+  with pytest.raises(ValueError, match='thinking_target'):
+    tp.plan_for(source, g, target='nearest')
+  with pytest.raises(ValueError, match='both choose'):
+    tp.plan_for(source, g, target='shortcut', select='reference')
+  with pytest.raises(ValueError, match="thinking_negative='random'"):
+    tp.plan_for(source, g, target='shortcut', negative='random')
+  with pytest.raises(ValueError, match='cannot'):
+    tp.plan_for([source[0], source[1]], g, target='shortcut_rerender')
+  assert tp.plan_for(source, g) is None  # the default: the random rewrite, no plan
