@@ -9,7 +9,6 @@ The worker is this file run as a script (see the bottom)."""
 import functools
 import json
 import os
-import subprocess
 import sys
 
 from flax import nnx
@@ -75,34 +74,9 @@ def _probes(model, proc, read, blank=None):
 
 
 def _run_two():
-  from test_multihost_train import _free_port
+  from test_multihost_train import two_processes
 
-  port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  # One CPU device per process; unoptimised code compiles in about half the time.
-  env['XLA_FLAGS'] = '--xla_backend_optimization_level=0'
-  procs = [
-    subprocess.Popen(
-      [sys.executable, __file__, str(port), str(i)],
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-      env=env,
-    )
-    for i in range(2)
-  ]
-  outs = []
-  try:
-    for p in procs:
-      out, err = p.communicate(timeout=240)
-      lines = [ln for ln in out.splitlines() if ln.startswith('{')]
-      assert p.returncode == 0 and lines, err[-3000:]
-      outs.append(json.loads(lines[-1]))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  return outs
+  return two_processes(__file__, [], 240)
 
 
 def _assert_close(got, want, path=''):

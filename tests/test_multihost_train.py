@@ -113,7 +113,9 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _run_two(kind, workdir):
+def two_processes(script, args, timeout):
+  """Runs `script args port i` as processes i = 0, 1 of one JAX job; returns the last JSON line
+  each printed."""
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   # One CPU device per process; compiling dominates the run, and unoptimised code compiles
@@ -121,7 +123,7 @@ def _run_two(kind, workdir):
   env['XLA_FLAGS'] = '--xla_backend_optimization_level=0'
   procs = [
     subprocess.Popen(
-      [sys.executable, __file__, kind, str(workdir), str(port), str(i)],
+      [sys.executable, script, *args, str(port), str(i)],
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
       text=True,
@@ -132,7 +134,7 @@ def _run_two(kind, workdir):
   outs = []
   try:
     for p in procs:
-      out, err = p.communicate(timeout=300 if kind == "cli" else 120)
+      out, err = p.communicate(timeout=timeout)
       lines = [ln for ln in out.splitlines() if ln.startswith('{')]
       assert p.returncode == 0 and lines, err[-3000:]
       outs.append(json.loads(lines[-1]))
@@ -141,6 +143,10 @@ def _run_two(kind, workdir):
       if p.poll() is None:
         p.kill()
   return outs
+
+
+def _run_two(kind, workdir):
+  return two_processes(__file__, [kind, str(workdir)], 300 if kind == 'cli' else 120)
 
 
 def _pad(batch, length):
