@@ -46,6 +46,14 @@ class Arm:
   sft: str = ''  # which of the seed's SFT models it starts from (SFT_MODELS)
 
 
+# Pairs aimed at the shortcut on scenes SFT never saw, trained hard enough to move answers.
+RERENDER = (
+  ('data.cpo_scenes', 'fresh'),
+  ('data.thinking_target', 'shortcut_rerender'),
+  ('cpo.optimizer.lr', 1e-3),
+  ('cpo.rpo_alpha', 1.0),
+)
+
 ARMS = {
   'sft': Arm('eval', (), 'the SFT model itself'),
   'sft_more': Arm(
@@ -95,6 +103,18 @@ ARMS = {
     (('data.cpo_scenes', 'fresh'),),
     'the compute-matched control on those fresh scenes: SFT continued on them (what the new '
     'labelled scenes alone give)',
+  ),
+  'cpo_plus_rerender': Arm(
+    'cpo_plus,eval',
+    RERENDER,
+    'CPO++ on fresh scenes whose thinking pairs are re-rendered to disagree with their nuisance '
+    '(rejecting the shortcut\'s chain), at the SFT-scale rate 1e-3 with rpo_alpha 1',
+  ),
+  'sft_more_rerender': Arm(
+    'sft_more,eval',
+    RERENDER + (('data.sft_more_rows', 'chosen'),),
+    'the control of cpo_plus_rerender: SFT continued on the chosen side of exactly its pairs '
+    '(re-rendered scenes included), same steps, rows and optimizer',
   ),
   'sft_early': Arm('eval', (), 'the early-stopped SFT model itself', sft='early'),
   'sft_more_early': Arm(

@@ -118,6 +118,11 @@ def base_config(arg, *, domain, data):
   # epoch; its preference set is about 3x its SFT set).
   c.data.cpo_scenes = 'sft'
   c.data.cpo_examples = 0
+  # The rows of the compute-matched control (stage sft_more): 'records' = the CPO++ stage's
+  # records, each with its own chain; 'chosen' = the chosen side of each CPO++ pair, as its
+  # stream makes them (re-rendered scenes of data.thinking_target='shortcut_rerender'
+  # included): what the preference adds over supervised training on the same data.
+  c.data.sft_more_rows = 'records'
   c.data.worker_count = 0  # Grain worker processes (0 = in-process).
   # Processes that read, resize and encode the images when mimic_ccf / codalm files are
   # prepared (-1 = min(8, usable CPUs); 0 or 1 = in this process). Same files for any number.

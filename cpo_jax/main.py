@@ -60,6 +60,7 @@ SFT_SOURCE_KEYS = (
   'data.name',
   'data.num_examples',
   'data.image_size',
+  'data.spurious_correlation',  # the synthetic train split's shortcut: other records
 )
 
 

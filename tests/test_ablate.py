@@ -198,6 +198,10 @@ def test_arms_share_their_seed_sft_model_and_a_rerun_reuses_everything(tmp_path)
   arm_cfg.data.thinking_fraction = 1.0  # one stream: the CPO++ pairs' records, in its order
   assert rows.tolist() == next(streams.RunData(arm_cfg, workdir).cpo_batches())['index'].tolist()
   assert len(rows) == cfg.cpo.batch_size
+  # An SFT model trained on other records (another shortcut strength) is not that model.
+  arm_cfg.data.spurious_correlation = 0.5
+  with pytest.raises(ValueError, match='data.spurious_correlation: 0.9 there, 0.5 here'):
+    main.check_sft_source(arm_cfg, ['cpo_plus', 'eval'])
   # DPO with random negatives: every pair a random negative (logged as the text side).
   assert all(r['thinking/count'] == cfg.cpo.batch_size for r in dpo)
   assert 'baseline' not in json.load(open(seed / 'dpo_random' / 'eval' / 'report.json'))

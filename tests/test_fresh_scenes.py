@@ -101,3 +101,29 @@ def test_bad_scene_settings_are_clear_errors(tmp_path):
   cfg.sft.val_examples = 4
   with pytest.raises(ValueError, match="sft.val_examples=4 holds no whole validation batch"):
     streams.RunData(cfg, str(tmp_path))
+
+
+def test_the_chosen_side_control_trains_on_exactly_the_preferred_rows(tmp_path):
+  """data.sft_more_rows='chosen': the control's rows are the CPO++ stream's chosen sides, row
+  for row, re-rendered scenes included (their images are in no record of the split)."""
+  cfg = _config("fresh")
+  cfg.data.thinking_target = "shortcut_rerender"
+  cfg.data.sft_more_rows = "chosen"
+  data = streams.RunData(cfg, str(tmp_path))
+  pairs, control = data.cpo_batches(), data.sft_more_batches()
+  for _ in range(2):
+    p, c = next(pairs), next(control)
+    for k in ("input_ids", "attention_mask", "loss_mask", "pixel_values"):
+      np.testing.assert_array_equal(c[k], p[f"chosen_{k}"])
+    np.testing.assert_array_equal(c["decision"], p["chosen_decision"])
+  records = _source_images(data, data.cpo_source)
+  chosen = set(_images(data.sft_more_batches(), "pixel_values", 3))
+  assert chosen - records  # re-rendered scenes: the default 'records' control never sees them
+  cfg.data.sft_more_rows = "records"
+  assert (
+    set(_images(streams.RunData(cfg, str(tmp_path)).sft_more_batches(), "pixel_values", 3))
+    <= records
+  )
+  cfg.data.sft_more_rows = "pairs"
+  with pytest.raises(ValueError, match="data.sft_more_rows='pairs'"):
+    streams.RunData(cfg, str(tmp_path)).sft_more_batches()

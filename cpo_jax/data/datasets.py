@@ -402,3 +402,23 @@ def make_sft_iterator(source, proc: Processors, **kw) -> grain.DatasetIterator:
 def make_cpo_iterator(source, proc: Processors, **kw) -> grain.DatasetIterator:
   """Iterator over CPO batches; `.get_state()` / `.set_state()` for checkpoint + resume."""
   return iter(make_cpo_dataset(source, proc, **kw))
+
+
+def chosen_side(batch: dict) -> dict:
+  """A CPO batch's chosen rows as an SFT batch: the same images (re-rendered scenes
+  included), prompts and completions, in the same rows."""
+  out = {k: batch[f"chosen_{k}"] for k in ("input_ids", "attention_mask", "loss_mask")}
+  out.update(
+    pixel_values=batch["chosen_pixel_values"],
+    image_grid_thw=batch["image_grid_thw"],
+    prompt_length=batch["prompt_length"],
+    decision=batch["chosen_decision"],
+    index=batch["index"],
+  )
+  return out
+
+
+def make_chosen_sft_iterator(source, proc: Processors, **kw) -> grain.DatasetIterator:
+  """SFT batches of the chosen sides of `make_cpo_dataset(source, proc, **kw)`'s pairs (the
+  control that sees exactly what CPO++ prefers, without the rejected side); resumable."""
+  return iter(make_cpo_dataset(source, proc, **kw).map(chosen_side))

@@ -210,8 +210,14 @@ class RunData:
 
   def sft_more_batches(self):
     """The compute-matched control's stream (stage `sft_more`): SFT rows, cpo.batch_size per
-    step, in the CPO++ stream's shuffle of its records (its seed and, with
-    data.cpo_scenes='fresh', its fresh scenes: the control sees the same new scenes)."""
+    step. data.sft_more_rows='records': the CPO++ stream's records in its shuffle (its seed
+    and, with data.cpo_scenes='fresh', its fresh scenes); 'chosen': the chosen sides of the
+    CPO++ stream's own pairs (re-rendered scenes included), row for row."""
+    rows = self.cfg.data.sft_more_rows
+    if rows == 'chosen':
+      return self.cpo_batches(make=datasets.make_chosen_sft_iterator)
+    if rows != 'records':
+      raise ValueError(f"data.sft_more_rows={rows!r}; expected 'records' or 'chosen'.")
     return self.sft_batches(self.cfg.cpo.batch_size, seed=self.cfg.seed + 1, source=self.cpo_source)
 
   def sft_val_batches(self):
@@ -234,9 +240,9 @@ class RunData:
       **self.shard,
     )
 
-  def cpo_batches(self, selection=None):
+  def cpo_batches(self, selection=None, make=datasets.make_cpo_iterator):
     """`selection`: the reference-picked counterfactuals (data.thinking_select='reference';
-    train/counterfactual_selection.py)."""
+    train/counterfactual_selection.py). `make`: the iterator of those pairs' batches."""
     c = self.cfg
     thinking = thinking_pairs.plan_for(
       self.cpo_source,
@@ -246,7 +252,7 @@ class RunData:
       negative=c.data.thinking_negative,
       selection=selection,
     )
-    return datasets.make_cpo_iterator(
+    return make(
       self.cpo_source,
       self.processors,
       batch_size=self._per_host(c.cpo.batch_size),
