@@ -16,6 +16,11 @@
    default step (`objectives.cpo_loss_fn`) on the same token ids and pixel values that TRL's
    collator produced, already on the device (in training Grain prefetches the batch).
    The first step of both sides must agree (loss, chosen log-probs): same function.
+   Beside it, in the same interleaved run, our step on the default batch layout of the same
+   size and shapes (data.pair_layout='grouped', data.thinking_fraction=0.5: 1 thinking pair +
+   1 perception pair whose rejected image differs, so its prefix is not shared;
+   `peers_train.default_mix_batch`): `train.ours_default_mix_step_s_median` and its ratio to
+   TRL's step on TRL's own (all-thinking) batch, which is not the same batch.
 2. Greedy generation, 4 prompts with a 448x448 image each (left padded), 64 new tokens (no EOS
    stop): transformers' `generate` (KV cache) against `cpo_jax.generate.generate`, same
    weights, interleaved; the tokens must be identical. The weights are the preset's random
@@ -100,6 +105,12 @@ def print_table(r):
     f'torch {r["matmul_peak_gflops"]["torch_f32"]:.0f}) | {t["executed_gflops_per_s"]["ours"]:.1f} | '
     f'{t["executed_gflops_per_s"]["trl"]:.1f} | |'
   )
+  if t.get('ours_default_mix_step_s_median'):
+    print(
+      f'| the default batch instead (1 thinking + 1 perception pair, same shapes; NOT TRL\'s '
+      f'batch: TRL on its {b["pairs"]} thinking pairs) | {t["ours_default_mix_step_s_median"]:.3f} | '
+      f'{t["trl_step_s_median"]:.3f} | {t["ours_default_mix_vs_trl_thinking_batch"]:.2f}x |'
+    )
   c = t['trl_gradient_checkpointing']
   if c:
     print(
@@ -227,6 +238,9 @@ def main():
     wall_s=None,
     matmul_peak_gflops=peak,
     speedup_vs_trl=train['speedup_vs_trl'],
+    # ours on the default half-thinking, half-perception batch of the same shapes, over TRL on
+    # its all-thinking batch (not the same batch; train.default_mix_batch says how it differs)
+    default_mix_vs_trl_thinking_batch=train.get('ours_default_mix_vs_trl_thinking_batch'),
     executed_gflops_per_s=train['executed_gflops_per_s'],
     speedup_vs_trl_gradient_checkpointing=(train['trl_gradient_checkpointing'] or {}).get(
       'speedup_vs_trl'
@@ -248,6 +262,12 @@ def main():
     f'{train["trl_step_s_median"]:.3f} s -> {train["speedup_vs_trl"]:.2f}x; executed '
     f'GFLOP/s ours {g["ours"]:.1f}, TRL {g["trl"]:.1f} (formula)'
   )
+  if train.get('ours_default_mix_step_s_median'):
+    print(
+      f'ours on the default batch (1 thinking + 1 perception pair): '
+      f'{train["ours_default_mix_step_s_median"]:.3f} s -> '
+      f'{train["ours_default_mix_vs_trl_thinking_batch"]:.2f}x TRL on its thinking batch'
+    )
   sf = train['same_function']
   print(
     f'first step loss ours {sf["first_step_loss"]["ours"]:.6f}, TRL '

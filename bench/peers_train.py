@@ -54,10 +54,30 @@ def ours_batch(collated, n, n_patches):
   return raw
 
 
+MIX_LAYOUT = (1, 2)  # data.pair_layout='grouped', data.thinking_fraction=0.5 (pair_layout_for)
+
+
+def default_mix_batch(raw, n, n_patches):
+  """The default batch layout of the same size and shapes: in every group of 2 pairs the first
+  stays a thinking pair, the second becomes a perception pair (source 1) whose rejected image
+  is its chosen image with the first half of its patches blanked, so its image and prompt are
+  not shared: it runs as two full rows, its rejected image encoded apart."""
+  if n % MIX_LAYOUT[1]:
+    return None
+  mix = dict(raw, source=raw['source'].copy())
+  mix['source'][1 :: MIX_LAYOUT[1]] = 1
+  rejected = pair_images.per_row(raw['chosen_pixel_values'].copy(), n)
+  rejected[1 :: MIX_LAYOUT[1], : n_patches // 2] = 0.0
+  mix['rejected_pixel_values'] = rejected.reshape(raw['rejected_pixel_values'].shape)
+  return mix
+
+
 class OurStep:
   """Our default CPO++ step, compiled, on a batch resident on the device."""
 
-  def __init__(self, model, config, raw, grid, cfg, opt, total_steps, shared_prefix=None):
+  def __init__(
+    self, model, config, raw, grid, cfg, opt, total_steps, shared_prefix=None, layout=(1, 1)
+  ):
     lora.apply_lora(model, rank=8, alpha=32.0, rngs=nnx.Rngs(1))
     prepared = stages.step_inputs(
       raw, grid, config, ('chosen_', 'rejected_'), extra=('source', 'sample_weight')
@@ -65,14 +85,15 @@ class OurStep:
     mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
     graphdef, trainable, frozen = steps.split_model(model, 'lora')
     tx, schedule = optimizer.make_optimizer(opt, total_steps)
-    # The batch's pairs are all thinking pairs: the grouped layout (1, 1) and, as a user sets
-    # data.max_prompt_len / max_completion_len from --mode=inspect, the shared-prefix step.
+    # The grouped pair layout (t, g) (all thinking pairs: (1, 1); the default half-thinking
+    # mix: (1, 2)) and, as a user sets data.max_prompt_len / max_completion_len from
+    # --mode=inspect, the shared-prefix step for the thinking pairs.
     kw = {}
     if shared_prefix:
       p_len, s_len = shared_prefix
-      kw = dict(pair_layout=(1, 1), max_prompt_len=p_len, max_completion_len=s_len)
-      pair_images.check_pair_layout(raw, (1, 1))
-      shared_prefix_lib.check_prefix_fits(raw, (1, 1), p_len)
+      kw = dict(pair_layout=layout, max_prompt_len=p_len, max_completion_len=s_len)
+      pair_images.check_pair_layout(raw, layout)
+      shared_prefix_lib.check_prefix_fits(raw, layout, p_len)
     loss_fn = lambda m, b: objectives.cpo_loss_fn(m, b, grid, cfg, **kw)
     stage = steps.Stage('cpo_plus', graphdef, trainable, frozen, loss_fn, tx, schedule)
     step, (trainable, frozen, opt_state, data) = bench_step.placed_step(stage, mesh, prepared)
@@ -162,14 +183,17 @@ def make_trainer(a, processor, base_dir, dataset, max_steps, gradient_checkpoint
   return trainer, time.perf_counter() - t
 
 
-def trl_phase(trainer, ours, warmup):
-  """trainer.train() with our step after each of its steps: (TRL step seconds, ours, TRL's
-  logs), the first `warmup` steps of each side left out."""
-  cb = Interleave(ours)
+def trl_phase(trainer, ours, warmup, others=()):
+  """trainer.train() with our step (then each of `others`) after each of its steps: (TRL step
+  seconds, ours, TRL's logs, [each of others' seconds]), the first `warmup` steps of each left
+  out."""
+  steps = (ours, *others)
+  cb = Interleave(lambda: [s() for s in steps])
   trainer.add_callback(cb)
-  start = len(ours.times)
+  starts = [len(s.times) for s in steps]
   trainer.train()
-  return cb.trl_times[warmup:], ours.times[start + warmup :], cb.logs
+  times = [s.times[start + warmup :] for s, start in zip(steps, starts)]
+  return cb.trl_times[warmup:], times[0], cb.logs, times[1:]
 
 
 def bench_train(a, tok, processor, config, base_dir, peak):
@@ -212,9 +236,17 @@ def bench_train(a, tok, processor, config, base_dir, peak):
   ours = OurStep(model, config, raw, grid, cfg, opt, 1 + total + total_gc, shared)
   print(f'ours: compiled in {ours.compile_s:.1f} s', flush=True)
   ours()  # warm-up, alone: its metrics are the first step's
+  mix_raw = default_mix_batch(raw, n, n_patches)
+  mix = None
+  if mix_raw is not None:  # the default half-thinking, half-perception batch, timed beside
+    mix = OurStep(
+      hf_io.load_hf(base_dir), config, mix_raw, grid, cfg, opt, 1 + total, shared, MIX_LAYOUT
+    )
+    print(f'ours, default mix batch: compiled in {mix.compile_s:.1f} s', flush=True)
+    mix()
 
   print(f'TRL (same work) and ours: {total} steps each, first {a.warmup} warm-up', flush=True)
-  trl_s, ours_s, logs = trl_phase(trainer, ours, a.warmup)
+  trl_s, ours_s, logs, mix_s = trl_phase(trainer, ours, a.warmup, (mix,) if mix else ())
   del trainer
 
   flops_trl, parts = bench_step.model_flops(model, config, n, seq_len, grid)
@@ -292,12 +324,28 @@ def bench_train(a, tok, processor, config, base_dir, peak):
     ),
     trl_gradient_checkpointing=None,
   )
+  if mix:
+    mix_med = statistics.median(mix_s[0])
+    out.update(
+      ours_default_mix_step_s_median=mix_med,
+      ours_default_mix_step_s_all=mix_s[0],
+      ours_default_mix_vs_trl_thinking_batch=trl_med / mix_med,
+      default_mix_batch=dict(
+        pairs=n,
+        pair_layout=list(MIX_LAYOUT),
+        kind="data.pair_layout='grouped', data.thinking_fraction=0.5: per group of 2 pairs, 1 "
+        'thinking pair (shared prefix) + 1 perception pair (its rejected image differs: two '
+        'full rows, two image encodes); same token ids, image size and lengths as the batch above',
+        note='NOT the same batch as TRL\'s (2 thinking pairs): the ratio is TRL\'s step on its '
+        'batch over ours on this one, interleaved in the same run',
+      ),
+    )
   if total_gc:
     # TRL's default: gradient checkpointing, i.e. the policy's decoder forward runs again in
     # the backward (more work than ours does; counted in its executed FLOPs).
     trainer, _ = make_trainer(a, processor, base_dir, dataset, total_gc, True)
     print(f'TRL (its default checkpointing) and ours: {total_gc} steps each', flush=True)
-    gc_s, gc_ours_s, _ = trl_phase(trainer, ours, a.warmup)
+    gc_s, gc_ours_s, _, _ = trl_phase(trainer, ours, a.warmup)
     del trainer
     gc_med, gc_ours_med = statistics.median(gc_s), statistics.median(gc_ours_s)
     out['trl_gradient_checkpointing'] = dict(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import functools
 from typing import NamedTuple
+import weakref
 
 from flax import nnx
 import jax
@@ -90,6 +91,7 @@ def _generate(
   rows_sharding,
   unroll_layers,
   vision_score_bytes,
+  decode_weights=None,
 ):
   model = nnx.merge(graphdef, state)
   b, p = input_ids.shape
@@ -118,7 +120,7 @@ def _generate(
   )
   # The loop reads the weights from this closure (loop invariants) and carries only what
   # changes: the heads-major caches (see models/decode.py).
-  dec = decode.prepare(model, caches, unrolled=unroll_layers, after=logits)
+  dec = decode.prepare(model, caches, unroll_layers, after=logits, weights=decode_weights)
 
   def step(carry):
     t, tok, done, out, caches, kv_valid = carry
@@ -138,6 +140,36 @@ def _generate(
   carry = (jnp.int32(1), tok, done, out, dec.caches, kv_valid)
   steps, _, _, out, _, _ = jax.lax.while_loop(going, step, carry)
   return _rows_stay(out, rows_sharding), steps
+
+
+# The unrolled step's per-layer copies of the decoder's weights (decode.unrolled_weights) for
+# the last model generated with, made once per set of weights instead of in every call (in
+# the call, the copy pushed the `small` preset's 64-token program over glibc's mmap threshold:
+# 10,000 fresh pages per call, about 2% of it). Weak references to the weights they copy: a
+# weight replaced (a training step, nnx.update) or freed makes the entry stale. Costs one copy
+# of the decoder's weights while held (CPU only: accelerators run the scanned step).
+_UNROLLED = {'sources': (), 'weights': None}
+
+
+@functools.partial(jax.jit, static_argnames=('count', 'dtype'))
+def _unrolled_weights_program(layers_state, table, count, dtype):
+  return decode.unrolled_weights(layers_state, table, count, dtype)
+
+
+def _unrolled_weights(model):
+  """decode.UnrolledWeights of the model's current weights (made, or the held copy)."""
+  layers_state = nnx.state(model.layers)
+  table = None if model.lm_head is not None else model.embed_tokens[...]
+  sources = jax.tree.leaves((layers_state, table))
+  held = _UNROLLED['sources']
+  if len(held) == len(sources) and all(ref() is x for ref, x in zip(held, sources)):
+    return _UNROLLED['weights']
+  _UNROLLED['weights'] = None  # the stale copy goes before the new one is made
+  weights = _unrolled_weights_program(
+    layers_state, table, count=model.num_layers, dtype=jnp.dtype(model.dtype)
+  )
+  _UNROLLED.update(sources=tuple(weakref.ref(x) for x in sources), weights=weights)
+  return weights
 
 
 def _rows_stay(out, rows_sharding):
@@ -307,6 +339,7 @@ def generate(
     rows_sharding=sharding,
     unroll_layers=bool(unroll_layers),
     vision_score_bytes=layers.CPU_SEGMENT_SCORE_BYTES if on_cpu else None,
+    decode_weights=_unrolled_weights(model) if unroll_layers and max_new_tokens > 1 else None,
   )
   if mesh is not None:
     if rows == 'process':

@@ -59,6 +59,25 @@ def attend(q, k, v, mask, scale):
   return out.transpose(0, 3, 1, 2, 4).reshape(b, seq, nh, d)
 
 
+def attend_causal_blocks(q, k, v, mask, scale, rows: int):
+  """`attend` for self-attention under a causal mask (a prompt's prefill), in blocks of at most
+  `rows` query rows, each block against the keys up to its own last row only: the later keys
+  are masked for every row of the block, so they would add weights of exactly 0 (at L = 290
+  and 128 rows, 30% fewer scores; about half at long prompts).
+
+  q [B, L, nH, d], k/v [B, L, nKV, d] (key i at query i's position), mask bool [B, L, L]
+  causal (and any key padding). One difference from one shot, on padding rows only: a row
+  whose keys are all masked (a left-padding row) averages its block's values instead of all
+  of them; no real row reads it (its key is masked for them).
+  """
+  seq = q.shape[1]
+  if rows <= 0 or seq <= rows:
+    return attend(q, k, v, mask, scale)
+  blocks = [(start, min(start + rows, seq)) for start in range(0, seq, rows)]
+  out = [attend(q[:, s:e], k[:, :e], v[:, :e], mask[:, s:e, :e], scale) for s, e in blocks]
+  return jnp.concatenate(out, axis=1)
+
+
 def attend_in_query_blocks(q, k, v, mask, scale, chunk: int):
   """`attend` in blocks of at most `chunk` query rows (lax.map), each block rematerialised.
 
