@@ -45,6 +45,11 @@ METRICS = {
     'swapped for a near-synonym',
     'down',
   ),
+  'concept_misread': (
+    'concept readout: mean over concepts of the share of robustness-split records whose gold '
+    'concept sentence is not the most probable (teacher-forced after the gold sentences before it)',
+    'down',
+  ),
   'perception_interference_area': (
     'mean over perception interference kinds of the accuracy-severity curve area (clean = 0)',
     'up',
@@ -93,6 +98,7 @@ def run_metrics(report: Mapping, rows: Sequence[Mapping], beta: float) -> dict[s
   drift = report.get('drift', {})
   out['counterfactual_follow'] = as_float(drift.get('counterfactual_follow'))
   out['outcome_shift'] = as_float(drift.get('outcome_shift'))
+  out['concept_misread'] = as_float(report.get('concept_readout', {}).get('misread'))
   interference = report.get('interference', {})
   out['perception_interference_area'] = interference_area(interference, PERCEPTION_KINDS, True)
   out['thinking_interference_area'] = interference_area(interference, THINKING_KINDS, False)

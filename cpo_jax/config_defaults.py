@@ -203,6 +203,10 @@ def base_config(arg, *, domain, data):
   c.eval.robustness = True
   c.eval.robustness_split = ''  # '' = the first eval split
   c.eval.robustness_max_examples = 128
+  # Teacher-forced readout of each chain concept (eval.max_examples of the robustness split),
+  # split by nuisance: which concept the model misreads, and under which sky or marker. On for
+  # the synthetic sets (their records carry the nuisance); real chains use other sentences.
+  c.eval.concept_readout = c.data.name in ('synth_drive', 'synth_cxr')
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 200

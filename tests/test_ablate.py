@@ -63,6 +63,7 @@ def test_run_metrics_from_a_report_and_its_training_log():
       'ood': {'accuracy': 0.6, 'n': 200, 'unparsed': 10},
     },
     'drift': {'outcome_shift': 0.3, 'counterfactual_follow': 0.8},
+    'concept_readout': {'misread': 0.25},
     'interference': {
       'none': {'0': 0.9},
       'occlude': {'0.5': 0.7, '1.0': 0.3},  # (0.9+0.7)/2*0.5 + (0.7+0.3)/2*0.5 = 0.65
@@ -85,6 +86,7 @@ def test_run_metrics_from_a_report_and_its_training_log():
       ood_unparsed=0.05,
       counterfactual_follow=0.8,
       outcome_shift=0.3,
+      concept_misread=0.25,
       perception_interference_area=(0.65 + 0.9) / 2,
       thinking_interference_area=(0.5 + 0.2) / 2,
       chosen_logp_change=-0.5,  # the last logged step's rewards/chosen / beta
@@ -92,6 +94,7 @@ def test_run_metrics_from_a_report_and_its_training_log():
   )
   bare = ablation_report.run_metrics({'splits': report['splits']}, [], beta=0.1)
   assert math.isnan(bare['chosen_logp_change']) and math.isnan(bare['outcome_shift'])
+  assert math.isnan(bare['concept_misread'])
   assert math.isnan(ablation_report.curve_area({'1': 0.5, '2': None}))
 
 

@@ -1,5 +1,5 @@
-"""The eval report's plots: accuracy per split, training curves, robustness curves, and the
-paper's findings and report-generation metrics (PNG)."""
+"""The eval report's plots: accuracy per split, training curves, robustness curves, the
+concept readout, and the paper's findings and report-generation metrics (PNG)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import matplotlib
 import numpy as np
 
 from cpo_jax import paths
+from cpo_jax.evaluate.concept_readout import misread_by_nuisance
 from cpo_jax.evaluate.interference import PERCEPTION_KINDS
 from cpo_jax.evaluate.interference import THINKING_KINDS
 
@@ -150,3 +151,38 @@ def plot_paper_metrics(report, path) -> bool:
   paths.save_figure(fig, path, dpi=100)
   plt.close(fig)
   return True
+
+
+def plot_concept_readout(report, path) -> None:
+  """Per run (the SFT baseline first when the report has one): the share of records whose
+  gold concept value is not the most probable teacher-forced sentence, as a heat map of
+  concept x nuisance value; bars per concept when the records carry no nuisance."""
+  runs = [(report['stage'], report['concept_readout'])]
+  if 'concept_readout' in report.get('baseline', {}):
+    runs.insert(0, (report['baseline']['stage'], report['baseline']['concept_readout']))
+  fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.8), squeeze=False)
+  for ax, (label, section) in zip(axes[0], runs):
+    title = f"{label}: concept misread share ({section['split']}, n={section['n']})"
+    concepts, values, table = misread_by_nuisance(section)
+    if not concepts:  # no nuisance on the records: one bar per concept
+      names = list(section['per_concept'])
+      shares = [section['per_concept'][c]['misread'] for c in names]
+      ax.bar(np.arange(len(names)), [np.nan if v is None else v for v in shares])
+      ax.set_xticks(np.arange(len(names)), names, rotation=30, ha='right', fontsize=8)
+      ax.set_ylim(0, 1.05)
+      ax.set_title(title, fontsize=9)
+      continue
+    image = ax.imshow(table, vmin=0, vmax=1, cmap='Reds', aspect='auto')
+    for (i, j), v in np.ndenumerate(table):
+      text, color = (
+        ('n/a', 'black') if np.isnan(v) else (f'{v:.2f}', 'white' if v > 0.6 else 'black')
+      )
+      ax.text(j, i, text, ha='center', va='center', fontsize=8, color=color)
+    ax.set_xticks(np.arange(len(values)), values, fontsize=8)
+    ax.set_yticks(np.arange(len(concepts)), concepts, fontsize=8)
+    ax.set_xlabel('nuisance value')
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+  fig.tight_layout()
+  paths.save_figure(fig, path, dpi=100)
+  plt.close(fig)

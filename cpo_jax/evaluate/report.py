@@ -16,6 +16,7 @@ from cpo_jax.data import bad_records
 from cpo_jax.data import eval_batches
 from cpo_jax.data.mimic_files import FINDINGS
 from cpo_jax.evaluate import answers
+from cpo_jax.evaluate import concept_readout
 from cpo_jax.evaluate import drift_probe as drift_probe_lib
 from cpo_jax.evaluate import findings
 from cpo_jax.evaluate import hosts
@@ -35,6 +36,8 @@ def write_report(report, workdir):
   plots.plot_paper_metrics(report, out / 'paper_metrics.png')
   if 'interference' in report:
     plots.plot_robustness(report, out / 'robustness.png')
+  if 'concept_readout' in report:
+    plots.plot_concept_readout(report, out / 'concept_readout.png')
   metrics = paths.path(workdir) / 'metrics.jsonl'
   if metrics.exists():
     plots.plot_training_curves(metrics, out / 'training_curves.png')
@@ -146,6 +149,24 @@ def robustness_sections(model, cfg, data):
   }
 
 
+def concept_readout_section(model, cfg, data):
+  """`concept_readout` (which concept the chain misreads, per nuisance) on the first
+  eval.max_examples records of eval.robustness_split; each host scores its share. The
+  agrees/disagrees split uses what each nuisance value predicts in `train` (read only when the
+  records carry a nuisance: real data has none)."""
+  split = cfg.eval.robustness_split or data.eval_splits[0]
+  rows = concept_readout.readout_rows(
+    model,
+    data.eval_batches(split, max_examples=cfg.eval.max_examples, **hosts.share(model)),
+    processors=data.processors,
+    graph=data.graph,
+    blank=data.blank_eval_batch,
+  )
+  known = any(r['nuisance'] >= 0 for r in rows)
+  shortcut = concept_readout.shortcut_map(data.sources.get('train'), data.graph) if known else None
+  return {'split': split, **concept_readout.summarize(rows, data.graph, shortcut)}
+
+
 def run_eval(model, cfg, data, *, stage):
   """The eval report (DESIGN.md contract: splits.<split>.accuracy and n, interference,
   drift.outcome_shift).
@@ -159,6 +180,8 @@ def run_eval(model, cfg, data, *, stage):
     out = {'splits': evaluate_splits(m, cfg, data)}
     if cfg.eval.robustness and data.eval_splits:  # none: the user's files have no eval split
       out.update(robustness_sections(m, cfg, data))
+    if cfg.eval.concept_readout and data.eval_splits:
+      out['concept_readout'] = concept_readout_section(m, cfg, data)
     return out
 
   report = {

@@ -184,19 +184,32 @@ class AnswerScorer:
   def sequence_logps(self, batch, chains: Sequence[str], image_embeds, sequences) -> np.ndarray:
     """[B, K] log p(sequences[k] | row's prompt + chains[row] + the answer prefix): each
     candidate's token log-probs summed, one teacher-forced row per (example, candidate)."""
-    heads = self._heads(batch, chains)
+    heads = [encode_text(self.tokenizer, f'{chain} {self.prefix}') for chain in chains]
+    pairs = [[(h, s) for s in sequences] for h in heads]
+    return self.continuation_logps(batch, pairs, image_embeds)
+
+  def continuation_logps(self, batch, pairs, image_embeds) -> np.ndarray:
+    """[B, K] log p(target | row's prompt + context), the target's token log-probs summed, for
+    pairs[row] = K (context, target) token-id tuples that follow the row's prompt (K the same
+    for every row): one teacher-forced row per pair. Rows are padded as `encode` pads them."""
+    ids, mask = np.asarray(batch['input_ids']), np.asarray(batch['attention_mask'])
+    n = len(pairs)
+    prompts = [tuple(row[m == 1]) for row, m in zip(ids[:n], mask[:n])]
+    pairs = list(pairs) + list(pairs[:1]) * (self._padded(n) - n)
+    prompts += prompts[:1] * (len(pairs) - n)
     rows, reads = [], []
-    for h in heads:
-      for s in sequences:
-        rows.append(h + tuple(s[:-1]))
-        reads.append([(len(h) - 1 + j, (t,)) for j, t in enumerate(s)])
-    d = len(sequences)
+    for prompt, row_pairs in zip(prompts, pairs):
+      for context, target in row_pairs:
+        head = prompt + tuple(context)
+        rows.append(head + tuple(target[:-1]))
+        reads.append([(len(head) - 1 + j, (t,)) for j, t in enumerate(target)])
+    k = len(pairs[0])
     grid = np.asarray(batch['image_grid_thw'])
-    logp = self._run(rows, reads, grid, image_embeds, repeat=d)
+    logp = self._run(rows, reads, grid, image_embeds, repeat=k)
     lengths = np.array([len(r) for r in reads])
     used = np.arange(logp.shape[1])[None, :] < lengths[:, None]
-    scores = np.where(used, logp[:, :, 0], 0.0).sum(1).reshape(len(heads), d)
-    return scores[: len(chains)]
+    scores = np.where(used, logp[:, :, 0], 0.0).sum(1).reshape(len(pairs), k)
+    return scores[:n]
 
   def _heads(self, batch, chains):
     """Per row: its prompt tokens + chain + the answer prefix; the rows padded as `encode`
