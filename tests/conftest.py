@@ -32,6 +32,22 @@ for _var in ('GCE_METADATA_ROOT', 'GCE_METADATA_HOST', 'GCE_METADATA_IP'):
   os.environ.setdefault(_var, '127.0.0.1:9')  # a closed local port
 
 
+@pytest.fixture(scope='module')
+def graph():
+  """The driving concept graph (probe and readout tests)."""
+  from cpo_jax.knowledge import load_graph  # here: cpo_jax imports jax, after the flags above
+
+  return load_graph('driving')
+
+
+@pytest.fixture(scope='module')
+def processors():
+  """The default processors (tokenizer and image processor) built from the embedded config."""
+  from cpo_jax.data import processors as processors_lib
+
+  return processors_lib.make_processors(None)
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))

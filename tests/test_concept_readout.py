@@ -10,24 +10,12 @@ import pytest
 
 from cpo_jax import models
 from cpo_jax.data import eval_batches
-from cpo_jax.data import processors as processors_lib
 from cpo_jax.data import sources
 from cpo_jax.evaluate import concept_readout
 from cpo_jax.evaluate import plots
 from cpo_jax.evaluate import scoring
-from cpo_jax.knowledge import load_graph
 
 EXAMPLES, BATCH = 9, 4  # the last batch has 3 filler rows (valid=False); record 8 agrees
-
-
-@pytest.fixture(scope='module')
-def graph():
-  return load_graph('driving')
-
-
-@pytest.fixture(scope='module')
-def processors():
-  return processors_lib.make_processors(None)
 
 
 @pytest.fixture(scope='module')

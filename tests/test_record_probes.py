@@ -9,7 +9,6 @@ import pytest
 
 from cpo_jax import models
 from cpo_jax.data import eval_batches
-from cpo_jax.data import processors as processors_lib
 from cpo_jax.data import sources
 from cpo_jax.data import synth_cxr
 from cpo_jax.evaluate import chain_edits
@@ -97,11 +96,6 @@ def test_no_mention_no_chain_no_edit():
 
 
 # ----------------------------------------------------------------------------- the probes
-
-
-@pytest.fixture(scope='module')
-def processors():
-  return processors_lib.make_processors(None)
 
 
 @pytest.fixture(scope='module')

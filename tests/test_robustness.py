@@ -12,7 +12,6 @@ import pytest
 from cpo_jax import models
 from cpo_jax import perturb
 from cpo_jax.data import eval_batches
-from cpo_jax.data import processors as processors_lib
 from cpo_jax.data import sources
 from cpo_jax.evaluate import chain_edits
 from cpo_jax.evaluate import drift_probe
@@ -20,17 +19,6 @@ from cpo_jax.evaluate import interference
 from cpo_jax.evaluate import plots
 from cpo_jax.evaluate import scoring
 from cpo_jax.knowledge import drift
-from cpo_jax.knowledge import load_graph
-
-
-@pytest.fixture(scope='module')
-def graph():
-  return load_graph('driving')
-
-
-@pytest.fixture(scope='module')
-def processors():
-  return processors_lib.make_processors(None)
 
 
 @pytest.fixture(scope='module')
