@@ -1,6 +1,9 @@
 """synth_drive: determinism, the built-in shortcut, evidence visibility, the TFDS round trip."""
 
 import collections
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -145,3 +148,36 @@ def test_synth_cxr_renders_pneumothorax_beside_volume_loss():
   for split, n, i in (("train", 4096, 566), ("test", 512, 219), ("ood", 512, 285)):
     record = synth_cxr.SynthCxrSource(split, n, 0)[i]
     assert record["image"][:8] == b"\x89PNG\r\n\x1a\n"
+
+
+_PREPARE_AT = """
+import sys, time
+from cpo_jax.data import tfds_synth
+data_dir, start = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))  # both processes start writing together
+config = tfds_synth.SynthConfig(name="race", num_train=64, num_test=0, num_ood=0)
+source = tfds_synth.data_source("synth_drive", data_dir, "train", config)
+print(sum(len(source[i]["image"]) for i in range(len(source))))
+"""
+
+
+def test_two_processes_preparing_one_data_dir_at_once_both_read_it(tmp_path):
+  """Runs sharing a data dir (ablation arms started together) prepare the same version at
+  once; the one that finishes second reads the first one's files instead of failing on
+  tfds's rename."""
+  start = str(time.time() + 8)  # after both interpreters have imported tfds
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", _PREPARE_AT, str(tmp_path), start],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for _ in range(2)
+  ]
+  results = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, results):
+    assert p.returncode == 0, err[-2000:]
+  image_bytes = [int(out.split()[-1]) for out, _ in results]  # the last line: tfds logs first
+  assert image_bytes[0] == image_bytes[1] > 0
+  assert [d.name for d in (tmp_path / "synth_drive" / "race").iterdir()] == ["1.0.0"]

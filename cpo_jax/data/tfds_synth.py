@@ -97,7 +97,7 @@ class SynthDrive(_SynthBuilder):
 
 
 class SynthCxr(_SynthBuilder):
-  """Procedural chest-X-ray-like images with a corner-marker shortcut (cpo_jax/data/synth_cxr.py)."""
+  """Procedural chest-X-ray-like images with a side-band shortcut (cpo_jax/data/synth_cxr.py)."""
 
   RENDERER = synth_cxr
   VERSION = tfds.core.Version("2.0.0")
@@ -119,7 +119,14 @@ def prepare(name: str, data_dir: str, config: str | SynthConfig = "default"):
   make = lambda d: BUILDERS[name](config=config, data_dir=d, file_format="array_record")
   builder = make(data_dir)
   if not paths.is_remote(data_dir):
-    builder.download_and_prepare(file_format="array_record")
+    try:
+      builder.download_and_prepare(file_format="array_record")
+    except FileExistsError:
+      # Another process finished the same version first (runs sharing a data dir): its files
+      # hold the same records (a pure function of the config), so this one reads them.
+      builder = make(data_dir)
+      if not builder.is_prepared():
+        raise
     return builder
   if not builder.is_prepared():
     with tempfile.TemporaryDirectory(prefix="cpo_jax_tfds_") as tmp:
