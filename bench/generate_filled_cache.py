@@ -23,23 +23,18 @@ import sys
 import tempfile
 import time
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_step  # noqa: E402
-import generate_split  # noqa: E402
 import peers_common  # noqa: E402
 import peers_generate  # noqa: E402
 
 from cpo_jax import generate as generate_lib  # noqa: E402
-from cpo_jax import models  # noqa: E402
-from cpo_jax.data import tokenizer as tok_lib  # noqa: E402
 from cpo_jax.models import decode  # noqa: E402
 from cpo_jax.models import hf_io  # noqa: E402
-from cpo_jax.models import presets  # noqa: E402
 
 
 def filled_lengths(first_slot, size, chunk):
@@ -99,17 +94,9 @@ def main():
   ap.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'results'))
   a = ap.parse_args()
   load_before = os.getloadavg()
-  tok = tok_lib.build_tokenizer()
-  ids = tok_lib.special_ids(tok)
-  config = models.get_config(
-    'small', **{k: ids[k] for k in presets.TOKEN_KEYS if k != 'vocab_size'}
-  )
-  processor = generate_split._processor(tok, a.image_size)
+  tok, config, processor = peers_common.small_peers(a.image_size)
   with tempfile.TemporaryDirectory() as tmp:
-    base_dir = os.path.join(tmp, 'base')
-    hf_io.save_hf(
-      peers_common.perturbed(models.Qwen2_5_VL(config, rngs=nnx.Rngs(0)), a.perturb), base_dir
-    )
+    base_dir = peers_common.save_perturbed(config, a.perturb, tmp)
     a.gen_tokens = 0  # generation_inputs reads only the prompt settings
     inputs = peers_generate.generation_inputs(a, tok, processor)
     model = hf_io.load_hf(base_dir)

@@ -35,22 +35,10 @@ import peers_common  # noqa: E402
 import peers_generate  # noqa: E402
 
 from cpo_jax import models  # noqa: E402
-from cpo_jax.data import tokenizer as tok_lib  # noqa: E402
 from cpo_jax.models import decode  # noqa: E402
 from cpo_jax.models import hf_io  # noqa: E402
 from cpo_jax.models import layers  # noqa: E402
-from cpo_jax.models import presets  # noqa: E402
 from cpo_jax.models.qwen2_5_vl import causal_padding_mask  # noqa: E402
-
-
-def _processor(tok, side):
-  """The peers' processor (peers.py): images of side x side pixels."""
-  image_processor = (
-    transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.Qwen2VLImageProcessorPil(
-      min_pixels=side * side, max_pixels=side * side
-    )
-  )
-  return peers_common.ImageTextProcessor(image_processor, tok, chat_template=tok_lib.CHAT_TEMPLATE)
 
 
 def time_prefill_parts(model, np_in, new_tokens, reps, base_dir):
@@ -153,17 +141,9 @@ def main():
   a = ap.parse_args()
   transformers.logging.set_verbosity_error()
   load_before = os.getloadavg()
-  tok = tok_lib.build_tokenizer()
-  ids = tok_lib.special_ids(tok)
-  config = models.get_config(
-    'small', **{k: ids[k] for k in presets.TOKEN_KEYS if k != 'vocab_size'}
-  )
-  processor = _processor(tok, a.image_size)
+  tok, config, processor = peers_common.small_peers(a.image_size)
   with tempfile.TemporaryDirectory() as tmp:
-    base_dir = os.path.join(tmp, 'base')
-    hf_io.save_hf(
-      peers_common.perturbed(models.Qwen2_5_VL(config, rngs=nnx.Rngs(0)), a.perturb), base_dir
-    )
+    base_dir = peers_common.save_perturbed(config, a.perturb, tmp)
     inputs = peers_generate.generation_inputs(a, tok, processor)
     threads = peers_generate.pick_torch_threads(a.torch_threads, base_dir, inputs)
     gen = peers_generate.bench_generate(a, tok, inputs, base_dir)

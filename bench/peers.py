@@ -64,7 +64,6 @@ import sys
 import tempfile
 import time
 
-from flax import nnx
 import jax
 
 try:  # checked here, before the sibling modules import them
@@ -83,11 +82,6 @@ import bench_step  # noqa: E402  (matmul_peak, model_flops: the same yardsticks)
 import peers_common  # noqa: E402
 import peers_generate  # noqa: E402
 import peers_train  # noqa: E402
-
-from cpo_jax import models  # noqa: E402
-from cpo_jax.data import tokenizer as tok_lib  # noqa: E402
-from cpo_jax.models import hf_io  # noqa: E402
-from cpo_jax.models import presets  # noqa: E402
 
 
 def print_table(r):
@@ -183,29 +177,10 @@ def main():
   )
   print(json.dumps({'matmul_peak_gflops': peak}), flush=True)
 
-  tok = tok_lib.build_tokenizer()
-  ids = tok_lib.special_ids(tok)
-  # The small preset with our tokenizer's special ids (its vocabulary fits in the preset's).
-  config = models.get_config(
-    'small', **{k: ids[k] for k in presets.TOKEN_KEYS if k != 'vocab_size'}
-  )
-  if len(tok) > config.text_config.vocab_size:
-    raise ValueError(f'tokenizer ({len(tok)}) exceeds the preset vocabulary')
-  side = a.image_size
-  image_processor = (
-    transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.Qwen2VLImageProcessorPil(
-      min_pixels=side * side, max_pixels=side * side
-    )
-  )
-  processor = peers_common.ImageTextProcessor(
-    image_processor, tok, chat_template=tok_lib.CHAT_TEMPLATE
-  )
+  tok, config, processor = peers_common.small_peers(a.image_size)
 
   with tempfile.TemporaryDirectory() as tmp:
-    base_dir = os.path.join(tmp, 'base')
-    hf_io.save_hf(
-      peers_common.perturbed(models.Qwen2_5_VL(config, rngs=nnx.Rngs(0)), a.perturb), base_dir
-    )
+    base_dir = peers_common.save_perturbed(config, a.perturb, tmp)
     inputs = peers_generate.generation_inputs(a, tok, processor)
     threads = peers_generate.pick_torch_threads(a.torch_threads, base_dir, inputs)
     print(json.dumps({'torch_threads': threads}), flush=True)

@@ -3,10 +3,12 @@
 Owns what both halves of the benchmark (peers_train, peers_generate) and its entry point use:
 `LLM_LINEAR` (the LoRA target modules on TRL's side), `ImageTextProcessor` (Qwen2.5-VL's
 processor without torchvision), `torch_matmul_peak` (torch's side of the matmul yardstick),
-`perturbed` (the weights both sides load), and the synthetic preference rows (`smooth_image`,
+`small_peers` and `save_perturbed` (the tokenizer, `small` model and processor both sides
+load), `perturbed` (their weights), and the synthetic preference rows (`smooth_image`,
 `make_rows`) that the training batch and the generation prompts are made from.
 """
 
+import os
 import re
 import statistics
 import time
@@ -18,7 +20,10 @@ from PIL import Image
 import torch
 import transformers
 
+from cpo_jax import models
 from cpo_jax.data import tokenizer as tok_lib
+from cpo_jax.models import hf_io
+from cpo_jax.models import presets
 
 # Every linear layer of the LLM, none of the ViT (whose MLP reuses the names gate/up/down_proj).
 LLM_LINEAR = r'.*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)'
@@ -46,6 +51,33 @@ def torch_matmul_peak(n=2048, reps=5):
     torch.matmul(a, b)
     times.append(time.perf_counter() - t)
   return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def small_peers(side):
+  """(tokenizer, the `small` preset's config with the tokenizer's special ids, the peers'
+  processor of side x side images): what every peers bench builds both sides from."""
+  tok = tok_lib.build_tokenizer()
+  ids = tok_lib.special_ids(tok)
+  config = models.get_config(
+    'small', **{k: ids[k] for k in presets.TOKEN_KEYS if k != 'vocab_size'}
+  )
+  if len(tok) > config.text_config.vocab_size:  # its vocabulary must fit in the preset's
+    raise ValueError(f'tokenizer ({len(tok)}) exceeds the preset vocabulary')
+  image_processor = (
+    transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.Qwen2VLImageProcessorPil(
+      min_pixels=side * side, max_pixels=side * side
+    )
+  )
+  processor = ImageTextProcessor(image_processor, tok, chat_template=tok_lib.CHAT_TEMPLATE)
+  return tok, config, processor
+
+
+def save_perturbed(config, scale, directory):
+  """The weights both sides load: the model of `config` at seed 0, `perturbed`, written with
+  `save_hf` to <directory>/base; returns that path."""
+  path = os.path.join(directory, 'base')
+  hf_io.save_hf(perturbed(models.Qwen2_5_VL(config, rngs=nnx.Rngs(0)), scale), path)
+  return path
 
 
 def perturbed(model, scale, seed=7):
