@@ -589,9 +589,7 @@ def test_left_out_records_are_counted_apart_and_a_stream_of_only_those_stops():
 
 @pytest.mark.parametrize('num_epochs', [None, 3])
 def test_every_epoch_visits_each_record_of_the_shard_once_in_a_new_order(num_epochs):
-  ds = datasets._indices(
-    10, seed=3, shard_index=1, shard_count=2, num_epochs=num_epochs, shuffle=True
-  )
+  ds = datasets._indices(10, seed=3, shard_index=1, shard_count=2, num_epochs=num_epochs)
   epochs = [[int(ds[e * 5 + i]) for i in range(5)] for e in range(3)]
   assert all(sorted(e) == [1, 3, 5, 7, 9] for e in epochs), epochs
   assert len({tuple(e) for e in epochs}) > 1, epochs  # reshuffled, not one order repeated

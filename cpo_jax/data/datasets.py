@@ -61,7 +61,6 @@ def _indices(
   shard_index: int,
   shard_count: int,
   num_epochs: int | None,
-  shuffle: bool,
   positions=None,
 ):
   """Per-host slice of the positions (0..n-1, or the record indices `positions`), shuffled
@@ -73,8 +72,7 @@ def _indices(
     raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
   ds = grain.MapDataset.range(n) if positions is None else grain.MapDataset.source(positions)
   ds = ds[shard_index::shard_count]
-  ds = ds.shuffle(seed=seed) if shuffle else ds
-  return ds.repeat(num_epochs)
+  return ds.shuffle(seed=seed).repeat(num_epochs)
 
 
 def _guard_for(n, shard_index, shard_count, num_epochs, policy, skips, max_skipped_share):
@@ -189,7 +187,6 @@ def make_sft_dataset(
     shard_index=shard_index,
     shard_count=shard_count,
     num_epochs=num_epochs,
-    shuffle=True,
   )
   # Pair records: SFT on the chosen side.
   fn = examples.swift_sft_example if examples.gives_pairs(source) else examples.sft_example
@@ -248,6 +245,7 @@ def make_cpo_dataset(
   guard = _guard_for(
     len(source), shard_index, shard_count, num_epochs, on_bad_record, skips, max_skipped_share
   )
+  where = dict(shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs)
   if perception_mode == "counterfactual" and not hasattr(source, "counterfactual"):
     raise ValueError(
       f"perception_mode='counterfactual' re-renders the chosen scene with one concept changed; "
@@ -266,15 +264,7 @@ def make_cpo_dataset(
         f"{source!r} gives its own pairs; leave it 'counterfactual' for this dataset"
       )
     if pair_layout is None:  # mixed: one stream, the records' kinds in their own shares
-      ds = _indices(
-        len(source),
-        seed=seed,
-        shard_index=shard_index,
-        shard_count=shard_count,
-        num_epochs=num_epochs,
-        shuffle=True,
-      )
-      ds = ds.map(
+      ds = _indices(len(source), seed=seed, **where).map(
         guard(
           functools.partial(examples.swift_cpo_example, source=source, proc=proc, max_len=max_len)
         )
@@ -288,9 +278,7 @@ def make_cpo_dataset(
       max_len=max_len,
       max_prompt_len=max_prompt_len,
       seed=seed,
-      shard_index=shard_index,
-      shard_count=shard_count,
-      num_epochs=num_epochs,
+      **where,
       guard_for=lambda n: _guard_for(
         n, shard_index, shard_count, num_epochs, on_bad_record, skips, max_skipped_share
       ),
@@ -301,15 +289,7 @@ def make_cpo_dataset(
     pair_index = pair_index or pairs_lib.PairIndex.from_source(source)
 
   def pairs(fraction, stream):
-    ds = _indices(
-      len(source),
-      seed=seed + stream,
-      shard_index=shard_index,
-      shard_count=shard_count,
-      num_epochs=num_epochs,
-      shuffle=True,
-    )
-    return ds.random_map(
+    return _indices(len(source), seed=seed + stream, **where).random_map(
       guard(
         functools.partial(
           examples.cpo_example,
@@ -376,7 +356,6 @@ def _given_pairs_grouped(
     ds = _indices(
       len(positions),
       positions=positions.tolist(),
-      shuffle=True,
       **dict(where, seed=where["seed"] + seed_offset),
     )
     example = functools.partial(
