@@ -131,9 +131,8 @@ def test_records_without_a_nuisance_give_the_unsplit_form(
   model, processors, graph, batches, shortcut, rows
 ):
   unknown = [dict(b, nuisance=np.full_like(b['nuisance'], -1)) for b in batches]
-  out = concept_readout.concept_readout(
-    model, unknown, processors=processors, graph=graph, shortcut=shortcut
-  )
+  unknown_rows = concept_readout.readout_rows(model, unknown, processors=processors, graph=graph)
+  out = concept_readout.summarize(unknown_rows, graph, shortcut)
   assert out['no_nuisance'] == out['n'] == EXAMPLES and 'shortcut' not in out
   split = concept_readout.summarize(rows, graph, shortcut)
   for name, section in out['per_concept'].items():

@@ -43,24 +43,6 @@ def shortcut_map(train_source, graph: ConceptGraph) -> ShortcutMap | None:
   )
 
 
-def concept_readout(
-  model,
-  batches: Iterable[dict],
-  *,
-  processors,
-  graph: ConceptGraph,
-  shortcut: ShortcutMap | None = None,
-  scorer: AnswerScorer | None = None,
-  blank=None,
-) -> dict:
-  """The report's `concept_readout` of a split's records (`summarize` of `readout_rows`).
-  `shortcut`: the nuisance -> decision map for the agrees/disagrees split (None: no split)."""
-  rows = readout_rows(
-    model, batches, processors=processors, graph=graph, scorer=scorer, blank=blank
-  )
-  return summarize(rows, graph, shortcut)
-
-
 def readout_rows(
   model,
   batches: Iterable[dict],
