@@ -56,7 +56,7 @@ def test_aimed_pairs_reject_the_nuisance_decision_with_a_minimal_rewrite(drive, 
   rng = np.random.default_rng(0)
   for i in range(len(source)):
     rec = source[i]
-    kind, goal = plan.kind_of(int(rec['decision']), int(rec['nuisance']), g)
+    kind, goal = plan.kind_of(int(rec['decision']), int(rec['nuisance']), g, i)
     kinds[kind] += 1
     pair = pairs_lib.make_pair(
       rec, i, rng, graph=g, source=source, index=None, thinking_fraction=1.0, thinking=plan
@@ -84,7 +84,7 @@ def test_rerendered_pairs_reject_the_shortcut_answer_on_a_disagreeing_scene(firs
   rng, seen = np.random.default_rng(0), 0
   for i in range(40):
     rec = source[i]
-    if plan.kind_of(int(rec['decision']), int(rec['nuisance']), g)[0] != tp.RERENDERED:
+    if plan.kind_of(int(rec['decision']), int(rec['nuisance']), g, i)[0] != tp.RERENDERED:
       continue
     seen += 1
     pair = pairs_lib.make_pair(
@@ -105,6 +105,82 @@ def test_rerendered_pairs_reject_the_shortcut_answer_on_a_disagreeing_scene(firs
     assert same_scene
     np.testing.assert_array_equal(pair['boxes'], rerender['boxes'])
   assert seen > 20
+
+
+def test_balanced_pairs_leave_the_nuisance_predicting_nothing_on_either_side(drive, caplog):
+  # 90% of train agrees with its sky; re-rendering 1 - 0.25 / 0.9 of those leaves a quarter
+  # agreeing (chance: one decision of four per sky) on the chosen side, and the random
+  # negatives agree about as often, so no side can be told from the other by the sky.
+  source, g = drive
+  with caplog.at_level('WARNING'):
+    plan = tp.plan_for(source, g, target='balanced')
+  assert 'disagrees_random' in caplog.text
+  agree = np.mean([d in plan.shortcut.decisions_for(v) for d, v in zip(*tp.split_labels(source))])
+  assert plan.rerender_share == pytest.approx(1 - 0.25 / agree)
+  rng = np.random.default_rng(0)
+  chosen_agrees, rejected_agrees, kinds = [], [], {k: 0 for k in plan.counts}
+  for i in range(len(source)):
+    rec = source[i]
+    kind, _ = plan.kind_of(int(rec['decision']), int(rec['nuisance']), g, i)
+    kinds[kind] += 1
+    pair = pairs_lib.make_pair(
+      rec, i, rng, graph=g, source=source, index=None, thinking_fraction=1.0, thinking=plan
+    )
+    predicted = plan.shortcut.decisions_for(int(rec['nuisance']))
+    chosen, _ = g.parse_chain(pair['chosen_completion'])
+    rejected, _ = g.parse_chain(pair['rejected_completion'])
+    assert g.decision_id(g.decide(chosen)) == pair['chosen_decision'] != pair['rejected_decision']
+    assert g.decision_id(g.decide(rejected)) == pair['rejected_decision']
+    if kind == tp.RERENDERED:
+      assert pair['chosen_image'] == pair['rejected_image'] != rec['image']
+      assert rec['decision'] in predicted and pair['chosen_decision'] not in predicted
+    else:
+      assert pair['chosen_completion'] == pairs_lib.completion_of(rec)
+    chosen_agrees.append(pair['chosen_decision'] in predicted)
+    rejected_agrees.append(pair['rejected_decision'] in predicted)
+  assert kinds == plan.counts and plan.counts[tp.AIMED] == 0
+  assert abs(np.mean(chosen_agrees) - 0.25) < 0.07, np.mean(chosen_agrees)
+  assert abs(np.mean(rejected_agrees) - 0.25) < 0.07, np.mean(rejected_agrees)
+  # the same records are re-rendered whatever the order the pipeline asks in
+  again = [
+    plan.kind_of(int(source[i]['decision']), int(source[i]['nuisance']), g, i)[0] for i in (5, 3)
+  ]
+  assert again == [
+    plan.kind_of(int(source[i]['decision']), int(source[i]['nuisance']), g, i)[0] for i in (5, 3)
+  ]
+
+
+def test_balanced_scenes_with_random_negatives_keep_the_scene_and_reject_another_record(drive):
+  # The DPO baseline on the same chosen scenes: data.thinking_negative='random' with 'balanced'.
+  source, g = drive
+  plan = tp.plan_for(source, g, target='balanced', negative='random')
+  same_plan = tp.plan_for(source, g, target='balanced')
+  for i in range(60):
+    rec = source[i]
+    pair = pairs_lib.make_pair(
+      rec,
+      i,
+      np.random.default_rng(i),
+      graph=g,
+      source=source,
+      index=None,
+      thinking_fraction=1.0,
+      thinking=plan,
+      thinking_negative='random',
+    )
+    rng = np.random.default_rng(i)
+    rng.random()  # make_pair draws the pair's kind first
+    own = same_plan.pair(rec, i, g, source, rng)
+    assert (
+      pair['chosen_image'] == own['chosen_image']
+      and pair['chosen_completion'] == own['chosen_completion']
+    )
+    other = source[pair['rejected_index']]
+    assert pair['rejected_index'] != i
+    assert (
+      pair['rejected_completion'] == pairs_lib.completion_of(other) != pair['chosen_completion']
+    )
+    assert pair['rejected_decision'] == other['decision']
 
 
 def test_without_a_nuisance_every_pair_falls_back_and_is_counted(drive, caplog):
@@ -129,7 +205,7 @@ def test_candidate_rewrites_are_minimal_distinct_and_seeded():
     assert all(b in every for b in few)
 
 
-@pytest.mark.parametrize('target', ['shortcut', 'shortcut_rerender'])
+@pytest.mark.parametrize('target', ['shortcut', 'shortcut_rerender', 'balanced'])
 def test_the_pipeline_makes_the_targeted_pairs(drive, target):
   _, g = drive
   small = sources.make_source('synth_drive', 'train', num_examples=32)
@@ -149,14 +225,15 @@ def test_the_pipeline_makes_the_targeted_pairs(drive, target):
   kinds = []
   for row, index in enumerate(batch['index']):
     rec = small[int(index)]
-    kind, goal = plan.kind_of(int(rec['decision']), int(rec['nuisance']), g)
+    kind, goal = plan.kind_of(int(rec['decision']), int(rec['nuisance']), g, int(index))
     kinds.append(kind)
     if kind == tp.AIMED:
       assert batch['rejected_decision'][row] in goal
       assert batch['chosen_decision'][row] == rec['decision']
     if kind == tp.RERENDERED:  # a new scene whose evidence leaves the nuisance's decision
       assert batch['chosen_decision'][row] in goal
-      assert batch['rejected_decision'][row] == rec['decision']
+      if target == 'shortcut_rerender':  # rejecting the shortcut's answer
+        assert batch['rejected_decision'][row] == rec['decision']
   assert tp.AGREES in kinds if target == 'shortcut' else tp.RERENDERED in kinds
 
 
@@ -170,4 +247,6 @@ def test_the_config_guards(drive):
     tp.plan_for(source, g, target='shortcut', negative='random')
   with pytest.raises(ValueError, match='cannot'):
     tp.plan_for([source[0], source[1]], g, target='shortcut_rerender')
+  with pytest.raises(ValueError, match='cannot'):
+    tp.plan_for([source[0], source[1]], g, target='balanced')
   assert tp.plan_for(source, g) is None  # the default: the random rewrite, no plan

@@ -236,6 +236,17 @@ def random_negative_pair(
   targeted, so it may even name the same decision with other evidence. `position` is the
   record's position in `source`."""
   chosen = completion_of(record)
+  return {
+    "chosen_image": record["image"],
+    "rejected_image": record["image"],
+    "chosen_completion": chosen,
+    **random_rejected(chosen, source, position, rng),
+  }
+
+
+def random_rejected(chosen: str, source, position: int, rng: np.random.Generator) -> dict:
+  """The rejected side of a random-negative pair: another record's completion that differs
+  from `chosen` (its decision and index beside it)."""
   if len(source) < 2:
     raise ValueError(f"random negatives need two records; {source!r} has {len(source)}")
   for _ in range(RANDOM_NEGATIVE_DRAWS):
@@ -244,9 +255,6 @@ def random_negative_pair(
     other = source[j]
     if completion_of(other) != chosen:
       return {
-        "chosen_image": record["image"],
-        "rejected_image": record["image"],
-        "chosen_completion": chosen,
         "rejected_completion": completion_of(other),
         "rejected_decision": int(other["decision"]),
         "rejected_index": j,
@@ -355,10 +363,12 @@ def make_pair(
       f"thinking_negative {thinking_negative!r}; expected one of {THINKING_NEGATIVES}"
     )
   kind = "thinking" if rng.random() < thinking_fraction else "perception"
-  if kind == "thinking" and thinking_negative == "random":
-    pair = random_negative_pair(record, source, position, rng)
-  elif kind == "thinking" and thinking is not None:
+  if kind == "thinking" and thinking is not None:
     pair = thinking.pair(record, position, graph, source, rng)
+    if thinking_negative == "random":  # the plan picked the scene only ('balanced')
+      pair.update(random_rejected(pair["chosen_completion"], source, position, rng))
+  elif kind == "thinking" and thinking_negative == "random":
+    pair = random_negative_pair(record, source, position, rng)
   elif kind == "thinking":
     pair = thinking_pair(record, graph, rng)
   elif perception_mode == "counterfactual":

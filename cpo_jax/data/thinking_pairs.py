@@ -15,6 +15,14 @@ chain toward a random other decision; these modes choose WHICH counterfactual.
   noise) with the fewest evidence concepts changed so that the decision leaves the nuisance's;
   the chosen side is that scene's true chain, the rejected side the record's own chain (the
   shortcut's reading of the new scene). Synthetic sources only (they can re-render).
+* `balanced`: re-renders only as many agreeing records (a fixed share, chosen by position) as
+  make the nuisance predict nothing among the chosen scenes (the share that agrees with it
+  falls to the share of decisions it predicts: chance), each toward a decision drawn uniformly
+  from the others, and every pair rejects a random rewrite of its own scene. Why not the
+  shortcut's answer as the negative: whatever tells chosen from rejected, the preference
+  learns; if the rejected side names what the sky suggests on most pairs, "answer against the
+  sky" is the new shortcut (measured: thinking-only `shortcut_rerender` pairs lower `test`
+  accuracy by 55 points). Balanced on both sides, only the evidence separates them.
 Why re-render: `ood` errors are nearly all "the decision the nuisance suggests" on scenes whose
 evidence disagrees with it. In train only ~10% of scenes disagree, so `shortcut` aims only
 that tenth; aiming the agreeing 90% at "the decision of another nuisance value" would be a
@@ -42,9 +50,10 @@ from cpo_jax.data.bad_records import BadRecordError
 from cpo_jax.knowledge.graph import ConceptGraph
 from cpo_jax.knowledge.graph import GraphError
 from cpo_jax.knowledge.rewriter import nearest_rewrites
+from cpo_jax.knowledge.rewriter import rewrite
 from cpo_jax.knowledge.rewriter import validate_counterfactual
 
-THINKING_TARGETS = ("random", "shortcut", "shortcut_rerender")
+THINKING_TARGETS = ("random", "shortcut", "shortcut_rerender", "balanced")
 THINKING_SELECTS = ("random", "reference")
 SELECTED_PER_RECORD = 2  # the paper keeps the 2 most relevant counterfactuals per instance
 
@@ -53,6 +62,7 @@ AIMED = "aimed"  # rejected chain reaches a decision the nuisance predicts
 RERENDERED = "rerendered"  # the scene re-rendered to disagree with its nuisance
 AGREES = "agrees_random"  # nuisance predicts only the record's decision: random rewrite
 NO_SHORTCUT = "no_shortcut_random"  # nuisance unknown or predicting nothing: random rewrite
+DISAGREES = "disagrees_random"  # 'balanced': already disagrees with its nuisance: random rewrite
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,17 +170,23 @@ class ThinkingPlan:
   shortcut: ShortcutMap | None = None
   selection: SelectionTable | None = None
   counts: dict[str, int] = dataclasses.field(default_factory=dict)
+  rerender_share: float = 1.0  # 'balanced': the share of agreeing records re-rendered
 
-  def kind_of(self, decision: int, nuisance: int, graph: ConceptGraph) -> tuple[str, tuple]:
+  def kind_of(
+    self, decision: int, nuisance: int, graph: ConceptGraph, position: int
+  ) -> tuple[str, tuple]:
     """(kind, decision ids the counterfactual must reach) for a record under a shortcut target."""
     predicted = self.shortcut.decisions_for(int(nuisance))
     if not predicted:
       return NO_SHORTCUT, ()
     aimed = tuple(d for d in predicted if d != decision)
     if aimed:
-      return AIMED, aimed
+      return (DISAGREES, ()) if self.target == "balanced" else (AIMED, aimed)
     others = tuple(d for d in range(len(graph.decisions)) if d not in predicted)
-    if self.target == "shortcut_rerender" and others:
+    rerender = self.target == "shortcut_rerender" or (
+      self.target == "balanced" and _position_uniform(position) < self.rerender_share
+    )
+    if rerender and others:
       return RERENDERED, others
     return AGREES, ()
 
@@ -185,7 +201,11 @@ class ThinkingPlan:
     if self.selection is not None:
       picked = self.selection.choices(position, record, graph)
       return rewritten_pair(record, graph, picked[int(rng.integers(len(picked)))])
-    kind, goal = self.kind_of(int(record["decision"]), int(record.get("nuisance", -1)), graph)
+    kind, goal = self.kind_of(
+      int(record["decision"]), int(record.get("nuisance", -1)), graph, position
+    )
+    if kind == RERENDERED and self.target == "balanced":
+      return balanced_rerendered_pair(record, position, graph, source, goal, rng)
     if kind in (AIMED, RERENDERED):
       a = graph.assignment_from_ids(record["concepts"])
       near = nearest_rewrites(graph, a, [graph.decisions[d] for d in goal])
@@ -234,6 +254,44 @@ def rerendered_pair(
   }
 
 
+def _position_uniform(position: int) -> float:
+  # why: which records 'balanced' re-renders must not depend on the worker or the epoch
+  return float(np.random.default_rng((int(position), 0xBA1A)).random())
+
+
+def balanced_rerendered_pair(
+  record: dict[str, Any], position: int, graph: ConceptGraph, source, others: tuple, rng
+) -> dict[str, Any]:
+  """The scene re-rendered toward a decision drawn uniformly from `others` (its fewest-changes
+  rewrite); chosen = that scene's true chain, rejected = a random rewrite of it."""
+  target = graph.decisions[others[int(rng.integers(len(others)))]]
+  near = nearest_rewrites(graph, graph.assignment_from_ids(record["concepts"]), [target])
+  if not near:  # cannot happen on a validated graph (every decision is reachable)
+    raise GraphError(f"{graph.domain}: {target} is not reachable from record {position}")
+  b = near[int(rng.integers(len(near)))]
+  cf = source.counterfactual(position, b)
+  negative = rewrite(graph, b, k=1, seed=rng)[0]
+  return {
+    "chosen_image": cf["image"],
+    "rejected_image": cf["image"],
+    "chosen_completion": graph.completion_text(b),
+    "rejected_completion": negative.completion,
+    "chosen_decision": int(cf["decision"]),
+    "rejected_decision": graph.decision_id(negative.decision),
+    "rejected_index": int(record["index"]),
+    "boxes": np.asarray(cf["boxes"], np.int32),
+  }
+
+
+def balancing_share(plan: "ThinkingPlan", decision, nuisance, num_decisions: int) -> float:
+  """The share of agreeing records to re-render so that the share of records whose decision
+  their nuisance predicts falls to chance (the mean share of decisions it predicts)."""
+  predicted = [plan.shortcut.decisions_for(int(v)) for v in nuisance]
+  agree = np.mean([int(d) in p for d, p in zip(decision, predicted)]) if len(decision) else 0.0
+  chance = np.mean([len(p) / num_decisions for p in predicted]) if len(decision) else 0.0
+  return float(max(0.0, 1.0 - chance / agree)) if agree > 0 else 0.0
+
+
 def plan_for(
   source,
   graph: ConceptGraph,
@@ -256,10 +314,11 @@ def plan_for(
       f"data.thinking_target={target!r} and data.thinking_select={select!r} both choose the "
       "counterfactual; set one of them to 'random'"
     )
-  if negative != "counterfactual":
+  if negative != "counterfactual" and target != "balanced":
     raise ValueError(
       f"data.thinking_negative={negative!r} makes no counterfactual for data.thinking_target / "
-      "thinking_select to choose; leave it 'counterfactual' or them 'random'"
+      "thinking_select to choose; leave it 'counterfactual' or them 'random' (or thinking_target "
+      "'balanced', which picks only the scenes)"
     )
   if select == "reference":
     if selection is None:
@@ -278,9 +337,9 @@ def plan_for(
       selection.path or "in memory",
     )
     return ThinkingPlan("random", selection=selection, counts={"selected": n})
-  if target == "shortcut_rerender" and not hasattr(source, "counterfactual"):
+  if target in ("shortcut_rerender", "balanced") and not hasattr(source, "counterfactual"):
     raise ValueError(
-      f"data.thinking_target='shortcut_rerender' re-renders scenes; dataset {source!r} cannot "
+      f"data.thinking_target={target!r} re-renders scenes; dataset {source!r} cannot "
       "(only synth_drive and synth_cxr can); use 'shortcut'"
     )
   decision, nuisance = split_labels(source)
@@ -288,15 +347,20 @@ def plan_for(
     decision, nuisance, len(graph.decisions), len(graph.nuisance_values)
   )
   plan = ThinkingPlan(target, shortcut)
-  counts = {k: 0 for k in (AIMED, RERENDERED, AGREES, NO_SHORTCUT)}
-  for d, v in zip(decision, nuisance):
-    counts[plan.kind_of(int(d), int(v), graph)[0]] += 1
+  if target == "balanced":
+    share = balancing_share(plan, decision, nuisance, len(graph.decisions))
+    plan = dataclasses.replace(plan, rerender_share=share)
+  counts = {k: 0 for k in (AIMED, RERENDERED, AGREES, DISAGREES, NO_SHORTCUT)}
+  for position, (d, v) in enumerate(zip(decision, nuisance)):
+    counts[plan.kind_of(int(d), int(v), graph, position)[0]] += 1
   n = max(len(decision), 1)
   logging.warning(
-    "data.thinking_target=%r on %s (nuisance predicts: %s): %s",
+    "data.thinking_target=%r on %s (nuisance predicts: %s; re-rendering %.1f%% of the records "
+    "that agree with it): %s",
     target,
     source,
     shortcut.describe(graph),
-    "; ".join(f"{k} {c} ({c / n:.1%})" for k, c in counts.items()),
+    100 * plan.rerender_share if target != "shortcut" else 0.0,
+    "; ".join(f"{k} {c} ({c / n:.1%})" for k, c in counts.items() if c or k != DISAGREES),
   )
   return dataclasses.replace(plan, counts=counts)
