@@ -24,6 +24,18 @@ def _hamming(a, b):
   return sum(a[k] != b[k] for k in a)
 
 
+def _planned_pairs(source, g, plan):
+  """(position, record, kind, goal, pair) for every record of `source`, thinking pairs only."""
+  rng = np.random.default_rng(0)
+  for i in range(len(source)):
+    rec = source[i]
+    kind, goal = plan.kind_of(int(rec['decision']), int(rec['nuisance']), g, i)
+    pair = pairs_lib.make_pair(
+      rec, i, rng, graph=g, source=source, index=None, thinking_fraction=1.0, thinking=plan
+    )
+    yield i, rec, kind, goal, pair
+
+
 def test_the_map_reads_the_shortcut_from_the_labels():
   # Value 0 names decision 0. Under value 1, decision 0 is still the most frequent but less so
   # than overall (dropped), 1 and 2 are half as frequent and likelier than overall (kept).
@@ -53,14 +65,8 @@ def test_aimed_pairs_reject_the_nuisance_decision_with_a_minimal_rewrite(drive, 
     plan = tp.plan_for(source, g, target='shortcut')
   assert 'aimed' in caplog.text and 'agrees_random' in caplog.text  # logged with the shares
   kinds = {k: 0 for k in plan.counts}
-  rng = np.random.default_rng(0)
-  for i in range(len(source)):
-    rec = source[i]
-    kind, goal = plan.kind_of(int(rec['decision']), int(rec['nuisance']), g, i)
+  for _, rec, kind, goal, pair in _planned_pairs(source, g, plan):
     kinds[kind] += 1
-    pair = pairs_lib.make_pair(
-      rec, i, rng, graph=g, source=source, index=None, thinking_fraction=1.0, thinking=plan
-    )
     a = g.assignment_from_ids(rec['concepts'])
     b, _ = g.parse_chain(pair['rejected_completion'])
     assert g.decide(b) == g.parse_decision(pair['rejected_completion']) != g.decide(a)
@@ -117,15 +123,9 @@ def test_balanced_pairs_leave_the_nuisance_predicting_nothing_on_either_side(dri
   assert 'disagrees_random' in caplog.text
   agree = np.mean([d in plan.shortcut.decisions_for(v) for d, v in zip(*tp.split_labels(source))])
   assert plan.rerender_share == pytest.approx(1 - 0.25 / agree)
-  rng = np.random.default_rng(0)
   chosen_agrees, rejected_agrees, kinds = [], [], {k: 0 for k in plan.counts}
-  for i in range(len(source)):
-    rec = source[i]
-    kind, _ = plan.kind_of(int(rec['decision']), int(rec['nuisance']), g, i)
+  for _, rec, kind, _, pair in _planned_pairs(source, g, plan):
     kinds[kind] += 1
-    pair = pairs_lib.make_pair(
-      rec, i, rng, graph=g, source=source, index=None, thinking_fraction=1.0, thinking=plan
-    )
     predicted = plan.shortcut.decisions_for(int(rec['nuisance']))
     chosen, _ = g.parse_chain(pair['chosen_completion'])
     rejected, _ = g.parse_chain(pair['rejected_completion'])
