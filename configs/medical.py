@@ -15,7 +15,8 @@ def get_config(arg=None):
     c.sft.num_steps = 500
     c.sft.optimizer.lr = 2e-3
     c.cpo.num_steps = 150
-    c.cpo.optimizer.lr = 1e-4
+    if c.data.name == 'synth_cxr':
+      config_defaults.embedded_recipe(c)
     # Prompts are 45 tokens (16 image + 29 text), chains 44-50: a thinking pair runs its prompt
     # once and projects 56 completion positions per row (cpo.shared_prefix; exact).
     c.data.max_prompt_len = 48

@@ -1,7 +1,7 @@
 r"""Ablation harness: seeds x arms from one shared SFT model per seed -> table, JSON and plot.
 
   python -m cpo_jax.ablate --config=configs/driving.py --seeds=0,1,2,3,4 \
-      --arms=sft,sft_more,dpo_random,cpo_thinking,cpo_perception,cpo_plus --workdir=DIR
+      --arms=sft,sft_more,sft_more_chosen,dpo_random,cpo_perception,cpo_both,cpo_plus --workdir=DIR
 
 Per seed it trains one SFT model (DIR/seed_<s>/sft_model, `config.stages=sft`; arms of another
 SFT model, such as the early-stopped one of `*_early`, share DIR/seed_<s>/sft_model_<name>), then runs each
@@ -46,8 +46,18 @@ class Arm:
   sft: str = ''  # which of the seed's SFT models it starts from (SFT_MODELS)
 
 
+# The CPO++ script's recipe (the default of the real-data configs; the embedded synthetic
+# configs use config_defaults.embedded_recipe instead): the exploratory arms below are
+# variants of it, as they were measured.
+PAPER = (
+  ('data.cpo_scenes', 'sft'),
+  ('data.thinking_target', 'random'),
+  ('data.thinking_fraction', 0.5),
+  ('cpo.optimizer.lr', 1e-4),
+  ('cpo.rpo_alpha', 0.1),
+)
 # Pairs aimed at the shortcut on scenes SFT never saw, trained hard enough to move answers.
-RERENDER = (
+RERENDER = PAPER + (
   ('data.cpo_scenes', 'fresh'),
   ('data.thinking_target', 'shortcut_rerender'),
   ('cpo.optimizer.lr', 1e-3),
@@ -62,11 +72,18 @@ ARMS = {
     'SFT continued on new LoRA adapters for the CPO++ stage steps, rows and optimizer '
     '(the compute-matched control)',
   ),
+  'sft_more_chosen': Arm(
+    'sft_more,eval',
+    (('data.sft_more_rows', 'chosen'),),
+    'the data-matched control: SFT continued on the chosen side of exactly the CPO++ pairs '
+    '(re-rendered scenes included), same steps, rows and optimizer',
+  ),
   'dpo_random': Arm(
     'cpo_plus,eval',
     (('data.thinking_fraction', 1.0), ('data.thinking_negative', 'random')),
-    'DPO with random negatives: the rejected chain is another record\'s, same image, as many '
-    'pairs as CPO++ (the paper\'s "DPO, random negatives, same data size")',
+    'DPO with random negatives: the rejected chain is another record\'s, same image (the same '
+    'chosen scenes), as many pairs as CPO++ (the paper\'s "DPO, random negatives, same data '
+    'size")',
   ),
   'cpo_thinking': Arm(
     'cpo_plus,eval', (('data.thinking_fraction', 1.0),), 'CPO++ with thinking pairs only'
@@ -74,33 +91,44 @@ ARMS = {
   'cpo_perception': Arm(
     'cpo_plus,eval', (('data.thinking_fraction', 0.0),), 'CPO++ with perception pairs only'
   ),
-  'cpo_plus': Arm('cpo_plus,eval', (), 'CPO++ as configured (both pair sources)'),
+  'cpo_both': Arm(
+    'cpo_plus,eval',
+    (('data.thinking_fraction', 0.5),),
+    'CPO++ with both pair sources, half each (the CPO++ script\'s mix)',
+  ),
+  'cpo_plus': Arm('cpo_plus,eval', (), 'CPO++ as configured'),
+  'cpo_plus_paper': Arm(
+    'cpo_plus,eval',
+    PAPER,
+    'CPO++ with the script\'s recipe: pairs on the SFT scenes, random '
+    'rewrites, both sources, rate 1e-4, rpo_alpha 0.1',
+  ),
   'cpo_plus_shortcut': Arm(
     'cpo_plus,eval',
-    (('data.thinking_target', 'shortcut'),),
-    'CPO++ whose thinking pairs reject the decision the nuisance predicts (records where it '
-    'predicts their own decision keep the random rewrite)',
+    PAPER + (('data.thinking_target', 'shortcut'),),
+    'the script\'s recipe whose thinking pairs reject the decision the nuisance predicts '
+    '(records where it predicts their own decision keep the random rewrite)',
   ),
   'cpo_plus_shortcut_rerender': Arm(
     'cpo_plus,eval',
-    (('data.thinking_target', 'shortcut_rerender'),),
-    'CPO++ aimed at the shortcut, records agreeing with their nuisance re-rendered to disagree '
-    '(the rejected side is the shortcut\'s answer)',
+    PAPER + (('data.thinking_target', 'shortcut_rerender'),),
+    'the script\'s recipe aimed at the shortcut, records agreeing with their nuisance '
+    're-rendered to disagree (the rejected side is the shortcut\'s answer)',
   ),
   'cpo_plus_adaptive': Arm(
     'cpo_plus,eval',
-    (('data.thinking_select', 'reference'),),
-    'CPO++ whose thinking pairs reject the 2 counterfactuals (of up to data.thinking_candidates '
-    'minimal rewrites) the SFT model finds most probable',
+    PAPER + (('data.thinking_select', 'reference'),),
+    'the script\'s recipe whose thinking pairs reject the 2 counterfactuals (of up to '
+    'data.thinking_candidates minimal rewrites) the SFT model finds most probable',
   ),
   'cpo_plus_fresh': Arm(
     'cpo_plus,eval',
-    (('data.cpo_scenes', 'fresh'),),
-    'CPO++ with its pairs on train scenes the SFT stage never saw (data.cpo_examples of them)',
+    PAPER + (('data.cpo_scenes', 'fresh'),),
+    'the script\'s recipe with its pairs on train scenes the SFT stage never saw',
   ),
   'sft_more_fresh': Arm(
     'sft_more,eval',
-    (('data.cpo_scenes', 'fresh'),),
+    PAPER + (('data.cpo_scenes', 'fresh'),),
     'the compute-matched control on those fresh scenes: SFT continued on them (what the new '
     'labelled scenes alone give)',
   ),
@@ -118,12 +146,16 @@ ARMS = {
   ),
   'sft_early': Arm('eval', (), 'the early-stopped SFT model itself', sft='early'),
   'sft_more_early': Arm(
-    'sft_more,eval', (), 'the compute-matched control from the early-stopped SFT model', sft='early'
+    'sft_more,eval',
+    PAPER,
+    'the compute-matched control (script\'s recipe) from the early-stopped SFT model',
+    sft='early',
   ),
   'cpo_plus_early': Arm(
     'cpo_plus,eval',
-    (),
-    'CPO++ from the SFT model that stopped at its lowest held-out loss (sft.early_stop)',
+    PAPER,
+    'the script\'s recipe from the SFT model that stopped at its lowest held-out loss '
+    '(sft.early_stop)',
     sft='early',
   ),
 }

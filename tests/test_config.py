@@ -101,3 +101,28 @@ def test_real_presets_take_the_papers_recipe():
   cfg.cpo.batch_size = 12  # 12 pairs cannot split over 8 devices
   with pytest.raises(ValueError, match='does not split over the 8 data-parallel devices'):
     stages.resolve_accumulation(cfg, mesh)
+
+
+@pytest.mark.parametrize(
+  'path,synthetic,real',
+  [
+    ('configs/driving.py', 'synth_drive', 'codalm'),
+    ('configs/medical.py', 'synth_cxr', 'mimic_ccf'),
+  ],
+)
+def test_only_the_embedded_synthetic_runs_take_the_embedded_recipe(path, synthetic, real):
+  recipe = lambda c: (  # noqa: E731
+    c.data.cpo_scenes, c.data.thinking_target, c.data.thinking_fraction,
+    c.cpo.optimizer.lr, c.cpo.rpo_alpha,
+  )  # fmt: skip
+  assert recipe(_load(path, f'model=tiny,data={synthetic}')) == (
+    'fresh',
+    'balanced',
+    1.0,
+    1e-3,
+    1.0,
+  )
+  # Real data cannot be re-rendered: it keeps the CPO++ script's recipe, as the real presets do.
+  script = ('sft', 'random', 0.5, 1e-4, 0.1)
+  assert recipe(_load(path, f'model=tiny,data={real}')) == script
+  assert recipe(_load(path, f'model=7b,data={real}')) == script

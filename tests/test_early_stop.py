@@ -129,5 +129,6 @@ def test_ablation_arms_of_the_switches(tmp_path):
     early = arm.endswith('_early')
     assert c.sft.from_workdir == str(seed / ('sft_model_early' if early else 'sft_model'))
     assert c.sft.early_stop == ('val_loss' if early else '')  # the SFT model it restores
-    assert c.data.cpo_scenes == ('fresh' if arm.endswith('_fresh') else 'sft')
+    # The embedded default makes its pairs on fresh scenes; cpo_plus_early is the script's recipe.
+    assert c.data.cpo_scenes == ('sft' if arm == 'cpo_plus_early' else 'fresh')
   assert by_name['sft_more_fresh'].stages == 'sft_more,eval'

@@ -117,7 +117,12 @@ def test_eval_during_training_logs_and_keeps_the_best_step(tmp_path, monkeypatch
 
 
 def test_plan_compiles_the_step_for_a_mesh_without_allocating():
-  cfg = _config('unused', '--config.mesh.shape.fsdp=2', '--config.mesh.shape.tensor=2')
+  cfg = _config(
+    'unused',
+    '--config.mesh.shape.fsdp=2',
+    '--config.mesh.shape.tensor=2',
+    '--config.data.thinking_fraction=0.5',
+  )
   summary = plan.plan(cfg, 'cpo_plus')
   assert summary['mesh'] == {'data': 2, 'fsdp': 2, 'tensor': 2}
   assert summary['bytes_per_device'] >= summary['temp_bytes_per_device'] > 0
@@ -136,6 +141,7 @@ def test_plan_counts_device_made_pairs_and_a_precomputed_reference():
     'unused',
     '--config.cpo.device_perturbations=occlude:1.0,noise:0.5',
     '--config.cpo.reference=precomputed',
+    '--config.data.thinking_fraction=0.5',
   )
   summary = plan.plan(cfg, 'cpo_plus')
   # + 2 perturbed rejected sides per pair; no reference forward at all.
