@@ -204,9 +204,9 @@ class ThinkingPlan:
     kind, goal = self.kind_of(
       int(record["decision"]), int(record.get("nuisance", -1)), graph, position
     )
-    if kind == RERENDERED and self.target == "balanced":
-      return balanced_rerendered_pair(record, position, graph, source, goal, rng)
     if kind in (AIMED, RERENDERED):
+      if self.target == "balanced":  # one decision drawn uniformly, not the nearest of any
+        goal = (goal[int(rng.integers(len(goal)))],)
       a = graph.assignment_from_ids(record["concepts"])
       near = nearest_rewrites(graph, a, [graph.decisions[d] for d in goal])
       if not near:  # cannot happen on a validated graph (every decision is reachable)
@@ -214,7 +214,14 @@ class ThinkingPlan:
       b = near[int(rng.integers(len(near)))]
       if kind == AIMED:
         return rewritten_pair(record, graph, b)
-      return rerendered_pair(record, position, graph, source, b)
+      pair = rerendered_pair(record, position, graph, source, b)
+      if self.target == "balanced":  # a random rewrite of the new scene, not the sky's answer
+        negative = rewrite(graph, b, k=1, seed=rng)[0]
+        pair.update(
+          rejected_completion=negative.completion,
+          rejected_decision=graph.decision_id(negative.decision),
+        )
+      return pair
     return pairs_lib.thinking_pair(record, graph, rng)
 
 
@@ -259,34 +266,10 @@ def _position_uniform(position: int) -> float:
   return float(np.random.default_rng((int(position), 0xBA1A)).random())
 
 
-def balanced_rerendered_pair(
-  record: dict[str, Any], position: int, graph: ConceptGraph, source, others: tuple, rng
-) -> dict[str, Any]:
-  """The scene re-rendered toward a decision drawn uniformly from `others` (its fewest-changes
-  rewrite); chosen = that scene's true chain, rejected = a random rewrite of it."""
-  target = graph.decisions[others[int(rng.integers(len(others)))]]
-  near = nearest_rewrites(graph, graph.assignment_from_ids(record["concepts"]), [target])
-  if not near:  # cannot happen on a validated graph (every decision is reachable)
-    raise GraphError(f"{graph.domain}: {target} is not reachable from record {position}")
-  b = near[int(rng.integers(len(near)))]
-  cf = source.counterfactual(position, b)
-  negative = rewrite(graph, b, k=1, seed=rng)[0]
-  return {
-    "chosen_image": cf["image"],
-    "rejected_image": cf["image"],
-    "chosen_completion": graph.completion_text(b),
-    "rejected_completion": negative.completion,
-    "chosen_decision": int(cf["decision"]),
-    "rejected_decision": graph.decision_id(negative.decision),
-    "rejected_index": int(record["index"]),
-    "boxes": np.asarray(cf["boxes"], np.int32),
-  }
-
-
-def balancing_share(plan: "ThinkingPlan", decision, nuisance, num_decisions: int) -> float:
+def balancing_share(shortcut: ShortcutMap, decision, nuisance, num_decisions: int) -> float:
   """The share of agreeing records to re-render so that the share of records whose decision
   their nuisance predicts falls to chance (the mean share of decisions it predicts)."""
-  predicted = [plan.shortcut.decisions_for(int(v)) for v in nuisance]
+  predicted = [shortcut.decisions_for(int(v)) for v in nuisance]
   agree = np.mean([int(d) in p for d, p in zip(decision, predicted)]) if len(decision) else 0.0
   chance = np.mean([len(p) / num_decisions for p in predicted]) if len(decision) else 0.0
   return float(max(0.0, 1.0 - chance / agree)) if agree > 0 else 0.0
@@ -348,7 +331,7 @@ def plan_for(
   )
   plan = ThinkingPlan(target, shortcut)
   if target == "balanced":
-    share = balancing_share(plan, decision, nuisance, len(graph.decisions))
+    share = balancing_share(shortcut, decision, nuisance, len(graph.decisions))
     plan = dataclasses.replace(plan, rerender_share=share)
   counts = {k: 0 for k in (AIMED, RERENDERED, AGREES, DISAGREES, NO_SHORTCUT)}
   for position, (d, v) in enumerate(zip(decision, nuisance)):
