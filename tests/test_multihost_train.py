@@ -134,7 +134,17 @@ def two_processes(script, args, timeout):
   outs = []
   try:
     for p in procs:
-      out, err = p.communicate(timeout=timeout)
+      try:
+        out, err = p.communicate(timeout=timeout)
+      except subprocess.TimeoutExpired:
+        # Say where each process was, not only that one of them hung.
+        for q in procs:
+          q.kill()
+        tails = [q.communicate()[1][-2000:] for q in procs]
+        raise AssertionError(
+          f'timed out after {timeout} s; stderr of process 0:\n{tails[0]}\n'
+          f'stderr of process 1:\n{tails[1]}'
+        ) from None
       lines = [ln for ln in out.splitlines() if ln.startswith('{')]
       assert p.returncode == 0 and lines, err[-3000:]
       outs.append(json.loads(lines[-1]))
