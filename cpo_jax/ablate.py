@@ -97,6 +97,12 @@ ARMS = {
     'CPO++ with both pair sources, half each (the CPO++ script\'s mix)',
   ),
   'cpo_plus': Arm('cpo_plus,eval', (), 'CPO++ as configured'),
+  'cpo_plus_chain': Arm(
+    'cpo_plus,eval',
+    (('cpo.preference_span', 'chain'),),
+    'CPO++ as configured with the preference over the chains only (the answer tokens after '
+    '</think> only in the rpo_alpha NLL term)',
+  ),
   'cpo_plus_paper': Arm(
     'cpo_plus,eval',
     PAPER,

@@ -17,6 +17,7 @@ from cpo_jax.data import processors
 from cpo_jax.models import hf_io
 from cpo_jax.train import accumulation
 from cpo_jax.train import device_pairs
+from cpo_jax.train import objectives
 from cpo_jax.train import optimizer
 from cpo_jax.train import stages
 from cpo_jax.train import steps
@@ -67,6 +68,9 @@ def _abstract_batch(cfg, stage, grid, num_perturbations=0):
   out = {f'{p}{k}': v for p in ('chosen_', 'rejected_') for k, v in side.items()}
   out['source'] = jax.ShapeDtypeStruct((batch,), jnp.int32)
   out['sample_weight'] = jax.ShapeDtypeStruct((batch,), jnp.float32)
+  if cfg.cpo.preference_span == 'chain':
+    for key in objectives.ANSWER_START_KEYS:
+      out[key] = jax.ShapeDtypeStruct((batch,), jnp.int32)
   if num_perturbations:
     out['boxes'] = jax.ShapeDtypeStruct((batch, 1, 4), jnp.float32)
   if cfg.cpo.reference == 'precomputed':

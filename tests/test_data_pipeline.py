@@ -112,6 +112,10 @@ def test_cpo_pairs_are_valid_counterfactuals(proc, train):
       )
       pl = b["prompt_length"][r]
       np.testing.assert_array_equal(b["chosen_input_ids"][r][:pl], b["rejected_input_ids"][r][:pl])
+      for side, text in (("chosen_", ch), ("rejected_", rj)):  # where each side's answer starts
+        start, end = b[side + "answer_start"][r], b[side + "attention_mask"][r].sum()
+        answer = tok.decode(b[side + "input_ids"][r][start:end]).removesuffix("<|im_end|>")
+        assert text.endswith("</think>" + answer) and answer.startswith(" The decision is")
       assert b["chosen_decision"][r] != b["rejected_decision"][r]
       assert g.decision_id(g.parse_decision(ch)) == b["chosen_decision"][r]
       if b["source"][r] == 0:  # thinking: same image, counterfactual text
@@ -127,6 +131,26 @@ def test_cpo_pairs_are_valid_counterfactuals(proc, train):
         assert train[int(b["index"][r])]["decision"] == b["chosen_decision"][r]
       n_src[b["source"][r]] += 1
   assert n_src.min() >= 6  # both sources present at 50% mixing
+
+
+def test_chain_length_reads_token_offsets_with_a_byte_level_bpe(proc):
+  """The chain/answer split holds for a byte-level BPE (Qwen's kind), whose merges differ
+  from the word-level test tokenizer's; no '</think>': the whole completion is chain."""
+  import dataclasses
+
+  import tokenizers
+  from transformers import PreTrainedTokenizerFast
+
+  bpe = tokenizers.ByteLevelBPETokenizer()
+  bpe.train_from_iterator(tok_lib.domain_corpus(), vocab_size=400, min_frequency=1)
+  fast = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+  bpe_proc = dataclasses.replace(proc, tokenizer=fast)
+  text = load_graph("driving").completion_text(load_graph("driving").all_assignments()[3])
+  ids = bpe_proc.completion_ids(text)
+  n = bpe_proc.chain_length(text)
+  assert fast.decode(ids[:n]).endswith("</think>")
+  assert text.endswith("</think>" + fast.decode(ids[n:-1]))
+  assert bpe_proc.chain_length("no chain here") == len(bpe_proc.completion_ids("no chain here"))
 
 
 @pytest.mark.parametrize("frac,src", [(1.0, 0), (0.0, 1)])

@@ -293,3 +293,50 @@ def test_lora_dropout_draws_fresh_masks_each_step_and_the_same_on_a_rerun(setup,
     assert abs(first[0] - first[1]) > 1e-4, first  # step 1 drew other masks than step 0
   else:
     assert first[0] == first[1]
+
+
+def _without_answers(batch):
+  """`batch` with the answer tokens (from each side's answer start) out of the loss mask."""
+  out = dict(batch)
+  for side in ('chosen_', 'rejected_'):
+    marked = objectives.mark_answer_tokens(batch[side + 'loss_mask'], batch[side + 'answer_start'])
+    out[side + 'loss_mask'] = jnp.where(marked == completion.NLL_ONLY, 0, marked)
+  return out
+
+
+@pytest.mark.parametrize('shared', [False, True])
+def test_chain_span_prefers_the_chains_and_keeps_the_answers_in_the_nll(setup, shared):
+  """cpo.preference_span='chain': the preference (loss, rewards, logps, gradients) is the
+  whole-completion one on rows without their answer tokens; the NLL is the full one."""
+  raw, _, grid, make_config, cfg = setup
+  grouped_raw, batch = _grouped_batch(raw, grid, make_config, [True, False] * 2)
+  for key in objectives.ANSWER_START_KEYS:
+    batch[key] = jnp.asarray(grouped_raw[key])
+  model, _ = _policy(make_config)
+  prompt = int(np.asarray(grouped_raw['chosen_loss_mask']).argmax(1).max())
+  kw = dict(pair_layout=(1, 2), max_completion_len=40, shared_prefix_step=shared)
+  kw.update(max_prompt_len=prompt if shared else 0)
+  chain_cfg = cfg.copy_and_resolve_references()
+  chain_cfg.preference_span, chain_cfg.rpo_alpha = 'chain', 0.0
+  whole_cfg = cfg.copy_and_resolve_references()
+  whole_cfg.rpo_alpha = 0.0
+  chain = _loss_and_grads(model, batch, grid, chain_cfg, **kw)
+  trimmed = _loss_and_grads(model, _without_answers(batch), grid, whole_cfg, **kw)
+  whole = _loss_and_grads(model, batch, grid, whole_cfg, grads=False, **kw)
+  nll = chain[0].pop('nll')
+  assert float(trimmed[0].pop('nll')) != pytest.approx(float(nll))
+  np.testing.assert_allclose(nll, whole[0]['nll'], rtol=1e-6)
+  _assert_same(chain, trimmed)
+  # Answers were really left out, and the straightforward loss agrees.
+  assert float(chain[0]['logps/chosen']) > float(whole[0]['logps/chosen']) + 0.1
+  if not shared:
+    naive_metrics, _ = _loss_and_grads(
+      model, batch, grid, chain_cfg, grads=False, loss_fn=naive.naive_cpo_loss_fn
+    )
+    np.testing.assert_allclose(naive_metrics['loss'], chain[0]['loss'], rtol=1e-5)
+
+
+def test_an_unknown_preference_span_is_an_error(setup):
+  _, batch, _, _, _ = setup
+  with pytest.raises(ValueError, match='preference_span'):
+    objectives.pair_rows(batch, preference_span='answer')

@@ -19,6 +19,8 @@ CPO batch (one row = one preference pair):
   prompt_length [B] int32 (first completion position; for synthetic pairs the prompt ids are
     identical on both sides), rejected_prompt_length [B] int32 (differs only for ingested pairs
     whose rejected prompt text differs),
+  chosen_answer_start / rejected_answer_start [B] int32 (the side's first token after its
+    '</think>'; the row's completion end when it has none: cpo.preference_span='chain'),
   boxes [B,C,4] int32 (evidence boxes of the chosen image in pixels, for on-device perception
     masks; [B,1,4] = whole image for ingested pairs),
   chosen_decision / rejected_decision / index [B] int32 (diagnostics, -1 when unknown),

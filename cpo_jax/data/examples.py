@@ -120,6 +120,7 @@ def cpo_example(
       want_grid=grid,
     )[0]
   prompt = proc.prompt_ids(pair["question"], proc.num_image_tokens(grid))
+  answer_start = lambda side: np.int32(len(prompt) + proc.chain_length(pair[side]))
   pad = proc.ids["pad_token_id"]
   unk = proc.tokenizer.unk_token_id
   c = pack_right(
@@ -147,6 +148,8 @@ def cpo_example(
     "sample_weight": np.float32(pair["sample_weight"]),
     "prompt_length": np.int32(len(prompt)),
     "rejected_prompt_length": np.int32(len(prompt)),
+    "chosen_answer_start": answer_start("chosen_completion"),
+    "rejected_answer_start": answer_start("rejected_completion"),
     "boxes": proc.boxes_for(pair["boxes"], pair["chosen_image"]),
     "chosen_decision": np.int32(pair["chosen_decision"]),
     "rejected_decision": np.int32(pair["rejected_decision"]),
@@ -169,7 +172,7 @@ def _swift_side(proc: Processors, rec, prefix: str, max_len: int, want_grid=None
     f"{rec['record_id']} {'chosen' if prefix == '' else 'rejected'}",
     proc.tokenizer.unk_token_id,
   )
-  return packed, pv, grid, len(prompt)
+  return packed, pv, grid, len(prompt), np.int32(len(prompt) + proc.chain_length(text))
 
 
 def swift_cpo_example(
@@ -183,8 +186,8 @@ def swift_cpo_example(
     # Nothing to prefer (rejected == chosen, codalm's 'other' rows): costs two forwards and
     # would inflate the other rows' batch-normalised weights. Still an SFT / eval example.
     raise LeftOut("no_preference", rec["record_id"])
-  (c, c_pv, grid, c_len) = _swift_side(proc, rec, "", max_len)
-  (r, r_pv, _, r_len) = _swift_side(proc, rec, "rejected_", max_len, want_grid=grid)
+  (c, c_pv, grid, c_len, c_answer) = _swift_side(proc, rec, "", max_len)
+  (r, r_pv, _, r_len, r_answer) = _swift_side(proc, rec, "rejected_", max_len, want_grid=grid)
   if max_prompt_len is not None:
     _check_shared_prefix(rec, c[0][:c_len], r[0][:r_len], c_pv, r_pv, max_prompt_len)
   S = proc.image_size
@@ -202,6 +205,8 @@ def swift_cpo_example(
     "sample_weight": np.float32(rec["sample_weight"]),
     "prompt_length": np.int32(c_len),
     "rejected_prompt_length": np.int32(r_len),
+    "chosen_answer_start": c_answer,
+    "rejected_answer_start": r_answer,
     "boxes": np.array([[0, 0, S, S]], np.int32),  # no evidence boxes known: the whole image
     "chosen_decision": np.int32(-1),
     "rejected_decision": np.int32(-1),
@@ -239,7 +244,7 @@ def _check_shared_prefix(rec, chosen_prompt, rejected_prompt, chosen_pv, rejecte
 
 def swift_sft_example(i: int, *, source, proc: Processors, max_len: int):
   rec = source[i]
-  (c, pv, grid, c_len) = _swift_side(proc, rec, "", max_len)
+  (c, pv, grid, c_len, _) = _swift_side(proc, rec, "", max_len)
   return {
     "input_ids": c[0],
     "attention_mask": c[1],

@@ -21,6 +21,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from cpo_jax import paths
 from cpo_jax.data import tokenizer as tok_lib
+from cpo_jax.knowledge.graph import THINK_CLOSE
 
 PATCH_MULTIPLE = 28  # patch 14 x merge 2: the grid is whole merge windows.
 
@@ -122,6 +123,18 @@ class Processors:
     """Completion tokens + the closing <|im_end|> (the model must learn to stop)."""
     ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"]
     return tuple(ids) + (self.ids["eos_token_id"],)
+
+  @functools.lru_cache(maxsize=4096)  # noqa: B019 (one Processors per run)
+  def chain_length(self, completion: str) -> int:
+    """Tokens of `completion_ids(completion)` through its first '</think>' (all of them when
+    it has none): the span that cpo.preference_span='chain' prefers, read from the token
+    offsets, so it holds for any tokenizer's merges."""
+    end = completion.find(THINK_CLOSE)
+    if end < 0:
+      return len(self.completion_ids(completion))
+    end += len(THINK_CLOSE)
+    offsets = self.tokenizer(completion, add_special_tokens=False, return_offsets_mapping=True)
+    return sum(1 for start, _ in offsets["offset_mapping"] if start < end)
 
   def __hash__(self):  # for lru_cache on methods: one Processors per run
     return id(self)

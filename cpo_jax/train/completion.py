@@ -15,6 +15,11 @@ import numpy as np
 
 from cpo_jax import losses
 
+# A loss_mask value the CPO++ step gives the answer tokens when the preference covers the
+# chain only (cpo.preference_span='chain', `objectives.mark_answer_tokens`): they count in
+# `total` (the NLL term) but not in `preference_total`. The pipeline's masks hold 0 and 1.
+NLL_ONLY = 2
+
 
 class CompletionLogps(NamedTuple):
   """Per-sequence completion log-probs [B] of one forward."""
@@ -23,6 +28,26 @@ class CompletionLogps(NamedTuple):
   mean: jax.Array  # total / count (what IPO uses)
   count: jax.Array  # completion tokens per row
   dropped: jax.Array  # completion tokens beyond the static slab (must be 0)
+  preference_total: jax.Array  # `total` without the NLL_ONLY tokens (the preference's)
+  preference_mean: jax.Array  # preference_total over its token count
+
+
+def reduce_completion(per_token_logps, mask, dropped):
+  """`CompletionLogps` of per-token log-probs [B, P] under the row mask [B, P]."""
+  total, mean, count = losses.reduce_sequence(per_token_logps, mask)
+  pref_total, pref_mean, _ = losses.reduce_sequence(
+    per_token_logps, (mask > 0) & (mask != NLL_ONLY)
+  )
+  return CompletionLogps(total, mean, count, dropped, pref_total, pref_mean)
+
+
+def label_logps(model, hidden, labels):
+  """Per-token log-probs [B, P] of `labels` from final hidden states [B, P, H]: the chunked
+  projection with the head's matrix, or the model's head when it is more than a matrix."""
+  kernel = lm_head_kernel(model)
+  if kernel is None:
+    return losses.token_logps(model.logits_from_hidden(hidden), labels)
+  return losses.token_logps_from_hidden(hidden, kernel, labels)
 
 
 def lm_head_kernel(model):
@@ -90,15 +115,10 @@ def completion_logps(
   )
   hidden, labels, mask = hidden[:, :-1], input_ids[:, 1:], loss_mask[:, 1:]
   if num_positions is None:
-    total, mean, count = losses.sequence_logps(model.logits_from_hidden(hidden), labels, mask)
-    return CompletionLogps(total, mean, count, jnp.zeros_like(count))
+    per_token = losses.token_logps(model.logits_from_hidden(hidden), labels)
+    return reduce_completion(per_token, mask, jnp.zeros(mask.shape[:1], jnp.int32))
   hidden, labels, mask, dropped = losses.compact_completion(hidden, labels, mask, num_positions)
-  kernel = lm_head_kernel(model)
-  if kernel is None:
-    total, mean, count = losses.sequence_logps(model.logits_from_hidden(hidden), labels, mask)
-  else:
-    total, mean, count = losses.sequence_logps_from_hidden(hidden, kernel, labels, mask)
-  return CompletionLogps(total, mean, count, dropped)
+  return reduce_completion(label_logps(model, hidden, labels), mask, dropped)
 
 
 def token_mean_nll(sum_logps, n_tokens):

@@ -91,16 +91,39 @@ class PairLogps(NamedTuple):
 
 
 PAIR_ROW_KEYS = ('input_ids', 'attention_mask', 'loss_mask', 'position_ids')
+# What the preference's log-probs sum over (cpo.preference_span): the whole completion (the
+# paper's DPO, TRL's), or the chain only: through '</think>', the answer tokens after it left
+# to the NLL term, so a rejected chain's answer (the one that follows from it) is not pushed down.
+PREFERENCE_SPANS = ('completion', 'chain')
+ANSWER_START_KEYS = ('chosen_answer_start', 'rejected_answer_start')
 
 
-def pair_rows(batch, k=0, key_names=PAIR_ROW_KEYS):
+def check_preference_span(span):
+  if span not in PREFERENCE_SPANS:
+    raise ValueError(f'config.cpo.preference_span={span!r}; expected one of {PREFERENCE_SPANS}.')
+
+
+def mark_answer_tokens(loss_mask, answer_start):
+  """loss_mask [B, L] with its completion tokens at positions >= answer_start [B] set to
+  `completion.NLL_ONLY`."""
+  after = jnp.arange(loss_mask.shape[1])[None, :] >= answer_start[:, None]
+  return jnp.where((loss_mask > 0) & after, completion.NLL_ONLY, loss_mask)
+
+
+def pair_rows(batch, k=0, key_names=PAIR_ROW_KEYS, preference_span='completion'):
   """The token rows of a CPO batch as one concatenated forward sees them: chosen [n], rejected
   [n], then k blocks of the chosen rows (the device-made pairs' rejected sides carry the chosen
-  chain over a perturbed chosen image)."""
+  chain over a perturbed chosen image). preference_span='chain' marks the answer tokens of the
+  loss_mask (`mark_answer_tokens`, from the batch's `ANSWER_START_KEYS`)."""
+  check_preference_span(preference_span)
+  chain = preference_span == 'chain'
   rows = {}
   for key in key_names:
-    chosen = batch['chosen_' + key]
-    rows[key] = jnp.concatenate([chosen, batch['rejected_' + key]] + [chosen] * k, axis=0)
+    chosen, rejected = batch['chosen_' + key], batch['rejected_' + key]
+    if key == 'loss_mask' and chain:
+      chosen = mark_answer_tokens(chosen, batch['chosen_answer_start'])
+      rejected = mark_answer_tokens(rejected, batch['rejected_answer_start'])
+    rows[key] = jnp.concatenate([chosen, rejected] + [chosen] * k, axis=0)
   return rows
 
 
@@ -112,7 +135,8 @@ def pair_logps(model, rows, n, loss_type, **forward):
 
 def pair_logps_of(out, n, loss_type):
   """`PairLogps` from the `CompletionLogps` of the concatenated pair rows."""
-  used = losses.logps_for_loss(out.total, out.mean, loss_type)  # ipo: mean; else sum.
+  # ipo: mean; else sum; over the preference span (the NLL keeps the whole completion).
+  used = losses.logps_for_loss(out.preference_total, out.preference_mean, loss_type)
   # The device-made rows copy chosen rows' tokens: only the first 2n can drop tokens of their own.
   return PairLogps(used[:n], used[n:], out.total[:n], out.count[:n], out.dropped[: 2 * n])
 
@@ -215,7 +239,7 @@ def step_logps(
   if k:
     layout = layout or device_pairs.layout_for(policy.config)
     extra = device_pairs.perturbed_pixels(batch, grid, perturbations, layout, seed=seed)
-  rows = pair_rows(batch, k)
+  rows = pair_rows(batch, k, preference_span=cfg.preference_span)
   positions = completion.completion_positions(length, grid, policy, max_completion_len)
 
   sizes = shared_prefix.prefix_sizes(

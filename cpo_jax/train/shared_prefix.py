@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpo_jax import losses
 from cpo_jax.train import completion
 
 
@@ -127,14 +126,9 @@ def thinking_logps(model, chosen, rejected, image_embeds, sizes):
   last = jnp.broadcast_to(h_prefix[None, :, -1:], (2, *h_prefix[:, -1:].shape))
   hidden = jnp.concatenate([last, h_cont[:, :, :-1]], axis=2).reshape(-1, s_len, h_cont.shape[-1])
   labels, mask = stack('input_ids').reshape(-1, s_len), stack('loss_mask').reshape(-1, s_len)
-  kernel = completion.lm_head_kernel(model)
-  if kernel is None:
-    total, mean, count = losses.sequence_logps(model.logits_from_hidden(hidden), labels, mask)
-  else:
-    total, mean, count = losses.sequence_logps_from_hidden(hidden, kernel, labels, mask)
   rows_mask = jnp.concatenate([chosen['loss_mask'], rejected['loss_mask']])
-  dropped = jnp.sum(rows_mask[:, 1:], axis=1) - count
-  return completion.CompletionLogps(total, mean, count, dropped)
+  dropped = jnp.sum(rows_mask[:, 1:] > 0, axis=1) - jnp.sum(mask > 0, axis=1)
+  return completion.reduce_completion(completion.label_logps(model, hidden, labels), mask, dropped)
 
 
 def pair_completion_logps(model, rows, n, image_embeds, layout, sizes, num_positions):
