@@ -99,7 +99,7 @@ def _one_saving(variant, model, batch, grid, cfg):
   rows = objectives.pair_rows(batch)
 
   def logps(m):
-    return objectives.pair_logps(m, rows, n, cfg.loss_type, **forward)
+    return objectives.pair_logps(m, rows, n, cfg, **forward)
 
   pol = logps(policy)
   ref_c, ref_r = objectives.reference_of(policy, reference, logps)

@@ -99,7 +99,7 @@ ARMS = {
   'cpo_plus': Arm('cpo_plus,eval', (), 'CPO++ as configured'),
   'cpo_plus_chain': Arm(
     'cpo_plus,eval',
-    (('cpo.preference_span', 'chain'),),
+    (('cpo.answer_weight', 0.0),),
     'CPO++ as configured with the preference over the chains only (the answer tokens after '
     '</think> only in the rpo_alpha NLL term)',
   ),

@@ -165,9 +165,9 @@ def base_config(arg, *, domain, data):
   c.cpo.loss_type = 'sigmoid'  # 'sigmoid' | 'ipo' | 'hinge' | 'robust'
   c.cpo.label_smoothing = 0.0
   c.cpo.rpo_alpha = 0.1
-  # What the preference's log-probs cover: 'completion' (chain + answer, the paper's DPO) or
-  # 'chain' (through '</think>'; the answer tokens only in the rpo_alpha NLL term).
-  c.cpo.preference_span = 'completion'
+  # The weight of the answer tokens (after '</think>') in the preference's log-probs: 1 = the
+  # whole completion (the paper's DPO), 0 = the chain only (answers only in the NLL term).
+  c.cpo.answer_weight = 1.0
   c.cpo.reference = 'adapters_off'  # 'adapters_off' | 'frozen_copy' | 'precomputed'
   c.cpo.source_weights = (1.0, 1.0, 1.0)  # thinking, perception, other.
   c.cpo.normalize_weights = True

@@ -68,7 +68,7 @@ def _abstract_batch(cfg, stage, grid, num_perturbations=0):
   out = {f'{p}{k}': v for p in ('chosen_', 'rejected_') for k, v in side.items()}
   out['source'] = jax.ShapeDtypeStruct((batch,), jnp.int32)
   out['sample_weight'] = jax.ShapeDtypeStruct((batch,), jnp.float32)
-  if cfg.cpo.preference_span == 'chain':
+  if objectives.weighs_answers(cfg.cpo.answer_weight):
     for key in objectives.ANSWER_START_KEYS:
       out[key] = jax.ShapeDtypeStruct((batch,), jnp.int32)
   if num_perturbations:

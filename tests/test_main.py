@@ -141,6 +141,7 @@ def test_plan_counts_device_made_pairs_and_a_precomputed_reference():
     'unused',
     '--config.cpo.device_perturbations=occlude:1.0,noise:0.5',
     '--config.cpo.reference=precomputed',
+    '--config.cpo.answer_weight=0.5',  # the batch also carries each side's answer start
     '--config.data.thinking_fraction=0.5',
   )
   summary = plan.plan(cfg, 'cpo_plus')

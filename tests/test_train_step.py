@@ -300,26 +300,33 @@ def _without_answers(batch):
   out = dict(batch)
   for side in ('chosen_', 'rejected_'):
     marked = objectives.mark_answer_tokens(batch[side + 'loss_mask'], batch[side + 'answer_start'])
-    out[side + 'loss_mask'] = jnp.where(marked == completion.NLL_ONLY, 0, marked)
+    out[side + 'loss_mask'] = jnp.where(marked == completion.ANSWER_TOKEN, 0, marked)
+  return out
+
+
+def _with_answer_starts(grouped_raw, batch):
+  return dict(batch, **{key: jnp.asarray(grouped_raw[key]) for key in objectives.ANSWER_START_KEYS})
+
+
+def _cpo_config(cfg, **changes):
+  out = cfg.copy_and_resolve_references()
+  out.update(changes)
   return out
 
 
 @pytest.mark.parametrize('shared', [False, True])
-def test_chain_span_prefers_the_chains_and_keeps_the_answers_in_the_nll(setup, shared):
-  """cpo.preference_span='chain': the preference (loss, rewards, logps, gradients) is the
+def test_answer_weight_0_prefers_the_chains_and_keeps_the_answers_in_the_nll(setup, shared):
+  """cpo.answer_weight=0: the preference (loss, rewards, logps, gradients) is the
   whole-completion one on rows without their answer tokens; the NLL is the full one."""
   raw, _, grid, make_config, cfg = setup
   grouped_raw, batch = _grouped_batch(raw, grid, make_config, [True, False] * 2)
-  for key in objectives.ANSWER_START_KEYS:
-    batch[key] = jnp.asarray(grouped_raw[key])
+  batch = _with_answer_starts(grouped_raw, batch)
   model, _ = _policy(make_config)
   prompt = int(np.asarray(grouped_raw['chosen_loss_mask']).argmax(1).max())
   kw = dict(pair_layout=(1, 2), max_completion_len=40, shared_prefix_step=shared)
   kw.update(max_prompt_len=prompt if shared else 0)
-  chain_cfg = cfg.copy_and_resolve_references()
-  chain_cfg.preference_span, chain_cfg.rpo_alpha = 'chain', 0.0
-  whole_cfg = cfg.copy_and_resolve_references()
-  whole_cfg.rpo_alpha = 0.0
+  chain_cfg = _cpo_config(cfg, answer_weight=0.0, rpo_alpha=0.0)
+  whole_cfg = _cpo_config(cfg, rpo_alpha=0.0)
   chain = _loss_and_grads(model, batch, grid, chain_cfg, **kw)
   trimmed = _loss_and_grads(model, _without_answers(batch), grid, whole_cfg, **kw)
   whole = _loss_and_grads(model, batch, grid, whole_cfg, grads=False, **kw)
@@ -336,7 +343,33 @@ def test_chain_span_prefers_the_chains_and_keeps_the_answers_in_the_nll(setup, s
     np.testing.assert_allclose(naive_metrics['loss'], chain[0]['loss'], rtol=1e-5)
 
 
-def test_an_unknown_preference_span_is_an_error(setup):
+def test_an_answer_weight_between_mixes_chain_and_answer_log_probs(setup):
+  """The step's summed log-probs at weight w are chain + w * answer: linear between the
+  w = 0 and w = 1 runs of the same rows."""
+  raw, _, grid, make_config, cfg = setup
+  grouped_raw, batch = _grouped_batch(raw, grid, make_config, [True, False] * 2)
+  batch = _with_answer_starts(grouped_raw, batch)
+  model, _ = _policy(make_config)
+  logps = {}
+  for w in (0.0, 0.25, 1.0):
+    metrics, _ = _loss_and_grads(model, batch, grid, _cpo_config(cfg, answer_weight=w), grads=False)
+    logps[w] = np.asarray(metrics['logps/chosen'], np.float64)
+  assert logps[0.0] > logps[1.0] + 0.1
+  np.testing.assert_allclose(logps[0.25], 0.75 * logps[0.0] + 0.25 * logps[1.0], rtol=1e-5)
+
+
+def test_preference_logps_weigh_the_answer_in_the_sum_and_in_the_mean():
+  # Two rows: 6 completion tokens summing to -3 of which 2 answer tokens sum to -1; no answer.
+  out = completion.CompletionLogps(
+    *map(jnp.asarray, ([-3.0, -2.0], [-0.5, -0.5], [6, 4], [0, 0], [-1.0, 0.0], [2, 0]))
+  )
+  total, mean = objectives.preference_logps(out, 0.5)
+  np.testing.assert_allclose(total, [-2.5, -2.0])
+  np.testing.assert_allclose(mean, [-2.5 / 5, -0.5])
+  assert objectives.preference_logps(out, 1.0) == (out.total, out.mean)
+
+
+def test_an_answer_weight_outside_0_1_is_an_error(setup):
   _, batch, _, _, _ = setup
-  with pytest.raises(ValueError, match='preference_span'):
-    objectives.pair_rows(batch, preference_span='answer')
+  with pytest.raises(ValueError, match='answer_weight'):
+    objectives.pair_rows(batch, answer_weight=1.5)

@@ -20,7 +20,7 @@ CPO batch (one row = one preference pair):
     identical on both sides), rejected_prompt_length [B] int32 (differs only for ingested pairs
     whose rejected prompt text differs),
   chosen_answer_start / rejected_answer_start [B] int32 (the side's first token after its
-    '</think>'; the row's completion end when it has none: cpo.preference_span='chain'),
+    '</think>'; the row's completion end when it has none: cpo.answer_weight),
   boxes [B,C,4] int32 (evidence boxes of the chosen image in pixels, for on-device perception
     masks; [B,1,4] = whole image for ingested pairs),
   chosen_decision / rejected_decision / index [B] int32 (diagnostics, -1 when unknown),

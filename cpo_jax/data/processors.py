@@ -127,7 +127,7 @@ class Processors:
   @functools.lru_cache(maxsize=4096)  # noqa: B019 (one Processors per run)
   def chain_length(self, completion: str) -> int:
     """Tokens of `completion_ids(completion)` through its first '</think>' (all of them when
-    it has none): the span that cpo.preference_span='chain' prefers, read from the token
+    it has none): the chain, apart from the answer for cpo.answer_weight, read from the token
     offsets, so it holds for any tokenizer's merges."""
     end = completion.find(THINK_CLOSE)
     if end < 0:

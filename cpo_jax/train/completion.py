@@ -15,10 +15,10 @@ import numpy as np
 
 from cpo_jax import losses
 
-# A loss_mask value the CPO++ step gives the answer tokens when the preference covers the
-# chain only (cpo.preference_span='chain', `objectives.mark_answer_tokens`): they count in
-# `total` (the NLL term) but not in `preference_total`. The pipeline's masks hold 0 and 1.
-NLL_ONLY = 2
+# A loss_mask value the CPO++ step gives the answer tokens (after '</think>') when the
+# preference weighs them apart (cpo.answer_weight < 1, `objectives.mark_answer_tokens`); they
+# count in `total` like every completion token. The pipeline's masks hold 0 and 1.
+ANSWER_TOKEN = 2
 
 
 class CompletionLogps(NamedTuple):
@@ -28,17 +28,15 @@ class CompletionLogps(NamedTuple):
   mean: jax.Array  # total / count (what IPO uses)
   count: jax.Array  # completion tokens per row
   dropped: jax.Array  # completion tokens beyond the static slab (must be 0)
-  preference_total: jax.Array  # `total` without the NLL_ONLY tokens (the preference's)
-  preference_mean: jax.Array  # preference_total over its token count
+  answer_total: jax.Array  # the part of `total` over the ANSWER_TOKEN positions
+  answer_count: jax.Array  # ANSWER_TOKEN positions per row
 
 
 def reduce_completion(per_token_logps, mask, dropped):
   """`CompletionLogps` of per-token log-probs [B, P] under the row mask [B, P]."""
   total, mean, count = losses.reduce_sequence(per_token_logps, mask)
-  pref_total, pref_mean, _ = losses.reduce_sequence(
-    per_token_logps, (mask > 0) & (mask != NLL_ONLY)
-  )
-  return CompletionLogps(total, mean, count, dropped, pref_total, pref_mean)
+  answer_total, _, answer_count = losses.reduce_sequence(per_token_logps, mask == ANSWER_TOKEN)
+  return CompletionLogps(total, mean, count, dropped, answer_total, answer_count)
 
 
 def label_logps(model, hidden, labels):

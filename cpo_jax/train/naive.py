@@ -27,14 +27,14 @@ def naive_cpo_loss_fn(model, batch, grid, cfg, *, perturbations=(), layout=None,
   if k:
     layout = layout or device_pairs.layout_for(policy.config)
     pixels.append(device_pairs.perturbed_pixels(batch, grid, perturbations, layout, seed=seed))
-  rows = objectives.pair_rows(batch, k, preference_span=cfg.preference_span)
+  rows = objectives.pair_rows(batch, k, answer_weight=cfg.answer_weight)
   forward = dict(
     pixel_values=jnp.concatenate(pixels, axis=0),
     image_grid_thw=completion.grid_rows((2 + k) * n, grid),
   )
 
   def logps(m):
-    return objectives.pair_logps(m, rows, n, cfg.loss_type, **forward)
+    return objectives.pair_logps(m, rows, n, cfg, **forward)
 
   pol = logps(policy)
   ref_c, ref_r = objectives.reference_of(policy, reference, logps)

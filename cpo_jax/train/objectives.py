@@ -91,52 +91,63 @@ class PairLogps(NamedTuple):
 
 
 PAIR_ROW_KEYS = ('input_ids', 'attention_mask', 'loss_mask', 'position_ids')
-# What the preference's log-probs sum over (cpo.preference_span): the whole completion (the
-# paper's DPO, TRL's), or the chain only: through '</think>', the answer tokens after it left
-# to the NLL term, so a rejected chain's answer (the one that follows from it) is not pushed down.
-PREFERENCE_SPANS = ('completion', 'chain')
+# The weight of the answer tokens (after '</think>') in the preference's log-probs
+# (cpo.answer_weight): 1 sums the whole completion (the paper's DPO, TRL's); 0 the chain only,
+# the answer tokens left to the NLL term, so the answer that follows a rejected chain is not
+# pushed down for following it. The batch says where each side's answer starts.
 ANSWER_START_KEYS = ('chosen_answer_start', 'rejected_answer_start')
 
 
-def check_preference_span(span):
-  if span not in PREFERENCE_SPANS:
-    raise ValueError(f'config.cpo.preference_span={span!r}; expected one of {PREFERENCE_SPANS}.')
+def weighs_answers(answer_weight):
+  """True when the step needs the answer tokens marked (a weight other than 1); checks it."""
+  if not 0.0 <= answer_weight <= 1.0:
+    raise ValueError(f'config.cpo.answer_weight={answer_weight!r}; expected a number in [0, 1].')
+  return answer_weight != 1.0
 
 
 def mark_answer_tokens(loss_mask, answer_start):
   """loss_mask [B, L] with its completion tokens at positions >= answer_start [B] set to
-  `completion.NLL_ONLY`."""
+  `completion.ANSWER_TOKEN`."""
   after = jnp.arange(loss_mask.shape[1])[None, :] >= answer_start[:, None]
-  return jnp.where((loss_mask > 0) & after, completion.NLL_ONLY, loss_mask)
+  return jnp.where((loss_mask > 0) & after, completion.ANSWER_TOKEN, loss_mask)
 
 
-def pair_rows(batch, k=0, key_names=PAIR_ROW_KEYS, preference_span='completion'):
+def pair_rows(batch, k=0, key_names=PAIR_ROW_KEYS, answer_weight=1.0):
   """The token rows of a CPO batch as one concatenated forward sees them: chosen [n], rejected
   [n], then k blocks of the chosen rows (the device-made pairs' rejected sides carry the chosen
-  chain over a perturbed chosen image). preference_span='chain' marks the answer tokens of the
-  loss_mask (`mark_answer_tokens`, from the batch's `ANSWER_START_KEYS`)."""
-  check_preference_span(preference_span)
-  chain = preference_span == 'chain'
+  chain over a perturbed chosen image). An answer_weight other than 1 marks the answer tokens
+  of the loss_mask (`mark_answer_tokens`, from the batch's `ANSWER_START_KEYS`)."""
+  mark = weighs_answers(answer_weight)
   rows = {}
   for key in key_names:
     chosen, rejected = batch['chosen_' + key], batch['rejected_' + key]
-    if key == 'loss_mask' and chain:
+    if key == 'loss_mask' and mark:
       chosen = mark_answer_tokens(chosen, batch['chosen_answer_start'])
       rejected = mark_answer_tokens(rejected, batch['rejected_answer_start'])
     rows[key] = jnp.concatenate([chosen, rejected] + [chosen] * k, axis=0)
   return rows
 
 
-def pair_logps(model, rows, n, loss_type, **forward):
+def pair_logps(model, rows, n, cfg, **forward):
   """`PairLogps` of `model` over the concatenated `rows` (see `pair_rows`); `forward` says how
   images arrive (pixel_values + image_grid_thw, or image_embeds) and the slab (num_positions)."""
-  return pair_logps_of(completion.completion_logps(model, **rows, **forward), n, loss_type)
+  return pair_logps_of(completion.completion_logps(model, **rows, **forward), n, cfg)
 
 
-def pair_logps_of(out, n, loss_type):
-  """`PairLogps` from the `CompletionLogps` of the concatenated pair rows."""
-  # ipo: mean; else sum; over the preference span (the NLL keeps the whole completion).
-  used = losses.logps_for_loss(out.preference_total, out.preference_mean, loss_type)
+def preference_logps(out, answer_weight):
+  """(sum, mean) per row of the log-probs the preference compares: the answer tokens' part of
+  the sum weighted by answer_weight (their share of the count too)."""
+  if answer_weight == 1.0:
+    return out.total, out.mean
+  total = out.total - (1.0 - answer_weight) * out.answer_total
+  count = out.count - (1.0 - answer_weight) * out.answer_count
+  return total, total / jnp.maximum(count, 1.0).astype(total.dtype)
+
+
+def pair_logps_of(out, n, cfg):
+  """`PairLogps` from the `CompletionLogps` of the concatenated pair rows (cfg: config.cpo)."""
+  # ipo: the mean; else the sum. The NLL term keeps the whole chosen completion.
+  used = losses.logps_for_loss(*preference_logps(out, cfg.answer_weight), cfg.loss_type)
   # The device-made rows copy chosen rows' tokens: only the first 2n can drop tokens of their own.
   return PairLogps(used[:n], used[n:], out.total[:n], out.count[:n], out.dropped[: 2 * n])
 
@@ -239,7 +250,7 @@ def step_logps(
   if k:
     layout = layout or device_pairs.layout_for(policy.config)
     extra = device_pairs.perturbed_pixels(batch, grid, perturbations, layout, seed=seed)
-  rows = pair_rows(batch, k, preference_span=cfg.preference_span)
+  rows = pair_rows(batch, k, answer_weight=cfg.answer_weight)
   positions = completion.completion_positions(length, grid, policy, max_completion_len)
 
   sizes = shared_prefix.prefix_sizes(
@@ -251,13 +262,11 @@ def step_logps(
 
   def logps_with(m, image_embeds):
     if sizes is None:
-      return pair_logps(
-        m, rows, n, cfg.loss_type, image_embeds=image_embeds, num_positions=positions
-      )
+      return pair_logps(m, rows, n, cfg, image_embeds=image_embeds, num_positions=positions)
     out = shared_prefix.pair_completion_logps(
       m, rows, n, image_embeds, pair_layout, sizes, positions
     )
-    return pair_logps_of(out, n, cfg.loss_type)
+    return pair_logps_of(out, n, cfg)
 
   if vision_has_adapters(policy):
     # Each model encodes with its own (adapted or adapters-off) vision tower.

@@ -181,9 +181,8 @@ def cpo_stage(stage_model, cfg, grid, image_processor=None, pair_layout=None):
   graphdef, trainable, frozen = steps.split_model(stage_model, 'lora')
   max_completion_len = cfg.data.max_completion_len
   perturbations = device_pairs.parse_device_perturbations(cfg.cpo.device_perturbations)
-  objectives.check_preference_span(cfg.cpo.preference_span)
   extra = ('source', 'sample_weight') + (('boxes',) if perturbations else ())
-  if cfg.cpo.preference_span == 'chain':
+  if objectives.weighs_answers(cfg.cpo.answer_weight):
     extra += objectives.ANSWER_START_KEYS
   kw = dict(
     grid=grid,
