@@ -85,6 +85,16 @@ ARMS = {
     'chosen scenes), as many pairs as CPO++ (the paper\'s "DPO, random negatives, same data '
     'size")',
   ),
+  'dpo_random_chain': Arm(
+    'cpo_plus,eval',
+    (
+      ('data.thinking_fraction', 1.0),
+      ('data.thinking_negative', 'random'),
+      ('cpo.answer_weight', 0.0),
+    ),
+    'DPO with random negatives, the preference over the chains only (the control of '
+    '`cpo_plus_chain`)',
+  ),
   'cpo_thinking': Arm(
     'cpo_plus,eval', (('data.thinking_fraction', 1.0),), 'CPO++ with thinking pairs only'
   ),
@@ -333,13 +343,15 @@ def ablate(
   arms,
   workdir,
   *,
+  compare=(),
   run_fn: Callable = main_lib.run,
   clock: Callable[[], float] = time.monotonic,
   out=sys.stdout,
 ):
   """Runs (or reuses) every seed's SFT model and arms, writes the table after each run, and
-  returns {'summary', 'values', 'runs'}; 'runs' says per run whether it was reused, resumed or
-  ran from the start, and its wall time in seconds (of the invocation that finished it)."""
+  returns {'summary', 'comparisons', 'values', 'runs'}; 'runs' says per run whether it was
+  reused, resumed or ran from the start, and its wall time in seconds (of the invocation that
+  finished it). `compare`: (a, b) arm pairs whose paired differences a - b the table adds."""
   runs = plan_runs(base_cfg, list(seeds), list(arms), workdir)
   states = [run_state(run) for run in runs]  # config mismatches stop here, before any work
   seconds_by_name = {}
@@ -373,8 +385,8 @@ def ablate(
       f'ETA {"?" if eta is None else _duration(eta)})',
     )
     if not is_sft_model(run.name):
-      _write(workdir, base_cfg, runs, arms, seeds, record)
-  return _write(workdir, base_cfg, runs, arms, seeds, record)
+      _write(workdir, base_cfg, runs, arms, seeds, record, compare)
+  return _write(workdir, base_cfg, runs, arms, seeds, record, compare)
 
 
 def _seconds_of(run):
@@ -382,9 +394,10 @@ def _seconds_of(run):
   return {'seconds': json.loads(f.read_text())['seconds']} if f.exists() else {}
 
 
-def _write(workdir, base_cfg, runs, arms, seeds, record):
+def _write(workdir, base_cfg, runs, arms, seeds, record, compare):
   values = collect(runs, arms)
   table = ablation_stats.summarize(values, REFERENCE_ARM)
+  comparisons = ablation_stats.compare(values, compare)
   ablation_report.write_outputs(
     workdir,
     table=table,
@@ -394,13 +407,33 @@ def _write(workdir, base_cfg, runs, arms, seeds, record):
     reference=REFERENCE_ARM,
     runs=record,
     config=base_cfg,
+    comparisons=comparisons,
   )
-  return {'summary': table, 'values': values, 'runs': record}
+  return {'summary': table, 'comparisons': comparisons, 'values': values, 'runs': record}
+
+
+def parse_compare(items, known):
+  """['a:b', ...] -> [(a, b), ...]; an unknown arm or a malformed item is an error."""
+  pairs = []
+  for item in items:
+    a, sep, b = item.partition(':')
+    if not sep or a not in known or b not in known or a == b:
+      raise app.UsageError(
+        f'--compare item {item!r}: expected arm:other_arm, arms of {list(known)}.'
+      )
+    pairs.append((a, b))
+  return pairs
 
 
 # --config (with its --config.* overrides) and --workdir are the flags cpo_jax.main defines.
 _SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds (config.seed of every run).')
 _ARMS = flags.DEFINE_list('arms', list(ARMS), f'Arms, of {list(ARMS)}.')
+_COMPARE = flags.DEFINE_list(
+  'compare',
+  ['cpo_plus:dpo_random', 'cpo_plus:sft_more', 'cpo_plus:sft_more_chosen'],
+  'Arm pairs a:b whose per-seed paired difference a - b the table adds (pairs with an arm '
+  'not run are left out): what the preference adds over a control on the same SFT models.',
+)
 _COMPILATION_CACHE = flags.DEFINE_bool(
   'compilation_cache',
   True,
@@ -419,7 +452,13 @@ def main(argv):
   if _COMPILATION_CACHE.value and not paths.is_remote(workdir):
     jax.config.update('jax_compilation_cache_dir', paths.join(workdir, 'jax_cache'))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  ablate(flags.FLAGS.config, [int(s) for s in _SEEDS.value], _ARMS.value, workdir)
+  ablate(
+    flags.FLAGS.config,
+    [int(s) for s in _SEEDS.value],
+    _ARMS.value,
+    workdir,
+    compare=parse_compare(_COMPARE.value, ARMS),
+  )
   table = paths.path(workdir) / 'ablation.md'
   print(f'\n{table.read_text()}\n{table} (and ablation.json, ablation.png)')
 

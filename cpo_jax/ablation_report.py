@@ -119,9 +119,16 @@ def _cell(summary: Mapping, seeds: int, signed: bool = False) -> str:
   return text if n == seeds else f'{text} (n={n})'
 
 
-def markdown(table: Mapping, arms: Sequence[str], seeds: Sequence[int], reference: str) -> str:
-  """Two tables (metric rows, arm columns): mean [95% interval] over seeds, and the paired
-  difference against the reference arm."""
+def markdown(
+  table: Mapping,
+  arms: Sequence[str],
+  seeds: Sequence[int],
+  reference: str,
+  comparisons: Mapping | None = None,
+) -> str:
+  """Tables with metric rows: per arm the mean [95% interval] over seeds, the paired difference
+  against the reference arm, and per comparison 'a - b' (ablation_stats.compare) its paired
+  difference."""
   head = '| metric | ' + ' | '.join(f'`{a}`' for a in arms) + ' |\n'
   rule = '| --- |' + ' --- |' * len(arms) + '\n'
   arrow = {'up': ' (higher is better)', 'down': ' (lower is better)', '': ''}
@@ -151,6 +158,19 @@ def markdown(table: Mapping, arms: Sequence[str], seeds: Sequence[int], referenc
       + rule
       + rows(True)
     )
+  if comparisons:
+    names = list(comparisons)
+    out += (
+      '\nPaired difference between arms (per seed, one arm minus the other): mean and 95% '
+      't-interval.\n\n| metric | '
+      + ' | '.join(f'`{c}`' for c in names)
+      + ' |\n| --- |'
+      + ' --- |' * len(names)
+      + '\n'
+    )
+    for metric, (_, better) in METRICS.items():
+      cells = [_cell(comparisons[c][metric], len(seeds), signed=True) for c in names]
+      out += f'| `{metric}`{arrow[better]} | ' + ' | '.join(cells) + ' |\n'
   out += '\n' + ''.join(f'* `{m}`: {what}\n' for m, (what, _) in METRICS.items())
   return out
 
@@ -189,11 +209,13 @@ def plot(table: Mapping, values: Mapping, arms: Sequence[str], reference: str, p
   plt.close(fig)
 
 
-def write_outputs(workdir, *, table, values, arms, seeds, reference, runs, config) -> None:
-  """<workdir>/ablation.md, ablation.json (every per-seed value, the summary, the runs and
-  their times) and ablation.png."""
+def write_outputs(
+  workdir, *, table, values, arms, seeds, reference, runs, config, comparisons=None
+) -> None:
+  """<workdir>/ablation.md, ablation.json (every per-seed value, the summary, the arm-against-arm
+  comparisons, the runs and their times) and ablation.png."""
   out = paths.path(workdir)
-  paths.write_text(out / 'ablation.md', markdown(table, arms, seeds, reference))
+  paths.write_text(out / 'ablation.md', markdown(table, arms, seeds, reference, comparisons))
   record = {
     'seeds': list(seeds),
     'arms': list(arms),
@@ -201,6 +223,7 @@ def write_outputs(workdir, *, table, values, arms, seeds, reference, runs, confi
     'confidence': 0.95,
     'metrics': {m: what for m, (what, _) in METRICS.items()},
     'summary': table,
+    'comparisons': comparisons or {},
     'values': {
       arm: {m: {str(s): finite_or_none(v) for s, v in per.items()} for m, per in ms.items()}
       for arm, ms in values.items()

@@ -68,6 +68,25 @@ def paired_differences(
   return out
 
 
+def compare(
+  values: Mapping[str, Mapping[str, Mapping[int, float | None]]],
+  pairs: Sequence[tuple[str, str]],
+  confidence: float = 0.95,
+) -> dict[str, dict[str, dict]]:
+  """{'a - b': {metric: t-summary of the per-seed differences a - b}} for each (a, b) of
+  `pairs` whose two arms are in `values`: the paired test of one arm against another."""
+  out = {}
+  for a, b in pairs:
+    if a in values and b in values:
+      out[f'{a} - {b}'] = {
+        metric: t_interval(
+          list(paired_differences(per_seed, values[b].get(metric, {})).values()), confidence
+        ).as_dict()
+        for metric, per_seed in values[a].items()
+      }
+  return out
+
+
 def summarize(
   values: Mapping[str, Mapping[str, Mapping[int, float | None]]],
   reference: str | None = 'sft',

@@ -54,6 +54,17 @@ def test_paired_comparison_is_the_t_interval_of_per_seed_differences():
   assert table['cpo_plus']['ood_accuracy']['n'] == 4  # the arm's own mean uses all its seeds
   assert table['sft']['ood_accuracy']['paired'] is None
   assert ablation_stats.summarize(values, None)['cpo_plus']['ood_accuracy']['paired'] is None
+  # Arm against arm: the same paired statistic, pairs with an arm not run left out.
+  comparisons = ablation_stats.compare(values, [('cpo_plus', 'sft'), ('cpo_plus', 'dpo_random')])
+  assert list(comparisons) == ['cpo_plus - sft']
+  assert comparisons['cpo_plus - sft']['ood_accuracy'] == paired
+
+
+def test_compare_items_name_two_known_arms():
+  assert ablate.parse_compare(['cpo_plus:dpo_random'], ablate.ARMS) == [('cpo_plus', 'dpo_random')]
+  for bad in ('cpo_plus', 'cpo_plus:nope', 'sft:sft'):
+    with pytest.raises(Exception, match='--compare item'):
+      ablate.parse_compare([bad], ablate.ARMS)
 
 
 def test_run_metrics_from_a_report_and_its_training_log():
@@ -219,10 +230,17 @@ def test_arms_share_their_seed_sft_model_and_a_rerun_reuses_everything(tmp_path)
   assert '`ood_accuracy`' in (tmp_path / 'ablation.md').read_text()
   assert (tmp_path / 'ablation.png').stat().st_size > 0
 
-  # A second invocation trains and evaluates nothing.
-  again = ablate.ablate(cfg, [0], arms, workdir, run_fn=_never)
+  # A second invocation trains and evaluates nothing; it adds the asked arm-to-arm comparison.
+  again = ablate.ablate(
+    cfg, [0], arms, workdir, compare=[('dpo_random', 'sft_more')], run_fn=_never
+  )
   assert [r['status'] for r in again['runs']] == ['reused'] * 3
   assert json.dumps(again['summary']) == json.dumps(result['summary'])
+  diff = json.load(open(tmp_path / 'ablation.json'))['comparisons']['dpo_random - sft_more']
+  values = record['values']
+  want = values['dpo_random']['ood_accuracy']['0'] - values['sft_more']['ood_accuracy']['0']
+  assert diff['ood_accuracy']['mean'] == pytest.approx(want) and diff['ood_accuracy']['n'] == 1
+  assert '`dpo_random - sft_more`' in (tmp_path / 'ablation.md').read_text()
   assert _rows(str(seed / 'dpo_random')) == dpo
   # A half-finished arm (no report yet) is resumed by main.run from its checkpoints (tested in
   # test_main), not counted as finished.
