@@ -14,11 +14,16 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # The simulated devices meet in collectives as threads; on a loaded machine (two test workers
 # on two cores) one can arrive after XLA's default termination timeout, and XLA aborts the
 # process. The timeout guards against deadlocks, which these tests would show as a hang anyway.
+# Eigen's intra-op thread pool off: a CI run once stalled for good in a step on the 8-device
+# mesh, its main thread waiting on an array's value, the stall other projects trace to that
+# pool wedging; with two test workers on two cores it costs nothing measurable (the mesh and
+# step tests: 131 s with it, 134 s without).
 os.environ['XLA_FLAGS'] = (
   os.environ.get('XLA_FLAGS', '')
   + ' --xla_force_host_platform_device_count=8'
   + ' --xla_cpu_collective_call_terminate_timeout_seconds=900'
   + ' --xla_cpu_collective_timeout_seconds=900'
+  + ' --xla_cpu_multi_thread_eigen=false'
 ).strip()
 
 

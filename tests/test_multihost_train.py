@@ -120,7 +120,8 @@ def two_processes(script, args, timeout):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   # One CPU device per process; compiling dominates the run, and unoptimised code compiles
   # in about half the time (the losses agree with the optimised test process's to 1e-5).
-  env['XLA_FLAGS'] = '--xla_backend_optimization_level=0'
+  # Eigen's pool off as in conftest.py (a pair once stalled until its timeout in CI).
+  env['XLA_FLAGS'] = '--xla_backend_optimization_level=0 --xla_cpu_multi_thread_eigen=false'
   procs = [
     subprocess.Popen(
       [sys.executable, script, *args, str(port), str(i)],
