@@ -267,6 +267,11 @@ def test_a_reference_pass_cut_short_resumes_from_its_stored_rows(setup, tmp_path
   table = tmp_path / 'cut' / 'reference' / 'cpo_plus.process0.npz'
   with np.load(table) as f:
     assert f['rows'].shape[0] == 2
+  # Log-probs of another preference (here the answers weighed apart) are never reused.
+  other = cfg.copy_and_resolve_references()
+  other.cpo.answer_weight = 0.5
+  with pytest.raises(ValueError, match='computed with .*"answer_weight": 1.0.*delete the file'):
+    _run(stages.train_cpo, nnx.clone(sft_model), other, mesh, grid, make, tmp_path / 'cut')
   with caplog.at_level('INFO'):
     _run(stages.train_cpo, nnx.clone(sft_model), cfg, mesh, grid, make, tmp_path / 'cut')
   assert 'has 2 of 4 steps; computing the rest' in caplog.text

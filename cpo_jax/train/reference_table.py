@@ -67,6 +67,12 @@ class ReferenceTable:
     if path.exists():
       with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as f:
         table = cls(f['rows'], f['fingerprints'], path)
+        stored = str(f['settings']) if 'settings' in f else '(not recorded)'
+      if stored != stage.reference_settings:
+        raise ValueError(
+          f'{path}: its reference log-probs were computed with {stored}, this run needs '
+          f'{stage.reference_settings}; delete the file to recompute it.'
+        )
       if len(table.rows) >= num_steps:
         return table
       rows, fingerprints = list(table.rows), list(table.fingerprints)
@@ -81,7 +87,12 @@ class ReferenceTable:
     def store():
       buf = io.BytesIO()
       stacked = np.stack(rows).astype(np.float32)
-      np.savez(buf, rows=stacked, fingerprints=np.asarray(fingerprints, np.uint64))
+      np.savez(
+        buf,
+        rows=stacked,
+        fingerprints=np.asarray(fingerprints, np.uint64),
+        settings=np.asarray(stage.reference_settings),
+      )
       paths.write_bytes_whole(path, buf.getvalue())  # whole or absent, never half-written
       return stacked
 

@@ -6,6 +6,7 @@ to `loop.run_stage`.
 """
 
 import functools
+import json
 
 from flax import nnx
 import jax
@@ -208,6 +209,10 @@ def cpo_stage(stage_model, cfg, grid, image_processor=None, pair_layout=None):
     tx,
     schedule,
     functools.partial(objectives.reference_logps, **kw) if precomputed else None,
+    reference_settings=json.dumps(
+      {key: cfg.cpo[key] for key in ('loss_type', 'answer_weight', 'device_perturbations')},
+      sort_keys=True,
+    ),
     accumulation=_accumulation(cfg.cpo.grad_accum_steps, accumulation.cpo_accumulation, **kw),
   )
 

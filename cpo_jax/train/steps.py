@@ -30,8 +30,10 @@ class Stage:
   loss_fn: Callable  # (model, batch) -> (loss, metrics)
   tx: optax.GradientTransformation
   schedule: Callable
-  # cpo.reference='precomputed': (model, batch) -> [n, 2 + k] reference log-probs.
+  # cpo.reference='precomputed': (model, batch) -> [n, 2 + k] reference log-probs, and what
+  # they depend on besides the batch and the model (a stored table must match it).
   reference_fn: Callable | None = None
+  reference_settings: str = ''
   # grad_accum_steps > 1: an accumulation.Accumulation; the step then takes micro-batches.
   accumulation: Any = None
 
