@@ -74,8 +74,15 @@ class Variant:
   precomputed: bool = False  # reference log-probs streamed with the batch
 
   def loss_fn(self, model, batch, grid, cfg):
-    if not self.frozen_copy:  # the default step
-      return objectives.cpo_loss_fn(model, batch, grid, cfg, pair_layout=self.pair_layout)
+    if not self.frozen_copy:  # the default step, vision attention blocked as the CLI's
+      return objectives.cpo_loss_fn(
+        model,
+        batch,
+        grid,
+        cfg,
+        pair_layout=self.pair_layout,
+        vision_score_bytes=stages.vision_score_bytes(),
+      )
     if not (self.shared_image or self.compact_vocab):
       return naive.naive_cpo_loss_fn(model, batch, grid, cfg)
     return _one_saving(self, model, batch, grid, cfg)

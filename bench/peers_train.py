@@ -88,10 +88,10 @@ class OurStep:
     # The grouped pair layout (t, g) (all thinking pairs: (1, 1); the default half-thinking
     # mix: (1, 2)) and, as a user sets data.max_prompt_len / max_completion_len from
     # --mode=inspect, the shared-prefix step for the thinking pairs.
-    kw = {}
+    kw = dict(vision_score_bytes=stages.vision_score_bytes())  # as the CLI's step
     if shared_prefix:
       p_len, s_len = shared_prefix
-      kw = dict(pair_layout=layout, max_prompt_len=p_len, max_completion_len=s_len)
+      kw.update(pair_layout=layout, max_prompt_len=p_len, max_completion_len=s_len)
       pair_images.check_pair_layout(raw, layout)
       shared_prefix_lib.check_prefix_fits(raw, layout, p_len)
     loss_fn = lambda m, b: objectives.cpo_loss_fn(m, b, grid, cfg, **kw)

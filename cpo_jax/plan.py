@@ -93,7 +93,8 @@ def plan(cfg, stage='cpo_plus'):
     adapted = nnx.eval_shape(lambda: stages.attach_adapters(_build(cfg), cfg))
     if cfg.data.pair_layout == 'grouped':  # as for pipeline-made pairs
       pair_layout = datasets.pair_layout_for(cfg.data.thinking_fraction, cfg.cpo.batch_size)
-    stage_obj = stages.cpo_stage(adapted, cfg, grid, pair_layout=pair_layout)[0]
+    # One vision attention block, as the accelerator being sized takes it.
+    stage_obj = stages.cpo_stage(adapted, cfg, grid, pair_layout=pair_layout, score_bytes=None)[0]
   trainable, frozen, tx = stage_obj.trainable, stage_obj.frozen, stage_obj.tx
   trainable_sh = sharding.state_shardings(trainable, mesh)
   frozen_sh = sharding.state_shardings(frozen, mesh)

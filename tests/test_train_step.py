@@ -16,6 +16,7 @@ from cpo_jax import sharding
 from cpo_jax.data import datasets
 from cpo_jax.data import processors
 from cpo_jax.data import sources
+from cpo_jax.models import layers
 from cpo_jax.models import lora
 from cpo_jax.train import completion
 from cpo_jax.train import naive
@@ -169,9 +170,9 @@ def test_thinking_pairs_encode_their_image_once_with_the_same_numbers(
   encoded = []
   original = models.Qwen2_5_VL.encode_images
 
-  def counting(self, pixel_values, image_grid_thw):
+  def counting(self, pixel_values, image_grid_thw, score_bytes=None):
     encoded.append(len(image_grid_thw))  # images per call, counted while tracing
-    return original(self, pixel_values, image_grid_thw)
+    return original(self, pixel_values, image_grid_thw, score_bytes)
 
   monkeypatch.setattr(models.Qwen2_5_VL, 'encode_images', counting)
   shared = _loss_and_grads(model, batch, grid, cfg, grads=not include_vision, pair_layout=(1, 2))
@@ -373,3 +374,32 @@ def test_an_answer_weight_outside_0_1_is_an_error(setup):
   _, batch, _, _, _ = setup
   with pytest.raises(ValueError, match='answer_weight'):
     objectives.pair_rows(batch, answer_weight=1.5)
+
+
+def test_the_cli_step_blocks_the_vision_attention_on_a_cpu_with_the_same_numbers(
+  setup, monkeypatch
+):
+  """On a CPU backend the stage's step encodes images in cache-sized attention blocks (as
+  generation does); `--mode=plan` asks for one block. Same loss as the unblocked step."""
+  _, batch, grid, make_config, cfg = setup
+  model, _ = _policy(make_config)
+  seen = []
+  original = models.Qwen2_5_VL.encode_images
+
+  def recording(self, pixel_values, image_grid_thw, score_bytes=None):
+    seen.append(score_bytes)
+    return original(self, pixel_values, image_grid_thw, score_bytes)
+
+  monkeypatch.setattr(models.Qwen2_5_VL, 'encode_images', recording)
+  run_cfg = config_defaults.base_config('', domain='driving', data='synth_drive')
+  stage, _ = stages.cpo_stage(model, run_cfg, grid)
+  blocked = stage.loss_fn(model, batch)[1]
+  assert set(seen) == {layers.CPU_SEGMENT_SCORE_BYTES}
+  seen.clear()
+  stage, _ = stages.cpo_stage(model, run_cfg, grid, score_bytes=None)
+  whole = stage.loss_fn(model, batch)[1]
+  assert set(seen) == {None}
+  stage, _ = stages.cpo_stage(model, run_cfg, grid, score_bytes=1)  # one (image, head) a block
+  one_by_one = stage.loss_fn(model, batch)[1]
+  for metrics in (blocked, one_by_one):
+    np.testing.assert_allclose(metrics['loss'], whole['loss'], rtol=1e-6)

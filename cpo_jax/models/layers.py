@@ -157,9 +157,10 @@ class Linear(nnx.Module):
         self.lora_count[...] = self.lora_count[...] + 1
         keep = jax.random.bernoulli(key, 1.0 - self.lora_dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0.0).astype(self.dtype)
-      y = y + (
-        (x @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
-      ) * jnp.asarray(self.lora_scale, self.dtype)
+      low_rank = (x @ self.lora_a[...].astype(self.dtype)) * jnp.asarray(
+        self.lora_scale, self.dtype
+      )
+      y = y + low_rank @ self.lora_b[...].astype(self.dtype)
     return y
 
 

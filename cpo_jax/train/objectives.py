@@ -238,11 +238,13 @@ def step_logps(
   layout=None,
   seed=0,
   pair_layout=None,
+  vision_score_bytes=None,
 ):
   """(policy, reference or None, k, logps(model) -> PairLogps) of the default CPO++ step.
 
   With a pair layout holding thinking pairs, those pairs run their image and prompt once
-  (`shared_prefix`) unless shared_prefix_step=False or it would not save LLM tokens."""
+  (`shared_prefix`) unless shared_prefix_step=False or it would not save LLM tokens.
+  vision_score_bytes: the vision attention's block size (`stages.vision_score_bytes`)."""
   policy, reference = policy_and_reference(model)
   n, length = batch['chosen_input_ids'].shape
   k = len(perturbations)
@@ -258,7 +260,7 @@ def step_logps(
   )
 
   def embeds(m):
-    return pair_images.pair_image_embeds(m, batch, grid, pair_layout, extra)
+    return pair_images.pair_image_embeds(m, batch, grid, pair_layout, extra, vision_score_bytes)
 
   def logps_with(m, image_embeds):
     if sizes is None:

@@ -42,14 +42,15 @@ def per_row(x, rows, groups=None):
   return x if groups is None else x.reshape(rows // groups, groups, *x.shape[1:])
 
 
-def pair_image_embeds(model, batch, grid, layout=None, extra_pixels=None):
+def pair_image_embeds(model, batch, grid, layout=None, extra_pixels=None, score_bytes=None):
   """Image embeddings of the concatenated rows (chosen [n], rejected [n], extra [k * n]).
 
   With a pair `layout` (t, g), a thinking pair's rejected image is its chosen image: it is
   encoded once and its embedding reused, so a step encodes n + n * (g - t) / g + k * n
-  images instead of (2 + k) * n. The reshape keeps each row group on its data shard."""
+  images instead of (2 + k) * n. The reshape keeps each row group on its data shard.
+  score_bytes: the vision attention's block size (`layers.segment_attention`)."""
   n = batch['chosen_input_ids'].shape[0]
-  encode = lambda pixels, rows: model.encode_images(pixels, grid_rows(rows, grid))
+  encode = lambda pixels, rows: model.encode_images(pixels, grid_rows(rows, grid), score_bytes)
   chosen = encode(batch['chosen_pixel_values'], n)
   t, g = layout or (0, 1)
   if t == 0:

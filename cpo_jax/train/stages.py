@@ -15,6 +15,7 @@ import numpy as np
 
 from cpo_jax.data import datasets
 from cpo_jax.models import get_rope_index  # host-side numpy, transformers' semantics.
+from cpo_jax.models import layers
 from cpo_jax.models import lora
 from cpo_jax.train import accumulation
 from cpo_jax.train import completion
@@ -171,12 +172,22 @@ def _apply_lora(model, cfg, *, seed):
   )
 
 
-def cpo_stage(stage_model, cfg, grid, image_processor=None, pair_layout=None):
+def vision_score_bytes():
+  """The CPO++ step's vision attention block size: cache-sized blocks of (image or window,
+  head) pairs on a CPU backend, as generation takes them (the small model's step: 0.375 ->
+  0.341 s); None, one block, on an accelerator and in `--mode=plan`, which sizes one."""
+  return layers.CPU_SEGMENT_SCORE_BYTES if jax.default_backend() == 'cpu' else None
+
+
+def cpo_stage(
+  stage_model, cfg, grid, image_processor=None, pair_layout=None, score_bytes='backend'
+):
   """Stage 2 (CPO++) on the output of `attach_adapters`: only the adapters train.
 
   `image_processor`: the run's (for the patch layout of cpo.device_perturbations); None =
   the Qwen2-VL defaults that `processors.make_processors` uses. `pair_layout`: (t, g) when
-  the stream groups its pairs (`datasets.pair_layout_for`); checked on every batch."""
+  the stream groups its pairs (`datasets.pair_layout_for`); checked on every batch.
+  `score_bytes`: the vision attention's blocks ('backend': `vision_score_bytes()`)."""
   policy, _ = objectives.policy_and_reference(stage_model)
   tx, schedule = optimizer.make_optimizer(cfg.cpo.optimizer, cfg.cpo.num_steps)
   graphdef, trainable, frozen = steps.split_model(stage_model, 'lora')
@@ -192,6 +203,7 @@ def cpo_stage(stage_model, cfg, grid, image_processor=None, pair_layout=None):
     pair_layout=pair_layout,
     max_prompt_len=cfg.data.max_prompt_len,
     shared_prefix_step=cfg.cpo.shared_prefix,
+    vision_score_bytes=vision_score_bytes() if score_bytes == 'backend' else score_bytes,
   )
   if perturbations:
     kw.update(
