@@ -147,7 +147,11 @@ class Linear(nnx.Module):
     self.deterministic = False
 
   def __call__(self, x):
-    x = x.astype(self.dtype)
+    # Tokens flattened into one dimension: a weight's gradient then contracts a single
+    # dimension, which XLA's CPU dot takes as is; over [batch, seq] it first copied the
+    # output gradient transposed (the small model's CPO++ step: 0.240 -> 0.199 s). A free reshape.
+    lead = x.shape[:-1]
+    x = x.reshape(-1, x.shape[-1]).astype(self.dtype)
     y = x @ self.kernel[...].astype(self.dtype)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
@@ -161,7 +165,7 @@ class Linear(nnx.Module):
         self.lora_scale, self.dtype
       )
       y = y + low_rank @ self.lora_b[...].astype(self.dtype)
-    return y
+    return y.reshape(*lead, y.shape[-1])
 
 
 def segment_gather_plan(cu_seqlens: np.ndarray):
