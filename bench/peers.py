@@ -69,7 +69,7 @@ import jax
 try:  # checked here, before the sibling modules import them
   import datasets  # noqa: F401
   import peft  # noqa: F401
-  import torch  # noqa: F401
+  import torch
   import transformers
   import trl  # noqa: F401
 except ImportError as e:  # the peers are never runtime dependencies
@@ -119,6 +119,16 @@ def print_table(r):
       f'{g["transformers_s_median"]:.3f} | {g["generate_speedup_vs_transformers"]:.2f}x '
       f'(tokens identical: {g["tokens_identical"]}) |'
     )
+
+
+def cpu_model():
+  """The CPU's model name from /proc/cpuinfo (Linux), else the platform's processor."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+    return names[0] if names else platform.processor()
+  except OSError:
+    return platform.processor()
 
 
 def main():
@@ -196,6 +206,10 @@ def main():
   result = dict(
     machine=dict(
       platform=platform.platform(),
+      # The CPU and torch's BLAS: torch's MKL runs slower on AMD than on Intel, which moves
+      # the ratio between machines (README).
+      cpu_model=cpu_model(),
+      torch_blas=torch.__config__.show().split('BLAS_INFO=')[-1].split(',')[0],
       cpus=os.cpu_count(),
       devices=[str(d) for d in jax.devices()],
       torch_threads=threads,
