@@ -11,18 +11,22 @@ import urllib.request
 import pytest
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-# The simulated devices meet in collectives as threads; on a loaded machine (two test workers
-# on two cores) one can arrive after XLA's default termination timeout, and XLA aborts the
-# process. The timeout guards against deadlocks, which these tests would show as a hang anyway.
-# Eigen's intra-op thread pool off: a CI run once stalled for good in a step on the 8-device
-# mesh, its main thread waiting on an array's value, the stall other projects trace to that
-# pool wedging; with two test workers on two cores it costs nothing measurable (the mesh and
-# step tests: 131 s with it, 134 s without).
+# The simulated devices meet in collectives as threads. Two things can keep one from coming:
+# * a loaded machine (two test workers on two cores): a device can arrive after XLA's default
+#   termination timeout (40 s), and XLA aborts the process;
+# * a deadlock in XLA's CPU runtime: it orders a device's collectives only by when they are
+#   scheduled, so two independent ones (seen: an all-reduce and a collective-permute of the
+#   8-device accumulation step) can run in different orders on different devices, each
+#   waiting for the other for good (gdb: seven devices in the permute, one in the all-reduce).
+# So the timeout is long enough for the first and turns the second into an abort of the test
+# worker, and `pytest_collection_modifyitems` reruns a test whose worker crashed, once.
+# Eigen's intra-op thread pool off: it costs nothing measurable with two test workers on two
+# cores (the mesh and step tests: 131 s with it, 134 s without).
 os.environ['XLA_FLAGS'] = (
   os.environ.get('XLA_FLAGS', '')
   + ' --xla_force_host_platform_device_count=8'
-  + ' --xla_cpu_collective_call_terminate_timeout_seconds=900'
-  + ' --xla_cpu_collective_timeout_seconds=900'
+  + ' --xla_cpu_collective_call_terminate_timeout_seconds=300'
+  + ' --xla_cpu_collective_timeout_seconds=300'
   + ' --xla_cpu_multi_thread_eigen=false'
 ).strip()
 
@@ -35,6 +39,14 @@ os.environ.setdefault('FSSPEC_GCS_TOKEN', 'anon')
 os.environ.setdefault('GOOGLE_AUTH_TOKEN_FOR_TESTING', 'fake')  # tensorstore (Orbax's arrays)
 for _var in ('GCE_METADATA_ROOT', 'GCE_METADATA_HOST', 'GCE_METADATA_IP'):
   os.environ.setdefault(_var, '127.0.0.1:9')  # a closed local port
+
+
+def pytest_collection_modifyitems(items):
+  """One rerun for a test whose worker crashed (pytest-rerunfailures with pytest-xdist), never
+  for a failure: `only_rerun` names no error, and a crash is not an error of the test's own."""
+  rerun_crashes_only = pytest.mark.flaky(reruns=1, only_rerun=['(a crash of the test worker)'])
+  for item in items:
+    item.add_marker(rerun_crashes_only)
 
 
 @pytest.fixture(scope='module')
