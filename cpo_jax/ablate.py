@@ -4,14 +4,14 @@ r"""Ablation harness: seeds x arms from one shared SFT model per seed -> table, 
       --arms=sft,sft_more,sft_more_chosen,dpo_random,cpo_perception,cpo_both,cpo_plus --workdir=DIR
 
 Per seed it trains one SFT model (DIR/seed_<s>/sft_model, `config.stages=sft`; arms of another
-SFT model, such as the early-stopped one of `*_early`, share DIR/seed_<s>/sft_model_<name>), then runs each
-arm in DIR/seed_<s>/<arm> from that checkpoint (`sft.from_workdir`: restored, never retrained)
-and evaluates it on the same examples (the same eval splits, eval.max_examples and probe seed;
-the report's own SFT baseline is off: the `sft` arm measures that model once). Every arm is a
-config switch that main.py runs the same way (ARMS). `--config.*` overrides pass through to
-every run; `config.seed`, `config.stages`, `sft.from_workdir` and `eval.baseline` are set per
-run by the harness (`--seeds`, ARMS). A run whose report exists (an SFT model: whose last
-checkpoint exists) is reused; a half-finished one resumes from its checkpoints; a run directory
+SFT model, such as the early-stopped one of `*_early`, share DIR/seed_<s>/sft_model_<name>), then
+runs each arm in DIR/seed_<s>/<arm> from that checkpoint (`sft.from_workdir`: restored, never
+retrained) and evaluates it on the same examples (the same eval splits, eval.max_examples and
+probe seed; the report's own SFT baseline is off: the `sft` arm measures that model once). Every
+arm is a config switch that main.py runs the same way (`ablation_arms.ARMS`). `--config.*`
+overrides pass through to every run; `config.seed`, `config.stages`, `sft.from_workdir` and
+`eval.baseline` are set per run by the harness (`--seeds`, the arms). A run whose report exists
+(an SFT model: whose last checkpoint exists) is reused; a half-finished one resumes from its checkpoints; a run directory
 written with another config is an error, never mixed in. After each run the table over the
 finished runs is written: DIR/ablation.md, ablation.json, ablation.png (ablation_report.py).
 """
@@ -29,6 +29,7 @@ from absl import flags
 from absl import logging
 import jax
 
+from cpo_jax import ablation_arms
 from cpo_jax import ablation_report
 from cpo_jax import ablation_stats
 from cpo_jax import main as main_lib
@@ -38,162 +39,10 @@ from cpo_jax.train import loop
 from cpo_jax.train import stages as stages_lib
 
 
-@dataclasses.dataclass(frozen=True)
-class Arm:
-  stages: str  # config.stages of the arm's run (SFT comes from the seed's shared model)
-  overrides: tuple[tuple[str, object], ...]  # (dotted config key, value)
-  what: str
-  sft: str = ''  # which of the seed's SFT models it starts from (SFT_MODELS)
-
-
-# The CPO++ script's recipe (the default of the real-data configs; the embedded synthetic
-# configs use config_defaults.embedded_recipe instead): the exploratory arms below are
-# variants of it, as they were measured.
-PAPER = (
-  ('data.cpo_scenes', 'sft'),
-  ('data.thinking_target', 'random'),
-  ('data.thinking_fraction', 0.5),
-  ('cpo.optimizer.lr', 1e-4),
-  ('cpo.rpo_alpha', 0.1),
-)
-# Pairs aimed at the shortcut on scenes SFT never saw, trained hard enough to move answers.
-RERENDER = PAPER + (
-  ('data.cpo_scenes', 'fresh'),
-  ('data.thinking_target', 'shortcut_rerender'),
-  ('cpo.optimizer.lr', 1e-3),
-  ('cpo.rpo_alpha', 1.0),
-)
-
-ARMS = {
-  'sft': Arm('eval', (), 'the SFT model itself'),
-  'sft_more': Arm(
-    'sft_more,eval',
-    (),
-    'SFT continued on new LoRA adapters for the CPO++ stage steps, rows and optimizer '
-    '(the compute-matched control)',
-  ),
-  'sft_more_chosen': Arm(
-    'sft_more,eval',
-    (('data.sft_more_rows', 'chosen'),),
-    'the data-matched control: SFT continued on the chosen side of exactly the CPO++ pairs '
-    '(re-rendered scenes included), same steps, rows and optimizer',
-  ),
-  'dpo_random': Arm(
-    'cpo_plus,eval',
-    (('data.thinking_fraction', 1.0), ('data.thinking_negative', 'random')),
-    'DPO with random negatives: the rejected chain is another record\'s, same image (the same '
-    'chosen scenes), as many pairs as CPO++ (the paper\'s "DPO, random negatives, same data '
-    'size")',
-  ),
-  'dpo_random_chain': Arm(
-    'cpo_plus,eval',
-    (
-      ('data.thinking_fraction', 1.0),
-      ('data.thinking_negative', 'random'),
-      ('cpo.answer_weight', 0.0),
-    ),
-    'DPO with random negatives, the preference over the chains only (the control of '
-    '`cpo_plus_chain`)',
-  ),
-  'cpo_thinking': Arm(
-    'cpo_plus,eval', (('data.thinking_fraction', 1.0),), 'CPO++ with thinking pairs only'
-  ),
-  'cpo_perception': Arm(
-    'cpo_plus,eval', (('data.thinking_fraction', 0.0),), 'CPO++ with perception pairs only'
-  ),
-  'cpo_both': Arm(
-    'cpo_plus,eval',
-    (('data.thinking_fraction', 0.5),),
-    'CPO++ with both pair sources, half each (the CPO++ script\'s mix)',
-  ),
-  'cpo_plus': Arm('cpo_plus,eval', (), 'CPO++ as configured'),
-  'cpo_plus_chain': Arm(
-    'cpo_plus,eval',
-    (('cpo.answer_weight', 0.0),),
-    'CPO++ as configured with the preference over the chains only (the answer tokens after '
-    '</think> only in the rpo_alpha NLL term)',
-  ),
-  'cpo_plus_paper': Arm(
-    'cpo_plus,eval',
-    PAPER,
-    'CPO++ with the script\'s recipe: pairs on the SFT scenes, random '
-    'rewrites, both sources, rate 1e-4, rpo_alpha 0.1',
-  ),
-  'cpo_plus_shortcut': Arm(
-    'cpo_plus,eval',
-    PAPER + (('data.thinking_target', 'shortcut'),),
-    'the script\'s recipe whose thinking pairs reject the decision the nuisance predicts '
-    '(records where it predicts their own decision keep the random rewrite)',
-  ),
-  'cpo_plus_shortcut_rerender': Arm(
-    'cpo_plus,eval',
-    PAPER + (('data.thinking_target', 'shortcut_rerender'),),
-    'the script\'s recipe aimed at the shortcut, records agreeing with their nuisance '
-    're-rendered to disagree (the rejected side is the shortcut\'s answer)',
-  ),
-  'cpo_plus_adaptive': Arm(
-    'cpo_plus,eval',
-    PAPER + (('data.thinking_select', 'reference'),),
-    'the script\'s recipe whose thinking pairs reject the 2 counterfactuals (of up to '
-    'data.thinking_candidates minimal rewrites) the SFT model finds most probable',
-  ),
-  'cpo_plus_fresh': Arm(
-    'cpo_plus,eval',
-    PAPER + (('data.cpo_scenes', 'fresh'),),
-    'the script\'s recipe with its pairs on train scenes the SFT stage never saw',
-  ),
-  'sft_more_fresh': Arm(
-    'sft_more,eval',
-    PAPER + (('data.cpo_scenes', 'fresh'),),
-    'the compute-matched control on those fresh scenes: SFT continued on them (what the new '
-    'labelled scenes alone give)',
-  ),
-  'cpo_plus_rerender': Arm(
-    'cpo_plus,eval',
-    RERENDER,
-    'CPO++ on fresh scenes whose thinking pairs are re-rendered to disagree with their nuisance '
-    '(rejecting the shortcut\'s chain), at the SFT-scale rate 1e-3 with rpo_alpha 1',
-  ),
-  'sft_more_rerender': Arm(
-    'sft_more,eval',
-    RERENDER + (('data.sft_more_rows', 'chosen'),),
-    'the control of cpo_plus_rerender: SFT continued on the chosen side of exactly its pairs '
-    '(re-rendered scenes included), same steps, rows and optimizer',
-  ),
-  'sft_early': Arm('eval', (), 'the early-stopped SFT model itself', sft='early'),
-  'sft_more_early': Arm(
-    'sft_more,eval',
-    PAPER,
-    'the compute-matched control (script\'s recipe) from the early-stopped SFT model',
-    sft='early',
-  ),
-  'cpo_plus_early': Arm(
-    'cpo_plus,eval',
-    PAPER,
-    'the script\'s recipe from the SFT model that stopped at its lowest held-out loss '
-    '(sft.early_stop)',
-    sft='early',
-  ),
-}
-REFERENCE_ARM = 'sft'
-SFT_MODEL = 'sft_model'  # the seed's shared SFT run
-# The seed's SFT models, by the SFT overrides that make them: each trained once per seed, in
-# DIR/seed_<s>/sft_model[_<name>], and shared by the arms that name it (Arm.sft).
-SFT_MODELS = {'': (), 'early': (('sft.early_stop', 'val_loss'),)}
-
-
-def sft_model_name(variant: str) -> str:
-  return f'{SFT_MODEL}_{variant}' if variant else SFT_MODEL
-
-
-def is_sft_model(name: str) -> bool:
-  return name == SFT_MODEL or name.startswith(SFT_MODEL + '_')
-
-
 @dataclasses.dataclass
 class Run:
   seed: int
-  name: str  # an arm, or an SFT model (sft_model_name)
+  name: str  # an arm, or an SFT model (ablation_arms.sft_model_name)
   workdir: str
   cfg: object
 
@@ -214,31 +63,32 @@ def seed_dir(workdir, seed):
 
 
 def plan_runs(base_cfg, seeds, arms, workdir) -> list[Run]:
-  """Per seed: the SFT models the arms start from (`SFT_MODELS`), then each arm from its
+  """Per seed: the SFT models the arms start from (`ablation_arms.SFT_MODELS`), then each arm from its
   model (in the order given)."""
-  unknown = [a for a in arms if a not in ARMS]
+  unknown = [a for a in arms if a not in ablation_arms.ARMS]
   if unknown:
-    raise ValueError(f'--arms has unknown arm(s) {unknown}; known: {list(ARMS)}.')
+    raise ValueError(f'--arms has unknown arm(s) {unknown}; known: {list(ablation_arms.ARMS)}.')
   if len(set(seeds)) != len(seeds) or len(set(arms)) != len(arms):
     raise ValueError(f'--seeds {list(seeds)} and --arms {list(arms)} must not repeat.')
   runs = []
-  variants = list(dict.fromkeys(ARMS[a].sft for a in arms)) or ['']
+  variants = list(dict.fromkeys(ablation_arms.ARMS[a].sft for a in arms)) or ['']
   for seed in seeds:
     sft_dirs = {}
     for variant in variants:
-      name = sft_model_name(variant)
+      name = ablation_arms.sft_model_name(variant)
       sft_dirs[variant] = paths.join(seed_dir(workdir, seed), name)
       cfg = base_cfg.copy_and_resolve_references()
       cfg.seed, cfg.stages, cfg.sft.from_workdir = seed, 'sft', ''
-      for key, value in SFT_MODELS[variant]:
+      for key, value in ablation_arms.SFT_MODELS[variant]:
         _set(cfg, key, value)
       runs.append(Run(seed, name, sft_dirs[variant], cfg))
     for arm in arms:
+      spec = ablation_arms.ARMS[arm]
       cfg = base_cfg.copy_and_resolve_references()
-      cfg.seed, cfg.stages = seed, ARMS[arm].stages
-      cfg.sft.from_workdir = sft_dirs[ARMS[arm].sft]
+      cfg.seed, cfg.stages = seed, spec.stages
+      cfg.sft.from_workdir = sft_dirs[spec.sft]
       cfg.eval.baseline = False  # the `sft` arm measures the SFT model once
-      for key, value in SFT_MODELS[ARMS[arm].sft] + ARMS[arm].overrides:
+      for key, value in ablation_arms.SFT_MODELS[spec.sft] + spec.overrides:
         _set(cfg, key, value)
       runs.append(Run(seed, arm, paths.join(seed_dir(workdir, seed), arm), cfg))
   return runs
@@ -276,7 +126,7 @@ def run_state(run: Run) -> str:
       sorted(theirs.keys() - ours.keys()),
       sorted(ours.keys() - theirs.keys()),
     )
-  if is_sft_model(run.name):
+  if ablation_arms.is_sft_model(run.name):
     keys = {
       k for k in keys if any(k == p or k.startswith(p + '.') for p in main_lib.SFT_SOURCE_KEYS)
     }
@@ -287,7 +137,7 @@ def run_state(run: Run) -> str:
       + '; '.join(f'{k}: {theirs.get(k)!r} there, {ours.get(k)!r} now' for k in differ[:8])
       + '); use another --workdir, or delete that directory to run it again.'
     )
-  if is_sft_model(run.name):
+  if ablation_arms.is_sft_model(run.name):
     done = loop.stage_finished(run.workdir, 'sft', run.cfg.sft.num_steps)
   else:
     done = (paths.path(run.workdir) / 'eval' / 'report.json').exists()
@@ -306,10 +156,14 @@ def _duration(seconds):
 def _eta(pending, seconds_by_name):
   """Seconds left: each pending run as the mean of the measured runs of its name (else of all
   measured arms); None while nothing was measured."""
-  arm_times = [t for n, ts in seconds_by_name.items() if not is_sft_model(n) for t in ts]
+  arm_times = [
+    t for n, ts in seconds_by_name.items() if not ablation_arms.is_sft_model(n) for t in ts
+  ]
   total = 0.0
   for run in pending:
-    known = seconds_by_name.get(run.name) or (None if is_sft_model(run.name) else arm_times)
+    known = seconds_by_name.get(run.name) or (
+      None if ablation_arms.is_sft_model(run.name) else arm_times
+    )
     if not known:
       return None
     total += sum(known) / len(known)
@@ -321,7 +175,7 @@ def collect(runs, arms):
   values = {arm: {m: {} for m in ablation_report.METRICS} for arm in arms}
   for run in runs:
     report_file = paths.path(run.workdir) / 'eval' / 'report.json'
-    if is_sft_model(run.name) or not report_file.exists():
+    if ablation_arms.is_sft_model(run.name) or not report_file.exists():
       continue
     metrics_file = paths.path(run.workdir) / 'metrics.jsonl'
     rows = (
@@ -384,7 +238,7 @@ def ablate(
       f'{status} in {_duration(seconds)} (elapsed {_duration(clock() - started)}, '
       f'ETA {"?" if eta is None else _duration(eta)})',
     )
-    if not is_sft_model(run.name):
+    if not ablation_arms.is_sft_model(run.name):
       _write(workdir, base_cfg, runs, arms, seeds, record, compare)
   return _write(workdir, base_cfg, runs, arms, seeds, record, compare)
 
@@ -396,7 +250,7 @@ def _seconds_of(run):
 
 def _write(workdir, base_cfg, runs, arms, seeds, record, compare):
   values = collect(runs, arms)
-  table = ablation_stats.summarize(values, REFERENCE_ARM)
+  table = ablation_stats.summarize(values, ablation_arms.REFERENCE_ARM)
   comparisons = ablation_stats.compare(values, compare)
   ablation_report.write_outputs(
     workdir,
@@ -404,7 +258,7 @@ def _write(workdir, base_cfg, runs, arms, seeds, record, compare):
     values=values,
     arms=arms,
     seeds=seeds,
-    reference=REFERENCE_ARM,
+    reference=ablation_arms.REFERENCE_ARM,
     runs=record,
     config=base_cfg,
     comparisons=comparisons,
@@ -427,7 +281,7 @@ def parse_compare(items, known):
 
 # --config (with its --config.* overrides) and --workdir are the flags cpo_jax.main defines.
 _SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds (config.seed of every run).')
-_ARMS = flags.DEFINE_list('arms', list(ARMS), f'Arms, of {list(ARMS)}.')
+_ARMS = flags.DEFINE_list('arms', list(ablation_arms.ARMS), f'Arms, of {list(ablation_arms.ARMS)}.')
 _COMPARE = flags.DEFINE_list(
   'compare',
   ['cpo_plus:dpo_random', 'cpo_plus:sft_more', 'cpo_plus:sft_more_chosen'],
@@ -457,7 +311,7 @@ def main(argv):
     [int(s) for s in _SEEDS.value],
     _ARMS.value,
     workdir,
-    compare=parse_compare(_COMPARE.value, ARMS),
+    compare=parse_compare(_COMPARE.value, ablation_arms.ARMS),
   )
   table = paths.path(workdir) / 'ablation.md'
   print(f'\n{table.read_text()}\n{table} (and ablation.json, ablation.png)')

@@ -13,6 +13,7 @@ import pytest
 from scipy import stats
 
 from cpo_jax import ablate
+from cpo_jax import ablation_arms
 from cpo_jax import ablation_report
 from cpo_jax import ablation_stats
 from cpo_jax import main
@@ -61,10 +62,12 @@ def test_paired_comparison_is_the_t_interval_of_per_seed_differences():
 
 
 def test_compare_items_name_two_known_arms():
-  assert ablate.parse_compare(['cpo_plus:dpo_random'], ablate.ARMS) == [('cpo_plus', 'dpo_random')]
+  assert ablate.parse_compare(['cpo_plus:dpo_random'], ablation_arms.ARMS) == [
+    ('cpo_plus', 'dpo_random')
+  ]
   for bad in ('cpo_plus', 'cpo_plus:nope', 'sft:sft'):
     with pytest.raises(Exception, match='--compare item'):
-      ablate.parse_compare([bad], ablate.ARMS)
+      ablate.parse_compare([bad], ablation_arms.ARMS)
 
 
 def test_run_metrics_from_a_report_and_its_training_log():
