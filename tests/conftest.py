@@ -1,10 +1,12 @@
 """Tests run on the CPU backend with 8 simulated devices, so mesh code paths are real; gs://
 paths go to a real local Cloud Storage server (`gcs_server`)."""
 
+import fcntl
 import json
 import os
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 
@@ -39,6 +41,30 @@ os.environ.setdefault('FSSPEC_GCS_TOKEN', 'anon')
 os.environ.setdefault('GOOGLE_AUTH_TOKEN_FOR_TESTING', 'fake')  # tensorstore (Orbax's arrays)
 for _var in ('GCE_METADATA_ROOT', 'GCE_METADATA_HOST', 'GCE_METADATA_IP'):
   os.environ.setdefault(_var, '127.0.0.1:9')  # a closed local port
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+    'markers', 'alone: runs while no other test worker runs a test (`one_test_at_a_time`)'
+  )
+
+
+_ALONE_LOCK = os.path.join(tempfile.gettempdir(), 'cpo_jax_tests_alone.lock')
+
+
+@pytest.fixture(autouse=True)
+def one_test_at_a_time(request):
+  """A test marked `alone` holds an exclusive lock that every other test shares: it waits for
+  the other worker's test to end, and that worker waits for it. Why: the collective deadlock
+  above comes with load; the 8-device accumulation steps hung under a second worker's load
+  (1 run of 3 with two busy cores beside it; 2 CI runs) and never alone."""
+  with open(_ALONE_LOCK, 'a') as lock:
+    alone = request.node.get_closest_marker('alone') is not None
+    fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def pytest_collection_modifyitems(items):

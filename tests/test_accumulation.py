@@ -83,6 +83,7 @@ def _mesh(shape):
   return sharding.make_mesh(shape, devices=devices)
 
 
+@pytest.mark.alone  # an 8-device step with many collectives (tests/conftest.py)
 @pytest.mark.parametrize('remat', ['none', 'full'])
 def test_sft_accumulated_on_a_mesh_equals_the_whole_batch(setup, remat):
   model_config, cfg, raw, _, _ = setup
@@ -104,6 +105,7 @@ def _random_adapters(model, seed=2):
   nnx.update(model, jax.tree.map(lambda x: 0.05 * jax.random.normal(next(keys), x.shape), adapters))
 
 
+@pytest.mark.alone  # an 8-device step with many collectives (tests/conftest.py)
 @pytest.mark.parametrize('perturbations', ['', 'occlude:1.0'])
 def test_cpo_accumulated_on_a_mesh_equals_the_whole_batch(setup, perturbations):
   model_config, cfg, _, raw, layout = setup
