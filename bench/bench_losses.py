@@ -3,7 +3,7 @@
 Three ways to get per-sequence completion logps (forward + backward w.r.t. the hidden states; --grad-kernel adds
 the lm_head kernel, which LoRA training keeps frozen):
   full      logits = hidden @ kernel over all L positions, then `sequence_logps`   (what peers do)
-  chunked   `sequence_logps_from_hidden` over all L positions (never a [B, L, V] buffer)
+  chunked   `token_logps_from_hidden` over all L positions (never a [B, L, V] buffer)
   compact   `compact_completion` to the completion positions, then chunked         (project only where needed)
 Prints one JSON line per variant (median step seconds, XLA temp bytes) and the ratios against `full`.
 
@@ -53,12 +53,16 @@ def main():
   def full(h, k):
     return losses.sequence_logps(h @ k, labels, mask)[0].sum()
 
+  def chunked_sum(h, k, lb, mk):
+    per_token = losses.token_logps_from_hidden(h, k, lb, chunk_size=a.chunk)
+    return losses.reduce_sequence(per_token, mk)[0].sum()
+
   def chunked(h, k):
-    return losses.sequence_logps_from_hidden(h, k, labels, mask, chunk_size=a.chunk)[0].sum()
+    return chunked_sum(h, k, labels, mask)
 
   def compact(h, k):
     hc, lc, mc, _ = losses.compact_completion(h, labels, mask, a.completion)
-    return losses.sequence_logps_from_hidden(hc, k, lc, mc, chunk_size=a.chunk)[0].sum()
+    return chunked_sum(hc, k, lc, mc)
 
   results = {}
   for name, fn in [("full", full), ("chunked", chunked), ("compact", compact)]:

@@ -78,7 +78,7 @@ def compact_completion(hidden, labels, loss_mask, num_positions):
   """Move the completion positions of each row to the front, keeping order; static size `num_positions`.
 
   [B, L, H], [B, L], [B, L] -> (hidden [B, P, H], labels [B, P], loss_mask [B, P], n_dropped [B]) with
-  P = num_positions (a Python int). Feeding the result to `sequence_logps_from_hidden` projects to the
+  P = num_positions (a Python int). Feeding the result to `token_logps_from_hidden` projects to the
   vocabulary only where the loss needs it. n_dropped counts completion tokens beyond P (never silently:
   the caller must treat n_dropped > 0 as an error or a counted skip).
   """
@@ -110,13 +110,6 @@ def sequence_logps(logits, labels, loss_mask):
   `logps_for_loss`).
   """
   return reduce_sequence(token_logps(logits, labels), loss_mask)
-
-
-def sequence_logps_from_hidden(hidden, kernel, labels, loss_mask, *, chunk_size=128):
-  """`sequence_logps` from hidden states and the lm_head kernel, chunked (no [B, L, V] tensor)."""
-  return reduce_sequence(
-    token_logps_from_hidden(hidden, kernel, labels, chunk_size=chunk_size), loss_mask
-  )
 
 
 def logps_for_loss(sum_logps, mean_logps, loss_type):

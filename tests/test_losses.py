@@ -149,6 +149,13 @@ def test_bf16_logits_are_computed_in_fp32():
   assert g.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(g, np.float32)))
 
 
+def _sequence_logps_from_hidden(hidden, kernel, labels, loss_mask, *, chunk_size=128):
+  """`L.sequence_logps` from hidden states, chunked: the composition the CPO step uses
+  (`completion.label_logps`, then `reduce_completion`)."""
+  per_token = L.token_logps_from_hidden(hidden, kernel, labels, chunk_size=chunk_size)
+  return L.reduce_sequence(per_token, loss_mask)
+
+
 def test_chunked_equals_full_values_and_grads():
   rng = np.random.default_rng(2)
   b, n, h, v = 2, 11, 8, 29
@@ -161,7 +168,7 @@ def test_chunked_equals_full_values_and_grads():
     return L.sequence_logps(hd @ k, labels, mask)[0].sum()
 
   def chunked(hd, k):
-    return L.sequence_logps_from_hidden(hd, k, labels, mask, chunk_size=4)[0].sum()
+    return _sequence_logps_from_hidden(hd, k, labels, mask, chunk_size=4)[0].sum()
 
   v_full, g_full = jax.jit(jax.value_and_grad(full, (0, 1)))(hidden, kernel)
   v_chunk, g_chunk = jax.jit(jax.value_and_grad(chunked, (0, 1)))(hidden, kernel)
@@ -170,7 +177,7 @@ def test_chunked_equals_full_values_and_grads():
     np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-5)
   # bf16 hidden/kernel: logits accumulate in fp32
   s16 = jax.eval_shape(
-    L.sequence_logps_from_hidden,
+    _sequence_logps_from_hidden,
     hidden.astype(jnp.bfloat16),
     kernel.astype(jnp.bfloat16),
     labels,
@@ -179,7 +186,7 @@ def test_chunked_equals_full_values_and_grads():
   assert s16.dtype == jnp.float32
   with jax.enable_x64(True):
     f = jax.jit(
-      lambda hd: L.sequence_logps_from_hidden(
+      lambda hd: _sequence_logps_from_hidden(
         hd, jnp.asarray(kernel, jnp.float64), labels, mask, chunk_size=3
       )[0]
     )
@@ -204,7 +211,7 @@ def test_chunked_never_materialises_full_logits():
 
   full = temp_bytes(lambda hd, k, lb, mk: L.sequence_logps(hd @ k, lb, mk))
   chunked = temp_bytes(
-    lambda hd, k, lb, mk: L.sequence_logps_from_hidden(hd, k, lb, mk, chunk_size=64)
+    lambda hd, k, lb, mk: _sequence_logps_from_hidden(hd, k, lb, mk, chunk_size=64)
   )
   assert full >= full_bytes  # the naive path holds at least one [B, L, V] float32 buffer
   assert chunked < full_bytes / 2, (chunked, full)
@@ -339,7 +346,7 @@ def test_compact_completion_projects_only_completion_positions():
   assert hc.shape == (b, 4, h) and dropped.tolist() == [0, 0]
   assert lc[1].tolist() == labels[1, 6:].tolist() and mc.sum(1).tolist() == [3, 4]
   full = jax.jit(L.sequence_logps)(hidden @ kernel, labels, mask)
-  compact = jax.jit(L.sequence_logps_from_hidden, static_argnames="chunk_size")(
+  compact = jax.jit(_sequence_logps_from_hidden, static_argnames="chunk_size")(
     hc, kernel, lc, mc, chunk_size=3
   )
   for a, c in zip(full, compact):
