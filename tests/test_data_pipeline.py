@@ -617,3 +617,22 @@ def test_every_epoch_visits_each_record_of_the_shard_once_in_a_new_order(num_epo
   epochs = [[int(ds[e * 5 + i]) for i in range(5)] for e in range(3)]
   assert all(sorted(e) == [1, 3, 5, 7, 9] for e in epochs), epochs
   assert len({tuple(e) for e in epochs}) > 1, epochs  # reshuffled, not one order repeated
+
+
+def test_a_new_tokenizer_directory_shows_its_tokenizer_json_last(tmp_path, monkeypatch):
+  """Every host makes its processors from the shared directory, and one that finds
+  tokenizer.json loads it: that file lands after the others (a two-process gs:// run once
+  read the directory half-written, its pad token missing)."""
+  landed = []
+  gpath = type(processors.paths.epath.Path(tmp_path))  # the class local paths copy with
+  original = gpath.copy
+
+  def recording(self, dst, **kw):
+    landed.append(processors.paths.epath.Path(dst).name)
+    return original(self, dst, **kw)
+
+  monkeypatch.setattr(gpath, "copy", recording)
+  built = processors.make_processors(str(tmp_path / "tok"))
+  assert landed[-1] == processors.TOKENIZER_FILE and len(landed) > 1, landed
+  loaded = processors.make_processors(str(tmp_path / "tok"))
+  assert loaded.ids == built.ids and loaded.ids["pad_token_id"] is not None

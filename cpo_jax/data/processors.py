@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import io
 import json
+import tempfile
 from typing import Any
 
 from absl import logging
@@ -23,6 +24,7 @@ from cpo_jax import paths
 from cpo_jax.data import tokenizer as tok_lib
 from cpo_jax.knowledge.graph import THINK_CLOSE
 
+TOKENIZER_FILE = "tokenizer.json"  # written last: a directory holding it is complete
 PATCH_MULTIPLE = 28  # patch 14 x merge 2: the grid is whole merge windows.
 
 
@@ -148,14 +150,18 @@ def make_processors(
   min_pixels = max_pixels = side**2 keeps every image at the same patch grid, side =
   `static_image_side(image_size)` (a note is logged when that differs from image_size).
   `extra_texts`: a callable giving more texts whose words a newly built tokenizer covers."""
-  if tokenizer_dir and (paths.path(tokenizer_dir) / "tokenizer.json").exists():
+  if tokenizer_dir and (paths.path(tokenizer_dir) / TOKENIZER_FILE).exists():
     with paths.local_directory(tokenizer_dir, read=paths.small_files) as local:
       tok = tok_lib.load_tokenizer(local)
   else:
     tok = tok_lib.build_tokenizer(extra_texts() if extra_texts else ())
     if tokenizer_dir:
-      with paths.local_directory(tokenizer_dir, write=True) as local:
+      # tokenizer.json last: another process (every host makes its processors) that finds it
+      # in the check above finds the rest too; seen: a host read the directory half-written,
+      # without its pad token, on a two-process gs:// run.
+      with tempfile.TemporaryDirectory(prefix="cpo_jax_tokenizer_") as local:
         tok_lib.save_tokenizer(tok, local)
+        paths.upload_tree(local, tokenizer_dir, last=(TOKENIZER_FILE,))
   side = static_image_side(image_size)
   if side != image_size:
     logging.warning(
