@@ -81,6 +81,13 @@ ARMS = {
     'CPO++ as configured with the preference over the chains only (the answer tokens after '
     '</think> only in the rpo_alpha NLL term)',
   ),
+  'cpo_plus_selected': Arm(
+    'cpo_plus,eval',
+    (('data.thinking_select', 'reference'),),
+    'CPO++ as configured whose thinking pairs reject the 2 rewrites of their scene (of up to '
+    'data.thinking_candidates minimal ones) the SFT model finds most probable: the errors it '
+    'is closest to making, on the same chosen scenes',
+  ),
   'cpo_plus_paper': Arm(
     'cpo_plus,eval',
     PAPER,

@@ -103,6 +103,7 @@ def base_config(arg, *, domain, data):
   c.data.thinking_target = 'random'
   # 'reference': the 2 of up to thinking_candidates minimal rewrites that the SFT model finds
   # most probable, scored once before CPO++ (train/counterfactual_selection.py); 'random': off.
+  # With thinking_target 'balanced' it picks the rewrite of the scene that target chose.
   c.data.thinking_select = 'random'
   c.data.thinking_candidates = 8
   # 'grouped': every batch holds exactly that share, in fixed row groups, so the step

@@ -11,6 +11,7 @@ from cpo_jax import models
 from cpo_jax import sharding
 from cpo_jax.data import bad_records
 from cpo_jax.data import datasets
+from cpo_jax.data import pairs as pairs_lib
 from cpo_jax.data import processors
 from cpo_jax.data import sources
 from cpo_jax.data import thinking_pairs
@@ -176,10 +177,10 @@ def test_a_selection_for_other_records_is_an_error(setup, tmp_path):
   with pytest.raises(ValueError, match='other records or candidates'):
     _select(setup, tmp_path / 's.npz', source=other)
   table = _select(setup, tmp_path / 's.npz')
-  with pytest.raises(ValueError, match='made for another record'):
-    table.choices(0, dict(source[0], concepts=np.asarray(source[0]['concepts']) + 1), graph)
+  with pytest.raises(ValueError, match='made for another scene'):
+    table.choices(0, np.asarray(source[0]['concepts']) + 1, graph)
   with pytest.raises(ValueError, match='is not in the counterfactual selection'):
-    table.choices(99, source[0], graph)
+    table.choices(99, source[0]['concepts'], graph)
 
 
 def test_reference_selection_drives_the_pipeline(setup, tmp_path):
@@ -217,4 +218,49 @@ def test_an_unreadable_record_is_skipped_counted_once_and_never_paired(setup, tm
   assert np.isnan(table.scores[3]).all() and (table.chosen[3] == -1).all()
   assert np.isfinite(table.scores[2, :3]).all()
   with pytest.raises(bad_records.BadRecordError, match='no candidate counterfactual'):
-    table.choices(3, source[3], graph)
+    table.choices(3, source[3]['concepts'], graph)
+
+
+def test_balanced_scenes_reject_the_reference_picked_rewrites_of_the_scene_they_show(
+  setup, alone, tmp_path
+):
+  # thinking_target='balanced' picks the scene (some records re-rendered), the reference which
+  # of that scene's rewrites is rejected: the pass scores the candidates on the shown image.
+  _, _, graph, _, _ = setup
+  source = sources.make_source('synth_drive', 'train', num_examples=16)
+  scenes = thinking_pairs.plan_for(source, graph, target='balanced')
+  table = _select(setup, tmp_path / 'b.npz', source=source, scenes=scenes)
+  plan = thinking_pairs.plan_for(
+    source, graph, target='balanced', select='reference', selection=table
+  )
+  rerendered = 0
+  for m in range(len(source)):
+    record = source[m]
+    b = scenes.balanced_scene(
+      int(record['decision']), int(record['nuisance']), record['concepts'], m, graph
+    )
+    scene = graph.assignment_from_ids(record['concepts']) if b is None else b
+    image = record['image'] if b is None else source.counterfactual(m, b)['image']
+    assert graph.assignment_from_ids(table.record_concepts[m]) == scene
+    cands = [graph.assignment_from_ids(c) for c in table.candidates[m] if c[0] >= 0]
+    assert all(c in nearest_rewrites(graph, scene, [graph.decide(c)]) for c in cands)
+    alone_scores = np.array([alone(dict(record, image=image), c) for c in cands])
+    np.testing.assert_allclose(table.scores[m, : len(cands)], alone_scores, rtol=1e-4, atol=1e-3)
+    top = [cands[j] for j in np.argsort(-alone_scores, kind='stable')[:2]]
+    for seed in range(3):
+      pair = plan.pair(record, m, graph, source, np.random.default_rng(seed))
+      assert pair['chosen_image'] == pair['rejected_image'] == image
+      chosen = pairs_lib.completion_of(record) if b is None else graph.completion_text(b)
+      assert pair['chosen_completion'] == chosen
+      assert pair['rejected_completion'] in [graph.completion_text(c) for c in top]
+      assert pair['rejected_decision'] != graph.decision_id(graph.decide(scene))
+    rerendered += b is not None
+  assert 0 < rerendered < len(source)
+  # A table made on the records' own scenes does not fit the re-rendered ones.
+  own = _select(setup, tmp_path / 'own.npz', source=source)
+  mixed = thinking_pairs.plan_for(
+    source, graph, target='balanced', select='reference', selection=own
+  )
+  with pytest.raises(ValueError, match='made for another scene'):
+    for m in range(len(source)):
+      mixed.pair(source[m], m, graph, source, np.random.default_rng(0))

@@ -150,6 +150,20 @@ def test_balanced_pairs_leave_the_nuisance_predicting_nothing_on_either_side(dri
   ]
 
 
+def test_a_balanced_scene_is_drawn_by_position_so_every_arm_shows_the_same_one(drive):
+  # The arms on one seed (dpo_random, cpo_plus, reference-picked negatives) and the selection
+  # pass draw other random numbers per pair; the scene a position shows must not depend on them.
+  source, g = drive
+  plan = tp.plan_for(source, g, target='balanced')
+  kinds = set()
+  for i in range(40):
+    first, second = (plan.pair(source[i], i, g, source, np.random.default_rng(s)) for s in (0, 1))
+    assert first['chosen_image'] == second['chosen_image']
+    assert first['chosen_completion'] == second['chosen_completion']
+    kinds.add(plan.kind_of(int(source[i]['decision']), int(source[i]['nuisance']), g, i)[0])
+  assert tp.RERENDERED in kinds
+
+
 def test_balanced_scenes_with_random_negatives_keep_the_scene_and_reject_another_record(drive):
   # The DPO baseline on the same chosen scenes: data.thinking_negative='random' with 'balanced'.
   source, g = drive
@@ -243,6 +257,10 @@ def test_the_config_guards(drive):
     tp.plan_for(source, g, target='nearest')
   with pytest.raises(ValueError, match='both choose'):
     tp.plan_for(source, g, target='shortcut', select='reference')
+  with pytest.raises(ValueError, match='needs the selection pass'):  # a combination allowed
+    tp.plan_for(source, g, target='balanced', select='reference')
+  with pytest.raises(ValueError, match="thinking_negative='random'"):
+    tp.plan_for(source, g, target='balanced', select='reference', negative='random')
   with pytest.raises(ValueError, match="thinking_negative='random'"):
     tp.plan_for(source, g, target='shortcut', negative='random')
   with pytest.raises(ValueError, match='cannot'):

@@ -34,7 +34,10 @@ SFT model never had to get right, at the price of images SFT did not see (compar
 of the 2 counterfactuals ("the 2 most relevant per instance", METHOD.md section 4) that the
 reference (SFT) model finds most probable among up to K minimal rewrites
 (`rewriter.candidate_rewrites`), scored once before the stage by
-`train/counterfactual_selection.py` and read here from its `SelectionTable`.
+`train/counterfactual_selection.py` and read here from its `SelectionTable`. With
+`thinking_target='balanced'` the two combine: 'balanced' picks the scene (a record's own, or its
+re-rendering, drawn by position so that the selection pass scores the candidates on the very
+scene the pair shows) and the reference picks which rewrite of that scene is rejected.
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ class SelectionTable:
   picked, as concept value ids. Made by `train/counterfactual_selection.py`; numpy only, so
   the pipeline's worker processes can hold it.
 
-  positions [M] (sorted), record_concepts [M, C] (the record each row was made for: a guard),
+  positions [M] (sorted), record_concepts [M, C] (the scene each row was made for: a guard),
   chosen [M, SELECTED_PER_RECORD, C] (-1 rows where fewer were scored), candidates [M, K, C] and
   scores [M, K] (all candidates and their reference log-probs; -1 / NaN padded), path (or '').
   """
@@ -137,8 +140,9 @@ class SelectionTable:
   scores: np.ndarray
   path: str = ""
 
-  def choices(self, position: int, record: dict[str, Any], graph: ConceptGraph) -> list[dict]:
-    """The picked assignments for the record at `position` (checked to be the table's record)."""
+  def choices(self, position: int, concepts, graph: ConceptGraph) -> list[dict]:
+    """The picked assignments for the scene at `position` (concept ids `concepts`: the record's,
+    or its re-rendering's under 'balanced'), checked to be the scene the table was made for."""
     rid = f"record {position}"
     r = int(np.searchsorted(self.positions, position))
     if r == len(self.positions) or self.positions[r] != position:
@@ -146,11 +150,12 @@ class SelectionTable:
         f"{rid} is not in the counterfactual selection {self.path or '(in memory)'} (made for "
         "another split, size or shard); delete it to select again"
       )
-    if not np.array_equal(self.record_concepts[r], np.asarray(record["concepts"])):
+    if not np.array_equal(self.record_concepts[r], np.asarray(concepts)):
       raise ValueError(
         f"{rid}: the counterfactual selection {self.path or '(in memory)'} was made for another "
-        f"record there (concepts {self.record_concepts[r].tolist()} vs "
-        f"{np.asarray(record['concepts']).tolist()}: data or seed changed); delete it to select again"
+        f"scene there (concepts {self.record_concepts[r].tolist()} vs "
+        f"{np.asarray(concepts).tolist()}: data, seed or thinking_target changed); delete it to "
+        "select again"
       )
     picked = [graph.assignment_from_ids(ids) for ids in self.chosen[r] if ids[0] >= 0]
     if not picked:
@@ -190,6 +195,21 @@ class ThinkingPlan:
       return RERENDERED, others
     return AGREES, ()
 
+  def balanced_scene(
+    self, decision: int, nuisance: int, concepts, position: int, graph: ConceptGraph
+  ) -> dict | None:
+    """Under 'balanced', the assignment the scene at `position` is re-rendered with (None: the
+    record's own scene): a decision drawn uniformly from those its nuisance does not predict,
+    reached with the fewest evidence concepts changed. Drawn by position, so every arm and the
+    selection pass (which scores the counterfactuals of this very scene) see the same scene."""
+    kind, goal = self.kind_of(decision, nuisance, graph, position)
+    if self.target != "balanced" or kind != RERENDERED:
+      return None
+    rng = np.random.default_rng((int(position), 0xBA1A, 1))
+    goal = goal[int(rng.integers(len(goal)))]
+    near = nearest_rewrites(graph, graph.assignment_from_ids(concepts), [graph.decisions[goal]])
+    return near[int(rng.integers(len(near)))]
+
   def pair(
     self,
     record: dict[str, Any],
@@ -198,15 +218,27 @@ class ThinkingPlan:
     source,
     rng: np.random.Generator,
   ) -> dict[str, Any]:
+    decision, nuisance = int(record["decision"]), int(record.get("nuisance", -1))
+    if self.target == "balanced":
+      b = self.balanced_scene(decision, nuisance, record["concepts"], position, graph)
+      scene = graph.assignment_from_ids(record["concepts"]) if b is None else b
+      if self.selection is not None:
+        picked = self.selection.choices(position, graph.value_ids(scene), graph)
+        negative = picked[int(rng.integers(len(picked)))]
+      elif b is not None:  # a random rewrite of the new scene, not the sky's answer
+        negative = rewrite(graph, b, k=1, seed=rng)[0].assignment
+      else:
+        return pairs_lib.thinking_pair(record, graph, rng)
+      if b is None:
+        return rewritten_pair(record, graph, negative)
+      pair = rerendered_pair(record, position, graph, source, b)
+      completion, rejected = counterfactual_completion(graph, scene, negative, f"record {position}")
+      return dict(pair, rejected_completion=completion, rejected_decision=rejected)
     if self.selection is not None:
-      picked = self.selection.choices(position, record, graph)
+      picked = self.selection.choices(position, record["concepts"], graph)
       return rewritten_pair(record, graph, picked[int(rng.integers(len(picked)))])
-    kind, goal = self.kind_of(
-      int(record["decision"]), int(record.get("nuisance", -1)), graph, position
-    )
+    kind, goal = self.kind_of(decision, nuisance, graph, position)
     if kind in (AIMED, RERENDERED):
-      if self.target == "balanced":  # one decision drawn uniformly, not the nearest of any
-        goal = (goal[int(rng.integers(len(goal)))],)
       a = graph.assignment_from_ids(record["concepts"])
       near = nearest_rewrites(graph, a, [graph.decisions[d] for d in goal])
       if not near:  # cannot happen on a validated graph (every decision is reachable)
@@ -214,32 +246,35 @@ class ThinkingPlan:
       b = near[int(rng.integers(len(near)))]
       if kind == AIMED:
         return rewritten_pair(record, graph, b)
-      pair = rerendered_pair(record, position, graph, source, b)
-      if self.target == "balanced":  # a random rewrite of the new scene, not the sky's answer
-        negative = rewrite(graph, b, k=1, seed=rng)[0]
-        pair.update(
-          rejected_completion=negative.completion,
-          rejected_decision=graph.decision_id(negative.decision),
-        )
-      return pair
+      return rerendered_pair(record, position, graph, source, b)
     return pairs_lib.thinking_pair(record, graph, rng)
 
 
 def rewritten_pair(record: dict[str, Any], graph: ConceptGraph, b: dict) -> dict[str, Any]:
   """Same image; the rejected completion states assignment `b` and its decision (validated)."""
-  orig, target = graph.decisions[int(record["decision"])], graph.decide(b)
-  completion = graph.completion_text(b, target)
-  ok, why = validate_counterfactual(graph, completion, original_decision=orig, target=target)
-  if not ok:
-    raise GraphError(f"invalid counterfactual for record {record['index']} ({why}): {completion!r}")
+  a = graph.assignment_from_ids(record["concepts"])
+  completion, rejected = counterfactual_completion(graph, a, b, f"record {record['index']}")
   return {
     "chosen_image": record["image"],
     "rejected_image": record["image"],
     "chosen_completion": pairs_lib.completion_of(record),
     "rejected_completion": completion,
-    "rejected_decision": graph.decision_id(target),
+    "rejected_decision": rejected,
     "rejected_index": int(record["index"]),
   }
+
+
+def counterfactual_completion(graph: ConceptGraph, a: dict, b: dict, rid: str) -> tuple[str, int]:
+  """(completion stating `b` and its decision, that decision's id): the counterfactual of the
+  scene `a`, validated (its decision differs from a's and follows from its chain)."""
+  target = graph.decide(b)
+  completion = graph.completion_text(b, target)
+  ok, why = validate_counterfactual(
+    graph, completion, original_decision=graph.decide(a), target=target
+  )
+  if not ok:
+    raise GraphError(f"invalid counterfactual for {rid} ({why}): {completion!r}")
+  return completion, graph.decision_id(target)
 
 
 def rerendered_pair(
@@ -275,6 +310,27 @@ def balancing_share(shortcut: ShortcutMap, decision, nuisance, num_decisions: in
   return float(max(0.0, 1.0 - chance / agree)) if agree > 0 else 0.0
 
 
+def check_choice(target: str, select: str, negative: str = "counterfactual") -> None:
+  """Raises on a combination of data.thinking_target / thinking_select / thinking_negative
+  that does not say which counterfactual a thinking pair rejects."""
+  if target not in THINKING_TARGETS:
+    raise ValueError(f"data.thinking_target={target!r}; expected one of {THINKING_TARGETS}")
+  if select not in THINKING_SELECTS:
+    raise ValueError(f"data.thinking_select={select!r}; expected one of {THINKING_SELECTS}")
+  if target not in ("random", "balanced") and select != "random":
+    raise ValueError(
+      f"data.thinking_target={target!r} and data.thinking_select={select!r} both choose the "
+      "counterfactual; set one of them to 'random' (or thinking_target to 'balanced', which "
+      "picks only the scenes)"
+    )
+  if negative != "counterfactual" and (target != "balanced" or select != "random"):
+    raise ValueError(
+      f"data.thinking_negative={negative!r} makes no counterfactual for data.thinking_target / "
+      "thinking_select to choose; leave it 'counterfactual' or them 'random' (or thinking_target "
+      "'balanced', which picks only the scenes)"
+    )
+
+
 def plan_for(
   source,
   graph: ConceptGraph,
@@ -286,23 +342,9 @@ def plan_for(
 ) -> ThinkingPlan | None:
   """The plan of a split's thinking pairs from the config's data.thinking_target /
   thinking_select (None: the default random rewrite). Logs the shares once."""
-  if target not in THINKING_TARGETS:
-    raise ValueError(f"data.thinking_target={target!r}; expected one of {THINKING_TARGETS}")
-  if select not in THINKING_SELECTS:
-    raise ValueError(f"data.thinking_select={select!r}; expected one of {THINKING_SELECTS}")
+  check_choice(target, select, negative)
   if target == "random" and select == "random":
     return None
-  if target != "random" and select != "random":
-    raise ValueError(
-      f"data.thinking_target={target!r} and data.thinking_select={select!r} both choose the "
-      "counterfactual; set one of them to 'random'"
-    )
-  if negative != "counterfactual" and target != "balanced":
-    raise ValueError(
-      f"data.thinking_negative={negative!r} makes no counterfactual for data.thinking_target / "
-      "thinking_select to choose; leave it 'counterfactual' or them 'random' (or thinking_target "
-      "'balanced', which picks only the scenes)"
-    )
   if select == "reference":
     if selection is None:
       raise ValueError(
@@ -319,7 +361,10 @@ def plan_for(
       selection.candidates.shape[1],
       selection.path or "in memory",
     )
-    return ThinkingPlan("random", selection=selection, counts={"selected": n})
+    if target == "random":
+      return ThinkingPlan("random", selection=selection, counts={"selected": n})
+    scenes = plan_for(source, graph, target=target)  # the scenes the selection was made on
+    return dataclasses.replace(scenes, selection=selection, counts={**scenes.counts, "selected": n})
   if target in ("shortcut_rerender", "balanced") and not hasattr(source, "counterfactual"):
     raise ValueError(
       f"data.thinking_target={target!r} re-renders scenes; dataset {source!r} cannot "

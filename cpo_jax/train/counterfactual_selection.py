@@ -89,11 +89,29 @@ def shard_concepts(source, positions) -> np.ndarray:
   return np.stack([np.asarray(examples.read_record(source, int(p))["concepts"]) for p in positions])
 
 
-class _Rows:
-  """Builds the scoring rows: image + prompt + a candidate's completion, right padded."""
+def scene_concepts(source, graph, positions, scenes=None) -> tuple[np.ndarray, dict[int, dict]]:
+  """Concept ids [M, C] of the scenes the pairs at `positions` choose, and {position: the
+  assignment its scene is re-rendered with}: under data.thinking_target='balanced' (`scenes`,
+  its ThinkingPlan) some records are re-rendered, and their candidates rewrite the new scene."""
+  concepts = shard_concepts(source, positions).astype(np.int64)
+  if scenes is None or scenes.target != "balanced":
+    return concepts, {}
+  decision, nuisance = thinking_pairs.split_labels(source)
+  rerendered = {}
+  for m, p in enumerate(positions):
+    b = scenes.balanced_scene(int(decision[p]), int(nuisance[p]), concepts[m], int(p), graph)
+    if b is not None:
+      concepts[m], rerendered[int(p)] = graph.value_ids(b), b
+  return concepts, rerendered
 
-  def __init__(self, source, proc, graph, max_len, on_bad_record, skips):
+
+class _Rows:
+  """Builds the scoring rows: image + prompt + a candidate's completion, right padded. The image
+  is the record's, or its re-rendering's (`rerendered`: position -> assignment)."""
+
+  def __init__(self, source, proc, graph, max_len, on_bad_record, skips, rerendered):
     self.source, self.proc, self.graph, self.max_len = source, proc, graph, max_len
+    self.rerendered = rerendered
     self.on_bad_record, self.skips = on_bad_record, skips
     self._record = (None, None)  # (position, (pixel values, grid, prompt)) of the last record
     pv, grid = proc.image_inputs(np.zeros((proc.image_size, proc.image_size, 3), np.uint8))
@@ -115,6 +133,9 @@ class _Rows:
       if self._record[0] != position:
         self._record = (position, None)  # a bad record is counted once, not per candidate
         rec = examples.read_record(self.source, position)
+        if position in self.rerendered:
+          cf = self.source.counterfactual(position, self.rerendered[position])
+          rec = dict(rec, image=cf["image"])
         pv, grid = examples.checked_image(self.proc, rec["image"], rid)
         question = pairs_lib.as_text(rec["question"])
         prompt = self.proc.prompt_ids(question, self.proc.num_image_tokens(grid))
@@ -152,12 +173,15 @@ def select_counterfactuals(
   skips=None,
   shard_index: int = 0,
   shard_count: int = 1,
+  scenes: thinking_pairs.ThinkingPlan | None = None,
 ) -> thinking_pairs.SelectionTable:
   """The selection of this process's shard: read from `path`, or scored (resuming a pass cut
-  short) and stored there. `model` is the reference; rows_per_batch is global (all processes)."""
+  short) and stored there. `model` is the reference; rows_per_batch is global (all processes).
+  `scenes`: the plan that picks the pairs' scenes (data.thinking_target='balanced'), or None."""
   path = paths.path(path)
   positions = shard_positions(len(source), shard_index, shard_count)
-  plan = candidate_plan(graph, positions, shard_concepts(source, positions), k=k, seed=seed)
+  concepts, rerendered = scene_concepts(source, graph, positions, scenes)
+  plan = candidate_plan(graph, positions, concepts, k=k, seed=seed)
   digest, done = plan.digest(), np.zeros((0,), np.float32)
   if path.exists():
     with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as f:
@@ -175,7 +199,7 @@ def select_counterfactuals(
     model,
     plan,
     done,
-    rows=_Rows(source, proc, graph, max_len, on_bad_record, skips),
+    rows=_Rows(source, proc, graph, max_len, on_bad_record, skips, rerendered),
     grid=grid,
     mesh=mesh,
     rows_per_batch=rows_per_batch,
@@ -306,10 +330,14 @@ def for_run(model, cfg, data, *, mesh, workdir, skips=None):
   Rows per batch: one CPO++ micro-step's (2 rows per pair), which the train step fits."""
   if cfg.data.thinking_select != "reference":
     return None
+  d = cfg.data
+  thinking_pairs.check_choice(d.thinking_target, d.thinking_select, d.thinking_negative)
   accum = max(1, int(cfg.cpo.grad_accum_steps))
+  source = data.cpo_source  # the CPO++ stage's records (data.cpo_scenes)
   return select_counterfactuals(
     model,
-    source=data.cpo_source,  # the CPO++ stage's records (data.cpo_scenes)
+    source=source,
+    scenes=thinking_pairs.plan_for(source, data.graph, target=d.thinking_target),
     proc=data.processors,
     graph=data.graph,
     grid=data.grid,
