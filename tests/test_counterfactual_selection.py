@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from cpo_jax import config_defaults
 from cpo_jax import models
 from cpo_jax import sharding
 from cpo_jax.data import bad_records
@@ -14,6 +15,7 @@ from cpo_jax.data import datasets
 from cpo_jax.data import pairs as pairs_lib
 from cpo_jax.data import processors
 from cpo_jax.data import sources
+from cpo_jax.data import streams
 from cpo_jax.data import thinking_pairs
 from cpo_jax.data.packing import pack_right
 from cpo_jax.knowledge import load_graph
@@ -264,3 +266,35 @@ def test_balanced_scenes_reject_the_reference_picked_rewrites_of_the_scene_they_
   with pytest.raises(ValueError, match='made for another scene'):
     for m in range(len(source)):
       mixed.pair(source[m], m, graph, source, np.random.default_rng(0))
+
+
+def _run_data(tmp_path, **data):
+  cfg = config_defaults.base_config('', domain='driving', data='synth_drive')
+  cfg.data.num_examples = dict(train=16, test=8, ood=8)
+  cfg.data.spurious_correlation = 0.9
+  cfg.cpo.batch_size, cfg.cpo.num_steps = 8, 2
+  cfg.data.update(thinking_target='balanced', thinking_fraction=1.0, thinking_candidates=K, **data)
+  return cfg, streams.RunData(cfg, str(tmp_path))
+
+
+def test_the_run_selects_on_its_balanced_scenes_and_its_arms_show_the_same_ones(setup, tmp_path):
+  # cpo_plus_selected, cpo_plus and dpo_random on one seed: the same chosen rows, each with
+  # its own rejected side (the reference's pick, a random rewrite, another record's chain).
+  _, _, graph, model, mesh = setup
+  cfg, data = _run_data(tmp_path, thinking_select='reference')
+  table = selection_lib.for_run(model, cfg, data, mesh=mesh, workdir=str(tmp_path / 'sel'))
+  selected = next(data.cpo_batches(selection=table))
+  plain = next(_run_data(tmp_path)[1].cpo_batches())
+  random_negatives = next(_run_data(tmp_path, thinking_negative='random')[1].cpo_batches())
+  for other in (plain, random_negatives):
+    for key in ('chosen_input_ids', 'chosen_pixel_values', 'chosen_decision', 'index'):
+      np.testing.assert_array_equal(selected[key], other[key])
+  assert not np.array_equal(selected['rejected_input_ids'], plain['rejected_input_ids'])
+  for index, rejected in zip(selected['index'], selected['rejected_decision']):
+    picked = table.chosen[int(index)]
+    assert rejected in [
+      graph.decision_id(graph.decide(graph.assignment_from_ids(c))) for c in picked
+    ]
+  cfg.data.thinking_target = 'shortcut'  # a clear error before any scoring
+  with pytest.raises(ValueError, match='both choose'):
+    selection_lib.for_run(model, cfg, data, mesh=mesh, workdir=str(tmp_path / 'other'))
