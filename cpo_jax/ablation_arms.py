@@ -23,6 +23,7 @@ PAPER = (
   ('data.thinking_fraction', 0.5),
   ('cpo.optimizer.lr', 1e-4),
   ('cpo.rpo_alpha', 0.1),
+  ('cpo.end_token_weight', 1.0),
 )
 # Pairs aimed at the shortcut on scenes SFT never saw, trained hard enough to move answers.
 RERENDER = PAPER + (
@@ -80,6 +81,12 @@ ARMS = {
     (('cpo.answer_weight', 0.0),),
     'CPO++ as configured with the preference over the chains only (the answer tokens after '
     '</think> only in the rpo_alpha NLL term)',
+  ),
+  'cpo_plus_end': Arm(
+    'cpo_plus,eval',
+    (('cpo.end_token_weight', 1.0),),
+    'CPO++ as configured with each side\'s closing end token in the preference too (TRL\'s '
+    'sum over the whole completion)',
   ),
   'cpo_plus_selected': Arm(
     'cpo_plus,eval',

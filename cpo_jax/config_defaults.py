@@ -169,6 +169,10 @@ def base_config(arg, *, domain, data):
   # The weight of the answer tokens (after '</think>') in the preference's log-probs: 1 = the
   # whole completion (the paper's DPO), 0 = the chain only (answers only in the NLL term).
   c.cpo.answer_weight = 1.0
+  # The closing end token's weight in the preference, relative to its answer's: 1 = TRL's
+  # (the whole completion), 0 = the preference over what the sides say, not where they stop
+  # (the NLL term keeps it). README, Ablations: "Where the sides stop".
+  c.cpo.end_token_weight = 1.0
   c.cpo.reference = 'adapters_off'  # 'adapters_off' | 'frozen_copy' | 'precomputed'
   c.cpo.source_weights = (1.0, 1.0, 1.0)  # thinking, perception, other.
   c.cpo.normalize_weights = True
@@ -266,7 +270,9 @@ def embedded_recipe(c):
   predicting nothing on either side of the pairs (data.thinking_target='balanced'); at the SFT
   stage's scale of rate (1e-3; the script's 1e-4 moves no answer of this model) with the chosen
   side anchored (rpo_alpha 1; 0.1 collapses at this rate); no perception pairs (alone, at this
-  rate, they lower driving `ood` by 8 points). Measured over 5 seeds in the README's ablations.
+  rate, they lower driving `ood` by 8 points); the preference over what the sides say, not
+  where they stop (cpo.end_token_weight 0: with it, the rejected side's end token taught the
+  driving model not to stop after `stop`). Measured over 5 seeds in the README's ablations.
   Real data cannot be re-rendered: those configs keep the script's recipe.
   """
   c.data.cpo_scenes = 'fresh'
@@ -274,6 +280,7 @@ def embedded_recipe(c):
   c.data.thinking_fraction = 1.0
   c.cpo.optimizer.lr = 1e-3
   c.cpo.rpo_alpha = 1.0
+  c.cpo.end_token_weight = 0.0
 
 
 def _adamw(lr):

@@ -360,20 +360,78 @@ def test_an_answer_weight_between_mixes_chain_and_answer_log_probs(setup):
 
 
 def test_preference_logps_weigh_the_answer_in_the_sum_and_in_the_mean():
-  # Two rows: 6 completion tokens summing to -3 of which 2 answer tokens sum to -1; no answer.
+  # Two rows: 6 completion tokens summing to -3 of which 2 answer tokens sum to -1 and the end
+  # token -0.5; 4 tokens, no answer, the end token -0.25.
   out = completion.CompletionLogps(
-    *map(jnp.asarray, ([-3.0, -2.0], [-0.5, -0.5], [6, 4], [0, 0], [-1.0, 0.0], [2, 0]))
+    *map(
+      jnp.asarray,
+      ([-3.0, -2.0], [-0.5, -0.5], [6, 4], [0, 0], [-1.0, 0.0], [2, 0], [-0.5, -0.25], [1, 1]),
+    )
   )
   total, mean = objectives.preference_logps(out, 0.5)
-  np.testing.assert_allclose(total, [-2.5, -2.0])
-  np.testing.assert_allclose(mean, [-2.5 / 5, -0.5])
+  np.testing.assert_allclose(total, [-2.25, -1.875])  # the end token goes with its answer
+  np.testing.assert_allclose(mean, [-2.25 / 4.5, -1.875 / 3.5])
+  total, mean = objectives.preference_logps(out, 1.0, 0.0)
+  np.testing.assert_allclose(total, [-2.5, -1.75])
+  np.testing.assert_allclose(mean, [-2.5 / 5, -1.75 / 3])
+  total, _ = objectives.preference_logps(out, 0.5, 0.5)  # the end token at 0.5 * 0.5
+  np.testing.assert_allclose(total, [-3.0 + 0.5 * 1.0 + 0.75 * 0.5, -2.0 + 0.75 * 0.25])
   assert objectives.preference_logps(out, 1.0) == (out.total, out.mean)
 
 
-def test_an_answer_weight_outside_0_1_is_an_error(setup):
+def test_an_answer_or_end_weight_outside_0_1_is_an_error(setup):
   _, batch, _, _, _ = setup
   with pytest.raises(ValueError, match='answer_weight'):
     objectives.pair_rows(batch, answer_weight=1.5)
+  with pytest.raises(ValueError, match='end_token_weight'):
+    objectives.pair_rows(batch, end_token_weight=-0.5)
+
+
+def _without_end(batch):
+  """`batch` with each side's closing end token (its last completion token) out of the mask."""
+  out = dict(batch)
+  for side in ('chosen_', 'rejected_'):
+    marked = objectives.mark_end_token(batch[side + 'loss_mask'])
+    out[side + 'loss_mask'] = jnp.where(marked == completion.END_TOKEN, 0, marked)
+  return out
+
+
+@pytest.mark.parametrize('shared', [False, True])
+def test_end_token_weight_0_prefers_what_the_sides_say_and_keeps_the_end_in_the_nll(setup, shared):
+  """cpo.end_token_weight=0: the preference (loss, rewards, logps, gradients) is the
+  whole-completion one on rows without their end token; the NLL is the full one."""
+  raw, _, grid, make_config, cfg = setup
+  grouped_raw, batch = _grouped_batch(raw, grid, make_config, [True, False] * 2)
+  model, _ = _policy(make_config)
+  prompt = int(np.asarray(grouped_raw['chosen_loss_mask']).argmax(1).max())
+  kw = dict(pair_layout=(1, 2), max_completion_len=40, shared_prefix_step=shared)
+  kw.update(max_prompt_len=prompt if shared else 0)
+  end_cfg = _cpo_config(cfg, end_token_weight=0.0, rpo_alpha=0.0)
+  whole_cfg = _cpo_config(cfg, rpo_alpha=0.0)
+  ended = _loss_and_grads(model, batch, grid, end_cfg, **kw)
+  trimmed = _loss_and_grads(model, _without_end(batch), grid, whole_cfg, **kw)
+  whole = _loss_and_grads(model, batch, grid, whole_cfg, grads=False, **kw)
+  nll = ended[0].pop('nll')
+  assert float(trimmed[0].pop('nll')) != pytest.approx(float(nll))
+  np.testing.assert_allclose(nll, whole[0]['nll'], rtol=1e-6)
+  _assert_same(ended, trimmed)
+  assert float(ended[0]['logps/chosen']) != pytest.approx(float(whole[0]['logps/chosen']))
+  if not shared:
+    naive_metrics, _ = _loss_and_grads(
+      model, batch, grid, end_cfg, grads=False, loss_fn=naive.naive_cpo_loss_fn
+    )
+    np.testing.assert_allclose(naive_metrics['loss'], ended[0]['loss'], rtol=1e-5)
+
+
+def test_the_end_token_is_each_rows_last_completion_token():
+  mask = jnp.asarray([[0, 1, 1, 1, 0], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(
+    objectives.mark_end_token(mask), [[0, 1, 1, 3, 0], [1, 3, 0, 0, 0], [0, 0, 0, 0, 0]]
+  )
+  answers = objectives.mark_answer_tokens(mask, jnp.asarray([2, 1, 0]))
+  np.testing.assert_array_equal(  # the end token is marked apart from its answer
+    objectives.mark_end_token(answers), [[0, 1, 2, 3, 0], [1, 3, 0, 0, 0], [0, 0, 0, 0, 0]]
+  )
 
 
 def test_the_cli_step_blocks_the_vision_attention_on_a_cpu_with_the_same_numbers(

@@ -15,10 +15,12 @@ import numpy as np
 
 from cpo_jax import losses
 
-# A loss_mask value the CPO++ step gives the answer tokens (after '</think>') when the
-# preference weighs them apart (cpo.answer_weight < 1, `objectives.mark_answer_tokens`); they
-# count in `total` like every completion token. The pipeline's masks hold 0 and 1.
+# loss_mask values the CPO++ step gives the answer tokens (after '</think>') and the closing
+# end token when the preference weighs them apart (cpo.answer_weight, cpo.end_token_weight:
+# `objectives.mark_answer_tokens`); they count in `total` like every completion token. The
+# pipeline's masks hold 0 and 1.
 ANSWER_TOKEN = 2
+END_TOKEN = 3
 
 
 class CompletionLogps(NamedTuple):
@@ -30,13 +32,18 @@ class CompletionLogps(NamedTuple):
   dropped: jax.Array  # completion tokens beyond the static slab (must be 0)
   answer_total: jax.Array  # the part of `total` over the ANSWER_TOKEN positions
   answer_count: jax.Array  # ANSWER_TOKEN positions per row
+  end_total: jax.Array  # the part of `total` at the END_TOKEN position
+  end_count: jax.Array  # END_TOKEN positions per row (0 or 1)
 
 
 def reduce_completion(per_token_logps, mask, dropped):
   """`CompletionLogps` of per-token log-probs [B, P] under the row mask [B, P]."""
   total, mean, count = losses.reduce_sequence(per_token_logps, mask)
   answer_total, _, answer_count = losses.reduce_sequence(per_token_logps, mask == ANSWER_TOKEN)
-  return CompletionLogps(total, mean, count, dropped, answer_total, answer_count)
+  end_total, _, end_count = losses.reduce_sequence(per_token_logps, mask == END_TOKEN)
+  return CompletionLogps(
+    total, mean, count, dropped, answer_total, answer_count, end_total, end_count
+  )
 
 
 def label_logps(model, hidden, labels):

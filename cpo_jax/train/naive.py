@@ -27,7 +27,9 @@ def naive_cpo_loss_fn(model, batch, grid, cfg, *, perturbations=(), layout=None,
   if k:
     layout = layout or device_pairs.layout_for(policy.config)
     pixels.append(device_pairs.perturbed_pixels(batch, grid, perturbations, layout, seed=seed))
-  rows = objectives.pair_rows(batch, k, answer_weight=cfg.answer_weight)
+  rows = objectives.pair_rows(
+    batch, k, answer_weight=cfg.answer_weight, end_token_weight=cfg.end_token_weight
+  )
   forward = dict(
     pixel_values=jnp.concatenate(pixels, axis=0),
     image_grid_thw=completion.grid_rows((2 + k) * n, grid),

@@ -96,13 +96,26 @@ PAIR_ROW_KEYS = ('input_ids', 'attention_mask', 'loss_mask', 'position_ids')
 # the answer tokens left to the NLL term, so the answer that follows a rejected chain is not
 # pushed down for following it. The batch says where each side's answer starts.
 ANSWER_START_KEYS = ('chosen_answer_start', 'rejected_answer_start')
+# The closing end token (<|im_end|>, the last completion token) weighs answer_weight *
+# cpo.end_token_weight: at 0 the preference compares what the sides say, not where they stop
+# (pushing down the rejected side's end teaches the model not to stop after an answer like
+# it); the NLL term keeps it.
+
+
+def _check_weight(name, weight):
+  if not 0.0 <= weight <= 1.0:
+    raise ValueError(f'config.cpo.{name}={weight!r}; expected a number in [0, 1].')
+  return weight != 1.0
 
 
 def weighs_answers(answer_weight):
   """True when the step needs the answer tokens marked (a weight other than 1); checks it."""
-  if not 0.0 <= answer_weight <= 1.0:
-    raise ValueError(f'config.cpo.answer_weight={answer_weight!r}; expected a number in [0, 1].')
-  return answer_weight != 1.0
+  return _check_weight('answer_weight', answer_weight)
+
+
+def weighs_end(end_token_weight):
+  """True when the step needs the end token marked (a weight other than 1); checks it."""
+  return _check_weight('end_token_weight', end_token_weight)
 
 
 def mark_answer_tokens(loss_mask, answer_start):
@@ -112,18 +125,27 @@ def mark_answer_tokens(loss_mask, answer_start):
   return jnp.where((loss_mask > 0) & after, completion.ANSWER_TOKEN, loss_mask)
 
 
-def pair_rows(batch, k=0, key_names=PAIR_ROW_KEYS, answer_weight=1.0):
+def mark_end_token(loss_mask):
+  """loss_mask [B, L] with each row's last completion token set to `completion.END_TOKEN`."""
+  positions = jnp.arange(loss_mask.shape[1])[None, :]
+  last = jnp.max(jnp.where(loss_mask > 0, positions, -1), axis=1, keepdims=True)
+  return jnp.where(positions == last, completion.END_TOKEN, loss_mask)
+
+
+def pair_rows(batch, k=0, key_names=PAIR_ROW_KEYS, answer_weight=1.0, end_token_weight=1.0):
   """The token rows of a CPO batch as one concatenated forward sees them: chosen [n], rejected
   [n], then k blocks of the chosen rows (the device-made pairs' rejected sides carry the chosen
-  chain over a perturbed chosen image). An answer_weight other than 1 marks the answer tokens
-  of the loss_mask (`mark_answer_tokens`, from the batch's `ANSWER_START_KEYS`)."""
-  mark = weighs_answers(answer_weight)
+  chain over a perturbed chosen image). Weights other than 1 mark the answer tokens of the
+  loss_mask (`mark_answer_tokens`, from the batch's `ANSWER_START_KEYS`) and its end token."""
+  answers, end = weighs_answers(answer_weight), weighs_end(end_token_weight)
   rows = {}
   for key in key_names:
     chosen, rejected = batch['chosen_' + key], batch['rejected_' + key]
-    if key == 'loss_mask' and mark:
+    if key == 'loss_mask' and answers:
       chosen = mark_answer_tokens(chosen, batch['chosen_answer_start'])
       rejected = mark_answer_tokens(rejected, batch['rejected_answer_start'])
+    if key == 'loss_mask' and (answers or end):
+      chosen, rejected = mark_end_token(chosen), mark_end_token(rejected)
     rows[key] = jnp.concatenate([chosen, rejected] + [chosen] * k, axis=0)
   return rows
 
@@ -134,20 +156,23 @@ def pair_logps(model, rows, n, cfg, **forward):
   return pair_logps_of(completion.completion_logps(model, **rows, **forward), n, cfg)
 
 
-def preference_logps(out, answer_weight):
+def preference_logps(out, answer_weight, end_token_weight=1.0):
   """(sum, mean) per row of the log-probs the preference compares: the answer tokens' part of
-  the sum weighted by answer_weight (their share of the count too)."""
-  if answer_weight == 1.0:
+  the sum weighted by answer_weight, the end token's by answer_weight * end_token_weight (their
+  share of the count too)."""
+  if answer_weight == 1.0 and end_token_weight == 1.0:
     return out.total, out.mean
-  total = out.total - (1.0 - answer_weight) * out.answer_total
-  count = out.count - (1.0 - answer_weight) * out.answer_count
+  end_weight = answer_weight * end_token_weight
+  total = out.total - (1.0 - answer_weight) * out.answer_total - (1.0 - end_weight) * out.end_total
+  count = out.count - (1.0 - answer_weight) * out.answer_count - (1.0 - end_weight) * out.end_count
   return total, total / jnp.maximum(count, 1.0).astype(total.dtype)
 
 
 def pair_logps_of(out, n, cfg):
   """`PairLogps` from the `CompletionLogps` of the concatenated pair rows (cfg: config.cpo)."""
   # ipo: the mean; else the sum. The NLL term keeps the whole chosen completion.
-  used = losses.logps_for_loss(*preference_logps(out, cfg.answer_weight), cfg.loss_type)
+  preferred = preference_logps(out, cfg.answer_weight, cfg.end_token_weight)
+  used = losses.logps_for_loss(*preferred, cfg.loss_type)
   # The device-made rows copy chosen rows' tokens: only the first 2n can drop tokens of their own.
   return PairLogps(used[:n], used[n:], out.total[:n], out.count[:n], out.dropped[: 2 * n])
 
@@ -252,7 +277,7 @@ def step_logps(
   if k:
     layout = layout or device_pairs.layout_for(policy.config)
     extra = device_pairs.perturbed_pixels(batch, grid, perturbations, layout, seed=seed)
-  rows = pair_rows(batch, k, answer_weight=cfg.answer_weight)
+  rows = pair_rows(batch, k, answer_weight=cfg.answer_weight, end_token_weight=cfg.end_token_weight)
   positions = completion.completion_positions(length, grid, policy, max_completion_len)
 
   sizes = shared_prefix.prefix_sizes(

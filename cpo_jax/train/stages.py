@@ -196,6 +196,7 @@ def cpo_stage(
   extra = ('source', 'sample_weight') + (('boxes',) if perturbations else ())
   if objectives.weighs_answers(cfg.cpo.answer_weight):
     extra += objectives.ANSWER_START_KEYS
+  objectives.weighs_end(cfg.cpo.end_token_weight)  # checked before any compile
   kw = dict(
     grid=grid,
     cfg=cfg.cpo,
@@ -222,7 +223,10 @@ def cpo_stage(
     schedule,
     functools.partial(objectives.reference_logps, **kw) if precomputed else None,
     reference_settings=json.dumps(
-      {key: cfg.cpo[key] for key in ('loss_type', 'answer_weight', 'device_perturbations')},
+      {
+        key: cfg.cpo[key]
+        for key in ('loss_type', 'answer_weight', 'end_token_weight', 'device_perturbations')
+      },
       sort_keys=True,
     ),
     accumulation=_accumulation(cfg.cpo.grad_accum_steps, accumulation.cpo_accumulation, **kw),
