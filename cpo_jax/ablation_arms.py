@@ -75,6 +75,18 @@ ARMS = {
     (('data.thinking_fraction', 0.5),),
     'CPO++ with both pair sources, half each (the CPO++ script\'s mix)',
   ),
+  'cpo_perception_counterfactual': Arm(
+    'cpo_plus,eval',
+    (('data.thinking_fraction', 0.0), ('data.perception_negative', 'counterfactual')),
+    'CPO++ with perception pairs only, each rejecting its chosen scene re-rendered with one '
+    'concept flipped (on the balanced scenes under thinking_target=\'balanced\')',
+  ),
+  'cpo_both_counterfactual': Arm(
+    'cpo_plus,eval',
+    (('data.thinking_fraction', 0.5), ('data.perception_negative', 'counterfactual')),
+    'CPO++ with both pair sources, half each, the perception pairs rejecting a one-concept '
+    're-rendering of their chosen scene',
+  ),
   'cpo_plus': Arm('cpo_plus,eval', (), 'CPO++ as configured'),
   'cpo_plus_chain': Arm(
     'cpo_plus,eval',

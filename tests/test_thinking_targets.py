@@ -268,3 +268,36 @@ def test_the_config_guards(drive):
   with pytest.raises(ValueError, match='cannot'):
     tp.plan_for([source[0], source[1]], g, target='balanced')
   assert tp.plan_for(source, g) is None  # the default: the random rewrite, no plan
+
+
+def test_counterfactual_perception_pairs_show_the_balanced_scene_and_flip_one_concept(drive):
+  # With 'balanced', a perception pair with a counterfactual image starts from the same scene a
+  # thinking pair of that record shows; its rejected image flips one concept of that scene.
+  source, g = drive
+  plan = tp.plan_for(source, g, target='balanced')
+  rerendered = 0
+  for i in range(40):
+    rec = source[i]
+    pair = pairs_lib.make_pair(
+      rec,
+      i,
+      np.random.default_rng(i),
+      graph=g,
+      source=source,
+      index=None,
+      thinking_fraction=0.0,
+      perception_mode='counterfactual',
+      thinking=plan,
+    )
+    thinking = plan.pair(rec, i, g, source, np.random.default_rng(0))
+    assert pair['chosen_image'] == thinking['chosen_image']
+    assert pair['chosen_completion'] == pair['rejected_completion'] == thinking['chosen_completion']
+    b = plan.balanced_scene_of(rec, i, g)
+    scene = g.assignment_from_ids(rec['concepts']) if b is None else b
+    assert pair['chosen_decision'] == g.decision_id(g.decide(scene))
+    flipped = g.concepts[pair['flipped_concept']].name
+    rejected = [dict(scene, **{flipped: v}) for v in g.concepts[pair['flipped_concept']].values]
+    assert pair['rejected_image'] in [source.counterfactual(i, r)['image'] for r in rejected]
+    assert pair['rejected_image'] != pair['chosen_image']
+    rerendered += b is not None
+  assert 0 < rerendered < 40

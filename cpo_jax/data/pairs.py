@@ -292,29 +292,48 @@ def counterfactual_flip(
 
 
 def counterfactual_perception_pair(
-  record: dict[str, Any], source, graph: ConceptGraph, rng: np.random.Generator, position: int
+  record: dict[str, Any],
+  source,
+  graph: ConceptGraph,
+  rng: np.random.Generator,
+  position: int,
+  scene: dict | None = None,
 ) -> dict[str, Any]:
   """Same text; the rejected image is the chosen scene re-rendered with one concept flipped.
   `position`: the record's position in `source` (what `source.counterfactual` takes; a source
-  of later scenes, data.cpo_scenes='fresh', numbers its records' `index` from its first)."""
+  of later scenes, data.cpo_scenes='fresh', numbers its records' `index` from its first).
+  `scene`: an assignment the chosen scene is re-rendered with first (thinking_target
+  'balanced'; None: the record's own scene)."""
   if not hasattr(source, "counterfactual"):
     raise ValueError(
       f"perception_mode='counterfactual' re-renders the chosen scene with one concept changed; "
       f"dataset {source!r} cannot re-render its images (only synth_drive and synth_cxr can); "
       f"use perception_mode in {INDEX_MODES}"
     )
-  a = graph.assignment_from_ids(record["concepts"])
+  chosen = {}
+  if scene is None:
+    a = graph.assignment_from_ids(record["concepts"])
+  else:
+    a, shown = scene, source.counterfactual(position, scene)
+    chosen = dict(
+      chosen_image=shown["image"],
+      chosen_completion=graph.completion_text(scene),
+      chosen_decision=int(shown["decision"]),
+      boxes=np.asarray(shown["boxes"], np.int32),
+    )
   ci, v = counterfactual_flip(graph, a, rng)
   cf = source.counterfactual(position, {**a, graph.concepts[ci].name: v})
-  return {
+  pair = {
     "chosen_image": record["image"],
-    "rejected_image": cf["image"],
     "chosen_completion": completion_of(record),
-    "rejected_completion": completion_of(record),
+    **chosen,
+    "rejected_image": cf["image"],
     "rejected_decision": int(cf["decision"]),
     "rejected_index": int(record["index"]),
     "flipped_concept": ci,
   }
+  pair["rejected_completion"] = pair["chosen_completion"]
+  return pair
 
 
 def perception_pair(
@@ -371,8 +390,9 @@ def make_pair(
     pair = random_negative_pair(record, source, position, rng)
   elif kind == "thinking":
     pair = thinking_pair(record, graph, rng)
-  elif perception_mode == "counterfactual":
-    pair = counterfactual_perception_pair(record, source, graph, rng, position)
+  elif perception_mode == "counterfactual":  # on the balanced scene ('balanced' picks it)
+    scene = None if thinking is None else thinking.balanced_scene_of(record, position, graph)
+    pair = counterfactual_perception_pair(record, source, graph, rng, position, scene)
   else:
     pair = perception_pair(record, source, index, position, perception_mode, rng)
   pair.setdefault("flipped_concept", -1)  # the concept changed in a counterfactual image, else -1

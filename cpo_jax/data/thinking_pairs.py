@@ -210,6 +210,11 @@ class ThinkingPlan:
     near = nearest_rewrites(graph, graph.assignment_from_ids(concepts), [graph.decisions[goal]])
     return near[int(rng.integers(len(near)))]
 
+  def balanced_scene_of(self, record: dict[str, Any], position: int, graph: ConceptGraph):
+    """`balanced_scene` of a record."""
+    decision, nuisance = int(record["decision"]), int(record.get("nuisance", -1))
+    return self.balanced_scene(decision, nuisance, record["concepts"], position, graph)
+
   def pair(
     self,
     record: dict[str, Any],
@@ -220,7 +225,7 @@ class ThinkingPlan:
   ) -> dict[str, Any]:
     decision, nuisance = int(record["decision"]), int(record.get("nuisance", -1))
     if self.target == "balanced":
-      b = self.balanced_scene(decision, nuisance, record["concepts"], position, graph)
+      b = self.balanced_scene_of(record, position, graph)
       scene = graph.assignment_from_ids(record["concepts"]) if b is None else b
       if self.selection is not None:
         picked = self.selection.choices(position, graph.value_ids(scene), graph)
