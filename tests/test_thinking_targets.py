@@ -164,6 +164,13 @@ def test_a_balanced_scene_is_drawn_by_position_so_every_arm_shows_the_same_one(d
   assert tp.RERENDERED in kinds
 
 
+def _pair_of(source, g, i, plan, **kw):
+  """The pipeline's pair of record i under `plan` (its random stream seeded by i)."""
+  return pairs_lib.make_pair(
+    source[i], i, np.random.default_rng(i), graph=g, source=source, index=None, thinking=plan, **kw
+  )
+
+
 def test_balanced_scenes_with_random_negatives_keep_the_scene_and_reject_another_record(drive):
   # The DPO baseline on the same chosen scenes: data.thinking_negative='random' with 'balanced'.
   source, g = drive
@@ -171,17 +178,7 @@ def test_balanced_scenes_with_random_negatives_keep_the_scene_and_reject_another
   same_plan = tp.plan_for(source, g, target='balanced')
   for i in range(60):
     rec = source[i]
-    pair = pairs_lib.make_pair(
-      rec,
-      i,
-      np.random.default_rng(i),
-      graph=g,
-      source=source,
-      index=None,
-      thinking_fraction=1.0,
-      thinking=plan,
-      thinking_negative='random',
-    )
+    pair = _pair_of(source, g, i, plan, thinking_fraction=1.0, thinking_negative='random')
     rng = np.random.default_rng(i)
     rng.random()  # make_pair draws the pair's kind first
     own = same_plan.pair(rec, i, g, source, rng)
@@ -278,17 +275,7 @@ def test_counterfactual_perception_pairs_show_the_balanced_scene_and_flip_one_co
   rerendered = 0
   for i in range(40):
     rec = source[i]
-    pair = pairs_lib.make_pair(
-      rec,
-      i,
-      np.random.default_rng(i),
-      graph=g,
-      source=source,
-      index=None,
-      thinking_fraction=0.0,
-      perception_mode='counterfactual',
-      thinking=plan,
-    )
+    pair = _pair_of(source, g, i, plan, thinking_fraction=0.0, perception_mode='counterfactual')
     thinking = plan.pair(rec, i, g, source, np.random.default_rng(0))
     assert pair['chosen_image'] == thinking['chosen_image']
     assert pair['chosen_completion'] == pair['rejected_completion'] == thinking['chosen_completion']

@@ -305,6 +305,15 @@ def _without_answers(batch):
   return out
 
 
+def _without_end(batch):
+  """`batch` with each side's closing end token (its last completion token) out of the mask."""
+  out = dict(batch)
+  for side in ('chosen_', 'rejected_'):
+    marked = objectives.mark_end_token(batch[side + 'loss_mask'])
+    out[side + 'loss_mask'] = jnp.where(marked == completion.END_TOKEN, 0, marked)
+  return out
+
+
 def _with_answer_starts(grouped_raw, batch):
   return dict(batch, **{key: jnp.asarray(grouped_raw[key]) for key in objectives.ANSWER_START_KEYS})
 
@@ -316,9 +325,11 @@ def _cpo_config(cfg, **changes):
 
 
 @pytest.mark.parametrize('shared', [False, True])
-def test_answer_weight_0_prefers_the_chains_and_keeps_the_answers_in_the_nll(setup, shared):
-  """cpo.answer_weight=0: the preference (loss, rewards, logps, gradients) is the
-  whole-completion one on rows without their answer tokens; the NLL is the full one."""
+@pytest.mark.parametrize('left_out', ['answer_weight', 'end_token_weight'])
+def test_a_weight_of_0_leaves_its_tokens_to_the_nll(setup, shared, left_out):
+  """cpo.answer_weight=0 (the chain only) or cpo.end_token_weight=0 (all but the closing end
+  token): the preference (loss, rewards, logps, gradients) is the whole-completion one on rows
+  without those tokens; the NLL is the full one."""
   raw, _, grid, make_config, cfg = setup
   grouped_raw, batch = _grouped_batch(raw, grid, make_config, [True, False] * 2)
   batch = _with_answer_starts(grouped_raw, batch)
@@ -326,22 +337,23 @@ def test_answer_weight_0_prefers_the_chains_and_keeps_the_answers_in_the_nll(set
   prompt = int(np.asarray(grouped_raw['chosen_loss_mask']).argmax(1).max())
   kw = dict(pair_layout=(1, 2), max_completion_len=40, shared_prefix_step=shared)
   kw.update(max_prompt_len=prompt if shared else 0)
-  chain_cfg = _cpo_config(cfg, answer_weight=0.0, rpo_alpha=0.0)
+  part_cfg = _cpo_config(cfg, rpo_alpha=0.0, **{left_out: 0.0})
   whole_cfg = _cpo_config(cfg, rpo_alpha=0.0)
-  chain = _loss_and_grads(model, batch, grid, chain_cfg, **kw)
-  trimmed = _loss_and_grads(model, _without_answers(batch), grid, whole_cfg, **kw)
+  trim = _without_answers if left_out == 'answer_weight' else _without_end
+  part = _loss_and_grads(model, batch, grid, part_cfg, **kw)
+  trimmed = _loss_and_grads(model, trim(batch), grid, whole_cfg, **kw)
   whole = _loss_and_grads(model, batch, grid, whole_cfg, grads=False, **kw)
-  nll = chain[0].pop('nll')
+  nll = part[0].pop('nll')
   assert float(trimmed[0].pop('nll')) != pytest.approx(float(nll))
   np.testing.assert_allclose(nll, whole[0]['nll'], rtol=1e-6)
-  _assert_same(chain, trimmed)
-  # Answers were really left out, and the straightforward loss agrees.
-  assert float(chain[0]['logps/chosen']) > float(whole[0]['logps/chosen']) + 0.1
+  _assert_same(part, trimmed)
+  # The tokens were really left out, and the straightforward loss agrees.
+  assert float(part[0]['logps/chosen']) > float(whole[0]['logps/chosen']) + 0.1
   if not shared:
     naive_metrics, _ = _loss_and_grads(
-      model, batch, grid, chain_cfg, grads=False, loss_fn=naive.naive_cpo_loss_fn
+      model, batch, grid, part_cfg, grads=False, loss_fn=naive.naive_cpo_loss_fn
     )
-    np.testing.assert_allclose(naive_metrics['loss'], chain[0]['loss'], rtol=1e-5)
+    np.testing.assert_allclose(naive_metrics['loss'], part[0]['loss'], rtol=1e-5)
 
 
 def test_an_answer_weight_between_mixes_chain_and_answer_log_probs(setup):
@@ -385,42 +397,6 @@ def test_an_answer_or_end_weight_outside_0_1_is_an_error(setup):
     objectives.pair_rows(batch, answer_weight=1.5)
   with pytest.raises(ValueError, match='end_token_weight'):
     objectives.pair_rows(batch, end_token_weight=-0.5)
-
-
-def _without_end(batch):
-  """`batch` with each side's closing end token (its last completion token) out of the mask."""
-  out = dict(batch)
-  for side in ('chosen_', 'rejected_'):
-    marked = objectives.mark_end_token(batch[side + 'loss_mask'])
-    out[side + 'loss_mask'] = jnp.where(marked == completion.END_TOKEN, 0, marked)
-  return out
-
-
-@pytest.mark.parametrize('shared', [False, True])
-def test_end_token_weight_0_prefers_what_the_sides_say_and_keeps_the_end_in_the_nll(setup, shared):
-  """cpo.end_token_weight=0: the preference (loss, rewards, logps, gradients) is the
-  whole-completion one on rows without their end token; the NLL is the full one."""
-  raw, _, grid, make_config, cfg = setup
-  grouped_raw, batch = _grouped_batch(raw, grid, make_config, [True, False] * 2)
-  model, _ = _policy(make_config)
-  prompt = int(np.asarray(grouped_raw['chosen_loss_mask']).argmax(1).max())
-  kw = dict(pair_layout=(1, 2), max_completion_len=40, shared_prefix_step=shared)
-  kw.update(max_prompt_len=prompt if shared else 0)
-  end_cfg = _cpo_config(cfg, end_token_weight=0.0, rpo_alpha=0.0)
-  whole_cfg = _cpo_config(cfg, rpo_alpha=0.0)
-  ended = _loss_and_grads(model, batch, grid, end_cfg, **kw)
-  trimmed = _loss_and_grads(model, _without_end(batch), grid, whole_cfg, **kw)
-  whole = _loss_and_grads(model, batch, grid, whole_cfg, grads=False, **kw)
-  nll = ended[0].pop('nll')
-  assert float(trimmed[0].pop('nll')) != pytest.approx(float(nll))
-  np.testing.assert_allclose(nll, whole[0]['nll'], rtol=1e-6)
-  _assert_same(ended, trimmed)
-  assert float(ended[0]['logps/chosen']) != pytest.approx(float(whole[0]['logps/chosen']))
-  if not shared:
-    naive_metrics, _ = _loss_and_grads(
-      model, batch, grid, end_cfg, grads=False, loss_fn=naive.naive_cpo_loss_fn
-    )
-    np.testing.assert_allclose(naive_metrics['loss'], ended[0]['loss'], rtol=1e-5)
 
 
 def test_the_end_token_is_each_rows_last_completion_token():
