@@ -248,6 +248,7 @@ def step_configs(rpo_alpha=0.1):
       source_weights=(1.0, 1.0, 1.0),
       normalize_weights=True,
       answer_weight=1.0,
+      end_token_weight=1.0,
     )
   )
   opt = ml_collections.ConfigDict(
