@@ -208,6 +208,19 @@ def test_reference_selection_drives_the_pipeline(setup, tmp_path):
     ]
   with pytest.raises(ValueError, match='needs the selection pass'):
     thinking_pairs.plan_for(source, graph, select='reference')
+  # Perception pairs beside them keep their records' own scenes.
+  pair = pairs_lib.make_pair(
+    source[0],
+    0,
+    np.random.default_rng(0),
+    graph=graph,
+    source=source,
+    index=None,
+    thinking_fraction=0.0,
+    perception_mode='counterfactual',
+    thinking=plan,
+  )
+  assert pair['chosen_image'] == source[0]['image']
 
 
 def test_an_unreadable_record_is_skipped_counted_once_and_never_paired(setup, tmp_path):

@@ -202,8 +202,10 @@ class ThinkingPlan:
     record's own scene): a decision drawn uniformly from those its nuisance does not predict,
     reached with the fewest evidence concepts changed. Drawn by position, so every arm and the
     selection pass (which scores the counterfactuals of this very scene) see the same scene."""
+    if self.target != "balanced":
+      return None
     kind, goal = self.kind_of(decision, nuisance, graph, position)
-    if self.target != "balanced" or kind != RERENDERED:
+    if kind != RERENDERED:
       return None
     rng = np.random.default_rng((int(position), 0xBA1A, 1))
     goal = goal[int(rng.integers(len(goal)))]
