@@ -227,7 +227,7 @@ class ThinkingPlan:
   ) -> dict[str, Any]:
     decision, nuisance = int(record["decision"]), int(record.get("nuisance", -1))
     if self.target == "balanced":
-      b = self.balanced_scene_of(record, position, graph)
+      b = self.balanced_scene(decision, nuisance, record["concepts"], position, graph)
       scene = graph.assignment_from_ids(record["concepts"]) if b is None else b
       if self.selection is not None:
         picked = self.selection.choices(position, graph.value_ids(scene), graph)
